@@ -1,0 +1,32 @@
+# `make test` and `make demo` do all set-up themselves on a fresh machine:
+# a virtual environment in .venv/ with torch 2.14.1 + torchvision 0.29.1 (from this
+# machine kind's local wheel store), theseus-ai 0.2.3 built from its sdist, and dac.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dac-installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q numpy scipy pybind11 "semantic-version==2.10.0" torchlie torchkin "pytest>=7"
+	# theseus-ai's setup.py imports torch (no isolation) and asks for scikit-sparse (skipped).
+	THESEUS_FORCE_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps theseus-ai==0.2.3
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import dac, theseus; print('dac', dac.__version__, 'theseus', theseus.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q src tests
+
+demo: $(STAMP)
+	$(PY) -m dac.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,124 @@
+"""Input checks shared by every public entry point.
+
+Public functions call these at their top; inner code trusts what they return.
+Every failure raises :class:`DACInputError`, a ``ValueError`` whose message names
+the argument, what was seen and what was expected.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["DACInputError"]
+
+#: Integer dtypes accepted as images, with the value that maps to 1.0.
+INTEGER_IMAGE_SCALE = {
+    torch.uint8: 255.0,
+    torch.int16: 32767.0,
+    torch.uint16: 65535.0,
+    torch.int32: 2147483647.0,
+}
+
+
+class DACInputError(ValueError):
+    """Bad input to a ``dac`` function: the message names the argument."""
+
+
+def check_image_batch(images: torch.Tensor, name: str = "images") -> None:
+    """Check ``images`` is a Tensor[B, C, H, W] with C in (1, 3) and B >= 1."""
+    if not isinstance(images, torch.Tensor):
+        raise DACInputError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise DACInputError(
+            f"{name}: expected shape [B, C, H, W] (4 dims), got {tuple(images.shape)}"
+        )
+    b, c, h, w = images.shape
+    if c not in (1, 3):
+        raise DACInputError(
+            f"{name}: expected 1 or 3 channels (shape [B, C, H, W]), got C={c} "
+            f"in shape {tuple(images.shape)}"
+        )
+    if b == 0 or h == 0 or w == 0:
+        raise DACInputError(f"{name}: empty tensor of shape {tuple(images.shape)}")
+    check_dtype(images, name)
+
+
+def check_dtype(images: torch.Tensor, name: str) -> None:
+    """Accept floating dtypes and the integer dtypes of ``INTEGER_IMAGE_SCALE``."""
+    if images.dtype.is_floating_point:
+        if not torch.isfinite(images).all():
+            raise DACInputError(f"{name}: contains NaN or Inf values")
+        return
+    if images.dtype not in INTEGER_IMAGE_SCALE:
+        raise DACInputError(
+            f"{name}: unsupported dtype {images.dtype}; expected a floating dtype "
+            f"or one of {sorted(str(d) for d in INTEGER_IMAGE_SCALE)}"
+        )
+
+
+def check_saliency(saliency: torch.Tensor, name: str = "saliency") -> torch.Tensor:
+    """Return ``saliency`` as Tensor[B, h, w]; accepts [B, 1, h, w] or [B, h, w]."""
+    if not isinstance(saliency, torch.Tensor):
+        raise DACInputError(f"{name}: expected a torch.Tensor, got {type(saliency).__name__}")
+    if saliency.ndim == 4 and saliency.shape[1] == 1:
+        saliency = saliency[:, 0]
+    if saliency.ndim != 3:
+        raise DACInputError(
+            f"{name}: expected shape [B, 1, h, w] or [B, h, w], got {tuple(saliency.shape)}"
+        )
+    if not saliency.dtype.is_floating_point:
+        raise DACInputError(f"{name}: expected a floating dtype, got {saliency.dtype}")
+    if saliency.shape[0] == 0 or saliency.shape[1] < 2 or saliency.shape[2] < 2:
+        raise DACInputError(
+            f"{name}: needs at least 2x2 pooled pixels per image, got {tuple(saliency.shape)}"
+        )
+    if not torch.isfinite(saliency).all():
+        raise DACInputError(f"{name}: contains NaN or Inf values")
+    return saliency
+
+
+def check_theta(theta: torch.Tensor, batch: int | None = None, name: str = "theta") -> None:
+    """Check ``theta`` is a finite floating Tensor[B, 3] = (x_c, y_c, r)."""
+    ok = isinstance(theta, torch.Tensor) and theta.ndim == 2 and theta.shape[1] == 3
+    if not ok or (batch is not None and theta.shape[0] != batch):
+        shape = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        expected = "B" if batch is None else str(batch)
+        raise DACInputError(f"{name}: expected shape [{expected}, 3] = (x_c, y_c, r), got {shape}")
+    if not theta.dtype.is_floating_point:
+        raise DACInputError(f"{name}: expected a floating dtype, got {theta.dtype}")
+    if not torch.isfinite(theta).all():
+        raise DACInputError(f"{name}: contains NaN or Inf values")
+
+
+def check_boxes(boxes: torch.Tensor, batch: int, name: str = "boxes") -> None:
+    """Check ``boxes`` is a finite Tensor[B, 4] xyxy with x2 > x1 and y2 > y1."""
+    if not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape != (batch, 4):
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise DACInputError(f"{name}: expected shape [{batch}, 4] (x1, y1, x2, y2), got {shape}")
+    if not torch.isfinite(boxes).all():
+        raise DACInputError(f"{name}: contains NaN or Inf values")
+    if not ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all():
+        raise DACInputError(f"{name}: every box needs x2 > x1 and y2 > y1 (xyxy convention)")
+
+
+def check_positive(value: float, name: str) -> float:
+    """Check a scalar is a finite number > 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise DACInputError(f"{name}: expected a positive number, got {value!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise DACInputError(f"{name}: expected a finite number > 0, got {value!r}")
+    return v
+
+
+def check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
+    """Check an (H, W) output size of two positive ints."""
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise DACInputError(f"{name}: expected (height, width), got {size!r}") from None
+    if h <= 0 or w <= 0 or (h, w) != tuple(size):
+        raise DACInputError(f"{name}: expected two positive integers (height, width), got {size!r}")
+    return h, w

@@ -1,0 +1,181 @@
+"""The DAC cost (paper eq. 3), its gradient and its Hessian in theta = (x_c, y_c, r).
+
+With the soft rectangle ``z = v u^T`` (see :mod:`dac.functional.rectangle`) and
+saliency ``S`` (h x w, N = h w pixels, T = sum S):
+
+    U = sum u,  V = sum v,  Z = sum z = U V,  A = sum S z = v^T S u
+    f_in = A / Z,   f_out = (T - A) / (N - Z),   f = f_in / (f_out + 1)
+
+so one evaluation costs one mat-vec, never an h x w sigmoid field. Derivatives in the
+four edges (x1, x2, y1, y2) come from the same mat-vecs applied to the edge
+derivatives of u and v, and map to theta through the constant matrix
+``M = d(edges)/d(theta)``: ``grad = M^T grad_e``, ``H = M^T H_e M``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import DACInputError, check_positive, check_saliency, check_theta
+from .rectangle import _as_batch, box_edges, edge_jacobian, edge_profiles
+
+__all__ = ["dac_cost", "dac_cost_derivatives"]
+
+
+def dac_cost(
+    theta: Tensor,
+    saliency: Tensor,
+    *,
+    r_min: Tensor | float,
+    aspect: float,
+    sharpness: Tensor | float,
+) -> Tensor:
+    """The DAC cost ``f = f_in / (f_out + 1)`` (paper eq. 3), evaluated separably.
+
+    Convention: ``theta`` = (x_c, y_c, r) in saliency-pixel coordinates (pooled pixel
+    ``j`` at coordinate ``j``); half-width ``r_min + r``, half-height
+    ``aspect * (r_min + r)``.
+
+    Args:
+        theta: Tensor[B, 3].
+        saliency: Tensor[B, 1, h, w] (or [B, h, w]), values >= 0, e.g. from
+            :func:`dac.functional.max_min_pool` times a saliency scale.
+        r_min: minimum half-width in saliency pixels, float or Tensor[B].
+        aspect: box height / width (> 0).
+        sharpness: gamma > 0 of the sigmoids, float or Tensor[B].
+
+    Returns:
+        Tensor[B], differentiable in ``theta`` and ``saliency``.
+
+    Example:
+        >>> s = torch.zeros(1, 1, 20, 40); s[..., 5:15, 10:30] = 1.0
+        >>> dac_cost(torch.tensor([[19.5, 9.5, 0.0]]), s, r_min=10.0, aspect=0.5,
+        ...          sharpness=5.0).item() > 0.9
+        True
+    """
+    f, _, _ = dac_cost_derivatives(
+        theta, saliency, r_min=r_min, aspect=aspect, sharpness=sharpness, order=0
+    )
+    return f
+
+
+def dac_cost_derivatives(
+    theta: Tensor,
+    saliency: Tensor,
+    *,
+    r_min: Tensor | float,
+    aspect: float,
+    sharpness: Tensor | float,
+    order: int = 2,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The cost with its closed-form gradient and Hessian in theta.
+
+    Same arguments and convention as :func:`dac_cost`, plus ``order`` (0, 1 or 2).
+
+    Returns:
+        ``(f, grad, hess)``: Tensor[B]; Tensor[B, 3] or None when ``order`` < 1;
+        Tensor[B, 3, 3] or None when ``order`` < 2. All differentiable (autograd
+        through them gives third derivatives, used by unrolled backward modes).
+
+    Example:
+        >>> s = torch.rand(2, 1, 30, 50, dtype=torch.float64)
+        >>> th = torch.tensor([[25.0, 15.0, 2.0], [20.0, 14.0, 1.0]], dtype=torch.float64)
+        >>> f, g, H = dac_cost_derivatives(th, s, r_min=10.0, aspect=0.5, sharpness=0.5)
+        >>> g.shape, H.shape, torch.allclose(H, H.transpose(1, 2))
+        (torch.Size([2, 3]), torch.Size([2, 3, 3]), True)
+    """
+    saliency = check_saliency(saliency)
+    batch, h, w = saliency.shape
+    check_theta(theta, batch)
+    check_positive(aspect, "aspect")
+    if order not in (0, 1, 2):
+        raise DACInputError(f"order: expected 0, 1 or 2, got {order!r}")
+    if theta.dtype != saliency.dtype or theta.device != saliency.device:
+        raise DACInputError(
+            f"theta: dtype/device {theta.dtype}/{theta.device} differ from saliency's "
+            f"{saliency.dtype}/{saliency.device}"
+        )
+    gamma = _as_batch(sharpness, theta)
+    if not bool((gamma > 0).all()) or not bool(torch.isfinite(gamma).all()):
+        raise DACInputError("sharpness: expected finite values > 0")
+    return _cost_derivatives(theta, saliency, _as_batch(r_min, theta), float(aspect), gamma, order)
+
+
+def _cost_derivatives(
+    theta: Tensor, saliency: Tensor, r_min: Tensor, aspect: float, gamma: Tensor, order: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Unchecked core of :func:`dac_cost_derivatives`; saliency is Tensor[B, h, w]."""
+    _, h, w = saliency.shape
+    x1, x2, y1, y2 = box_edges(theta, r_min, aspect).unbind(-1)
+    xs = torch.arange(w, dtype=theta.dtype, device=theta.device)
+    ys = torch.arange(h, dtype=theta.dtype, device=theta.device)
+    px = edge_profiles(xs, x1, x2, gamma, order)  # [B, k, w]: u and its edge derivatives
+    py = edge_profiles(ys, y1, y2, gamma, order)  # [B, k, h]
+    # Q[b, i, j] = py_i^T S px_j: every sum of S z and of its edge derivatives.
+    q = py @ (saliency @ px.transpose(1, 2))
+    sx, sy = px.sum(-1), py.sum(-1)  # sums of u, v and of their derivatives
+    n = float(h * w)
+    total = saliency.sum(dim=(1, 2))
+
+    area_in = q[:, 0, 0]  # A
+    u_sum, v_sum = sx[:, 0], sy[:, 0]
+    z_sum = u_sum * v_sum  # Z
+    tiny = torch.finfo(theta.dtype).tiny
+    eps = torch.finfo(theta.dtype).eps
+    # Z in (0, N) and T >= A hold exactly; the clamps only absorb rounding
+    # (a sharp box that fills the grid in float32).
+    outside = (n - z_sum).clamp_min(eps * n)
+    rest = (total - area_in).clamp_min(0.0)
+    k_sum = rest + outside  # K = T + N - A - Z > 0
+    m = outside / (z_sum.clamp_min(tiny) * k_sum)
+    f = area_in * m  # = (A/Z) / ((T-A)/(N-Z) + 1)
+    if order == 0:
+        return f, None, None
+
+    # Derivatives of f in (A, Z), written without dividing by A (A = 0 on blank maps).
+    inv_k, inv_out, inv_z = 1.0 / k_sum, 1.0 / outside, 1.0 / z_sum
+    lam = -inv_out - inv_z + inv_k  # d log m / dZ
+    f_a = m * (1.0 + area_in * inv_k)
+    f_z = area_in * m * lam
+
+    # First derivatives of A and Z in the edges (x1, x2, y1, y2).
+    a_e = torch.stack((q[:, 0, 1], q[:, 0, 2], q[:, 1, 0], q[:, 2, 0]), dim=-1)
+    z_e = torch.stack(
+        (sx[:, 1] * v_sum, sx[:, 2] * v_sum, u_sum * sy[:, 1], u_sum * sy[:, 2]), dim=-1
+    )
+    m_edges = edge_jacobian(aspect, theta)
+    grad = (f_a[:, None] * a_e + f_z[:, None] * z_e) @ m_edges
+    if order == 1:
+        return f, grad, None
+
+    lam_z = -inv_out.square() + inv_z.square() + inv_k.square()
+    f_aa = 2.0 * m * inv_k * (1.0 + area_in * inv_k)
+    f_az = m * lam + area_in * m * (lam * inv_k + inv_k.square())
+    f_zz = area_in * m * (lam.square() + lam_z)
+
+    # Second derivatives of A and Z in the edges; indices of q / sx / sy:
+    # 0 value, 1 d/low, 2 d/high, 3 d2/low2, 4 d2/low/high, 5 d2/high2.
+    def sym2(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        return torch.stack((torch.stack((a, b), -1), torch.stack((b, c), -1)), -2)
+
+    a_xx = sym2(q[:, 0, 3], q[:, 0, 4], q[:, 0, 5])
+    a_yy = sym2(q[:, 3, 0], q[:, 4, 0], q[:, 5, 0])
+    a_xy = q[:, 1:3, 1:3].transpose(1, 2)  # [x_k, y_l] = py_l^T S px_k
+    z_xx = sym2(sx[:, 3], sx[:, 4], sx[:, 5]) * v_sum[:, None, None]
+    z_yy = sym2(sy[:, 3], sy[:, 4], sy[:, 5]) * u_sum[:, None, None]
+    z_xy = sx[:, 1:3, None] * sy[:, None, 1:3]
+    a_ee = torch.cat((torch.cat((a_xx, a_xy), 2), torch.cat((a_xy.transpose(1, 2), a_yy), 2)), 1)
+    z_ee = torch.cat((torch.cat((z_xx, z_xy), 2), torch.cat((z_xy.transpose(1, 2), z_yy), 2)), 1)
+
+    def outer(p: Tensor, r: Tensor) -> Tensor:
+        return p[:, :, None] * r[:, None, :]
+
+    hess_e = (
+        f_aa[:, None, None] * outer(a_e, a_e)
+        + f_az[:, None, None] * (outer(a_e, z_e) + outer(z_e, a_e))
+        + f_zz[:, None, None] * outer(z_e, z_e)
+        + f_a[:, None, None] * a_ee
+        + f_z[:, None, None] * z_ee
+    )
+    hess = m_edges.T @ hess_e @ m_edges
+    return f, grad, hess

@@ -1,0 +1,105 @@
+"""Max–min pooling (paper eq. 5): the saliency map the crop search runs on."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch
+
+__all__ = ["max_min_pool", "MaxMinPool", "to_unit_range"]
+
+
+def to_unit_range(images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Convert images to floating point in [0, 1].
+
+    Integer images are divided by the largest value of their bit depth:
+    ``uint8`` by 255, ``uint16`` by 65535, ``int16`` by 32767, ``int32`` by 2**31 - 1.
+    Floating images are returned unchanged (cast to ``dtype`` if given); they are
+    expected to lie in [0, 1] already.
+
+    Args:
+        images: Tensor of any shape, integer or floating dtype.
+        dtype: floating dtype of the result for integer input (default:
+            ``torch.get_default_dtype()``).
+
+    Example:
+        >>> to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
+        tensor([0.0000, 0.2000, 1.0000])
+    """
+    if images.dtype.is_floating_point:
+        return images if dtype is None else images.to(dtype)
+    scale = INTEGER_IMAGE_SCALE.get(images.dtype)
+    if scale is None:
+        raise DACInputError(f"images: unsupported dtype {images.dtype}")
+    return images.to(dtype or torch.get_default_dtype()) / scale
+
+
+def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
+    """Max–min pooling, ``maxPool(x) - minPool(x)`` over windows of ``kernel_size``.
+
+    Window and stride are both ``kernel_size`` (paper eq. 5: 1480x800 -> 148x80 for
+    k = 10). Rows and columns past the last whole window are dropped, so pooled pixel
+    ``(i, j)`` covers input pixels ``[i*k, (i+1)*k) x [j*k, (j+1)*k)``. Colour images
+    give the mean over channels of each channel's max–min range. Integer images are
+    pooled in their own dtype and scaled to [0, 1] as in :func:`to_unit_range`, so
+    ``uint8`` input gives the same map as the same image divided by 255.
+
+    Differentiable for floating input: the gradient goes to the pixels that hold each
+    window's maximum and minimum (split evenly between ties).
+
+    Args:
+        images: Tensor[B, C, H, W], C = 1 or 3, floating or integer dtype.
+        kernel_size: window size and stride k, at least 1.
+
+    Returns:
+        Tensor[B, 1, H // k, W // k], floating, >= 0.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 20, 20); x[..., 5, 5] = 1.0
+        >>> max_min_pool(x, 10)[0, 0]
+        tensor([[1., 0.],
+                [0., 0.]])
+    """
+    check_image_batch(images)
+    k = _check_kernel(kernel_size)
+    b, c, height, width = images.shape
+    h, w = height // k, width // k
+    if h < 2 or w < 2:
+        raise DACInputError(
+            f"images: an image of {height}x{width} pixels is too small for pooling windows "
+            f"of {k}x{k}; need at least {2 * k}x{2 * k} (two windows per side)"
+        )
+    windows = images[:, :, : h * k, : w * k].reshape(b, c, h, k, w, k)
+    # Reduce the contiguous window axis first: cheaper than a joint reduction.
+    high = windows.amax(dim=5).amax(dim=3)
+    low = windows.amin(dim=5).amin(dim=3)
+    if images.dtype.is_floating_point:
+        spread = high - low
+    else:
+        spread = to_unit_range(high) - to_unit_range(low)
+    return spread.mean(dim=1, keepdim=True)
+
+
+def _check_kernel(kernel_size: int) -> int:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise DACInputError(f"kernel_size: expected an int >= 1, got {kernel_size!r}")
+    return kernel_size
+
+
+class MaxMinPool(nn.Module):
+    """Module form of :func:`max_min_pool`.
+
+    Example:
+        >>> MaxMinPool(10)(torch.rand(2, 1, 40, 60)).shape
+        torch.Size([2, 1, 4, 6])
+    """
+
+    def __init__(self, kernel_size: int = 10) -> None:
+        super().__init__()
+        self.kernel_size = _check_kernel(kernel_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return max_min_pool(images, self.kernel_size)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}"

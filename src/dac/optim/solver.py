@@ -1,0 +1,285 @@
+"""The paper's staged gradient ascent (Algorithm 1) as a Theseus optimizer.
+
+Forward: ``stages`` stages of ``steps_per_stage`` clipped ascent steps
+``theta <- shift(theta + clip(eta grad f))`` (centre shifting and ``|r|``, see
+:func:`dac.functional.shift_into_image`); after each stage the sharpness grows by
+``sharpness_factor`` and the step shrinks by ``step_factor``. The ascent alone stalls
+short of a stationary point (curvature along r is tiny), so a *polish* follows at
+the last stage's sharpness: guarded Newton steps on the stationarity residual —
+taken only where the reduced Hessian is negative definite, the step is small and f
+does not drop, else one more ascent step — until the Newton step is below
+``eps**0.75 * max(h, w)`` saliency pixels.
+
+Backward modes (Theseus' names): ``unroll`` differentiates every step; ``truncated``
+the last ``backward_num_iterations`` steps; ``implicit`` runs the loop without
+autograd and then takes Theseus' implicit Gauss–Newton step on the stationarity
+residual (exact implicit-function gradient); ``dlm`` is Theseus' direct loss
+minimisation, computed by ``th.TheseusLayer`` from the objective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import theseus as th
+import torch
+from torch import Tensor
+
+from ..functional.cost import _cost_derivatives
+from ..functional.stationarity import shift_into_image, stationarity_residual
+from .cost_function import DACCost
+
+__all__ = ["AscentSchedule", "DACSolverInfo", "StagedAscent", "build_objective"]
+
+_Status = th.NonlinearOptimizerStatus
+
+
+@dataclass(frozen=True)
+class AscentSchedule:
+    """Algorithm 1's constants. Defaults follow the paper's text (gamma 0.025 -> 0.2,
+    eta 96 -> 12 over 4 stages, i.e. gamma x2 and eta /2 per stage; Algorithm 1
+    itself says gamma x4).
+
+    Attributes:
+        stages: number of ascent stages (paper: 4).
+        steps_per_stage: ascent steps per stage (the paper does not say; 50).
+        step_size: eta of the first stage (paper: 96).
+        step_factor: eta multiplier between stages (paper: 1/2).
+        sharpness_factor: gamma multiplier between stages (paper text: 2;
+            Algorithm 1: 4). The *first* stage's gamma lives in the layer.
+        max_step: gradient clipping: largest move of x_c, y_c or r in one ascent
+            step, in saliency pixels (the paper clips but gives no value).
+        polish_steps: most guarded Newton steps after the stages (0 = none).
+        newton_max_step: largest Newton step accepted, in saliency pixels.
+    """
+
+    stages: int = 4
+    steps_per_stage: int = 50
+    step_size: float = 96.0
+    step_factor: float = 0.5
+    sharpness_factor: float = 2.0
+    max_step: float = 4.0
+    polish_steps: int = 30
+    newton_max_step: float = 2.0
+
+    def __post_init__(self) -> None:
+        from .._checks import DACInputError, check_positive
+
+        for name in ("stages", "steps_per_stage", "polish_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DACInputError(f"{name}: expected an int >= 0, got {value!r}")
+        if self.stages < 1:
+            raise DACInputError(f"stages: expected an int >= 1, got {self.stages!r}")
+        for name in ("step_size", "step_factor", "sharpness_factor", "max_step", "newton_max_step"):
+            check_positive(getattr(self, name), name)
+
+    @property
+    def ascent_steps(self) -> int:
+        return self.stages * self.steps_per_stage
+
+    @property
+    def total_steps(self) -> int:
+        return self.ascent_steps + self.polish_steps
+
+
+@dataclass
+class DACSolverInfo(th.OptimizerInfo):
+    """What the search did, per image (all batched).
+
+    Attributes:
+        converged: Tensor[B] bool — the polish reached a stationary point.
+        frozen: Tensor[B] bool — no strict maximum (e.g. a blank image): the box
+            stays where the ascent left it and its gradient is zero.
+        held: Tensor[B, 3] int — coordinates (x_c, y_c, r) held at a bound
+            (-1 lower, +1 upper): r at 0, or the box against the image border.
+        iterations: Tensor[B] long — ascent steps plus polish steps used.
+        cost: Tensor[B] — final f at the last stage's sharpness.
+        residual_norm: Tensor[B] — max-norm of the stationarity residual at the end.
+        stage_thetas: Tensor[B, stages + 2, 3] — theta at the start, after each
+            stage, and at the end (detached), for pictures like the paper's Fig. 6.
+    """
+
+    converged: Tensor = None  # type: ignore[assignment]
+    frozen: Tensor = None  # type: ignore[assignment]
+    held: Tensor = None  # type: ignore[assignment]
+    iterations: Tensor = None  # type: ignore[assignment]
+    cost: Tensor = None  # type: ignore[assignment]
+    residual_norm: Tensor = None  # type: ignore[assignment]
+    stage_thetas: Tensor = None  # type: ignore[assignment]
+    extra: dict = field(default_factory=dict)
+
+
+def build_objective(batch: int, h: int, w: int, aspect: float, dtype: torch.dtype, device: Any) -> tuple[th.Objective, DACCost]:
+    """An objective with one :class:`DACCost`; inputs named
+    ``theta``, ``saliency``, ``sharpness``, ``r_min``."""
+    theta = th.Vector(tensor=torch.zeros(batch, 3, dtype=dtype, device=device), name="theta")
+    saliency = th.Variable(torch.zeros(batch, 1, h, w, dtype=dtype, device=device), name="saliency")
+    sharpness = th.Variable(torch.ones(1, 1, dtype=dtype, device=device), name="sharpness")
+    r_min = th.Variable(torch.ones(batch, 1, dtype=dtype, device=device), name="r_min")
+    cost = DACCost(theta, saliency, sharpness, r_min, aspect, name="dac_cost")
+    objective = th.Objective(dtype=dtype)
+    objective.add(cost)
+    objective.to(device)
+    return objective, cost
+
+
+class StagedAscent(th.NonlinearLeastSquares):
+    """Theseus optimizer running :class:`AscentSchedule` on one :class:`DACCost`."""
+
+    def __init__(self, objective: th.Objective, schedule: AscentSchedule = AscentSchedule()) -> None:
+        costs = list(objective.cost_functions.values())
+        if len(costs) != 1 or not isinstance(costs[0], DACCost):
+            raise ValueError("objective: StagedAscent needs exactly one DACCost")
+        super().__init__(objective, max_iterations=schedule.total_steps, vectorize=False)
+        self.schedule = schedule
+        self.cost = costs[0]
+
+    def compute_delta(self, **kwargs: Any) -> Tensor:  # used by Theseus' fallbacks only
+        return self.linear_solver.solve()
+
+    # ------------------------------------------------------------------ steps
+    def _ascent_step(self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float) -> Tensor:
+        _, grad, _ = _cost_derivatives(theta, saliency, r_min, self.cost.aspect, gamma, order=1)
+        step = (eta * grad).clamp(-self.schedule.max_step, self.schedule.max_step)
+        return shift_into_image(theta + step, saliency.shape[1], saliency.shape[2], r_min, self.cost.aspect)
+
+    def _polish_step(
+        self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One guarded, backtracking Newton step (else an ascent step).
+
+        Newton on the stationarity residual, projected into the image, is tried at
+        lengths 1, 1/2, 1/4, 1/8; the longest that does not lower f and moves no
+        coordinate more than ``newton_max_step`` is taken. Boxes with no strict
+        maximum (frozen) or no acceptable length take a clipped ascent step instead.
+
+        Returns:
+            (theta, converged, frozen): converged where a full Newton step was taken
+            and it moved less than ``eps**0.75 * max(h, w)`` saliency pixels.
+        """
+        h, w = saliency.shape[1:]
+        aspect = self.cost.aspect
+        st = stationarity_residual(theta, saliency, r_min, aspect, gamma)
+        delta = -torch.linalg.solve(st.jacobian, st.residual.unsqueeze(-1)).squeeze(-1)
+        eps = torch.finfo(theta.dtype).eps
+        slack = 64 * eps * st.cost.detach().abs()
+        # max(r, 0), not the paper's |r|: the reflection never settles on r = 0.
+        step = (eta * st.grad).clamp(-self.schedule.max_step, self.schedule.max_step)
+        new_theta = shift_into_image(theta + step, h, w, r_min, aspect, reflect=False)
+        pending = ~st.frozen
+        converged = torch.zeros_like(pending)
+        for length in (1.0, 0.5, 0.25, 0.125):
+            trial = shift_into_image(theta + length * delta, h, w, r_min, aspect, reflect=False)
+            with torch.no_grad():
+                f_trial, _, _ = _cost_derivatives(trial, saliency, r_min, aspect, gamma, order=0)
+                moved = (trial - theta).abs().amax(-1)
+                accept = pending & (moved <= self.schedule.newton_max_step) & (f_trial >= st.cost - slack)
+                if length == 1.0:
+                    converged = accept & (moved <= eps**0.75 * max(h, w))
+            new_theta = torch.where(accept[:, None], trial, new_theta)
+            pending = pending & ~accept
+            if not bool(pending.any()):
+                break
+        return new_theta, converged, st.frozen
+
+    # ------------------------------------------------------------- main loop
+    def _optimize_impl(  # type: ignore[override]
+        self,
+        backward_mode: Any = "implicit",
+        backward_num_iterations: Optional[int] = None,
+        verbose: bool = False,
+        **kwargs: Any,
+    ) -> DACSolverInfo:
+        mode = th.BackwardMode.resolve(backward_mode)
+        sched = self.schedule
+        total = sched.total_steps
+        if mode == th.BackwardMode.UNROLL:
+            grad_from = 0
+        elif mode == th.BackwardMode.TRUNCATED:
+            if backward_num_iterations is None or int(backward_num_iterations) < 1:
+                raise ValueError("backward_num_iterations: truncated mode needs an int >= 1")
+            grad_from = max(total - int(backward_num_iterations), 0)
+        else:  # IMPLICIT and DLM differentiate at the solution, not through the loop
+            grad_from = total
+        grad_enabled = torch.is_grad_enabled()
+
+        cost = self.cost
+        theta = cost.theta.tensor
+        batch = theta.shape[0]
+        raw = cost.saliency.tensor
+        saliency = raw.reshape(raw.shape[0], raw.shape[-2], raw.shape[-1]).expand(batch, -1, -1)
+        r_min = cost.r_min.tensor.reshape(-1).expand(batch)
+        gamma_final = cost.sharpness.tensor.reshape(-1).expand(batch)
+
+        stage_thetas = [theta.detach()]
+        iterations = torch.zeros(batch, dtype=torch.long, device=theta.device)
+        converged = torch.zeros(batch, dtype=torch.bool, device=theta.device)
+        frozen = torch.zeros_like(converged)
+        eta = sched.step_size
+        step = 0
+        while step < total:
+            differentiated = grad_enabled and step >= grad_from
+            with torch.set_grad_enabled(differentiated):
+                if step < sched.ascent_steps:
+                    stage = step // sched.steps_per_stage
+                    gamma = gamma_final * sched.sharpness_factor ** (stage - sched.stages + 1)
+                    eta = sched.step_size * sched.step_factor**stage
+                    theta = self._ascent_step(theta, saliency, r_min, gamma, eta)
+                    iterations += 1
+                    if (step + 1) % sched.steps_per_stage == 0:
+                        stage_thetas.append(theta.detach())
+                else:
+                    new_theta, done, frozen = self._polish_step(theta, saliency, r_min, gamma_final, eta)
+                    # Converged boxes stay put, except in differentiated steps, where
+                    # the (zero-length) Newton step carries the derivative.
+                    keep = converged if not differentiated else torch.zeros_like(converged)
+                    theta = torch.where(keep[:, None], theta, new_theta)
+                    iterations += (~converged).long()
+                    converged = converged | done
+                    if verbose:
+                        print(f"polish step {step - sched.ascent_steps}: {int(converged.sum())}/{batch} converged")
+                    if bool(converged.all()) and step + 1 < grad_from:
+                        step = grad_from  # skip the no-op steps before the differentiated ones
+                        continue
+            step += 1
+
+        cost.theta.update(theta)
+        if grad_enabled and mode == th.BackwardMode.IMPLICIT:
+            self._implicit_step()
+        with torch.no_grad():
+            st = cost.stationarity()
+        stage_thetas.append(cost.theta.tensor.detach())
+        status = np.array(
+            [_Status.CONVERGED if c else _Status.MAX_ITERATIONS for c in converged.tolist()]
+        )
+        return DACSolverInfo(
+            best_solution=None,
+            status=status,
+            converged=converged,
+            frozen=st.frozen,
+            held=st.held,
+            iterations=iterations,
+            cost=st.cost,
+            residual_norm=st.residual.abs().amax(-1),
+            stage_thetas=torch.stack(stage_thetas, dim=1),
+        )
+
+    def _implicit_step(self) -> None:
+        """Theseus' implicit step: one Gauss–Newton step at the solution, J detached.
+
+        Only the step's derivative is applied (its value is subtracted back out).
+        """
+        linearization = self.linear_solver.linearization
+        linearization.linearize(_detach_hessian=True)
+        try:
+            delta = self.linear_solver.solve()
+        except RuntimeError:
+            # J^T J too ill-conditioned for Cholesky (float32): same step via LU on J.
+            st = self.cost.stationarity()
+            delta = -torch.linalg.solve(st.jacobian.detach(), st.residual.unsqueeze(-1)).squeeze(-1)
+        # Keep the box where the solver put it (the step is ~0 at a converged box, but
+        # not elsewhere) while its derivative is the implicit one: d(delta)/dS.
+        delta = delta - delta.detach()
+        self.objective.retract_vars_sequence(delta, linearization.ordering, force_update=True)
