@@ -121,7 +121,7 @@ class DACrop(nn.Module):
         self.dlm_epsilon = check_positive(dlm_epsilon, "dlm_epsilon")
         self.antialias = bool(antialias)
         self.last_info: DACSolverInfo | None = None
-        self._layers: dict[tuple[torch.dtype, str], th.TheseusLayer] = {}
+        self._layers: dict[tuple[torch.dtype, str, int, int], th.TheseusLayer] = {}
 
     @property
     def aspect(self) -> float:
@@ -212,7 +212,8 @@ class DACrop(nn.Module):
         return theta_to_boxes(values["theta"], r_min, self.aspect, self.pool_size), info
 
     def _theseus_layer(self, dtype: torch.dtype, device: torch.device, batch: int, h: int, w: int) -> th.TheseusLayer:
-        key = (dtype, str(device))
+        # Theseus variables keep their shape: one objective per saliency size.
+        key = (dtype, str(device), h, w)
         if key not in self._layers:
             objective, _ = build_objective(batch, h, w, self.aspect, dtype, device)
             self._layers[key] = th.TheseusLayer(StagedAscent(objective, self.schedule), vectorize=False)

@@ -69,14 +69,19 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
             f"images: an image of {height}x{width} pixels is too small for pooling windows "
             f"of {k}x{k}; need at least {2 * k}x{2 * k} (two windows per side)"
         )
-    windows = images[:, :, : h * k, : w * k].reshape(b, c, h, k, w, k)
+    windows = images[:, :, : h * k, : w * k]
+    if windows.dtype == torch.uint16:  # no CPU max/min kernels for uint16: widen, losslessly
+        windows = windows.to(torch.int32)
+    windows = windows.reshape(b, c, h, k, w, k)
     # Reduce the contiguous window axis first: cheaper than a joint reduction.
     high = windows.amax(dim=5).amax(dim=3)
     low = windows.amin(dim=5).amin(dim=3)
     if images.dtype.is_floating_point:
         spread = high - low
     else:
-        spread = to_unit_range(high) - to_unit_range(low)
+        scale = INTEGER_IMAGE_SCALE[images.dtype]
+        dtype = torch.get_default_dtype()
+        spread = (high.to(dtype) - low.to(dtype)) / scale
     return spread.mean(dim=1, keepdim=True)
 
 

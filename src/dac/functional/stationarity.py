@@ -97,10 +97,14 @@ def held_bounds(theta: Tensor, grad: Tensor, h: int, w: int, r_min: Tensor, aspe
     tol = 64 * torch.finfo(theta.dtype).eps * float(max(h, w))
     g_x, g_y, g_r = grad.unbind(-1)
     x_lo, x_hi, y_lo, y_hi = centre_bounds(theta, h, w, r_min, aspect)
-    x_low = (theta[:, 0] - x_lo <= tol) & (g_x < 0)
-    x_high = (x_hi - theta[:, 0] <= tol) & (g_x > 0) & ~x_low
-    y_low = (theta[:, 1] - y_lo <= tol) & (g_y < 0)
-    y_high = (y_hi - theta[:, 1] <= tol) & (g_y > 0) & ~y_low
+    # A box as wide (tall) as the image has no room to move: its centre is held
+    # whichever way the gradient points.
+    x_pinned = x_hi - x_lo <= tol
+    y_pinned = y_hi - y_lo <= tol
+    x_low = (theta[:, 0] - x_lo <= tol) & ((g_x < 0) | (x_pinned & (g_x <= 0)))
+    x_high = (x_hi - theta[:, 0] <= tol) & ((g_x > 0) | x_pinned) & ~x_low
+    y_low = (theta[:, 1] - y_lo <= tol) & ((g_y < 0) | (y_pinned & (g_y <= 0)))
+    y_high = (y_hi - theta[:, 1] <= tol) & ((g_y > 0) | y_pinned) & ~y_low
     held = torch.zeros(theta.shape, dtype=torch.int8, device=theta.device)
     held[:, 0] = x_high.to(torch.int8) - x_low.to(torch.int8)
     held[:, 1] = y_high.to(torch.int8) - y_low.to(torch.int8)

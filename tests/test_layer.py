@@ -1,0 +1,236 @@
+"""DACrop: shapes, conventions, bad input, and gradients checked against finite differences."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dac import DACInputError, DACrop
+from dac.functional import crop_resize
+
+from conftest import smooth_direction, textured_scene
+
+SMALL = dict(output_size=(20, 37), pool_size=5)
+EPS = 1e-7  # FD step: smooth direction, float64 (max pooling is piecewise linear)
+
+
+def box_gradient_along(layer: DACrop, images: torch.Tensor, weights: torch.Tensor, direction: torch.Tensor):
+    """(analytic, finite-difference) derivative of sum(weights * boxes) along ``direction``."""
+    x = images.clone().requires_grad_()
+    boxes, info = layer.locate(x, return_info=True)
+    (boxes * weights).sum().backward()
+    analytic = (x.grad * direction).sum().item()
+    with torch.no_grad():
+        plus = layer.locate(images + EPS * direction)
+        minus = layer.locate(images - EPS * direction)
+    fd = ((plus - minus) * weights).sum().item() / (2 * EPS)
+    return analytic, fd, info
+
+
+class TestShapesAndConventions:
+    def test_forward_shapes_and_box_inside(self):
+        images = textured_scene(3, 300, 555, dtype=torch.float32)
+        layer = DACrop(**SMALL)
+        crops = layer(images)
+        boxes = layer.locate(images)
+        assert crops.shape == (3, 1, 20, 37) and crops.dtype == torch.float32
+        assert boxes.shape == (3, 4)
+        assert torch.all(boxes[:, :2] >= 0) and torch.all(boxes[:, 2] <= 555) and torch.all(boxes[:, 3] <= 300)
+        ratio = (boxes[:, 3] - boxes[:, 1]) / (boxes[:, 2] - boxes[:, 0])
+        torch.testing.assert_close(ratio, torch.full_like(ratio, 20 / 37))  # aspect kept
+        torch.testing.assert_close(crops, crop_resize(images, boxes, (20, 37)))
+
+    def test_finds_the_region(self):
+        images = textured_scene(2, 300, 555, dtype=torch.float32)
+        boxes = DACrop(**SMALL).locate(images)
+        # The bright region starts at (0.12 W, 0.25 H) and spans 0.65 W x 0.6 H.
+        region = torch.tensor([0.12 * 555, 0.25 * 300, 0.77 * 555, 0.85 * 300])
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        assert torch.all((centre - (region[:2] + region[2:]) / 2).abs() < 25)
+
+    def test_uint8_equals_float(self):
+        images = (255 * textured_scene(2, 300, 555, dtype=torch.float32)).round().to(torch.uint8)
+        layer = DACrop(**SMALL)
+        # Pooling uint8 then scaling rounds differently from scaling then pooling (1 ulp).
+        torch.testing.assert_close(layer.locate(images), layer.locate(images.float() / 255), rtol=0, atol=1e-3)
+        torch.testing.assert_close(layer(images), layer(images.float() / 255), rtol=0, atol=1e-4)
+
+    def test_uint16_and_colour(self):
+        images = (65535 * textured_scene(1, 300, 555, dtype=torch.float32)).round().to(torch.uint16)
+        rgb = images.expand(1, 3, 300, 555).contiguous()
+        out = DACrop(**SMALL)(rgb)
+        assert out.shape == (1, 3, 20, 37) and torch.isfinite(out).all()
+
+    def test_list_of_sizes_returns_one_batch_in_order(self):
+        a = textured_scene(1, 300, 555, dtype=torch.float32)[0]
+        b = textured_scene(1, 240, 500, dtype=torch.float32, seed=5)[0]
+        layer = DACrop(**SMALL)
+        boxes = layer.locate([a, b, a])
+        crops = layer([a, b, a])
+        assert crops.shape == (3, 1, 20, 37)
+        torch.testing.assert_close(boxes[0], boxes[2])
+        torch.testing.assert_close(boxes[1], layer.locate(b[None])[0])
+
+    def test_float64_and_repr(self):
+        layer = DACrop(**SMALL)
+        assert layer(textured_scene(1, 300, 555)).dtype == torch.float64
+        assert "pool_size=5" in repr(layer) and "backward_mode='implicit'" in repr(layer)
+
+    def test_tall_image_clips_r_min(self):
+        boxes = DACrop(**SMALL).locate(torch.rand(1, 1, 400, 120))
+        assert torch.all(boxes[:, :2] >= 0) and boxes[0, 2] <= 120 and boxes[0, 3] <= 400
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        "images,match",
+        [
+            (torch.full((1, 1, 100, 100), float("nan")), "images: contains NaN"),
+            (torch.rand(1, 100, 100), r"expected shape \[B, C, H, W\].*\(1, 100, 100\)"),
+            (torch.rand(1, 4, 100, 100), "1 or 3 channels"),
+            (torch.rand(1, 1, 8, 100), "too small for pooling"),
+            ([], "non-empty list"),
+            ([torch.rand(100, 100)], r"images\[0\]: expected Tensor\[C, H, W\]"),
+        ],
+    )
+    def test_errors_name_the_argument(self, images, match):
+        with pytest.raises(DACInputError, match=match):
+            DACrop(**SMALL)(images)
+
+    @pytest.mark.parametrize(
+        "kwargs,match",
+        [
+            (dict(backward_mode="magic"), "backward_mode"),
+            (dict(pool_size=0), "pool_size"),
+            (dict(output_size=(0, 5)), "output_size"),
+            (dict(sharpness=0.0), "sharpness"),
+            (dict(stages=0), "stages"),
+            (dict(step_size=float("nan")), "step_size"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, match):
+        with pytest.raises(DACInputError, match=match):
+            DACrop(**{**SMALL, **kwargs})
+
+    def test_blank_image_stays_at_start_with_zero_gradient(self):
+        images = torch.full((2, 1, 300, 555), 0.5, dtype=torch.float64)
+        images[1] = textured_scene(1, 300, 555)[0]
+        x = images.clone().requires_grad_()
+        layer = DACrop(**SMALL)
+        boxes, info = layer.locate(x, return_info=True)
+        boxes.sum().backward()
+        assert info.frozen.tolist() == [True, False]
+        torch.testing.assert_close(info.stage_thetas[0, 0], info.stage_thetas[0, -1])  # never moved
+        assert torch.isfinite(x.grad).all() and torch.all(x.grad[0] == 0)
+        assert x.grad[1].abs().sum() > 0
+
+
+class TestGradients:
+    """Float64 finite differences of *converged* boxes (see DESIGN notes in the README)."""
+
+    weights = torch.tensor([[0.3, -1.2, 0.7, 0.4], [-0.5, 0.9, 1.1, -0.8]], dtype=torch.float64)
+
+    @pytest.mark.parametrize(
+        "region,offset,held",
+        [
+            ((0.65, 0.6), (0.12, 0.25), "interior"),
+            ((0.8, 0.5), (0.12, 0.25), "x_c against the right border"),
+            ((0.4, 0.4), (0.12, 0.25), "r = 0 and the left border"),
+            ((0.4, 0.4), (0.0, 0.25), "the whole image"),
+        ],
+    )
+    def test_implicit_matches_finite_differences(self, region, offset, held):
+        images = textured_scene(2, 300, 555, region, offset)
+        analytic, fd, info = box_gradient_along(DACrop(**SMALL), images, self.weights, smooth_direction(images.shape))
+        if held == "the whole image":
+            # Centre shifting pins the box at the full image (no strict maximum there):
+            # flagged frozen, its gradient is zero by definition, and indeed it does not move.
+            assert bool(info.frozen.all()) and analytic == 0.0 and abs(fd) < 1e-6
+            return
+        assert bool(info.converged.all()) and not bool(info.frozen.any())
+        if held == "interior":
+            assert torch.all(info.held == 0)
+        else:
+            assert torch.any(info.held != 0)
+        assert abs(analytic - fd) <= 2e-6 * abs(fd), (held, analytic, fd)
+
+    def test_upstream_layer_gets_gradient_through_the_box(self):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False).double()
+        with torch.no_grad():
+            conv.weight.copy_(torch.tensor([[[[0.05, 0.1, 0.05], [0.1, 0.4, 0.1], [0.05, 0.1, 0.05]]]]))
+        images = textured_scene(2, 300, 555)
+        layer = DACrop(**SMALL)
+        boxes = layer.locate(conv(images))
+        loss = (boxes * self.weights).sum()
+        (grad,) = torch.autograd.grad(loss, conv.weight)
+        direction = torch.randn(conv.weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            base = conv.weight.clone()
+            conv.weight.copy_(base + EPS * direction)
+            plus = layer.locate(conv(images))
+            conv.weight.copy_(base - EPS * direction)
+            minus = layer.locate(conv(images))
+            conv.weight.copy_(base)
+        fd = ((plus - minus) * self.weights).sum().item() / (2 * EPS)
+        analytic = (grad * direction).sum().item()
+        assert abs(fd) > 1e-3  # the box really moves with the conv weights
+        assert abs(analytic - fd) <= 2e-6 * abs(fd)
+
+    def test_crop_gradient_reaches_image_through_pixels_and_box(self):
+        images = textured_scene(1, 300, 555)
+        x = images.clone().requires_grad_()
+        layer = DACrop(**SMALL)
+        target = torch.rand(1, 1, 20, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        ((layer(x) - target) ** 2).sum().backward()
+        direction = smooth_direction(images.shape)
+        with torch.no_grad():
+            lp = ((layer(images + EPS * direction) - target) ** 2).sum()
+            lm = ((layer(images - EPS * direction) - target) ** 2).sum()
+        fd = (lp - lm).item() / (2 * EPS)
+        analytic = (x.grad * direction).sum().item()
+        assert abs(analytic - fd) <= 1e-5 * abs(fd)
+
+    @pytest.mark.parametrize("mode", ["unroll", "truncated"])
+    def test_unroll_through_newton_polish_equals_implicit(self, mode):
+        images = textured_scene(2, 300, 555)
+        direction = smooth_direction(images.shape)
+        implicit, fd, _ = box_gradient_along(DACrop(**SMALL), images, self.weights, direction)
+        other, _, _ = box_gradient_along(DACrop(**SMALL, backward_mode=mode), images, self.weights, direction)
+        assert abs(other - implicit) <= 1e-9 * abs(implicit)
+
+    def test_unrolled_ascent_approaches_implicit(self):
+        """Without the polish, unrolling the paper's ascent converges to the implicit
+        gradient only as slowly as the ascent converges (README: backward modes)."""
+        images = textured_scene(2, 300, 555)
+        x = images.clone().requires_grad_()
+        boxes = DACrop(**SMALL).locate(x)
+        (implicit,) = torch.autograd.grad((boxes * self.weights).sum(), x)
+        gaps = []
+        for steps in (10, 50, 200):
+            layer = DACrop(**SMALL, backward_mode="unroll", polish_steps=0, steps_per_stage=steps)
+            x = images.clone().requires_grad_()
+            (unrolled,) = torch.autograd.grad((layer.locate(x) * self.weights).sum(), x)
+            gaps.append(((unrolled - implicit).norm() / implicit.norm()).item())
+        assert gaps[0] > gaps[1] > gaps[2], gaps
+        assert gaps[2] < 0.25, gaps  # measured 0.77, 0.23, 0.19; 800 steps/stage: 1.8e-5
+
+    def test_dlm_needs_small_epsilon(self):
+        images = textured_scene(2, 300, 555)
+        direction = smooth_direction(images.shape)
+        implicit, _, _ = box_gradient_along(DACrop(**SMALL), images, self.weights, direction)
+        dlm, _, _ = box_gradient_along(DACrop(**SMALL, backward_mode="dlm"), images, self.weights, direction)
+        assert abs(dlm - implicit) <= 0.01 * abs(implicit)
+        coarse, _, _ = box_gradient_along(
+            DACrop(**SMALL, backward_mode="dlm", dlm_epsilon=1e-2), images, self.weights, direction
+        )
+        assert abs(coarse) < 1e-3 * abs(implicit)  # Theseus' default epsilon: ~no gradient
+
+    def test_warns_when_implicit_gradient_is_inexact(self):
+        x = textured_scene(1, 300, 555).requires_grad_()
+        with pytest.warns(RuntimeWarning, match="did not reach a stationary point"):
+            DACrop(**SMALL, polish_steps=0).locate(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            DACrop(**SMALL).locate(x)
