@@ -36,6 +36,9 @@ Each item is run once to warm up and then ``--repeats`` times; the median (and t
 min) per image is reported. ``dense_over_layer`` compares the dense *search* alone
 with the whole layer forward (pool + search + crop); ``dense_over_search`` with the
 layer's search alone. Clocks are read after ``torch.cuda.synchronize()`` on CUDA.
+A fresh ``DACrop`` is built for each image size. ``--json`` writes one record, or a
+list of records with ``--sizes``. On a small shared CPU, other load inflates the
+medians a lot (threads wait on each other); the min column is the steadier figure.
 """
 from __future__ import annotations
 

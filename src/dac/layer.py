@@ -84,7 +84,7 @@ class DACrop(nn.Module):
         step_factor: float = 0.5,
         steps_per_stage: int = 50,
         max_step: float = 4.0,
-        polish_steps: int = 30,
+        polish_steps: int = 50,
         newton_max_step: float = 2.0,
         r_min_fraction: float = 1 / 3.5,
         r_init_fraction: float = 1 / 2.3,

@@ -81,6 +81,8 @@ class Stationarity:
     hess: Tensor  #: Hessian of f, Tensor[B, 3, 3]
     held: Tensor  #: Tensor[B, 3] int: -1 held at lower bound, +1 at upper, 0 free
     frozen: Tensor  #: Tensor[B] bool: no strict maximum, box treated as constant
+    curvature: Tensor  #: Tensor[B]: largest eigenvalue of the reduced Hessian (< 0 at a strict max)
+    scale: Tensor  #: Tensor[B]: k = max |H| (1 where H = 0), the scale of held rows
 
 
 def held_bounds(theta: Tensor, grad: Tensor, h: int, w: int, r_min: Tensor, aspect: float) -> Tensor:
@@ -135,11 +137,15 @@ def stationarity_residual(
     r_min: Tensor,
     aspect: float,
     sharpness: Tensor,
+    freeze: bool = True,
 ) -> Stationarity:
     """F(theta; S) and dF/dtheta (see module doc). Unchecked: callers validate.
 
     Args:
         theta: Tensor[B, 3]; saliency: Tensor[B, h, w]; r_min, sharpness: Tensor[B].
+        freeze: replace the rows of frozen boxes by ``k (theta - stop_grad(theta))``
+            (what the implicit gradient uses); False keeps the reduced system
+            everywhere (what a solver stepping through a saddle needs).
     """
     _, h, w = saliency.shape
     f, grad, hess = _cost_derivatives(theta, saliency, r_min, aspect, sharpness, order=2)
@@ -177,7 +183,9 @@ def stationarity_residual(
     bound_rows[:, 0, 2] = sign[:, 0]  # x_c - (R - 0.5) -> -1 ; x_c - (w - 0.5 - R) -> +1
     bound_rows[:, 1, 2] = sign[:, 1] * aspect
     jacobian = torch.where(free[:, :, None], basis_t @ hess, k[:, :, None] * bound_rows)
+    if not freeze:
+        return Stationarity(residual, jacobian, f, grad, hess, held, frozen, top, kappa)
     # Frozen: F = k (theta - stop_grad(theta)) = 0, J = k I.
     residual = torch.where(frozen[:, None], k * (theta - theta.detach()), residual)
     jacobian = torch.where(frozen[:, None, None], k[:, :, None] * eye, jacobian)
-    return Stationarity(residual, jacobian, f, grad, hess, held, frozen)
+    return Stationarity(residual, jacobian, f, grad, hess, held, frozen, top, kappa)

@@ -60,7 +60,7 @@ class AscentSchedule:
     step_factor: float = 0.5
     sharpness_factor: float = 2.0
     max_step: float = 4.0
-    polish_steps: int = 30
+    polish_steps: int = 50
     newton_max_step: float = 2.0
 
     def __post_init__(self) -> None:
@@ -148,36 +148,48 @@ class StagedAscent(th.NonlinearLeastSquares):
     def _polish_step(
         self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One guarded, backtracking Newton step (else an ascent step).
+        """One guarded, backtracking Newton step on the stationarity residual.
 
-        Newton on the stationarity residual, projected into the image, is tried at
-        lengths 1, 1/2, 1/4, 1/8; the longest that does not lower f and moves no
-        coordinate more than ``newton_max_step`` is taken. Boxes with no strict
-        maximum (frozen) or no acceptable length take a clipped ascent step instead.
+        Where the reduced Hessian is not negative definite (a saddle or a flat region,
+        e.g. when the ascent stopped early) its free diagonal is shifted down by
+        ``mu`` until it is (a Levenberg–Marquardt step), so the step still climbs.
+        The step is capped at ``newton_max_step`` pixels, projected into the image, and
+        tried at lengths 1, 1/2, 1/4, 1/8; the longest that does not lower f is taken.
+        Boxes with no acceptable length take a clipped ascent step instead.
 
         Returns:
-            (theta, converged, frozen): converged where a full Newton step was taken
-            and it moved less than ``eps**0.75 * max(h, w)`` saliency pixels.
+            (theta, converged, frozen): converged where an unshifted, uncapped, full
+            Newton step was taken and it moved less than ``eps**0.75 * max(h, w)``
+            saliency pixels; frozen as in :class:`~dac.functional.Stationarity`.
         """
         h, w = saliency.shape[1:]
         aspect = self.cost.aspect
-        st = stationarity_residual(theta, saliency, r_min, aspect, gamma)
-        delta = -torch.linalg.solve(st.jacobian, st.residual.unsqueeze(-1)).squeeze(-1)
+        st = stationarity_residual(theta, saliency, r_min, aspect, gamma, freeze=False)
         eps = torch.finfo(theta.dtype).eps
+        with torch.no_grad():
+            shift = torch.where(st.frozen, st.curvature + 1e-2 * st.scale, torch.zeros_like(st.scale))
+            free = (st.held == 0).to(theta.dtype)
+        jacobian = st.jacobian - torch.diag_embed(free * shift[:, None])
+        delta = -torch.linalg.solve(jacobian, st.residual.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            size = delta.abs().amax(-1)
+            cap = (self.schedule.newton_max_step / size.clamp_min(torch.finfo(theta.dtype).tiny)).clamp(max=1.0)
+        delta = delta * cap[:, None]
         slack = 64 * eps * st.cost.detach().abs()
         # max(r, 0), not the paper's |r|: the reflection never settles on r = 0.
         step = (eta * st.grad).clamp(-self.schedule.max_step, self.schedule.max_step)
         new_theta = shift_into_image(theta + step, h, w, r_min, aspect, reflect=False)
-        pending = ~st.frozen
+        pending = torch.ones_like(st.frozen)
         converged = torch.zeros_like(pending)
         for length in (1.0, 0.5, 0.25, 0.125):
             trial = shift_into_image(theta + length * delta, h, w, r_min, aspect, reflect=False)
             with torch.no_grad():
                 f_trial, _, _ = _cost_derivatives(trial, saliency, r_min, aspect, gamma, order=0)
-                moved = (trial - theta).abs().amax(-1)
-                accept = pending & (moved <= self.schedule.newton_max_step) & (f_trial >= st.cost - slack)
+                accept = pending & (f_trial >= st.cost - slack)
                 if length == 1.0:
-                    converged = accept & (moved <= eps**0.75 * max(h, w))
+                    moved = (trial - theta).abs().amax(-1)
+                    exact = ~st.frozen & (cap >= 1.0)
+                    converged = accept & exact & (moved <= eps**0.75 * max(h, w))
             new_theta = torch.where(accept[:, None], trial, new_theta)
             pending = pending & ~accept
             if not bool(pending.any()):
