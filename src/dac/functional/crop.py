@@ -61,18 +61,19 @@ def crop_resize(
     weights_y, index_y = _axis_filter(boxes[:, 1], boxes[:, 3], height, out_h, antialias)
     weights_x, index_x = _axis_filter(boxes[:, 0], boxes[:, 2], width, out_w, antialias)
 
-    # Rows first: gather each tap's input rows, weight, accumulate -> [B, C, H_out, W].
-    rows = images.new_zeros(()).to(dtype)
-    for tap in range(index_y.shape[-1]):
-        idx = index_y[:, None, :, tap, None].expand(batch, channels, out_h, width)
-        picked = to_unit_range(torch.gather(images, 2, idx), dtype)
-        rows = rows + weights_y[:, None, :, tap, None] * picked
-    # Then columns -> [B, C, H_out, W_out].
-    out = rows.new_zeros(())
-    for tap in range(index_x.shape[-1]):
-        idx = index_x[:, None, None, :, tap].expand(batch, channels, out_h, out_w)
-        out = out + weights_x[:, None, None, :, tap] * torch.gather(rows, 3, idx)
-    return out
+    taps_y, taps_x = index_y.shape[-1], index_x.shape[-1]
+    crops = []
+    for b in range(batch):
+        # Only the columns the crop reads, then rows first: gather every tap's input
+        # rows at once (still in the input dtype), weight and sum -> [C, H_out, W'].
+        lo, hi = int(index_x[b].min()), int(index_x[b].max()) + 1
+        rows = images[b, :, :, lo:hi].index_select(1, index_y[b].reshape(-1))
+        rows = to_unit_range(rows, dtype).reshape(channels, out_h, taps_y, hi - lo)
+        rows = torch.einsum("ok,cokw->cow", weights_y[b], rows)
+        # Then columns -> [C, H_out, W_out].
+        cols = rows.index_select(2, (index_x[b] - lo).reshape(-1)).reshape(channels, out_h, out_w, taps_x)
+        crops.append(torch.einsum("cpqk,qk->cpq", cols, weights_x[b]))
+    return torch.stack(crops)
 
 
 def _axis_filter(low: Tensor, high: Tensor, n_in: int, n_out: int, antialias: bool) -> tuple[Tensor, Tensor]:
