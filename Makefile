@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q numpy scipy pybind11 "semantic-version==2.10.0" torchlie torchkin "pytest>=7"
+	$(PY) -m pip install -q numpy scipy pybind11 "semantic-version==2.10.0" torchlie torchkin "pytest>=7" \
+		pydicom matplotlib tqdm scikit-learn pyyaml
 	# theseus-ai's setup.py imports torch (no isolation) and asks for scikit-sparse (skipped).
 	THESEUS_FORCE_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps theseus-ai==0.2.3
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -170,10 +170,9 @@ class DACrop(nn.Module):
         groups = _group(images)
         boxes: dict = {}
         info = None
-        for key, (index, batch) in enumerate(groups):
+        for index, batch in groups:
             boxes[index], info = self._locate_batch(batch)
-        groups_out = [(index, batch) for index, batch in groups]
-        return groups_out, boxes, info  # type: ignore[return-value]
+        return groups, boxes, info  # type: ignore[return-value]
 
     def _locate_batch(self, images: Tensor) -> tuple[Tensor, DACSolverInfo]:
         check_image_batch(images)
