@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q src tests
 
 demo: $(STAMP)
-	$(PY) -m dac.demo
+	$(VENV)/bin/dac demo --out dac-demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py

@@ -71,6 +71,14 @@ class TestShapesAndConventions:
         assert crops.shape == (3, 1, 20, 37)
         torch.testing.assert_close(boxes[0], boxes[2])
         torch.testing.assert_close(boxes[1], layer.locate(b[None])[0])
+        same_crops, same_boxes, info = layer([a, b, a], return_boxes=True)
+        torch.testing.assert_close(same_crops, crops)
+        torch.testing.assert_close(same_boxes, boxes)
+        # One info row per input, in input order.
+        _, info_b = layer.locate(b[None], return_info=True)
+        assert info.stage_thetas.shape[0] == 3 and len(info.status) == 3
+        torch.testing.assert_close(info.stage_thetas[1], info_b.stage_thetas[0])
+        torch.testing.assert_close(info.cost[0], info.cost[2])
 
     def test_float64_and_repr(self):
         layer = DACrop(**SMALL)

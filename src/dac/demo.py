@@ -1,68 +1,134 @@
-"""``python -m dac.demo``: crop a few generated images and print the boxes found.
+"""``dac demo``: the main job on generated panoramic phantoms, with pictures.
 
-Each image is a dark, noisy frame holding one bright textured region (a stand-in for
-the dental arch) at a random place; the demo prints the box DACrop finds, the true
-region and their IoU, and the solver's flags.
+Generates ``count`` phantoms at the paper's sizes (2836x1536 and 2860x1536, 8-bit),
+crops them with the paper's ``DACrop`` and writes to ``OUT``:
+
+* ``search_stages.png`` — like the paper's Fig. 6: initial box, the box after each
+  stage and the final box, with the true dental-arch region;
+* ``saliency.png`` — the max–min pooled map (Fig. 5);
+* ``soft_rectangle.png`` — the soft rectangle for three sharpness values (Fig. 4);
+* ``crops.png`` and ``crops/*.png`` — the 200x370 crops;
+* ``boxes.csv`` — true and found boxes (xyxy, input pixels), IoU, solver flags.
+
+Then prints where everything is and the mean IoU.
 """
 from __future__ import annotations
 
-import argparse
+import csv
 import time
+from pathlib import Path
 
 import torch
 
 from .layer import DACrop
 
+__all__ = ["box_iou", "run_demo"]
 
-def textured_scene(count: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` uint8 images Tensor[N, 1, H, W] and their true regions Tensor[N, 4] (xyxy)."""
-    gen = torch.Generator().manual_seed(seed)
-    images = (20 * torch.rand(count, 1, height, width, generator=gen)).to(torch.uint8)
-    regions = []
-    for i in range(count):
-        rw = int(width * (0.55 + 0.2 * torch.rand(1, generator=gen).item()))
-        rh = int(rw * height / width * (0.7 + 0.2 * torch.rand(1, generator=gen).item()))
-        x0 = int((width - rw) * torch.rand(1, generator=gen).item())
-        y0 = int((height - rh) * torch.rand(1, generator=gen).item())
-        texture = 60 + 140 * torch.rand(rh, rw, generator=gen)
-        images[i, 0, y0 : y0 + rh, x0 : x0 + rw] = texture.to(torch.uint8)
-        regions.append([x0, y0, x0 + rw, y0 + rh])
-    return images, torch.tensor(regions, dtype=torch.float32)
+PAPER_SIZES = ((1536, 2836), (1536, 2860))
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows of two Tensor[N, 4] xyxy boxes."""
+    """IoU of matching rows of two Tensor[N, 4] xyxy boxes.
+
+    Example:
+        >>> box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 0, 3, 2]]))
+        tensor([0.3333])
+    """
     lt = torch.maximum(a[:, :2], b[:, :2])
     rb = torch.minimum(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp_min(0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    return inter / (area_a + area_b - inter)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=4, help="number of images (default 4)")
-    parser.add_argument("--height", type=int, default=1536)
-    parser.add_argument("--width", type=int, default=2836)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    images, regions = textured_scene(args.count, args.height, args.width, args.seed)
-    layer = DACrop(output_size=(200, 370), pool_size=10)
+def run_demo(out_dir: str | Path, *, count: int = 6, seed: int = 0) -> dict:
+    """Run the demo (see module doc); returns ``{"mean_iou", "iou", "paths", "seconds"}``."""
+    from . import io as dio
+    from . import viz
+    from .data import make_phantom
+    from .functional import max_min_pool
+
+    plt = viz._plt()
+    out = Path(out_dir)
+    (out / "crops").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    phantoms = [make_phantom(seed + i, *PAPER_SIZES[i % len(PAPER_SIZES)]) for i in range(count)]
+    generated = time.perf_counter()
+    layer = DACrop()
     with torch.no_grad():
-        boxes, info = layer.locate(images, return_info=True)
-        crops = layer(images)
-    elapsed = time.perf_counter() - start
-    iou = box_iou(boxes, regions)
-    print(f"DACrop on {args.count} uint8 images of {args.height}x{args.width} -> crops {tuple(crops.shape)}")
-    print(f"{'#':>2} {'box found (x1, y1, x2, y2)':>34} {'true region':>28} {'IoU':>5} conv held")
-    for i in range(args.count):
-        found = ", ".join(f"{v:7.1f}" for v in boxes[i].tolist())
-        true = ", ".join(f"{v:5.0f}" for v in regions[i].tolist())
-        print(f"{i:>2} {found:>34} {true:>28} {iou[i]:5.2f} {bool(info.converged[i])!s:>4} {info.held[i].tolist()}")
-    print(f"mean IoU {iou.mean():.3f}; locate + crop took {elapsed:.2f} s")
-    return 0
+        crops, boxes, info = layer([p.image for p in phantoms], return_boxes=True)
+    searched = time.perf_counter()
+    truth = torch.stack([p.roi for p in phantoms]).to(boxes.dtype)
+    iou = box_iou(boxes, truth)
 
+    paths = {}
+    rows = []
+    for i, p in enumerate(phantoms):
+        name = f"crops/phantom_{i:02d}_class{p.label}.png"
+        dio.write_png(out / name, crops[i], bits=8)
+        rows.append({
+            "index": i, "seed": p.seed, "label": p.label, "restorations": p.restorations,
+            "height": p.image.shape[-2], "width": p.image.shape[-1],
+            **{f"true_{k}": f"{v:.1f}" for k, v in zip(("x1", "y1", "x2", "y2"), p.roi.tolist())},
+            **{k: f"{v:.1f}" for k, v in zip(("x1", "y1", "x2", "y2"), boxes[i].tolist())},
+            "iou": f"{iou[i]:.3f}", "converged": bool(info.converged[i]), "frozen": bool(info.frozen[i]),
+            "held": " ".join(str(v) for v in info.held[i].tolist()), "iterations": int(info.iterations[i]),
+            "crop": name,
+        })
+    paths["boxes"] = out / "boxes.csv"
+    with open(paths["boxes"], "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    shown = min(count, 4)
+    fig, axes = plt.subplots((shown + 1) // 2, 2, figsize=(12, 3.6 * ((shown + 1) // 2)), squeeze=False)
+    for i in range(shown):
+        stages = layer.thetas_to_boxes(info.stage_thetas[i], phantoms[i].image.shape[-2:])
+        viz.plot_search_stages(phantoms[i].image, stages, true_box=phantoms[i].roi, ax=axes.flat[i],
+                               title=f"phantom {i} (class {phantoms[i].label}): IoU {iou[i]:.2f}")
+    for ax in list(axes.flat)[shown:]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    paths["search_stages"] = out / "search_stages.png"
+    fig.savefig(paths["search_stages"], dpi=80)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    viz.plot_saliency(max_min_pool(phantoms[0].image[None], layer.pool_size)[0], ax=ax,
+                      title="max-min pooled map (k = 10) of phantom 0")
+    paths["saliency"] = out / "saliency.png"
+    fig.savefig(paths["saliency"], dpi=80)
+    plt.close(fig)
+
+    fig = viz.plot_soft_rectangles()
+    paths["soft_rectangle"] = out / "soft_rectangle.png"
+    fig.savefig(paths["soft_rectangle"], dpi=70)
+    plt.close(fig)
+
+    cols = 3
+    fig, axes = plt.subplots((count + cols - 1) // cols, cols, figsize=(3.7 * cols, 2.3 * ((count + cols - 1) // cols)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < count:
+            ax.imshow(crops[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"crop {i}, class {phantoms[i].label}", fontsize=8)
+    fig.tight_layout()
+    paths["crops"] = out / "crops.png"
+    fig.savefig(paths["crops"], dpi=80)
+    plt.close(fig)
+    done = time.perf_counter()
+
+    print(f"dac demo: {count} phantoms (2836x1536 / 2860x1536, uint8) cropped to 200x370 by DACrop")
+    print(f"  {'#':>2} {'class':>5} {'true region':>26} {'box found':>26} {'IoU':>5}")
+    for r in rows:
+        true = ",".join(r[f"true_{k}"] for k in ("x1", "y1", "x2", "y2"))
+        found = ",".join(r[k] for k in ("x1", "y1", "x2", "y2"))
+        print(f"  {r['index']:>2} {r['label']:>5} {true:>26} {found:>26} {r['iou']:>5}")
+    print(f"  mean IoU {iou.mean():.3f}; converged {int(info.converged.sum())}/{count}")
+    print(f"  time: generate {generated - start:.1f} s, search + crop {searched - generated:.1f} s, figures {done - searched:.1f} s")
+    for key, path in paths.items():
+        print(f"  {key:15s} {path}")
+    print(f"  crops           {out / 'crops'}/")
+    return {"mean_iou": float(iou.mean()), "iou": iou.tolist(), "paths": paths, "seconds": done - start}

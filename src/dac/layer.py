@@ -1,10 +1,11 @@
 """``DACrop``: differentiable auto-cropping as a network layer (the paper's method on Theseus)."""
 from __future__ import annotations
 
-import math
+import functools
 import warnings
 from typing import Any, Sequence, Union
 
+import numpy as np
 import theseus as th
 import torch
 from torch import Tensor, nn
@@ -134,26 +135,41 @@ class DACrop(nn.Module):
         return self.sharpness * self.schedule.sharpness_factor ** (self.schedule.stages - 1)
 
     # ----------------------------------------------------------------- public
-    def forward(self, images: Images) -> Tensor:
+    def forward(
+        self, images: Images, return_boxes: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor, DACSolverInfo]:
         """Crops Tensor[B, C, H_out, W_out] (floating) of ``images``.
 
         Args:
             images: Tensor[B, C, H, W] (C = 1 or 3), or a list of Tensor[C, H, W] of
                 different sizes (one batch comes back, in order).
+            return_boxes: also return the boxes (as :meth:`locate`) and the solver's
+                info, from the same search.
         """
         groups, boxes, info = self._search(images)
-        crops = [crop_resize(batch, boxes[i], self.output_size, antialias=self.antialias) for i, batch in groups]
-        return _merge(crops, [i for i, _ in groups])
+        crops = [crop_resize(batch, boxes[k], self.output_size, antialias=self.antialias) for k, (_, batch) in enumerate(groups)]
+        out = _merge(crops, [i for i, _ in groups])
+        if return_boxes:
+            return out, _merge(boxes, [i for i, _ in groups]), info
+        return out
 
     def locate(self, images: Images, return_info: bool = False) -> Tensor | tuple[Tensor, DACSolverInfo]:
         """Boxes Tensor[B, 4], xyxy in input pixels, differentiable w.r.t. ``images``.
 
-        With ``return_info`` also the :class:`~dac.optim.DACSolverInfo` (for a list
-        input of several sizes: the info of the last size group; see ``last_info``).
+        With ``return_info`` also the :class:`~dac.optim.DACSolverInfo`, one row per
+        image in input order (also kept in ``last_info``).
         """
         groups, boxes, info = self._search(images)
-        out = _merge([boxes[i] for i, _ in groups], [i for i, _ in groups])
+        out = _merge(boxes, [i for i, _ in groups])
         return (out, info) if return_info else out
+
+    def thetas_to_boxes(self, thetas: Tensor, image_size: Sequence[int]) -> Tensor:
+        """Map search parameters (e.g. ``info.stage_thetas``, Tensor[..., 3]) of images of
+        ``image_size`` = (H, W) to xyxy boxes in input pixels, Tensor[..., 4]."""
+        h, w = int(image_size[0]) // self.pool_size, int(image_size[1]) // self.pool_size
+        flat = thetas.reshape(-1, 3)
+        r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, flat)
+        return theta_to_boxes(flat, r_min, self.aspect, self.pool_size).reshape(*thetas.shape[:-1], 4)
 
     def extra_repr(self) -> str:
         s = self.schedule
@@ -166,13 +182,13 @@ class DACrop(nn.Module):
         )
 
     # --------------------------------------------------------------- internal
-    def _search(self, images: Images) -> tuple[list[tuple[Tensor, Tensor]], dict, DACSolverInfo]:
+    def _search(self, images: Images) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor], DACSolverInfo]:
+        """Search each same-size group: (groups, boxes per group, info in input order)."""
         groups = _group(images)
-        boxes: dict = {}
-        info = None
-        for index, batch in groups:
-            boxes[index], info = self._locate_batch(batch)
-        return groups, boxes, info  # type: ignore[return-value]
+        results = [self._locate_batch(batch) for _, batch in groups]
+        info = _merge_info([r[1] for r in results], [i for i, _ in groups])
+        self.last_info = info
+        return groups, [r[0] for r in results], info
 
     def _locate_batch(self, images: Tensor) -> tuple[Tensor, DACSolverInfo]:
         check_image_batch(images)
@@ -207,7 +223,6 @@ class DACrop(nn.Module):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.last_info = info
         return theta_to_boxes(values["theta"], r_min, self.aspect, self.pool_size), info
 
     def _theseus_layer(self, dtype: torch.dtype, device: torch.device, batch: int, h: int, w: int) -> th.TheseusLayer:
@@ -239,11 +254,22 @@ def _group(images: Images) -> list[tuple[Tensor, Tensor]]:
     return [(torch.tensor(idx), torch.stack([images[i] for i in idx])) for idx in keys.values()]
 
 
+def _merge_info(infos: list[DACSolverInfo], indices: list[Tensor]) -> DACSolverInfo:
+    """One :class:`DACSolverInfo` for all groups, rows in input order."""
+    if len(infos) == 1:
+        return infos[0]
+    order = torch.argsort(torch.cat(indices))
+    fields = ("converged", "frozen", "held", "iterations", "cost", "residual_norm", "stage_thetas")
+    merged = {f: _merge([getattr(i, f) for i in infos], indices) for f in fields}
+    status = np.concatenate([i.status for i in infos])[order.numpy()]
+    return DACSolverInfo(best_solution=None, status=status, **merged)
+
+
 def _merge(parts: list[Tensor], indices: list[Tensor]) -> Tensor:
     """Undo :func:`_group`: put each group's rows back at their input positions."""
     if len(parts) == 1:
         return parts[0]
     order = torch.cat(indices).to(parts[0].device)
-    dtype = torch.promote_types(*[p.dtype for p in parts]) if len(parts) > 1 else parts[0].dtype
+    dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
     stacked = torch.cat([p.to(dtype) for p in parts])
     return stacked[torch.argsort(order)]

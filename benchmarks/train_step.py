@@ -1,0 +1,166 @@
+"""Cost of DACrop inside training: one optimizer step of a ResNet with and without it.
+
+Run (from the repository root)::
+
+    .venv/bin/python benchmarks/train_step.py --json train_step.json
+    .venv/bin/python benchmarks/train_step.py --arch resnet101 --device cuda
+
+One seeded batch of uint8 radiograph-like images (``--batch`` x 1 x ``--height`` x
+``--width``; default 24 x 1 x 1536 x 2836, the paper's batch and image size) and
+random labels (5 classes) go through three pipelines, each a full training step
+(forward, cross-entropy, backward, Adam step) of the same torchvision ResNet with a
+1-channel stem and 5 outputs, fed 200 x 370 inputs:
+
+* ``resize``: the whole image resized to 200 x 370 (``F.interpolate``, bilinear,
+  anti-aliased; aspect distorted): the plain baseline at the same network input size.
+* ``dac``: ``DACrop(output_size=(200, 370))`` in front (the layer's forward; nothing
+  upstream is trainable, so no gradient flows into it).
+* ``dac_e2e``: a trainable 3x3 conv (a learned saliency) before ``DACrop``, so the
+  loss is differentiated through the crop and the implicit box gradient into the conv.
+
+Reported per pipeline: median and min seconds per step over ``--repeats`` (after one
+warm-up), and ``dac_over_resize`` / ``dac_e2e_over_resize`` = step time ratios
+(goal: the layer adds under 30%, i.e. ratio < 1.3). Clocks are read after
+``torch.cuda.synchronize()`` on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from dac import DACrop
+
+OUTPUT_SIZE = (200, 370)
+
+
+def make_batch(batch: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 Tensor[B, 1, H, W] (noise with one bright textured region) and labels Tensor[B]."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (batch, 1, height, width), dtype=torch.uint8, generator=gen)
+    rh, rw = int(0.5 * height), int(0.6 * width)
+    for b in range(batch):
+        y0 = int(torch.randint(0, height - rh, (1,), generator=gen))
+        x0 = int(torch.randint(0, width - rw, (1,), generator=gen))
+        images[b, 0, y0 : y0 + rh, x0 : x0 + rw] = torch.randint(80, 220, (rh, rw), dtype=torch.uint8, generator=gen)
+    return images, torch.randint(0, 5, (batch,), generator=gen)
+
+
+def resnet(arch: str) -> nn.Module:
+    """torchvision ResNet, 1 input channel, 5 classes, random init (paper §3.3)."""
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=5)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+class Resize(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if not images.dtype.is_floating_point else images
+        return F.interpolate(x, size=OUTPUT_SIZE, mode="bilinear", antialias=True, align_corners=False)
+
+
+class LearnedSaliencyCrop(nn.Module):
+    """A trainable conv whose output DACrop searches and crops (end-to-end DAC)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 9)
+        self.crop = DACrop(output_size=OUTPUT_SIZE)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.crop(self.conv(images.float() / 255))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
+    step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50", "resnet101"])
+    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--height", type=int, default=1536)
+    parser.add_argument("--width", type=int, default=2836)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    images, labels = make_batch(args.batch, args.height, args.width, args.seed)
+    images, labels = images.to(device), labels.to(device)
+
+    pipelines = {"resize": Resize(), "dac": DACrop(output_size=OUTPUT_SIZE), "dac_e2e": LearnedSaliencyCrop()}
+    record: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(),
+        },
+        "arch": args.arch,
+        "batch": args.batch,
+        "image_size": [args.height, args.width],
+        "output_size": list(OUTPUT_SIZE),
+        "repeats": args.repeats,
+        "pipelines": {},
+    }
+    for name, front in pipelines.items():
+        torch.manual_seed(args.seed)
+        model = nn.Sequential(front, resnet(args.arch)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+
+        times = time_steps(step, args.repeats, device)
+        record["pipelines"][name] = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+        print(f"{name:8s} median {statistics.median(times):7.3f} s/step  min {min(times):7.3f}", flush=True)
+
+    base = record["pipelines"]["resize"]["median_s"]
+    record["dac_over_resize"] = record["pipelines"]["dac"]["median_s"] / base
+    record["dac_e2e_over_resize"] = record["pipelines"]["dac_e2e"]["median_s"] / base
+    print()
+    print(f"| pipeline ({args.arch}, batch {args.batch}, {args.height}x{args.width} uint8) | s/step (median) | s/step (min) | / resize |")
+    print("|---|---:|---:|---:|")
+    for name, rec in record["pipelines"].items():
+        print(f"| {name} | {rec['median_s']:.3f} | {rec['min_s']:.3f} | {rec['median_s'] / base:.2f} |")
+    verdict = "reached" if record["dac_over_resize"] < 1.3 else "not reached"
+    print(f"\ngoal: DACrop adds < 30% to the step: {verdict} (dac / resize = {record['dac_over_resize']:.2f})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

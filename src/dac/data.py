@@ -1,0 +1,783 @@
+"""Synthetic panoramic phantoms, and datasets over phantoms or a folder of real images.
+
+A phantom is a panoramic-radiograph-like image that carries what makes the paper's
+task hard: a dental arch (upper and lower teeth along a smile-shaped occlusal curve)
+whose position, scale and tilt change per image; radiopaque restorations whose count
+sets one of the paper's five classes (0, 1-3, 4-6, 7-11, 12-32 restorations); and
+structures outside the region of interest that also have strong local contrast
+(cervical spine ghosts, mandibular rami and lower border, skull base, collimator
+edges, a lead marker), under varying exposure, contrast, edge blur and noise. Each
+phantom comes with its label and the true region box (the tight box around all teeth),
+so a crop can be scored by IoU.
+
+Convention: boxes are xyxy in input pixel coordinates (torchvision's): pixel ``i``
+covers ``[i, i + 1)``, the whole image is ``(0, 0, W, H)``.
+
+Example:
+    >>> p = make_phantom(7, 96, 177, label=2)
+    >>> p.image.shape, p.image.dtype, p.label, 4 <= p.restorations <= 6
+    (torch.Size([1, 96, 177]), torch.uint8, 2, True)
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import math
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ._checks import DACInputError
+
+__all__ = [
+    "CLASS_EDGES",
+    "CLASS_NAMES",
+    "IMAGE_SUFFIXES",
+    "ImageFolderDataset",
+    "Phantom",
+    "PhantomDataset",
+    "collate_images",
+    "make_phantom",
+    "restoration_class",
+]
+
+#: Class ``c`` holds restoration counts ``CLASS_EDGES[c] <= n < CLASS_EDGES[c + 1]`` (paper, Table 1).
+CLASS_EDGES = (0, 1, 4, 7, 12, 33)
+#: The paper's class names, in class-index order.
+CLASS_NAMES = ("0", "1-3", "4-6", "7-11", "12-32")
+#: File suffixes (lower case) that :class:`ImageFolderDataset` treats as images.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+
+MIN_SIZE = 64  # smallest phantom side, pixels
+
+# Per quadrant, from the midline: central incisor, lateral incisor, canine, two premolars,
+# three molars. Relative crown widths (mesio-distal), lengths and crown fractions.
+_WIDTH = ((8.5, 6.5, 7.5, 7.0, 6.5, 10.0, 9.0, 8.5), (5.5, 6.0, 7.0, 7.0, 7.0, 11.0, 10.5, 10.0))
+_LENGTH = ((1.0, 0.92, 1.12, 0.95, 0.93, 0.85, 0.80, 0.74), (0.92, 0.95, 1.08, 0.95, 0.95, 0.88, 0.85, 0.80))
+_CROWN = (0.42, 0.42, 0.38, 0.36, 0.36, 0.33, 0.33, 0.34)
+_MISSING_WEIGHT = (1.0, 1.0, 0.6, 1.5, 1.5, 2.0, 2.0, 6.0)  # third molars go missing most
+_RESTORED_WEIGHT = (0.6, 0.6, 0.8, 1.0, 1.0, 1.6, 1.4, 0.8)  # molars are restored most
+_COARSE = 4  # smooth anatomy is drawn at 1/4 resolution, then upsampled
+
+
+def restoration_class(count: int) -> int:
+    """The paper's class (0..4) of a restoration count: 0 | 1-3 | 4-6 | 7-11 | 12-32.
+
+    Args:
+        count: number of restorations, an int in [0, 32].
+
+    Returns:
+        Class index c with ``CLASS_EDGES[c] <= count < CLASS_EDGES[c + 1]``.
+
+    Example:
+        >>> [restoration_class(n) for n in (0, 1, 3, 4, 7, 11, 12, 32)]
+        [0, 1, 1, 2, 3, 3, 4, 4]
+    """
+    n = _check_int(count, "count", 0, CLASS_EDGES[-1] - 1)
+    return bisect.bisect_right(CLASS_EDGES, n) - 1
+
+
+@dataclass
+class Phantom:
+    """One synthetic panoramic radiograph and its ground truth.
+
+    Convention: ``roi`` and ``teeth`` are xyxy in input pixel coordinates
+    (torchvision's; the whole image is ``(0, 0, W, H)``).
+
+    Attributes:
+        image: Tensor[1, H, W], ``torch.uint8`` (``bits=8``) or ``torch.uint16`` (``bits=16``).
+        label: the paper's class of ``restorations``, 0..4 (see :data:`CLASS_NAMES`).
+        restorations: number of restored teeth (crowns, fillings, root-canal fillings).
+        roi: Tensor[4] float32, the tight box around every tooth: the region a crop
+            should find.
+        seed: the seed the phantom was drawn from.
+        teeth: Tensor[N, 4] float32, the tight box of each of the N teeth present.
+    """
+
+    image: Tensor
+    label: int
+    restorations: int
+    roi: Tensor
+    seed: int
+    teeth: Tensor | None = None
+
+
+def make_phantom(
+    seed: int, height: int = 1536, width: int = 2836, *, label: int | None = None, bits: int = 8
+) -> Phantom:
+    """Draw one panoramic-radiograph-like phantom, deterministically from ``seed``.
+
+    The class is drawn uniformly (the paper's classes are balanced), then the
+    restoration count uniformly inside it; ``label`` overrides the class only, so
+    ``make_phantom(s, label=c)`` equals ``make_phantom(s)`` when ``c`` is the class
+    ``s`` draws. All randomness comes from generators seeded by ``seed`` (never the
+    global RNG state). The arch spans 0.45-0.7 of the width (less if the image is too
+    short to hold it), is tilted by up to 6 degrees and placed off-centre; 0-4 teeth are
+    missing (never fewer teeth than restorations).
+
+    Args:
+        seed: an int >= 0.
+        height: image height H in pixels, >= 64 (paper: 1536).
+        width: image width W in pixels, >= 64 (paper: 2836 or 2860).
+        label: class 0..4 to draw the restoration count from, or None to draw it.
+        bits: 8 (``torch.uint8`` image) or 16 (``torch.uint16``).
+
+    Returns:
+        A :class:`Phantom` with image Tensor[1, H, W] and roi Tensor[4] (xyxy).
+
+    Example:
+        >>> a, b = make_phantom(3, 96, 177), make_phantom(3, 96, 177)
+        >>> torch.equal(a.image, b.image), a.roi.shape
+        (True, torch.Size([4]))
+    """
+    seed = _check_int(seed, "seed", 0)
+    height = _check_int(height, "height", MIN_SIZE)
+    width = _check_int(width, "width", MIN_SIZE)
+    if label is not None:
+        label = _check_int(label, "label", 0, len(CLASS_NAMES) - 1)
+    if isinstance(bits, bool) or bits not in (8, 16):
+        raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+
+    label, restorations = _draw_class(seed, label)
+    rng = np.random.default_rng([seed, 1])
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 2]).integers(2**62)))
+
+    arch = _place_arch(rng, height, width)
+    present, restored = _choose_teeth(rng, restorations)
+    edge = float(rng.uniform(0.8, 2.2)) * height / 1536 + 0.4  # edge blur, pixels
+
+    density = _anatomy(rng, gen, arch, height, width)
+    metal, boxes = [], []
+    for i in np.flatnonzero(present):
+        rows, cols, tooth, inside = _tooth(arch, i, edge, height, width)
+        density[rows, cols] += tooth
+        boxes.append(_tight_box(inside, rows.start, cols.start))
+        if restored[i]:
+            metal.append((rows, cols, _restoration(rng, arch, i, edge, rows, cols)))
+    teeth = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    roi = torch.cat([teeth[:, :2].amin(0), teeth[:, 2:].amax(0)])
+
+    image = _expose(rng, density)
+    for rows, cols, mask in metal:  # metal saturates the detector whatever the exposure
+        view = image[rows, cols]
+        view.copy_(torch.maximum(view, mask))
+    _frame(rng, image, roi)
+    _add_noise(rng, gen, image)
+    scale = 255.0 if bits == 8 else 65535.0
+    image = image.mul_(scale).round_().to(torch.uint8 if bits == 8 else torch.uint16)
+    return Phantom(image[None], label, restorations, roi, seed, teeth)
+
+
+class PhantomDataset(Dataset):
+    """A seeded, indexable set of :func:`make_phantom` phantoms (generated on access).
+
+    Item ``i`` is ``make_phantom(seed * 1_000_003 + i, *sizes[i % len(sizes)],
+    label=i % 5 if balanced else None, bits=bits)``.
+
+    Convention: ``roi`` is xyxy in input pixel coordinates (torchvision's).
+
+    Args:
+        length: number of items, >= 0.
+        seed: dataset seed, >= 0.
+        sizes: (H, W) pairs cycled over the items (default: the paper's two sizes).
+        bits: 8 (uint8 images) or 16 (uint16).
+        transform: applied to each image Tensor[1, H, W] (raw dtype), or None.
+        balanced: classes cycle 0..4 (exactly balanced); else each is drawn uniformly.
+
+    Example:
+        >>> ds = PhantomDataset(5, sizes=((96, 177),))
+        >>> item = ds[3]
+        >>> item["image"].shape, item["label"], ds.labels
+        (torch.Size([1, 96, 177]), 3, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(
+        self,
+        length: int,
+        *,
+        seed: int = 0,
+        sizes: Sequence[Sequence[int]] = ((1536, 2836), (1536, 2860)),
+        bits: int = 8,
+        transform: Callable[[Tensor], Any] | None = None,
+        balanced: bool = True,
+    ) -> None:
+        self.length = _check_int(length, "length", 0)
+        self.seed = _check_int(seed, "seed", 0)
+        self.sizes = _check_sizes(sizes)
+        if isinstance(bits, bool) or bits not in (8, 16):
+            raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+        self.bits = bits
+        if transform is not None and not callable(transform):
+            raise DACInputError(f"transform: expected a callable or None, got {type(transform).__name__}")
+        self.transform = transform
+        self.balanced = bool(balanced)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _item_index(index, self.length)
+        height, width = self.sizes[i % len(self.sizes)]
+        label = i % len(CLASS_NAMES) if self.balanced else None
+        p = make_phantom(self.item_seed(i), height, width, label=label, bits=self.bits)
+        image = p.image if self.transform is None else self.transform(p.image)
+        return {"image": image, "label": p.label, "roi": p.roi, "restorations": p.restorations, "index": i}
+
+    def item_seed(self, index: int) -> int:
+        """The :func:`make_phantom` seed of item ``index``."""
+        return self.seed * 1_000_003 + _item_index(index, self.length)
+
+    @property
+    def labels(self) -> list[int]:
+        """Every item's class, computed without drawing any image."""
+        if self.balanced:
+            return [i % len(CLASS_NAMES) for i in range(self.length)]
+        return [_draw_class(self.item_seed(i), None)[0] for i in range(self.length)]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(length={self.length}, seed={self.seed}, sizes={self.sizes}, "
+            f"bits={self.bits}, transform={self.transform!r}, balanced={self.balanced})"
+        )
+
+
+class ImageFolderDataset(Dataset):
+    """Real images with class labels, from class sub-folders or from a CSV of ``path,label``.
+
+    * A directory: one sub-folder per class; classes are the sorted folder names
+      (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
+      :data:`IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
+    * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
+      header. Relative paths are resolved against the CSV's folder. Labels are either
+      all ints (class indices; ``classes`` is ``"0".."max"``) or class names (sorted
+      names give the indices).
+
+    Names that are all among the paper's :data:`CLASS_NAMES` map to their paper index
+    (``"12-32"`` is class 4, not the 3rd name in string order), so ``classes`` is then
+    :data:`CLASS_NAMES`.
+
+    Args:
+        root_or_csv: a directory of class folders, or a ``.csv`` file.
+        transform: applied to each image Tensor[C, H, W] from ``reader``, or None.
+        reader: ``path -> Tensor[C, H, W]``; default :func:`dac.io.read_image`
+            (imported on first use).
+
+    Attributes:
+        classes: class names, index = label.
+        samples: list of (path, label), path a str.
+        labels: list of every sample's label.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("b/x.png", "a/y.png", "a/z.PNG"):
+        ...     (root / name).parent.mkdir(exist_ok=True); (root / name).touch()
+        >>> ds = ImageFolderDataset(root, reader=lambda path: torch.zeros(1, 2, 2))
+        >>> ds.classes, ds.labels, ds[2]["label"]
+        (['a', 'b'], [0, 0, 1], 1)
+    """
+
+    def __init__(
+        self,
+        root_or_csv: str | Path,
+        *,
+        transform: Callable[[Tensor], Any] | None = None,
+        reader: Callable[[str], Tensor] | None = None,
+    ) -> None:
+        if not isinstance(root_or_csv, (str, Path)):
+            raise DACInputError(f"root_or_csv: expected a path, got {type(root_or_csv).__name__}")
+        source = Path(root_or_csv)
+        if source.is_dir():
+            self.classes, self.samples = _scan_folders(source)
+        elif source.is_file() and source.suffix.lower() == ".csv":
+            self.classes, self.samples = _read_csv(source)
+        elif source.exists():
+            raise DACInputError(f"root_or_csv: expected a directory or a .csv file, got {str(source)!r}")
+        else:
+            raise DACInputError(f"root_or_csv: {str(source)!r} does not exist")
+        for name, fn in (("transform", transform), ("reader", reader)):
+            if fn is not None and not callable(fn):
+                raise DACInputError(f"{name}: expected a callable or None, got {type(fn).__name__}")
+        self.root = source
+        self.transform = transform
+        self.reader = reader
+
+    @property
+    def labels(self) -> list[int]:
+        """Every sample's label, in order."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[_item_index(index, len(self.samples))]
+        if self.reader is None:
+            from .io import read_image  # another module; imported lazily so that this one stands alone
+
+            self.reader = read_image
+        image = self.reader(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": label, "path": path}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, {len(self)} images, classes={self.classes})"
+
+
+def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate dataset items; images of different sizes stay a list.
+
+    Tensors (``image``, ``roi``) are stacked when all have one shape, else kept as a
+    list (``DACrop`` takes a list of differently sized Tensor[C, H, W]); ints
+    (``label``, ``restorations``, ``index``) become an int64 Tensor[B]; anything else
+    (``path``) a list.
+
+    Args:
+        batch: list of B item dicts with the same keys.
+
+    Returns:
+        dict with the same keys: e.g. ``image`` Tensor[B, C, H, W] or list of
+        Tensor[C, H, W], ``label`` Tensor[B], ``roi`` Tensor[B, 4].
+
+    Example:
+        >>> items = [{"image": torch.zeros(1, 4, 6), "label": 2}, {"image": torch.zeros(1, 5, 6), "label": 0}]
+        >>> out = collate_images(items)
+        >>> type(out["image"]).__name__, out["label"]
+        ('list', tensor([2, 0]))
+    """
+    if not isinstance(batch, Sequence) or len(batch) == 0:
+        raise DACInputError("batch: expected a non-empty list of item dicts")
+    if not all(isinstance(item, dict) for item in batch):
+        raise DACInputError("batch: every item must be a dict")
+    keys = list(batch[0])
+    for n, item in enumerate(batch):
+        if list(item) != keys:
+            raise DACInputError(f"batch: item {n} has keys {sorted(item)}, item 0 has {sorted(keys)}")
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [item[key] for item in batch]
+        if all(isinstance(v, Tensor) for v in values):
+            same = all(v.shape == values[0].shape and v.dtype == values[0].dtype for v in values)
+            out[key] = torch.stack(values) if same else values
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            out[key] = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        else:
+            out[key] = values
+    return out
+
+
+# ----------------------------------------------------------------------------- phantom internals
+
+
+@dataclass
+class _Arch:
+    """Where the dental arch sits: frame, sizes and the 32 teeth (upper then lower, left to right)."""
+
+    cx: float  # image coordinates of the occlusal curve's midpoint
+    cy: float
+    tilt: float  # radians, image rotation of the arch frame
+    half_width: float  # A: half the arch's width, pixels
+    tooth_length: float  # L: length scale of a tooth, pixels
+    smile: float  # occlusal curve y = -smile * A * u^2 (u = x / A), arch frame
+    apex: np.ndarray  # [32, 2] occlusal point of each tooth, image coords
+    axis: np.ndarray  # [32, 2] unit vector crown -> root
+    width: np.ndarray  # [32] pixels
+    length: np.ndarray  # [32] pixels
+    crown: np.ndarray  # [32] crown length, pixels
+    position: np.ndarray  # [32] 0..7 from the midline
+
+
+def _draw_class(seed: int, label: int | None) -> tuple[int, int]:
+    """(class, restoration count) of ``seed``, from a generator of its own (no image drawn)."""
+    rng = np.random.default_rng([seed, 0])
+    drawn = int(rng.integers(len(CLASS_NAMES)))
+    c = drawn if label is None else label
+    return c, int(rng.integers(CLASS_EDGES[c], CLASS_EDGES[c + 1]))
+
+
+def _place_arch(rng: np.random.Generator, height: int, width: int) -> _Arch:
+    """Lay the 32 teeth along a smile-shaped occlusal curve; scale, tilt and shift it into the image."""
+    half = float(rng.uniform(0.45, 0.70)) * width / 2
+    length = 0.19 * 2 * half * float(rng.uniform(0.9, 1.1))
+    smile = float(rng.uniform(0.03, 0.11))
+    tilt = math.radians(float(rng.uniform(-6.0, 6.0)))
+    gap = float(rng.uniform(0.01, 0.05)) * length  # open bite between the jaws
+    apex, axis, widths, lengths, crowns, positions = [], [], [], [], [], []
+    for jaw in (0, 1):  # 0 upper, 1 lower
+        w = np.asarray(_WIDTH[jaw])
+        centres = (np.cumsum(w) - w / 2) / w.sum()  # tooth centres along the arch, 0..1 from the midline
+        for side in (-1, 1):
+            order = range(7, -1, -1) if side < 0 else range(8)
+            for k in order:
+                u = side * centres[k] * (0.97 if jaw else 1.0)
+                slope = -2 * smile * u  # dy/dx of the occlusal curve
+                normal = np.array([-slope, 1.0]) / math.hypot(slope, 1.0)  # pointing down
+                jitter = math.radians(float(rng.normal(0.0, 2.5)))
+                direction = _rotate(normal if jaw else -normal, jitter)
+                point = np.array([u * half, -smile * half * u * u]) + (gap / 2) * (normal if jaw else -normal)
+                apex.append(point)
+                axis.append(direction)
+                widths.append(0.92 * w[k] / w.sum() * half)
+                lengths.append(_LENGTH[jaw][k] * length * float(rng.uniform(0.93, 1.07)))
+                crowns.append(_CROWN[k])
+                positions.append(k)
+    apex = _rotate(np.array(apex), tilt)
+    axis = _rotate(np.array(axis), tilt)
+    widths, lengths = np.array(widths), np.array(lengths)
+    crowns = np.array(crowns) * lengths
+
+    # Shrink the arch if it does not fit (short images), then place its centre.
+    lo, hi = _teeth_extent(apex, axis, widths, lengths)
+    margin = np.array([0.02 * width, 0.02 * height])
+    room = np.array([width, height]) - 2 * margin
+    shrink = min(1.0, *(room / (hi - lo)))
+    apex, widths, lengths, crowns = apex * shrink, widths * shrink, lengths * shrink, crowns * shrink
+    lo, hi = lo * shrink, hi * shrink
+    centre = []
+    for dim, (want_lo, want_hi) in enumerate(((0.40, 0.60), (0.44, 0.62))):
+        size = (width, height)[dim]
+        feasible = (margin[dim] - lo[dim], size - margin[dim] - hi[dim])
+        a, b = max(feasible[0], want_lo * size), min(feasible[1], want_hi * size)
+        centre.append(float(rng.uniform(a, b)) if a < b else float(np.clip((a + b) / 2, *feasible)))
+    cx, cy = centre
+    return _Arch(
+        cx, cy, tilt, half * shrink, length * shrink, smile,
+        apex + np.array([cx, cy]), axis, widths, lengths, crowns, np.array(positions),
+    )
+
+
+def _rotate(v: np.ndarray, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return v @ np.array([[c, s], [-s, c]])  # rows rotated by +angle (image axes, y down)
+
+
+def _teeth_extent(apex: np.ndarray, axis: np.ndarray, widths: np.ndarray, lengths: np.ndarray):
+    """Lower and upper corners [2] of the oriented rectangles that bound the teeth."""
+    across = np.stack([-axis[:, 1], axis[:, 0]], 1) * (widths[:, None] / 2)
+    tip = apex + axis * lengths[:, None]
+    corners = np.concatenate([apex + across, apex - across, tip + across, tip - across])
+    return corners.min(0), corners.max(0)
+
+
+def _choose_teeth(rng: np.random.Generator, restorations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the 32 teeth are present, and which carry a restoration (exactly ``restorations``)."""
+    position = np.tile(np.r_[np.arange(7, -1, -1), np.arange(8)], 2)
+    missing = min(int(rng.integers(0, 5)), 32 - restorations)
+    weight = np.asarray(_MISSING_WEIGHT)[position]
+    present = np.ones(32, dtype=bool)
+    if missing:
+        present[rng.choice(32, missing, replace=False, p=weight / weight.sum())] = False
+    restored = np.zeros(32, dtype=bool)
+    candidates = np.flatnonzero(present)
+    if restorations:
+        weight = np.asarray(_RESTORED_WEIGHT)[position[candidates]]
+        restored[rng.choice(candidates, restorations, replace=False, p=weight / weight.sum())] = True
+    return present, restored
+
+
+def _band(v: Tensor, low: float, high: float, soft: float) -> Tensor:
+    """Soft indicator of low < v < high, edges ``soft`` wide."""
+    return torch.sigmoid((v - low) / soft) * torch.sigmoid((high - v) / soft)
+
+
+def _anatomy(rng: np.random.Generator, gen: torch.Generator, arch: _Arch, height: int, width: int) -> Tensor:
+    """The smooth, large structures (soft tissue, jaws, rami, palate, skull base, spine) as
+    X-ray density Tensor[H, W] float32, drawn at 1/4 resolution and upsampled."""
+    hc, wc = max(8, round(height / _COARSE)), max(8, round(width / _COARSE))
+    # Coarse pixel centres in full-resolution pixel coordinates (bilinear, align_corners=False).
+    y = ((torch.arange(hc, dtype=torch.float32) + 0.5) * height / hc - 0.5)[:, None]
+    x = ((torch.arange(wc, dtype=torch.float32) + 0.5) * width / wc - 0.5)[None, :]
+    c, s = math.cos(arch.tilt), math.sin(arch.tilt)
+    dx, dy = x - arch.cx, y - arch.cy
+    xr, yr = c * dx + s * dy, -s * dx + c * dy  # arch frame, pixels
+    A, L = arch.half_width, arch.tooth_length
+    u = xr / A
+    occlusal = -arch.smile * A * u * u
+
+    def amp(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi))
+
+    # Soft tissue: a base level, a smooth gradient, darker corners, a brighter face.
+    gx, gy = amp(-0.08, 0.08), amp(-0.06, 0.06)
+    xn, yn = x / width - 0.5, y / height - 0.5
+    density = amp(0.12, 0.22) + gx * xn + gy * yn - amp(0.05, 0.15) * (xn * xn + yn * yn) * 2
+    density = density + amp(0.03, 0.07) * _band(u, -1.6, 1.6, 0.15) * _band(yr / L, -2.3, 2.4, 0.3)
+
+    # Upper jaw (maxilla) around the upper roots; maxillary sinuses; hard palate line.
+    rel = (yr - occlusal) / L
+    maxilla = _band(u, -1.1, 1.1, 0.1) * _band(rel, -1.3, 0.0, 0.1)
+    for side in (-1, 1):
+        sinus = ((u - side * amp(0.45, 0.65)) / 0.3) ** 2 + ((yr / L + amp(1.35, 1.55)) / 0.28) ** 2
+        maxilla = maxilla - 0.6 * torch.exp(-sinus * sinus)
+    palate_y = -L * amp(1.15, 1.35) - 0.5 * arch.smile * A * u * u
+    palate = torch.exp(-(((yr - palate_y) / (0.035 * L)) ** 2)) * _band(u, -1.0, 1.0, 0.1)
+
+    # Lower jaw (mandible): body from the lower teeth to a U-shaped lower border with a
+    # bright cortex, rising at the sides into the rami up to the condyles.
+    border0, curve = amp(1.45, 1.75) * L, amp(0.06, 0.16) * A
+    border = border0 - curve * u * u
+    body = _band(u, -1.22, 1.22, 0.05) * torch.sigmoid((yr - occlusal) / (0.08 * L)) * torch.sigmoid((border - yr) / (0.03 * L))
+    cortex = torch.exp(-(((yr - border) / (0.045 * L)) ** 2)) * _band(u, -1.22, 1.22, 0.04)
+    rami = torch.zeros_like(xr)
+    ramus_width = amp(0.18, 0.26) * A
+    for side in (-1, 1):
+        gu = side * amp(1.15, 1.25)
+        gonion = (gu * A, border0 - curve * gu * gu)
+        condyle = (side * amp(1.28, 1.4) * A, -amp(1.2, 1.5) * L)
+        ex, ey = condyle[0] - gonion[0], condyle[1] - gonion[1]
+        t = (((xr - gonion[0]) * ex + (yr - gonion[1]) * ey) / (ex * ex + ey * ey)).clamp(0, 1)
+        d = torch.hypot(xr - gonion[0] - t * ex, yr - gonion[1] - t * ey)
+        rami = rami + torch.sigmoid((ramus_width / 2 - d) / (0.03 * A))
+        cortex = cortex + 0.8 * torch.exp(-(((d - ramus_width / 2) / (0.03 * A)) ** 2))
+        rami = rami + torch.exp(-((xr - condyle[0]) ** 2 + (yr - condyle[1]) ** 2) / (0.1 * A) ** 2)
+    bone = maxilla.clamp_min(0) + body + rami.clamp(0, 1)
+    texture = F.avg_pool2d(torch.randn(1, 1, hc, wc, generator=gen), 3, 1, 1, count_include_pad=False)[0, 0]
+    density = density + bone * (amp(0.08, 0.14) + amp(0.04, 0.08) * texture) + amp(0.015, 0.03) * texture
+    density = density + amp(0.08, 0.16) * palate + amp(0.1, 0.2) * cortex
+
+    # Skull base: a wavy bright band above the upper jaw (often cut by the image top).
+    base_y = -L * amp(1.8, 2.3) + 0.12 * L * torch.cos(2 * math.pi * u / amp(2.0, 3.0))
+    density = density + amp(0.08, 0.16) * _band(yr, base_y - 0.5 * L, base_y, 0.04 * L)
+
+    # Cervical spine ghosts: vertebrae columns at one or both sides, and/or a blurred one
+    # at the centre bottom (behind the chin).
+    layout = rng.choice(4, p=[0.45, 0.2, 0.15, 0.2])  # both sides, one side, centre, both + centre
+    sides = {0: (-1, 1), 1: (int(rng.choice([-1, 1])),), 2: (), 3: (-1, 1)}[int(layout)]
+    period = amp(0.08, 0.12) * height
+    vertebrae = torch.sigmoid((torch.cos(2 * math.pi * (y - amp(0, period)) / period) + 0.5) * 15)
+    for side in sides:
+        centre = width / 2 + side * width * amp(0.38, 0.47)
+        half = width * amp(0.025, 0.04)
+        column = _band(x, centre - half, centre + half, 0.006 * width) * torch.sigmoid((y - amp(0.15, 0.35) * height) / (0.02 * height))
+        density = density + amp(0.1, 0.2) * column * vertebrae
+    if layout >= 2:
+        column = _band(x, arch.cx - 0.07 * width, arch.cx + 0.07 * width, 0.03 * width)
+        column = column * torch.sigmoid((y - arch.cy - 1.3 * L) / (0.05 * height))
+        density = density + amp(0.05, 0.1) * column * (0.6 + 0.4 * vertebrae)
+
+    return F.interpolate(density[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _tooth(arch: _Arch, i: int, edge: float, height: int, width: int) -> tuple[slice, slice, Tensor, Tensor]:
+    """Density patch of tooth ``i`` (crown brighter than root, darker pulp) and its soft mask."""
+    rows, cols, a, b, _ = _tooth_frame(arch, i, edge, height, width)
+    half, length, crown = arch.width[i] / 2, arch.length[i], arch.crown[i]
+    inside = torch.sigmoid((_half_width(arch, i, a) - b) / edge) * torch.sigmoid(a / edge) * torch.sigmoid((length - a) / edge)
+    if arch.position[i] >= 5:  # molars: two roots, split from a third of the way down
+        start = crown + 0.3 * (length - crown)
+        notch = 0.35 * half * ((a - start) / (length - start)).clamp(0, 1).sqrt()
+        inside = inside * (1 - torch.sigmoid((notch - b) / edge) * (notch / edge).clamp(0, 1))
+    is_crown = torch.sigmoid((crown - a) / edge)
+    enamel = is_crown * torch.sigmoid((0.8 * crown - a) / edge) * torch.sigmoid((b - 0.7 * half) / edge)
+    pulp_half = torch.where(a < crown, 0.3 * half, 0.15 * half * (1 - (a - crown) / (length - crown)).clamp_min(0).sqrt())
+    pulp = torch.sigmoid((pulp_half - b) / edge) * _band(a, 0.45 * crown, 0.92 * length, edge)
+    density = inside * (0.24 + 0.12 * is_crown + 0.1 * enamel - 0.12 * pulp)
+    return rows, cols, density, inside
+
+
+def _restoration(rng: np.random.Generator, arch: _Arch, i: int, edge: float, rows: slice, cols: slice) -> Tensor:
+    """Exposed-intensity patch (near saturation) of a restoration on tooth ``i``: a crown,
+    a filling, or a crown over a root-canal filling."""
+    _, _, a, b, signed = _tooth_frame(arch, i, edge, rows=rows, cols=cols)
+    half, length, crown = arch.width[i] / 2, arch.length[i], arch.crown[i]
+    sharp = 0.6 * edge
+    kind = rng.choice(3, p=[0.55, 0.3, 0.15])
+    if kind == 1:  # filling: an ellipse inside the crown
+        a0, b0 = rng.uniform(0.15, 0.5) * crown, rng.uniform(-0.3, 0.3) * half
+        ra, rb = rng.uniform(0.15, 0.35) * crown, rng.uniform(0.3, 0.55) * half
+        level = 1 - ((a - a0) / ra) ** 2 - ((signed - b0) / rb) ** 2
+        mask = torch.sigmoid(level * min(ra, rb) / (2 * sharp)) * torch.sigmoid((_half_width(arch, i, a) - b) / sharp)
+    else:  # crown cap, slightly wider than the tooth
+        cap = float(rng.uniform(0.85, 1.05)) * crown
+        mask = torch.sigmoid((_half_width(arch, i, a) + 0.04 * half + 0.5 - b) / sharp) * _band(a, -1.0, cap, sharp)
+        if kind == 2:
+            canal = torch.sigmoid((0.07 * half + 0.5 - b) / sharp) * _band(a, cap, 0.9 * length, sharp)
+            mask = torch.maximum(mask, canal)
+    return mask * float(rng.uniform(0.9, 0.99))
+
+
+def _tooth_frame(arch: _Arch, i: int, edge: float, height: int = 0, width: int = 0, *, rows=None, cols=None):
+    """Pixel window around tooth ``i`` and its coordinates along (a, from the occlusal
+    point towards the apex) and across (|b|, and signed b) the tooth axis."""
+    if rows is None:
+        lo, hi = _teeth_extent(arch.apex[i : i + 1], arch.axis[i : i + 1], arch.width[i : i + 1], arch.length[i : i + 1])
+        pad = 3 * edge + 2
+        cols = slice(max(0, int(lo[0] - pad)), min(width, int(math.ceil(hi[0] + pad)) + 1))
+        rows = slice(max(0, int(lo[1] - pad)), min(height, int(math.ceil(hi[1] + pad)) + 1))
+    ys = torch.arange(rows.start, rows.stop, dtype=torch.float32)[:, None] - float(arch.apex[i, 1])
+    xs = torch.arange(cols.start, cols.stop, dtype=torch.float32)[None, :] - float(arch.apex[i, 0])
+    dx, dy = (float(v) for v in arch.axis[i])
+    a = xs * dx + ys * dy
+    signed = -xs * dy + ys * dx
+    return rows, cols, a, signed.abs(), signed
+
+
+def _half_width(arch: _Arch, i: int, a: Tensor) -> Tensor:
+    """Tooth outline: half-width along the axis; a rounded crown, a neck, a tapering root."""
+    half, length, crown = arch.width[i] / 2, arch.length[i], arch.crown[i]
+    corner = 0.35 * half
+    da = (corner - a).clamp(0, corner)
+    crown_half = half - corner + (corner * corner - da * da).clamp_min(0).sqrt()
+    crown_half = torch.minimum(crown_half, half * (1 - 0.18 * ((a - 0.75 * crown) / (0.25 * crown)).clamp(0, 1)))
+    t = ((a - crown) / (length - crown)).clamp(0, 1)
+    return torch.where(a < crown, crown_half, half * (0.82 - 0.67 * t**1.4))
+
+
+def _tight_box(inside: Tensor, row0: int, col0: int) -> list[float]:
+    """xyxy box of the pixels where ``inside`` > 1/2, in image pixels."""
+    rows = torch.nonzero(inside.amax(1) > 0.5)[:, 0]
+    cols = torch.nonzero(inside.amax(0) > 0.5)[:, 0]
+    return [col0 + int(cols[0]), row0 + int(rows[0]), col0 + int(cols[-1]) + 1, row0 + int(rows[-1]) + 1]
+
+
+def _expose(rng: np.random.Generator, density: Tensor) -> Tensor:
+    """Exposure: black level, gain and gamma; in place, returns intensities in [0, 1]."""
+    black, gain, gamma = rng.uniform(0.0, 0.08), rng.uniform(0.9, 1.35), rng.uniform(0.75, 1.35)
+    return density.sub_(float(black)).mul_(float(gain)).clamp_(0, 1).pow_(float(gamma))
+
+
+def _frame(rng: np.random.Generator, image: Tensor, roi: Tensor) -> None:
+    """Collimator borders (dark or bright, random widths, never over the teeth) and a
+    bright lead marker in a top corner; in place."""
+    height, width = image.shape
+    x1, y1, x2, y2 = roi.tolist()
+    room = (x1, y1, width - x2, height - y2)  # left, top, right, bottom
+    sizes = (width, height, width, height)
+    bright = rng.random() < 0.3
+    level = float(rng.uniform(0.85, 1.0) if bright else rng.uniform(0.0, 0.06))
+    edges = []
+    for side in range(4):
+        wanted = int(rng.uniform(0.01, 0.07) * sizes[side]) if rng.random() < 0.65 else 0
+        edges.append(max(0, min(wanted, int(room[side] - 0.01 * sizes[side]))))
+    left, top, right, bottom = edges
+    rows = torch.zeros(height, dtype=torch.bool)
+    cols = torch.zeros(width, dtype=torch.bool)
+    rows[:top] = True
+    rows[height - bottom :] = True
+    cols[:left] = True
+    cols[width - right :] = True
+    image.masked_fill_(rows[:, None] | cols[None, :], level)
+    if rng.random() < 0.6:  # an "L"/"R" lead marker: two bright strokes
+        size, stroke = max(4, int(0.05 * height)), max(2, int(0.008 * width))
+        x0 = left + int(0.02 * width) if rng.random() < 0.5 else width - right - int(0.02 * width) - size
+        y0 = top + int(0.02 * height)
+        if x0 >= 0 and y0 + size <= height and (x0 + size <= x1 or x0 >= x2 or y0 + size <= y1):
+            value = float(rng.uniform(0.9, 1.0))
+            image[y0 : y0 + size, x0 : x0 + stroke] = value
+            image[y0 + size - stroke : y0 + size, x0 : x0 + size * 2 // 3] = value
+
+
+def _add_noise(rng: np.random.Generator, gen: torch.Generator, image: Tensor) -> None:
+    """Gaussian read noise plus signal-dependent (Poisson-like) noise; in place, clamped to [0, 1]."""
+    read, shot = float(rng.uniform(0.004, 0.012)), float(rng.uniform(0.01, 0.03))
+    std = image.mul(shot * shot).add_(read * read).sqrt_()
+    image.add_(std.mul_(torch.randn(image.shape, generator=gen))).clamp_(0, 1)
+
+
+# ----------------------------------------------------------------------------- checks and files
+
+
+def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """An int (numpy ints too, not bool) in [low, high]."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise DACInputError(f"{name}: expected an int, got {value!r}") from None
+    if v < low or (high is not None and v > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise DACInputError(f"{name}: expected an int {expected}, got {v}")
+    return v
+
+
+def _check_sizes(sizes: Any) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = [tuple(s) for s in sizes]
+    except TypeError:
+        raise DACInputError(f"sizes: expected a list of (height, width) pairs, got {sizes!r}") from None
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise DACInputError(f"sizes: expected a non-empty list of (height, width) pairs, got {sizes!r}")
+    return tuple((_check_int(h, "sizes (height)", MIN_SIZE), _check_int(w, "sizes (width)", MIN_SIZE)) for h, w in pairs)
+
+
+def _item_index(index: Any, length: int) -> int:
+    try:
+        i = operator.index(index)
+    except TypeError:
+        raise TypeError(f"index: expected an int, got {type(index).__name__}") from None
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"index: {index} out of range for {length} items")
+    return i
+
+
+def _class_order(names: list[str]) -> list[str]:
+    """Sorted class names; the paper's names (a subset of CLASS_NAMES) keep the paper's order."""
+    if set(names) <= set(CLASS_NAMES):
+        return list(CLASS_NAMES)
+    return sorted(set(names))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _scan_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DACInputError(f"root_or_csv: no class sub-folders in {str(root)!r}")
+    classes = _class_order(folders)
+    samples = []
+    for name in folders:
+        files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
+        if not files:
+            raise DACInputError(
+                f"root_or_csv: class folder {str(root / name)!r} holds no images "
+                f"(suffixes {', '.join(IMAGE_SUFFIXES)})"
+            )
+        samples += [(str(p), classes.index(name)) for p in files]
+    samples.sort(key=lambda s: (s[1], s[0]))
+    return classes, samples
+
+
+_HEADER = {"path", "file", "filename", "image", "image_path", "filepath"}
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            fields = [f.strip() for f in row]
+            if not any(fields):
+                continue
+            if line == 1 and fields and fields[0].lower() in _HEADER:
+                continue
+            if len(fields) != 2 or not fields[0] or not fields[1]:
+                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: expected 'path,label', got {row!r}")
+            file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
+            if not file.is_file():
+                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file {str(file)!r}")
+            rows.append((line, str(file), fields[1]))
+    if not rows:
+        raise DACInputError(f"root_or_csv: {str(path)!r} lists no images")
+    if all(re.fullmatch(r"\d+", label) for _, _, label in rows):
+        labels = [int(label) for _, _, label in rows]
+        classes = [str(c) for c in range(max(labels) + 1)]
+    else:
+        for line, _, label in rows:
+            if re.fullmatch(r"[+-]?\d+", label) and label.startswith("-"):
+                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: negative label {label!r}")
+        classes = _class_order([label for _, _, label in rows])
+        labels = [classes.index(label) for _, _, label in rows]
+    return classes, [(file, label) for (_, file, _), label in zip(rows, labels)]

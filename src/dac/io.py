@@ -1,0 +1,478 @@
+"""Reading and writing image files: PNG, JPEG, TIFF, BMP through Pillow, DICOM through pydicom.
+
+:func:`read_image` returns a ``Tensor[C, H, W]`` (C = 1 or 3) in the file's own numeric
+type; :func:`to_unit_float` is *the* conversion to the floats in [0, 1] that
+:class:`dac.DACrop` expects; :func:`to_gray8` is the paper's conversion of every archive
+image (16, 24 and 32-bit files) to 8-bit grayscale; :func:`write_png` writes a PNG
+atomically. A file that cannot be read raises :class:`ImageReadError` (an ``OSError``)
+whose ``reason`` says why, so a caller can record it and go on to the next file.
+
+DICOM needs the optional ``pydicom`` (>= 3.0) package; it is imported only when a DICOM
+file is read.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch import Tensor
+
+from ._checks import INTEGER_IMAGE_SCALE, DACInputError
+from .functional.pooling import to_unit_range
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "read_image",
+    "to_gray8",
+    "to_unit_float",
+    "write_png",
+]
+
+#: Lower-case file suffixes :func:`read_image` accepts (for scanning folders).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+#: ITU-R BT.601 luma weights (R, G, B): Pillow's "L" conversion.
+_LUMA = (0.299, 0.587, 0.114)
+_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+_UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+class ImageReadError(OSError):
+    """A file that cannot be read as an image; the message is ``"<path>: <reason>"``.
+
+    Attributes:
+        path: the path as given to :func:`read_image` (``os.fspath`` of it).
+        reason: a short human string, e.g. ``"empty file (0 bytes)"``,
+            ``"not an image or unsupported format"``, ``"truncated or corrupt image
+            data"``, ``"DICOM pixel data cannot be decoded: <why>"``.
+
+    Example:
+        >>> err = ImageReadError("scan.png", "empty file (0 bytes)")
+        >>> str(err), err.reason
+        ('scan.png: empty file (0 bytes)', 'empty file (0 bytes)')
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep path and reason across processes (multiprocessing)
+        return type(self), (self.path, self.reason)
+
+
+def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
+    """Read one image file into a Tensor[C, H, W] in the file's own numeric type.
+
+    What comes back, by file:
+
+    * 8-bit files (gray, RGB, palette, with alpha, CMYK, 1-bit): ``torch.uint8``, C = 1
+      for gray and 1-bit files, C = 3 otherwise (palettes expand to RGB, alpha is
+      dropped without compositing, CMYK and YCbCr are converted to RGB by Pillow).
+    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1. Pillow reads 16-bit-per-channel
+      *colour* PNG/TIFF as 8-bit RGB, so those come back as ``torch.uint8``.
+    * 32-bit integer TIFF (Pillow mode ``"I"``): ``torch.int32``, values as stored and
+      not rescaled, so :func:`to_unit_float` divides by 2**31 - 1 like any ``int32``
+      image. Unsigned 32-bit values above 2**31 - 1 do not fit and raise
+      :class:`ImageReadError`.
+    * 32-bit float TIFF (mode ``"F"``): ``torch.float32``, C = 1, values as stored (not
+      clipped; expected in [0, 1], :func:`to_unit_float` clips).
+    * DICOM (suffix ``.dcm``/``.dicom``, or ``b"DICM"`` at byte 128): ``torch.float32``
+      in [0, 1], C = 1 or 3, read with pydicom. The modality LUT (rescale slope and
+      intercept) is applied; values are then scaled by the range the stored bits allow
+      (``BitsStored``, ``PixelRepresentation``) mapped through the rescale, so a 12-bit
+      scan is not stretched image by image (values outside that range, from a header
+      that understates it, widen it). A linear rescale therefore changes the result only
+      through its sign: a negative slope flips it. Where that range is unknown (a Modality LUT
+      Sequence, float pixel data) the image's own min and max are used. MONOCHROME1 is
+      inverted so that higher is brighter; YBR is converted to RGB; PALETTE COLOR is
+      expanded to RGB. Only the first frame of a multi-frame file is read. VOI LUTs
+      (window centre and width) are *not* applied.
+
+    Multi-page TIFFs and animations give their first frame; EXIF orientation is not
+    applied (pixels as stored, so boxes refer to the stored pixel grid).
+
+    Every file is fully decoded here, with Pillow's ``LOAD_TRUNCATED_IMAGES`` treated as
+    ``False`` and its decompression-bomb warning treated as an error, so a truncated or
+    oversized file fails in this call (Pillow's ``Image.MAX_IMAGE_PIXELS``, about 89
+    million pixels by default, is left as it is).
+
+    Args:
+        path: the image file.
+        gray: return one channel: RGB is reduced to ITU-R 601 luma (Pillow's ``"L"``
+            conversion for 8-bit files; the same weights in float for DICOM).
+
+    Returns:
+        Tensor[C, H, W] with C = 1 or 3, dtype as listed above.
+
+    Raises:
+        ImageReadError: the file is missing, empty, not an image, truncated, too large,
+            or (DICOM) has no pixel data that can be decoded; ``.reason`` says which.
+
+    Example:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "ramp.png")
+        ...     write_png(path, torch.arange(12, dtype=torch.uint8).reshape(1, 3, 4))
+        ...     read_image(path).shape, read_image(path).dtype
+        (torch.Size([1, 3, 4]), torch.uint8)
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                raise ImageReadError(path, "empty file (0 bytes)")
+            head = file.read(132)
+            suffix = os.path.splitext(path)[1].lower()
+            if suffix in _DICOM_SUFFIXES or head[128:132] == b"DICM":
+                return _read_dicom(path, gray)
+            file.seek(0)
+            return _read_pillow(path, file, gray)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory, not a file") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
+    except OSError as err:  # e.g. an I/O error from the disk
+        raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
+
+
+@contextlib.contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Refuse truncated files and decompression bombs for the duration of one read.
+
+    ``LOAD_TRUNCATED_IMAGES`` is a Pillow module global: it is switched off only when
+    someone switched it on, and restored afterwards.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if previous:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            if previous:
+                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _read_pillow(path: str, file, gray: bool) -> Tensor:
+    try:
+        with _strict_pillow():
+            image = Image.open(file)
+            image.load()  # decode everything now: a truncated file fails here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReadError(path, f"image too large (possible decompression bomb): {err}") from err
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image or unsupported format") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # Pillow reports broken data as OSError, SyntaxError, ValueError...
+        raise ImageReadError(path, "truncated or corrupt image data") from err
+    try:
+        image = _normalise_mode(image, gray)
+    except (ValueError, OSError) as err:
+        raise ImageReadError(path, f"unsupported pixel mode {image.mode!r}") from err
+
+    pixels = np.array(image)  # a writable copy, native byte order below
+    if image.mode in _UINT16_MODES:
+        pixels = pixels.astype(np.uint16)
+    elif image.mode == "I":
+        if pixels.size and pixels.min() < 0 and _is_unsigned_tiff(image):
+            raise ImageReadError(path, "unsigned 32-bit values above 2**31 - 1 are not supported")
+        pixels = pixels.astype(np.int32)
+    elif image.mode == "F":
+        pixels = pixels.astype(np.float32)
+    tensor = torch.from_numpy(pixels)
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:
+    """Pillow image in one of the modes ``L``, ``RGB``, ``I;16*``, ``I``, ``F``."""
+    mode = image.mode
+    if mode in _UINT16_MODES or mode in ("I", "F", "L"):
+        return image
+    if mode in ("P", "PA"):  # via RGBA: palettes with transparency warn when going to RGB
+        image = image.convert("RGBA")
+    target = "L" if gray or mode in _GRAY_MODES else "RGB"
+    if gray and image.mode not in _GRAY_MODES and image.mode != "RGB":
+        image = image.convert("RGB")  # CMYK, RGBA...: to RGB first, then luma
+    return image.convert(target)
+
+
+def _is_unsigned_tiff(image: Image.Image) -> bool:
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return False
+    sample_format = tags.get(339, 1)  # TIFF SampleFormat: 1 = unsigned, 2 = signed
+    if isinstance(sample_format, tuple):
+        sample_format = sample_format[0]
+    return sample_format == 1
+
+
+def _read_dicom(path: str, gray: bool) -> Tensor:
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageReadError(path, "pydicom is not installed (pip install pydicom)") from None
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+    except ImportError:
+        raise ImageReadError(
+            path, f"pydicom >= 3.0 is needed to read DICOM (found {pydicom.__version__})"
+        ) from None
+
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:
+        raise ImageReadError(path, "not a DICOM file (no 'DICM' file meta header)") from None
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise ImageReadError(path, f"unreadable DICOM file: {_one_line(err)}") from err
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageReadError(path, "DICOM file has no pixel data")
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        stored = pixel_array(ds, index=0)  # first frame only; YBR -> RGB
+        if photometric == "PALETTE COLOR":
+            stored = apply_color_lut(stored, ds)
+    except MemoryError:
+        raise
+    except Exception as err:  # no decoder plugin, truncated pixel data, bad LUT...
+        raise ImageReadError(path, f"DICOM pixel data cannot be decoded: {_one_line(err)}") from err
+
+    if stored.ndim == 3:  # RGB (or palette expanded to RGB): unsigned samples
+        if photometric == "PALETTE COLOR":  # LUT entries: 8 or 16 bits (descriptor[2])
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        else:
+            bits = int(ds.get("BitsStored") or 8 * stored.dtype.itemsize)
+        unit = stored.astype(np.float64) / float(2**bits - 1)
+    else:
+        unit = _dicom_gray_to_unit(stored, ds, apply_modality_lut)
+        if photometric == "MONOCHROME1":
+            unit = 1.0 - unit
+    image = torch.from_numpy(np.clip(unit, 0.0, 1.0).astype(np.float32))
+    image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
+    return _luma(image) if gray and image.shape[0] == 3 else image
+
+
+def _dicom_gray_to_unit(stored: np.ndarray, ds, apply_modality_lut) -> np.ndarray:
+    """Monochrome pixels through the modality LUT, scaled to [0, 1] (float64)."""
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    bits = ds.get("BitsStored")
+    slope = float(ds.get("RescaleSlope") or 1.0)
+    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    known = (
+        np.issubdtype(stored.dtype, np.integer)
+        and "ModalityLUTSequence" not in ds
+        and bits
+        and slope != 0.0
+    )
+    if known:
+        bits = int(bits)
+        if ds.get("PixelRepresentation") == 1:  # two's complement
+            low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            low, high = 0, 2**bits - 1
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+        if values.size:  # a header that understates the range: widen, never clip data
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    else:  # range unknown: the image's own min and max
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _luma(image: Tensor) -> Tensor:
+    """ITU-R 601 luma of a floating Tensor[3, H, W] -> Tensor[1, H, W]."""
+    weights = torch.tensor(_LUMA, dtype=image.dtype).view(3, 1, 1)
+    return (image * weights).sum(dim=0, keepdim=True)
+
+
+def to_unit_float(image: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Convert an image to floats in [0, 1]: the one conversion to what ``DACrop`` expects.
+
+    Integer images are divided by the largest value of their type, as in
+    :func:`dac.functional.to_unit_range` (``uint8`` by 255, ``uint16`` by 65535,
+    ``int16`` by 32767, ``int32`` by 2**31 - 1); floating images are taken as they are.
+    The result is then clipped to [0, 1] (negative values of signed types, or floats
+    slightly out of range after resampling, go to the nearest bound).
+
+    Args:
+        image: Tensor of any shape, e.g. Tensor[C, H, W] from :func:`read_image`.
+        dtype: floating dtype of the result.
+
+    Returns:
+        Tensor of the same shape and of dtype ``dtype``, values in [0, 1].
+
+    Raises:
+        DACInputError: ``image`` holds NaN or Inf, or has an unsupported dtype;
+            ``dtype`` is not floating.
+
+    Example:
+        >>> to_unit_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
+        tensor([0.0000, 0.2000, 1.0000])
+    """
+    if not isinstance(image, Tensor):
+        raise DACInputError(f"image: expected a torch.Tensor, got {type(image).__name__}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DACInputError(f"dtype: expected a floating torch dtype, got {dtype!r}")
+    if image.dtype.is_floating_point:
+        if not torch.isfinite(image).all():
+            raise DACInputError("image: contains NaN or Inf values")
+    elif image.dtype not in INTEGER_IMAGE_SCALE:
+        raise DACInputError(
+            f"image: unsupported dtype {image.dtype}; expected a floating dtype "
+            f"or one of {sorted(str(d) for d in INTEGER_IMAGE_SCALE)}"
+        )
+    return to_unit_range(image, dtype).to(dtype).clamp(0.0, 1.0)
+
+
+def to_gray8(image: Tensor) -> Tensor:
+    """Convert any image to 8-bit grayscale, the paper's preprocessing of its archive.
+
+    The paper converted its 16, 24 and 32-bit files to 8-bit grayscale before cropping;
+    this is that conversion. RGB becomes ITU-R 601 luma (for ``uint8`` exactly Pillow's
+    ``"L"`` conversion). Deeper integer and floating images are scaled by the range of
+    their *type* (as :func:`to_unit_float`: ``uint16`` 65535 -> 255, float 1.0 -> 255),
+    not stretched image by image, so that one intensity means the same in every image
+    and the saliency and step sizes of ``DACrop`` (tuned on 8-bit intensities) keep
+    their meaning.
+
+    Args:
+        image: Tensor[C, H, W], C = 1 or 3, ``uint8``, ``uint16``, ``int16``, ``int32`` or
+            floating (in [0, 1]; clipped).
+
+    Returns:
+        Tensor[1, H, W], ``torch.uint8``.
+
+    Example:
+        >>> to_gray8(torch.tensor([[[0, 65535]]], dtype=torch.uint16))
+        tensor([[[  0, 255]]], dtype=torch.uint8)
+    """
+    _check_chw(image, "image")
+    if image.dtype == torch.uint8:
+        if image.shape[0] == 1:
+            return image.clone()
+        # Pillow's fixed-point luma: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16.
+        rgb = image.to(torch.int32)
+        luma = (rgb[0] * 19595 + rgb[1] * 38470 + rgb[2] * 7471 + 0x8000) >> 16
+        return luma.unsqueeze(0).to(torch.uint8)
+    unit = to_unit_float(image, dtype=torch.float64)
+    if unit.shape[0] == 3:
+        unit = _luma(unit)
+    return (unit * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
+    """Write a Tensor[C, H, W] as an 8 or 16-bit PNG, atomically.
+
+    The PNG is written to a temporary file in the same directory, flushed to disk, then
+    renamed over ``path`` with ``os.replace``: a crash or an error never leaves a
+    half-written PNG under ``path`` (an existing file stays as it was), and the
+    temporary file is removed on error.
+
+    Values: an image whose dtype matches ``bits`` (``uint8`` for 8, ``uint16`` for 16)
+    is written as it is; ``uint8`` -> 16 bits multiplies by 257 (exact); anything else
+    goes through :func:`to_unit_float` (clipped to [0, 1]) and is rounded to
+    ``2**bits - 1`` levels.
+
+    Args:
+        path: the PNG file to write; its directory must exist.
+        image: Tensor[C, H, W], C = 1 or 3, ``uint8``, ``uint16`` or floating in [0, 1].
+        bits: 8 or 16. Pillow cannot write 16-bit colour PNG, so ``bits=16`` needs C = 1.
+
+    Raises:
+        DACInputError: bad ``image`` (shape, NaN) or ``bits``, or ``bits=16`` with C = 3.
+        OSError: the file cannot be written.
+
+    Example:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "deep.png")
+        ...     write_png(path, torch.tensor([[[0, 1000, 65535]]], dtype=torch.uint16), bits=16)
+        ...     read_image(path).tolist()
+        [[[0, 1000, 65535]]]
+    """
+    _check_chw(image, "image")
+    if bits not in (8, 16) or isinstance(bits, bool):
+        raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+    if bits == 16 and image.shape[0] == 3:
+        raise DACInputError(
+            f"bits: 16-bit PNG needs a 1-channel image, got C=3 in shape {tuple(image.shape)} "
+            "(Pillow cannot write 16-bit colour PNG; write bits=8 or one channel)"
+        )
+    pixels = _quantise(image.detach().cpu(), bits)
+    array = pixels.permute(1, 2, 0).numpy() if pixels.shape[0] == 3 else pixels[0].numpy()
+    png = Image.fromarray(np.ascontiguousarray(array))
+
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(temporary, flags, 0o666)  # the umask applies, as for a plain open()
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            png.save(file, format="PNG")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _quantise(image: Tensor, bits: int) -> Tensor:
+    """Tensor[C, H, W] as ``uint8`` (bits=8) or ``uint16`` (bits=16)."""
+    target = torch.uint8 if bits == 8 else torch.uint16
+    if image.dtype == target:
+        return image.contiguous()
+    if image.dtype == torch.uint8:  # to 16 bits: 255 * 257 = 65535, exact
+        return (image.to(torch.int32) * 257).to(torch.uint16)
+    unit = to_unit_float(image, dtype=torch.float64)
+    return (unit * float(2**bits - 1)).round().to(target)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _check_chw(image: Tensor, name: str) -> None:
+    if not isinstance(image, Tensor):
+        raise DACInputError(f"{name}: expected a torch.Tensor, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise DACInputError(
+            f"{name}: expected shape [C, H, W] with C = 1 or 3, got {tuple(image.shape)}"
+        )
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise DACInputError(f"{name}: empty image of shape {tuple(image.shape)}")

@@ -1,0 +1,140 @@
+"""``dac crop``: outputs, exit codes, bad files, resume after interruption."""
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dac.archive as archive
+from dac.cli import main
+
+from conftest import textured_scene
+
+SMALL = ["--size", "20x37", "--pool-size", "5", "--no-progress"]
+
+
+def write_scene(path: Path, seed: int, bits: int = 8, size=(150, 280)) -> None:
+    x = textured_scene(1, *size, dtype=torch.float32, seed=seed)[0, 0].numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bits == 8:
+        Image.fromarray((255 * x).round().astype(np.uint8)).save(path)
+    else:
+        Image.fromarray((65535 * x).round().astype(np.uint16)).save(path)
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "boxes.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def archive_dir(tmp_path: Path) -> Path:
+    """3 good images (two share a stem), 1 16-bit, and 4 bad files."""
+    root = tmp_path / "in"
+    write_scene(root / "a" / "scan.png", 1)
+    write_scene(root / "b" / "scan.png", 2, size=(160, 300))
+    write_scene(root / "c.png", 3)
+    write_scene(root / "deep" / "d16.png", 4, bits=16)
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("not an image")
+    good = (root / "c.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "notes.txt").write_text("ignored: not an image suffix")
+    return root
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folder_with_bad_files(archive_dir: Path, tmp_path: Path, capsys):
+    before = digest(archive_dir)
+    out = tmp_path / "out"
+    assert main(["crop", str(archive_dir), "--out", str(out), "--overlays", *SMALL]) == 1
+    rows = read_rows(out)
+    assert len(rows) == 7  # notes.txt is not an image
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = {Path(r["path"]).name: r["error"] for r in rows if r["status"] == "failed"}
+    assert len(ok) == 4 and set(failed) == {"empty.png", "text.png", "truncated.png"}
+    assert "empty" in failed["empty.png"].lower()
+    assert all(failed.values())
+    for r in ok:
+        crop = out / r["crop"]
+        assert crop.parent == out / "crops" and crop.is_file()
+        assert Image.open(crop).size == (37, 20)
+        x1, y1, x2, y2 = (float(r[k]) for k in ("x1", "y1", "x2", "y2"))
+        assert 0 <= x1 < x2 <= int(r["width"]) and 0 <= y1 < y2 <= int(r["height"])
+        assert int(r["iterations"]) > 0 and float(r["cost"]) > 0
+        assert (out / "overlays" / crop.name).is_file()
+    assert len({r["crop"] for r in ok}) == 4  # same stem in two folders: no collision
+    assert digest(archive_dir) == before  # inputs untouched
+    assert "3 failed" in capsys.readouterr().err
+
+
+def test_exit_codes(tmp_path: Path, capsys):
+    write_scene(tmp_path / "one.png", 1)
+    assert main(["crop", str(tmp_path / "one.png"), "--out", str(tmp_path / "o"), *SMALL]) == 0
+    assert main(["crop", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o"), *SMALL]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert main(["crop", str(tmp_path / "*.jpg"), "--out", str(tmp_path / "o"), *SMALL]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["crop", str(tmp_path / "one.png"), "--out", str(tmp_path / "o"), "--size", "big"])
+    assert exc.value.code == 2
+
+
+def test_glob_and_16_bit_output(tmp_path: Path):
+    for i in range(3):
+        write_scene(tmp_path / "in" / f"img{i}.png", i)
+    out = tmp_path / "out"
+    assert main(["crop", str(tmp_path / "in" / "img[01].png"), "--out", str(out), "--bits", "16", *SMALL]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 2
+    crop = np.asarray(Image.open(out / rows[0]["crop"]))
+    assert crop.dtype == np.uint16 and crop.shape == (20, 37)
+
+
+def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    written: list[str] = []
+    import dac.io as dio
+
+    original = dio.write_png
+
+    def counting_write(path, *args, **kwargs):
+        if Path(path).parent.name == "crops":
+            written.append(Path(path).name)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(dio, "write_png", counting_write)
+    real_batch = archive._crop_batch
+    calls = {"n": 0}
+
+    def interrupt_after_first(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the second batch
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(archive, "_crop_batch", interrupt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL])
+    first = list(written)
+    assert 0 < len(first) < 4
+    # A torn line, as a kill during an append would leave, must not break the resume.
+    with open(out / "boxes.csv", "a") as fh:
+        fh.write(str(archive_dir / "c.png") + ",ok,,28")
+    monkeypatch.setattr(archive, "_crop_batch", real_batch)
+    assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
+    assert sorted(written) == sorted(set(written)) and len(written) == 4  # each good file once
+    rows = read_rows(out)
+    assert len(rows) == 7 and sum(r["status"] == "ok" for r in rows) == 4
+    assert not list(out.rglob(".*tmp*"))  # no temporary files left behind
+    # A third run has nothing left but the failed files.
+    written.clear()
+    assert main(["crop", str(archive_dir), "--out", str(out), *SMALL]) == 1
+    assert written == []
