@@ -138,3 +138,16 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
     written.clear()
     assert main(["crop", str(archive_dir), "--out", str(out), *SMALL]) == 1
     assert written == []
+
+
+def test_demo_writes_figures_and_reports_iou(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    from dac.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", count=2, seed=3)
+    for key in ("boxes", "search_stages", "saliency", "soft_rectangle", "crops"):
+        assert result["paths"][key].is_file() and result["paths"][key].stat().st_size > 0
+    assert 0 < result["mean_iou"] <= 1
+    rows = list(csv.DictReader(open(result["paths"]["boxes"])))
+    assert len(rows) == 2 and all(0 <= float(r["iou"]) <= 1 for r in rows)
+    assert "mean IoU" in capsys.readouterr().out

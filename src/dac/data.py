@@ -27,7 +27,7 @@ import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ _CROWN = (0.42, 0.42, 0.38, 0.36, 0.36, 0.33, 0.33, 0.34)
 _MISSING_WEIGHT = (1.0, 1.0, 0.6, 1.5, 1.5, 2.0, 2.0, 6.0)  # third molars go missing most
 _RESTORED_WEIGHT = (0.6, 0.6, 0.8, 1.0, 1.0, 1.6, 1.4, 0.8)  # molars are restored most
 _COARSE = 4  # smooth anatomy is drawn at 1/4 resolution, then upsampled
+_POSITION = np.tile(np.r_[np.arange(7, -1, -1), np.arange(8)], 2)  # 0..7 from the midline, per tooth
 
 
 def restoration_class(count: int) -> int:
@@ -147,25 +148,34 @@ def make_phantom(
         raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
 
     label, restorations = _draw_class(seed, label)
+    # Separate streams: the anatomy, exposure and noise do not depend on the restorations,
+    # so one seed drawn with different labels is one "patient" with different dental work.
     rng = np.random.default_rng([seed, 1])
+    restore_rng = np.random.default_rng([seed, 3])
     gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 2]).integers(2**62)))
 
     arch = _place_arch(rng, height, width)
-    present, restored = _choose_teeth(rng, restorations)
+    present = _present_teeth(rng, restorations)
+    restored = _restored_teeth(restore_rng, present, restorations)
     edge = float(rng.uniform(0.8, 2.2)) * height / 1536 + 0.4  # edge blur, pixels
 
     density = _anatomy(rng, gen, arch, height, width)
-    metal, boxes = [], []
+    _spine(rng, density, arch, edge)
+    metal, boxes, peak = [], [], 0.0
     for i in np.flatnonzero(present):
-        rows, cols, tooth, inside = _tooth(arch, i, edge, height, width)
-        density[rows, cols] += tooth
-        boxes.append(_tight_box(inside, rows.start, cols.start))
+        frame, tooth, inside = _tooth(arch, i, edge, height, width)
+        patch = density[frame.rows, frame.cols]
+        patch += tooth
+        peak = max(peak, float(patch.amax()))
         if restored[i]:
-            metal.append((rows, cols, _restoration(rng, arch, i, edge, rows, cols)))
+            mask, level = _restoration(restore_rng, arch, i, edge, frame)
+            metal.append((frame.rows, frame.cols, mask * level))
+            inside = torch.maximum(inside, mask)
+        boxes.append(_tight_box(inside, frame.rows.start, frame.cols.start))
     teeth = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     roi = torch.cat([teeth[:, :2].amin(0), teeth[:, 2:].amax(0)])
 
-    image = _expose(rng, density)
+    image = _expose(rng, density, peak)
     for rows, cols, mask in metal:  # metal saturates the detector whatever the exposure
         view = image[rows, cols]
         view.copy_(torch.maximum(view, mask))
@@ -277,12 +287,13 @@ class ImageFolderDataset(Dataset):
 
     Example:
         >>> import tempfile, pathlib
-        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> tmp = tempfile.TemporaryDirectory(); root = pathlib.Path(tmp.name)
         >>> for name in ("b/x.png", "a/y.png", "a/z.PNG"):
         ...     (root / name).parent.mkdir(exist_ok=True); (root / name).touch()
         >>> ds = ImageFolderDataset(root, reader=lambda path: torch.zeros(1, 2, 2))
         >>> ds.classes, ds.labels, ds[2]["label"]
         (['a', 'b'], [0, 0, 1], 1)
+        >>> tmp.cleanup()
     """
 
     def __init__(
@@ -468,29 +479,43 @@ def _teeth_extent(apex: np.ndarray, axis: np.ndarray, widths: np.ndarray, length
     return corners.min(0), corners.max(0)
 
 
-def _choose_teeth(rng: np.random.Generator, restorations: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which of the 32 teeth are present, and which carry a restoration (exactly ``restorations``)."""
-    position = np.tile(np.r_[np.arange(7, -1, -1), np.arange(8)], 2)
+def _present_teeth(rng: np.random.Generator, restorations: int) -> np.ndarray:
+    """Bool[32]: which teeth are present; 0-4 missing, never fewer than ``restorations`` left."""
     missing = min(int(rng.integers(0, 5)), 32 - restorations)
-    weight = np.asarray(_MISSING_WEIGHT)[position]
+    weight = np.asarray(_MISSING_WEIGHT)[_POSITION]
+    gaps = rng.choice(32, 4, replace=False, p=weight / weight.sum())  # same draws whatever the count
     present = np.ones(32, dtype=bool)
-    if missing:
-        present[rng.choice(32, missing, replace=False, p=weight / weight.sum())] = False
+    present[gaps[:missing]] = False
+    return present
+
+
+def _restored_teeth(rng: np.random.Generator, present: np.ndarray, restorations: int) -> np.ndarray:
+    """Bool[32]: exactly ``restorations`` of the present teeth, molars most likely."""
     restored = np.zeros(32, dtype=bool)
     candidates = np.flatnonzero(present)
     if restorations:
-        weight = np.asarray(_RESTORED_WEIGHT)[position[candidates]]
+        weight = np.asarray(_RESTORED_WEIGHT)[_POSITION[candidates]]
         restored[rng.choice(candidates, restorations, replace=False, p=weight / weight.sum())] = True
-    return present, restored
+    return restored
+
+
+def _step(t: Tensor) -> Tensor:
+    """Soft step, a sigmoid; the clamp keeps products of steps out of (slow) denormal floats."""
+    return torch.sigmoid(t.clamp(-15.0, 15.0))
+
+
+def _gauss(t: Tensor) -> Tensor:
+    """exp(-t^2), exactly 0 far out (no denormal floats)."""
+    return torch.exp(-(t * t).clamp_(max=30.0)) * (t.abs() < 5.4)
 
 
 def _band(v: Tensor, low: float, high: float, soft: float) -> Tensor:
     """Soft indicator of low < v < high, edges ``soft`` wide."""
-    return torch.sigmoid((v - low) / soft) * torch.sigmoid((high - v) / soft)
+    return _step((v - low) / soft) * _step((high - v) / soft)
 
 
 def _anatomy(rng: np.random.Generator, gen: torch.Generator, arch: _Arch, height: int, width: int) -> Tensor:
-    """The smooth, large structures (soft tissue, jaws, rami, palate, skull base, spine) as
+    """The smooth, large structures (soft tissue, jaws, rami, palate, skull base) as
     X-ray density Tensor[H, W] float32, drawn at 1/4 resolution and upsampled."""
     hc, wc = max(8, round(height / _COARSE)), max(8, round(width / _COARSE))
     # Coarse pixel centres in full-resolution pixel coordinates (bilinear, align_corners=False).
@@ -517,16 +542,16 @@ def _anatomy(rng: np.random.Generator, gen: torch.Generator, arch: _Arch, height
     maxilla = _band(u, -1.1, 1.1, 0.1) * _band(rel, -1.3, 0.0, 0.1)
     for side in (-1, 1):
         sinus = ((u - side * amp(0.45, 0.65)) / 0.3) ** 2 + ((yr / L + amp(1.35, 1.55)) / 0.28) ** 2
-        maxilla = maxilla - 0.6 * torch.exp(-sinus * sinus)
+        maxilla = maxilla - 0.6 * _gauss(sinus)
     palate_y = -L * amp(1.15, 1.35) - 0.5 * arch.smile * A * u * u
-    palate = torch.exp(-(((yr - palate_y) / (0.035 * L)) ** 2)) * _band(u, -1.0, 1.0, 0.1)
+    palate = _gauss((yr - palate_y) / (0.035 * L)) * _band(u, -1.0, 1.0, 0.1)
 
     # Lower jaw (mandible): body from the lower teeth to a U-shaped lower border with a
     # bright cortex, rising at the sides into the rami up to the condyles.
     border0, curve = amp(1.45, 1.75) * L, amp(0.06, 0.16) * A
     border = border0 - curve * u * u
-    body = _band(u, -1.22, 1.22, 0.05) * torch.sigmoid((yr - occlusal) / (0.08 * L)) * torch.sigmoid((border - yr) / (0.03 * L))
-    cortex = torch.exp(-(((yr - border) / (0.045 * L)) ** 2)) * _band(u, -1.22, 1.22, 0.04)
+    body = _band(u, -1.22, 1.22, 0.05) * _step((yr - occlusal) / (0.08 * L)) * _step((border - yr) / (0.03 * L))
+    cortex = _gauss((yr - border) / (0.045 * L)) * _band(u, -1.22, 1.22, 0.04)
     rami = torch.zeros_like(xr)
     ramus_width = amp(0.18, 0.26) * A
     for side in (-1, 1):
@@ -536,89 +561,116 @@ def _anatomy(rng: np.random.Generator, gen: torch.Generator, arch: _Arch, height
         ex, ey = condyle[0] - gonion[0], condyle[1] - gonion[1]
         t = (((xr - gonion[0]) * ex + (yr - gonion[1]) * ey) / (ex * ex + ey * ey)).clamp(0, 1)
         d = torch.hypot(xr - gonion[0] - t * ex, yr - gonion[1] - t * ey)
-        rami = rami + torch.sigmoid((ramus_width / 2 - d) / (0.03 * A))
-        cortex = cortex + 0.8 * torch.exp(-(((d - ramus_width / 2) / (0.03 * A)) ** 2))
-        rami = rami + torch.exp(-((xr - condyle[0]) ** 2 + (yr - condyle[1]) ** 2) / (0.1 * A) ** 2)
+        rami = rami + _step((ramus_width / 2 - d) / (0.03 * A))
+        cortex = cortex + 0.8 * _gauss((d - ramus_width / 2) / (0.03 * A))
+        rami = rami + _gauss(torch.hypot(xr - condyle[0], yr - condyle[1]) / (0.1 * A))
     bone = maxilla.clamp_min(0) + body + rami.clamp(0, 1)
     texture = F.avg_pool2d(torch.randn(1, 1, hc, wc, generator=gen), 3, 1, 1, count_include_pad=False)[0, 0]
-    density = density + bone * (amp(0.08, 0.14) + amp(0.04, 0.08) * texture) + amp(0.015, 0.03) * texture
-    density = density + amp(0.08, 0.16) * palate + amp(0.1, 0.2) * cortex
+    density = density + bone * (amp(0.1, 0.18) + amp(0.04, 0.08) * texture) + amp(0.015, 0.03) * texture
+    density = density + amp(0.08, 0.16) * palate + amp(0.12, 0.22) * cortex
 
     # Skull base: a wavy bright band above the upper jaw (often cut by the image top).
     base_y = -L * amp(1.8, 2.3) + 0.12 * L * torch.cos(2 * math.pi * u / amp(2.0, 3.0))
     density = density + amp(0.08, 0.16) * _band(yr, base_y - 0.5 * L, base_y, 0.04 * L)
 
-    # Cervical spine ghosts: vertebrae columns at one or both sides, and/or a blurred one
-    # at the centre bottom (behind the chin).
-    layout = rng.choice(4, p=[0.45, 0.2, 0.15, 0.2])  # both sides, one side, centre, both + centre
-    sides = {0: (-1, 1), 1: (int(rng.choice([-1, 1])),), 2: (), 3: (-1, 1)}[int(layout)]
-    period = amp(0.08, 0.12) * height
-    vertebrae = torch.sigmoid((torch.cos(2 * math.pi * (y - amp(0, period)) / period) + 0.5) * 15)
-    for side in sides:
-        centre = width / 2 + side * width * amp(0.38, 0.47)
-        half = width * amp(0.025, 0.04)
-        column = _band(x, centre - half, centre + half, 0.006 * width) * torch.sigmoid((y - amp(0.15, 0.35) * height) / (0.02 * height))
-        density = density + amp(0.1, 0.2) * column * vertebrae
-    if layout >= 2:
-        column = _band(x, arch.cx - 0.07 * width, arch.cx + 0.07 * width, 0.03 * width)
-        column = column * torch.sigmoid((y - arch.cy - 1.3 * L) / (0.05 * height))
-        density = density + amp(0.05, 0.1) * column * (0.6 + 0.4 * vertebrae)
-
     return F.interpolate(density[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
-def _tooth(arch: _Arch, i: int, edge: float, height: int, width: int) -> tuple[slice, slice, Tensor, Tensor]:
-    """Density patch of tooth ``i`` (crown brighter than root, darker pulp) and its soft mask."""
-    rows, cols, a, b, _ = _tooth_frame(arch, i, edge, height, width)
+def _spine(rng: np.random.Generator, density: Tensor, arch: _Arch, edge: float) -> None:
+    """Cervical spine ghosts, in place: vertebrae columns (bright bodies, dark discs, sharp
+    endplates) at one or both sides, and/or a blurred column at the centre bottom."""
+    height, width = density.shape
+    layout = int(rng.choice(4, p=[0.45, 0.2, 0.15, 0.2]))  # both sides, one side, centre, both + centre
+    sides = {0: (-1, 1), 1: (int(rng.choice([-1, 1])),), 2: (), 3: (-1, 1)}[layout]
+    y = torch.arange(height, dtype=torch.float32)
+    period = float(rng.uniform(0.08, 0.12)) * height
+    phase = ((y - float(rng.uniform(0, period))) / period).frac().abs_() * period
+    disc = float(rng.uniform(0.18, 0.28)) * period
+    soft = 1.5 * edge
+    vertebrae = _band(phase, disc / 2, period - disc / 2, soft)
+    for side in sides:
+        centre = width / 2 + side * width * float(rng.uniform(0.38, 0.47))
+        half = width * float(rng.uniform(0.025, 0.04))
+        top = _step((y - float(rng.uniform(0.15, 0.35)) * height) / (0.01 * height))
+        cols = slice(max(0, int(centre - half - 8 * soft)), min(width, int(centre + half + 8 * soft) + 1))
+        if cols.start >= cols.stop:
+            continue
+        x = torch.arange(cols.start, cols.stop, dtype=torch.float32)
+        profile = _band(x, centre - half, centre + half, soft) * (0.8 + 0.2 * ((x - centre) / half).abs().clamp(max=1))
+        density[:, cols] += float(rng.uniform(0.1, 0.2)) * (vertebrae * top)[:, None] * profile[None, :]
+    if layout >= 2:
+        half, blur = 0.07 * width, 0.03 * width
+        cols = slice(max(0, int(arch.cx - half - 6 * blur)), min(width, int(arch.cx + half + 6 * blur) + 1))
+        x = torch.arange(cols.start, cols.stop, dtype=torch.float32)
+        profile = _band(x, arch.cx - half, arch.cx + half, blur)
+        rise = _step((y - arch.cy - 1.3 * arch.tooth_length) / (0.05 * height)) * (0.6 + 0.4 * vertebrae)
+        density[:, cols] += float(rng.uniform(0.05, 0.1)) * rise[:, None] * profile[None, :]
+
+
+class _ToothFrame(NamedTuple):
+    """Pixel window around one tooth and its coordinates there (pixels)."""
+
+    rows: slice
+    cols: slice
+    along: Tensor  # a: from the occlusal point towards the apex
+    signed: Tensor  # b: across the axis
+    across: Tensor  # |b|
+    outline: Tensor  # the tooth's half-width at each a
+
+
+def _tooth(arch: _Arch, i: int, edge: float, height: int, width: int) -> tuple[_ToothFrame, Tensor, Tensor]:
+    """Frame, density patch (crown brighter than root, darker pulp) and soft mask of tooth ``i``."""
+    frame = _tooth_frame(arch, i, edge, height, width)
+    a, b = frame.along, frame.across
     half, length, crown = arch.width[i] / 2, arch.length[i], arch.crown[i]
-    inside = torch.sigmoid((_half_width(arch, i, a) - b) / edge) * torch.sigmoid(a / edge) * torch.sigmoid((length - a) / edge)
+    inside = _step((frame.outline - b) / edge) * _step(a / edge) * _step((length - a) / edge)
     if arch.position[i] >= 5:  # molars: two roots, split from a third of the way down
         start = crown + 0.3 * (length - crown)
         notch = 0.35 * half * ((a - start) / (length - start)).clamp(0, 1).sqrt()
-        inside = inside * (1 - torch.sigmoid((notch - b) / edge) * (notch / edge).clamp(0, 1))
-    is_crown = torch.sigmoid((crown - a) / edge)
-    enamel = is_crown * torch.sigmoid((0.8 * crown - a) / edge) * torch.sigmoid((b - 0.7 * half) / edge)
+        inside = inside * (1 - _step((notch - b) / edge) * (notch / edge).clamp(0, 1))
+    is_crown = _step((crown - a) / edge)
+    enamel = is_crown * _step((0.8 * crown - a) / edge) * _step((b - 0.7 * half) / edge)
     pulp_half = torch.where(a < crown, 0.3 * half, 0.15 * half * (1 - (a - crown) / (length - crown)).clamp_min(0).sqrt())
-    pulp = torch.sigmoid((pulp_half - b) / edge) * _band(a, 0.45 * crown, 0.92 * length, edge)
+    pulp = _step((pulp_half - b) / edge) * _band(a, 0.45 * crown, 0.92 * length, edge)
     density = inside * (0.24 + 0.12 * is_crown + 0.1 * enamel - 0.12 * pulp)
-    return rows, cols, density, inside
+    return frame, density, inside
 
 
-def _restoration(rng: np.random.Generator, arch: _Arch, i: int, edge: float, rows: slice, cols: slice) -> Tensor:
-    """Exposed-intensity patch (near saturation) of a restoration on tooth ``i``: a crown,
-    a filling, or a crown over a root-canal filling."""
-    _, _, a, b, signed = _tooth_frame(arch, i, edge, rows=rows, cols=cols)
+def _restoration(rng: np.random.Generator, arch: _Arch, i: int, edge: float, frame: _ToothFrame) -> tuple[Tensor, float]:
+    """Soft mask of a restoration on tooth ``i`` (a crown, a filling, or a crown over a
+    root-canal filling), never outside the tooth's outline, and its exposed intensity
+    (near saturation)."""
+    a, b = frame.along, frame.across
     half, length, crown = arch.width[i] / 2, arch.length[i], arch.crown[i]
     sharp = 0.6 * edge
+    within = _step((frame.outline - b) / sharp)
     kind = rng.choice(3, p=[0.55, 0.3, 0.15])
     if kind == 1:  # filling: an ellipse inside the crown
         a0, b0 = rng.uniform(0.15, 0.5) * crown, rng.uniform(-0.3, 0.3) * half
         ra, rb = rng.uniform(0.15, 0.35) * crown, rng.uniform(0.3, 0.55) * half
-        level = 1 - ((a - a0) / ra) ** 2 - ((signed - b0) / rb) ** 2
-        mask = torch.sigmoid(level * min(ra, rb) / (2 * sharp)) * torch.sigmoid((_half_width(arch, i, a) - b) / sharp)
-    else:  # crown cap, slightly wider than the tooth
+        da, db = (a - a0) / ra, (frame.signed - b0) / rb
+        mask = _step((1 - da * da - db * db) * min(ra, rb) / (2 * sharp)) * within
+    else:  # crown cap over the whole crown
         cap = float(rng.uniform(0.85, 1.05)) * crown
-        mask = torch.sigmoid((_half_width(arch, i, a) + 0.04 * half + 0.5 - b) / sharp) * _band(a, -1.0, cap, sharp)
+        mask = within * _band(a, 0.0, cap, sharp)
         if kind == 2:
-            canal = torch.sigmoid((0.07 * half + 0.5 - b) / sharp) * _band(a, cap, 0.9 * length, sharp)
+            canal = _step((0.07 * half + 0.5 - b) / sharp) * _band(a, cap, 0.9 * length, sharp)
             mask = torch.maximum(mask, canal)
-    return mask * float(rng.uniform(0.9, 0.99))
+    return mask, float(rng.uniform(0.92, 1.0))
 
 
-def _tooth_frame(arch: _Arch, i: int, edge: float, height: int = 0, width: int = 0, *, rows=None, cols=None):
-    """Pixel window around tooth ``i`` and its coordinates along (a, from the occlusal
-    point towards the apex) and across (|b|, and signed b) the tooth axis."""
-    if rows is None:
-        lo, hi = _teeth_extent(arch.apex[i : i + 1], arch.axis[i : i + 1], arch.width[i : i + 1], arch.length[i : i + 1])
-        pad = 3 * edge + 2
-        cols = slice(max(0, int(lo[0] - pad)), min(width, int(math.ceil(hi[0] + pad)) + 1))
-        rows = slice(max(0, int(lo[1] - pad)), min(height, int(math.ceil(hi[1] + pad)) + 1))
+def _tooth_frame(arch: _Arch, i: int, edge: float, height: int, width: int) -> _ToothFrame:
+    """The pixel window around tooth ``i`` and its coordinates and outline there."""
+    lo, hi = _teeth_extent(arch.apex[i : i + 1], arch.axis[i : i + 1], arch.width[i : i + 1], arch.length[i : i + 1])
+    pad = 3 * edge + 2
+    cols = slice(max(0, int(lo[0] - pad)), min(width, int(math.ceil(hi[0] + pad)) + 1))
+    rows = slice(max(0, int(lo[1] - pad)), min(height, int(math.ceil(hi[1] + pad)) + 1))
     ys = torch.arange(rows.start, rows.stop, dtype=torch.float32)[:, None] - float(arch.apex[i, 1])
     xs = torch.arange(cols.start, cols.stop, dtype=torch.float32)[None, :] - float(arch.apex[i, 0])
     dx, dy = (float(v) for v in arch.axis[i])
-    a = xs * dx + ys * dy
-    signed = -xs * dy + ys * dx
-    return rows, cols, a, signed.abs(), signed
+    along = xs * dx + ys * dy
+    signed = ys * dx - xs * dy
+    return _ToothFrame(rows, cols, along, signed, signed.abs(), _half_width(arch, i, along))
 
 
 def _half_width(arch: _Arch, i: int, a: Tensor) -> Tensor:
@@ -629,19 +681,26 @@ def _half_width(arch: _Arch, i: int, a: Tensor) -> Tensor:
     crown_half = half - corner + (corner * corner - da * da).clamp_min(0).sqrt()
     crown_half = torch.minimum(crown_half, half * (1 - 0.18 * ((a - 0.75 * crown) / (0.25 * crown)).clamp(0, 1)))
     t = ((a - crown) / (length - crown)).clamp(0, 1)
-    return torch.where(a < crown, crown_half, half * (0.82 - 0.67 * t**1.4))
+    return torch.where(a < crown, crown_half, half * (0.82 - 0.67 * t * t.sqrt()))
 
 
 def _tight_box(inside: Tensor, row0: int, col0: int) -> list[float]:
-    """xyxy box of the pixels where ``inside`` > 1/2, in image pixels."""
-    rows = torch.nonzero(inside.amax(1) > 0.5)[:, 0]
-    cols = torch.nonzero(inside.amax(0) > 0.5)[:, 0]
+    """xyxy box of the pixels where ``inside`` > 1/2 (or half its peak, for a tooth thinner
+    than a pixel), in image pixels."""
+    level = min(0.5, 0.5 * float(inside.max()))
+    rows = torch.nonzero(inside.amax(1) > level)[:, 0]
+    cols = torch.nonzero(inside.amax(0) > level)[:, 0]
     return [col0 + int(cols[0]), row0 + int(rows[0]), col0 + int(cols[-1]) + 1, row0 + int(rows[-1]) + 1]
 
 
-def _expose(rng: np.random.Generator, density: Tensor) -> Tensor:
-    """Exposure: black level, gain and gamma; in place, returns intensities in [0, 1]."""
-    black, gain, gamma = rng.uniform(0.0, 0.08), rng.uniform(0.9, 1.35), rng.uniform(0.75, 1.35)
+def _expose(rng: np.random.Generator, density: Tensor, peak: float) -> Tensor:
+    """Exposure: black level, gain and gamma; in place, returns intensities in [0, 1].
+
+    The gain maps the densest tooth (``peak``) to 0.65-0.85 before the gamma, so enamel
+    stays below the metal of restorations (0.92-1), as on a real radiograph.
+    """
+    black, white, gamma = rng.uniform(0.0, 0.1), rng.uniform(0.65, 0.85), rng.uniform(0.75, 1.35)
+    gain = white / max(peak - black, 1e-3)
     return density.sub_(float(black)).mul_(float(gain)).clamp_(0, 1).pow_(float(gamma))
 
 
