@@ -212,13 +212,13 @@ class TestGradients:
         boxes = DACrop(**SMALL).locate(x)
         (implicit,) = torch.autograd.grad((boxes * self.weights).sum(), x)
         gaps = []
-        for steps in (10, 50, 200):
+        for steps in (10, 50, 200, 800):
             layer = DACrop(**SMALL, backward_mode="unroll", polish_steps=0, steps_per_stage=steps)
             x = images.clone().requires_grad_()
             (unrolled,) = torch.autograd.grad((layer.locate(x) * self.weights).sum(), x)
             gaps.append(((unrolled - implicit).norm() / implicit.norm()).item())
-        assert gaps[0] > gaps[1] > gaps[2], gaps
-        assert gaps[2] < 0.25, gaps  # measured 0.77, 0.23, 0.19; 800 steps/stage: 1.8e-5
+        assert gaps[0] > gaps[1] > gaps[2] > gaps[3], gaps
+        assert gaps[3] < 1e-3, gaps  # measured 0.77, 0.23, 0.19, 1.8e-5
 
     def test_dlm_needs_small_epsilon(self):
         images = textured_scene(2, 300, 555)
