@@ -71,8 +71,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 import warnings
@@ -81,6 +79,7 @@ from typing import Any
 
 import torch
 
+from _common import machine, pyplot, sync
 from dac import DACrop
 
 OUTPUT_SIZE = (20, 37)
@@ -194,30 +193,6 @@ class SavedBytes:
 
 
 # ------------------------------------------------------------------------ helpers
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except (AttributeError, OSError):
-        pass
-    return info
-
-
 def directional(grad: torch.Tensor, directions: list[torch.Tensor]) -> list[float]:
     return [float((grad * d).sum()) for d in directions]
 
@@ -440,13 +415,8 @@ def markdown(records: list[dict], ref: dict, summary: dict, config: dict, info: 
 
 def plot(records: list[dict], path: str) -> None:
     """Two panels against iterations, one line per mode: grad rel err (log) and backward time."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no plot written to {path}")
+    plt = pyplot(path)
+    if plt is None:
         return
     modes = list(dict.fromkeys(r["mode"] for r in records))
     fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(11, 4))

@@ -45,15 +45,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
-import time
-from typing import Any, Callable
 
 import torch
 
+from _common import machine, pyplot, time_it
 from dac import DACrop
 from dac.functional import (
     crop_resize,
@@ -137,40 +134,6 @@ def dense_search(saliency: torch.Tensor, layer: DACrop) -> tuple[torch.Tensor, t
 
 
 # ------------------------------------------------------------------------ timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_it(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], Any]:
-    """One warm-up call, then ``repeats`` timed calls: (seconds per call, last result)."""
-    result = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times, result
-
-
-def machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def measure(batch: int, height: int, width: int, repeats: int, device: torch.device, seed: int) -> dict:
     """All timings for one image size: a JSON-ready record."""
     torch.manual_seed(seed)
@@ -267,13 +230,8 @@ def markdown(record: dict) -> str:
 
 def plot(records: list[dict], path: str) -> None:
     """Grouped bar chart of ms/image per item and size (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no plot written to {path}")
+    plt = pyplot(path)
+    if plt is None:
         return
     keys = ["layer", "pool", "search", "crop", "dense", "floor"]
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from _common import machine, time_it
 from dac import DACrop
 
 OUTPUT_SIZE = (200, 370)
@@ -82,23 +79,6 @@ class LearnedSaliencyCrop(nn.Module):
         return self.crop(self.conv(images.float() / 255))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
-    step()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50", "resnet101"])
@@ -117,13 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipelines = {"resize": Resize(), "dac": DACrop(output_size=OUTPUT_SIZE), "dac_e2e": LearnedSaliencyCrop()}
     record: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(device),
         "arch": args.arch,
         "batch": args.batch,
         "image_size": [args.height, args.width],
@@ -142,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             optimizer.step()
 
-        times = time_steps(step, args.repeats, device)
+        times, _ = time_it(step, args.repeats, device)
         record["pipelines"][name] = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
         print(f"{name:8s} median {statistics.median(times):7.3f} s/step  min {min(times):7.3f}", flush=True)
 
