@@ -231,6 +231,19 @@ class TestGradients:
         )
         assert abs(coarse) < 1e-3 * abs(implicit)  # Theseus' default epsilon: ~no gradient
 
+    def test_calls_before_one_backward_keep_their_own_gradients(self):
+        # The Theseus objective is reused between calls; each call's graph must not be.
+        layer = DACrop(**SMALL)
+        a = textured_scene(2, 300, 555).requires_grad_()
+        b = textured_scene(2, 300, 555, seed=7).requires_grad_()
+        (layer.locate(a).sum() + 2 * layer.locate(b).sum()).backward()
+        together = a.grad.clone(), b.grad.clone()
+        a.grad = b.grad = None
+        layer.locate(a).sum().backward()
+        (2 * layer.locate(b).sum()).backward()
+        torch.testing.assert_close(together[0], a.grad, rtol=0, atol=0)
+        torch.testing.assert_close(together[1], b.grad, rtol=0, atol=0)
+
     def test_warns_when_implicit_gradient_is_inexact(self):
         x = textured_scene(1, 300, 555).requires_grad_()
         with pytest.warns(RuntimeWarning, match="did not reach a stationary point"):

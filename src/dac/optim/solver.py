@@ -5,10 +5,11 @@ Forward: ``stages`` stages of ``steps_per_stage`` clipped ascent steps
 :func:`dac.functional.shift_into_image`); after each stage the sharpness grows by
 ``sharpness_factor`` and the step shrinks by ``step_factor``. The ascent alone stalls
 short of a stationary point (curvature along r is tiny), so a *polish* follows at
-the last stage's sharpness: guarded Newton steps on the stationarity residual —
-taken only where the reduced Hessian is negative definite, the step is small and f
-does not drop, else one more ascent step — until the Newton step is below
-``eps**0.75 * max(h, w)`` saliency pixels.
+the last stage's sharpness: Newton steps on the stationarity residual, shifted
+(Levenberg–Marquardt) where the reduced Hessian is not negative definite, capped at
+``newton_max_step`` pixels and backtracked so that f never drops — else one more
+clipped ascent step — until a plain Newton step is below ``eps**0.75 * max(h, w)``
+saliency pixels.
 
 Backward modes (Theseus' names): ``unroll`` differentiates every step; ``truncated``
 the last ``backward_num_iterations`` steps; ``implicit`` runs the loop without
@@ -18,7 +19,7 @@ minimisation, computed by ``th.TheseusLayer`` from the objective.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -108,7 +109,6 @@ class DACSolverInfo(th.OptimizerInfo):
     cost: Tensor = None  # type: ignore[assignment]
     residual_norm: Tensor = None  # type: ignore[assignment]
     stage_thetas: Tensor = None  # type: ignore[assignment]
-    extra: dict = field(default_factory=dict)
 
 
 def build_objective(batch: int, h: int, w: int, aspect: float, dtype: torch.dtype, device: Any) -> tuple[th.Objective, DACCost]:
