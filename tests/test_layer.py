@@ -251,3 +251,15 @@ class TestGradients:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             DACrop(**SMALL).locate(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    images = textured_scene(2, 300, 555, dtype=torch.float32)
+    layer = DACrop(**SMALL)
+    cpu_boxes = layer.locate(images)
+    x = images.cuda().requires_grad_()
+    crops, boxes, info = layer(x, return_boxes=True)
+    crops.sum().backward()
+    assert crops.device.type == "cuda" and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(boxes.cpu(), cpu_boxes, rtol=0, atol=1e-2)
