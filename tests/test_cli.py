@@ -87,6 +87,19 @@ def test_exit_codes(tmp_path: Path, capsys):
     assert exc.value.code == 2
 
 
+def test_one_bad_image_does_not_fail_its_batch(tmp_path: Path):
+    write_scene(tmp_path / "in" / "good.png", 1)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "in" / "tiny.png")
+    nan = np.full((150, 280), np.nan, dtype=np.float32)
+    Image.fromarray(nan, mode="F").save(tmp_path / "in" / "nan.tif")
+    out = tmp_path / "out"
+    assert main(["crop", str(tmp_path / "in"), "--out", str(out), "--batch-size", "8", *SMALL]) == 1
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert rows["good.png"]["status"] == "ok"
+    assert rows["tiny.png"]["status"] == "failed" and "too small" in rows["tiny.png"]["error"]
+    assert rows["nan.tif"]["status"] == "failed" and "NaN" in rows["nan.tif"]["error"]
+
+
 def test_glob_and_16_bit_output(tmp_path: Path):
     for i in range(3):
         write_scene(tmp_path / "in" / f"img{i}.png", i)

@@ -201,7 +201,11 @@ def crop_archive(
 
     def read(p: Path) -> torch.Tensor:
         image = dio.read_image(p)
-        return dio.to_gray8(image) if gray8 else image
+        if gray8:
+            return dio.to_gray8(image)
+        # Integer images stay integer (a quarter of the memory); float ones are checked
+        # (NaN fails the file) and clipped to [0, 1], the range DACrop expects.
+        return dio.to_unit_float(image) if image.dtype.is_floating_point else image
 
     from tqdm import tqdm
 
@@ -242,28 +246,47 @@ def _crop_batch(items, todo, layer, device, out, bits, overlays, dio) -> list[di
         else:
             rows[i] = base | {"width": str(image.shape[-1]), "height": str(image.shape[-2])}
             good.append((i, image))
-    if good:
+    for (i, image), (crop, box, stats) in zip(good, _search(layer, good, device)):
+        if box is None:
+            rows[i] |= {"status": "failed", "error": crop}
+            continue
+        name = f"crops/{output_name(todo[i])}"
         try:
-            with torch.no_grad():
-                crops, boxes, info = layer([img.to(device) for _, img in good], return_boxes=True)
-        except Exception as exc:  # noqa: BLE001 - a batch that breaks is recorded per file
-            for i, _ in good:
-                rows[i] |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            good = []
-        for k, (i, image) in enumerate(good):
-            name = f"crops/{output_name(todo[i])}"
-            try:
-                dio.write_png(out / name, crops[k].cpu(), bits=bits)
-                if overlays:
-                    _write_overlay(out / "overlays" / output_name(todo[i]), image, boxes[k].cpu(), dio)
-            except Exception as exc:  # noqa: BLE001
-                rows[i] |= {"status": "failed", "error": f"could not write output: {exc}"}
-                continue
-            x1, y1, x2, y2 = (f"{v:.2f}" for v in boxes[k].tolist())
-            cost, iters = info.cost[k].item(), int(info.iterations[k])
-            rows[i] |= {"status": "ok", "x1": x1, "y1": y1, "x2": x2, "y2": y2,
-                        "cost": f"{cost:.6g}", "iterations": str(iters), "crop": name}
+            dio.write_png(out / name, crop.cpu(), bits=bits)
+            if overlays:
+                _write_overlay(out / "overlays" / output_name(todo[i]), image, box.cpu(), dio)
+        except Exception as exc:  # noqa: BLE001 - recorded in boxes.csv
+            rows[i] |= {"status": "failed", "error": f"could not write output: {exc}"}
+            continue
+        x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
+        rows[i] |= {"status": "ok", "x1": x1, "y1": y1, "x2": x2, "y2": y2,
+                    "cost": f"{stats[0]:.6g}", "iterations": str(stats[1]), "crop": name}
     return [rows[i] for i, _, _ in items]
+
+
+def _search(layer: DACrop, good: list, device: torch.device) -> list[tuple]:
+    """(crop, box, (cost, iterations)) per image, or (reason, None, None) where it failed.
+
+    The batch is searched at once; if that raises (one image too small, say), each
+    image is searched alone so that only the bad ones fail.
+    """
+    def run(images):
+        with torch.no_grad():
+            crops, boxes, info = layer([img.to(device) for img in images], return_boxes=True)
+        return [(crops[k], boxes[k], (info.cost[k].item(), int(info.iterations[k]))) for k in range(len(images))]
+
+    if not good:
+        return []
+    try:
+        return run([img for _, img in good])
+    except Exception:  # noqa: BLE001 - isolate the image that broke the batch
+        results = []
+        for _, img in good:
+            try:
+                results.extend(run([img]))
+            except Exception as exc:  # noqa: BLE001 - recorded in boxes.csv
+                results.append((f"{type(exc).__name__}: {exc}", None, None))
+        return results
 
 
 def _write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, dio) -> None:
