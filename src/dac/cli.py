@@ -1,13 +1,16 @@
-"""The ``dac`` command line: ``dac crop`` and ``dac demo``.
+"""The ``dac`` command line: ``dac crop``, ``dac demo``, ``dac train`` and ``dac cv``.
 
 Each subcommand parses its arguments and calls one library function; errors the user
-can fix are one line on stderr. Exit status: 0 all done, 1 some inputs failed,
-2 usage error.
+can fix are one line on stderr. Exit status: 0 all done, 1 some inputs failed (crop) or
+the run did not finish (train, cv: interrupted or diverged; the same command resumes
+it), 2 usage error.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ._checks import DACInputError
@@ -61,18 +64,49 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="dac-demo", metavar="DIR", help="results folder (default ./dac-demo)")
     demo.add_argument("--count", type=int, default=6, help="number of phantoms (default 6)")
     demo.add_argument("--seed", type=int, default=0)
+
+    for name, summary, text in (
+        ("train", "train one pipeline (DAC, resize, DAC end to end or STN) and test it on a held-out part",
+         "Train one pipeline of a config on all images but a stratified hold-out (train.holdout), then "
+         "test it. Writes OUT/<pipeline>/checkpoint.pt, metrics.json and predictions.csv. Re-running the "
+         "same command resumes. Runs under torchrun for several processes."),
+        ("cv", "k-fold comparison of the pipelines: accuracy, ROC/AUC, figures",
+         "Stratified k-fold cross-validation of every pipeline of a config (resize, dac, dac_e2e, stn) "
+         "on the same folds. Writes OUT/summary.json, summary.md, folds.csv, figures/ and per-fold "
+         "checkpoints and metrics. Re-running the same command skips finished folds and resumes the "
+         "unfinished one. Runs under torchrun for several processes."),
+    ):
+        cmd = sub.add_parser(name, help=summary, description=text)
+        cmd.add_argument("--config", required=True, metavar="PATH", help="YAML config (e.g. configs/quick.yaml, configs/paper.yaml)")
+        cmd.add_argument("--data", metavar="DIR|CSV", help="images: a folder with one sub-folder per class, or a CSV of path,label (overrides the config's data.source)")
+        cmd.add_argument("--out", required=True, metavar="DIR", help="results folder")
+        cmd.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+        cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+        if name == "train":
+            cmd.add_argument("--pipeline", metavar="NAME", help="which of the config's pipelines (default: dac)")
+        else:
+            cmd.add_argument("--pipelines", metavar="A,B", help="comma-separated subset of the config's pipelines (default: all)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"crop": _crop, "demo": _demo, "train": _train, "cv": _cv}
     try:
-        if args.command == "crop":
-            return _crop(args)
-        return _demo(args)
+        return commands[args.command](args)
     except DACInputError as exc:
         print(f"dac {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command in ("train", "cv"):
+            print(f"dac {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+            return 1
+        raise
+    except RuntimeError as exc:
+        if args.command in ("train", "cv"):
+            print(f"dac {args.command}: failed: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _crop(args: argparse.Namespace) -> int:
@@ -108,6 +142,28 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, count=args.count, seed=args.seed)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_config, train_pipeline
+
+    config = load_config(args.config, data=args.data, device=args.device)
+    metrics = train_pipeline(config, args.out, pipeline=args.pipeline, verbose=not args.quiet)
+    if "accuracy" in metrics and os.environ.get("RANK", "0") == "0":
+        print(f"dac train: {metrics['pipeline']}: held-out accuracy {metrics['accuracy']:.3f}, "
+              f"macro AUC {metrics['macro_auc']:.3f} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from .train import load_config, run_cv
+
+    config = load_config(args.config, data=args.data, device=args.device)
+    pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()] if args.pipelines else None
+    run_cv(config, args.out, pipelines=pipelines, verbose=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        print(Path(args.out, "summary.md").read_text(), end="")
     return 0
 
 

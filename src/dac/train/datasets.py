@@ -1,0 +1,179 @@
+"""Images and labels for training: phantoms or a real archive, in-memory caches, stratified folds.
+
+Every dataset here yields ``{"image": Tensor[C, H, W], "label": int}``; images of
+different sizes are batched as lists (:func:`dac.data.collate_images`). Real images
+are read as one channel; with ``gray8`` (default) they become 8-bit gray, the
+paper's preprocessing.
+
+Example:
+    >>> folds = stratified_folds([0, 1] * 6, k=3, seed=0)
+    >>> [len(test) for test in folds], sorted(np.concatenate(folds).tolist()) == list(range(12))
+    ([4, 4, 4], True)
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .._checks import DACInputError
+from ..data import CLASS_NAMES, ImageFolderDataset, PhantomDataset
+from .config import DataConfig
+from .distributed import Runtime, gather_shards, shard
+
+__all__ = [
+    "ImageLabelDataset",
+    "MemoryDataset",
+    "build_dataset",
+    "holdout_split",
+    "load_images",
+    "stratified_folds",
+]
+
+
+class ImageLabelDataset(Dataset):
+    """A view of a dataset whose items are dicts with ``image`` and ``label``: just those two.
+
+    Args:
+        base: a dataset with ``.labels`` (:class:`dac.data.PhantomDataset`,
+            :class:`dac.data.ImageFolderDataset`).
+        classes: class names, index = label.
+    """
+
+    def __init__(self, base: Dataset, classes: Sequence[str]) -> None:
+        self.base = base
+        self.classes = list(classes)
+        self.labels = list(base.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.base[index]
+        return {"image": item["image"], "label": int(item["label"])}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base!r})"
+
+
+class MemoryDataset(Dataset):
+    """Images (or a pipeline's cached outputs) held in memory, with their labels.
+
+    Args:
+        images: a list of Tensor[C, H, W] (any sizes) or one Tensor[N, C, h, w].
+        labels: N ints.
+        classes: class names.
+        dtype: if given, items are converted to it (e.g. float16 caches -> float32).
+    """
+
+    def __init__(self, images: Sequence[Tensor] | Tensor, labels: Sequence[int], classes: Sequence[str], dtype: torch.dtype | None = None) -> None:
+        if len(images) != len(labels):
+            raise DACInputError(f"images, labels: expected one label per image, got {len(images)} images and {len(labels)} labels")
+        self.images = images
+        self.labels = list(labels)
+        self.classes = list(classes)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.images[index]
+        if self.dtype is not None:
+            image = image.to(self.dtype)
+        return {"image": image, "label": self.labels[index]}
+
+
+def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
+    """The dataset a config names: generated phantoms, or a folder / CSV of real images.
+
+    Args:
+        config: ``source`` is ``"phantom"`` (``length`` phantoms of ``sizes``, classes
+            balanced, seeded by ``seed``) or a path (folder of class folders, or CSV of
+            ``path,label``; see :class:`dac.data.ImageFolderDataset`).
+        seed: the phantom dataset's seed.
+
+    Returns:
+        An :class:`ImageLabelDataset` with ``labels`` and ``classes``.
+
+    Raises:
+        DACInputError: the source does not exist, lists no images, or has one class.
+    """
+    if config.source == "phantom":
+        base: Dataset = PhantomDataset(config.length, seed=seed, sizes=config.sizes, bits=8)
+        classes: Sequence[str] = CLASS_NAMES
+    else:
+        from ..io import read_image, to_gray8
+
+        if not Path(config.source).exists():
+            raise DACInputError(f"data.source: {config.source!r} does not exist (expected 'phantom', a folder or a CSV)")
+
+        reader = functools.partial(read_image, gray=True)
+        base = ImageFolderDataset(config.source, reader=reader, transform=to_gray8 if config.gray8 else None)
+        classes = base.classes
+    dataset = ImageLabelDataset(base, classes)
+    if len(set(dataset.labels)) < 2:
+        raise DACInputError(f"data: {config.source!r} has fewer than two classes")
+    return dataset
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def load_images(dataset: Dataset, indices: Sequence[int], rt: Runtime, *, workers: int = 0) -> list[Tensor]:
+    """Read (or generate) the images at ``indices``, split over the processes, gathered on all.
+
+    Args:
+        dataset: items ``{"image": Tensor[C, H, W], ...}``.
+        indices: which items.
+        rt: the runtime (each rank reads ``indices[rank::world]``).
+        workers: DataLoader processes.
+
+    Returns:
+        The images, in ``indices`` order.
+    """
+    indices = [int(i) for i in indices]
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, shard(rt, indices)), batch_size=8, num_workers=workers, collate_fn=_as_list
+    )
+    return gather_shards(rt, [item["image"] for batch in loader for item in batch], len(indices))
+
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.ndarray]:
+    """The test indices of each fold of a shuffled, stratified k-fold split (scikit-learn's).
+
+    Args:
+        labels: N class labels.
+        k: folds (paper: 10); every class needs at least k samples.
+        seed: shuffling seed.
+
+    Returns:
+        k sorted int arrays; together they hold every index once.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    present = counts[counts > 0]
+    if k < 2 or present.min() < k:
+        raise DACInputError(f"folds: {k} folds need at least {k} images per class; the smallest class has {present.min()}")
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [np.sort(test) for _, test in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def holdout_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices with a stratified ``fraction`` held out (test empty when 0)."""
+    labels = np.asarray(labels)
+    if fraction == 0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    from sklearn.model_selection import train_test_split
+
+    train, test = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)
+    return np.sort(train), np.sort(test)

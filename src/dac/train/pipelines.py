@@ -1,0 +1,368 @@
+"""The four input pipelines in front of the classifier, and the network they make together.
+
+* ``resize`` — :class:`ResizeFront`: the whole image to ``input_size`` (224 x 224 in the
+  paper; aspect ratio distorted): the paper's non-DAC baseline.
+* ``dac`` — :class:`DACFront` without a learned part: ``DACrop`` finds the box on the
+  raw image and crops it to ``input_size`` (200 x 370), aspect kept.
+* ``dac_e2e`` — :class:`DACFront` with a :class:`LearnedSaliency` upstream: the box is
+  searched on the learned map, the crop is taken from the original image, so the
+  learned layer's parameters get their gradient *only through the box* (the implicit
+  gradient of the search, or whichever ``backward_mode``).
+* ``stn`` — :class:`SpatialTransformerCrop`: a localisation CNN predicts a
+  scale-and-translate box of the same aspect, sampled to the same size (Jaderberg et
+  al. 2015), trained from the task loss alone.
+
+Every front takes a Tensor[B, C, H, W] (integer or float images) or a list of
+differently sized Tensor[C, H, W], and returns floats Tensor[B, C, h, w] in [0, 1].
+
+Example:
+    >>> from dac.train.config import PipelineConfig
+    >>> net = build_pipeline(PipelineConfig(kind="stn", input_size=(20, 37), localization_size=(32, 59)), width=4)
+    >>> net(torch.randint(0, 255, (2, 1, 96, 177), dtype=torch.uint8)).shape
+    torch.Size([2, 5])
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import DACInputError, check_image_batch, check_size
+from ..functional.crop import crop_resize
+from ..functional.pooling import to_unit_range
+from ..layer import DACrop
+from .augment import BatchAugment, augmentation, max_inside_rotation, roi_rotation_crop
+from .config import PipelineConfig
+from .models import resnet
+
+__all__ = [
+    "DACFront",
+    "LearnedSaliency",
+    "Pipeline",
+    "ResizeFront",
+    "SpatialTransformerCrop",
+    "build_pipeline",
+]
+
+Images = Tensor | Sequence[Tensor]
+
+
+def _by_size(images: Images, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``fn`` (Tensor[b, C, H, W] -> Tensor[b, ...]) to each same-size group, rows in input order."""
+    if isinstance(images, Tensor):
+        check_image_batch(images)
+        return fn(images)
+    if not isinstance(images, (list, tuple)) or not images:
+        raise DACInputError(f"images: expected a Tensor[B, C, H, W] or a non-empty list of Tensor[C, H, W], got {type(images).__name__}")
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.ndim != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise DACInputError(f"images[{i}]: expected Tensor[C, H, W], got {shape}")
+        groups.setdefault((tuple(image.shape), image.dtype), []).append(i)
+    if len(groups) == 1:
+        return fn(torch.stack(list(images)))
+    parts, order = [], []
+    for idx in groups.values():
+        parts.append(fn(torch.stack([images[i] for i in idx])))
+        order.extend(idx)
+    out = torch.cat(parts)
+    return out[torch.argsort(torch.tensor(order, device=out.device))]
+
+
+class ResizeFront(nn.Module):
+    """Resize the whole image to ``size`` (bilinear, anti-aliased; the aspect ratio is not kept).
+
+    Args:
+        size: (H_out, W_out) (paper's baseline: 224 x 224).
+    """
+
+    def __init__(self, size: Sequence[int]) -> None:
+        super().__init__()
+        self.size = check_size(size, "size")
+
+    def forward(self, images: Images) -> Tensor:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> Tensor[B, C, H_out, W_out] in [0, 1]."""
+        return _by_size(images, self._resize)
+
+    def _resize(self, x: Tensor) -> Tensor:
+        x = to_unit_range(x, torch.float32) if not x.dtype.is_floating_point else x
+        return F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class LearnedSaliency(nn.Module):
+    """A trainable intensity curve upstream of the box search: ``x + c(x)``.
+
+    ``c`` is piecewise linear on [0, 1] with ``knots`` equally spaced knots whose values
+    are learned, zero at the start: training begins at plain DAC and learns which
+    intensity bands (metal restorations, enamel, bone) the max–min pooled saliency
+    should weigh. Per pixel, so it costs little at full radiograph resolution (a 3 x 3
+    convolution there cost ~4x more per step on 2 CPU cores).
+
+    Args:
+        knots: number of knots (>= 2).
+
+    Example:
+        >>> layer = LearnedSaliency(knots=5)
+        >>> torch.equal(layer(torch.tensor([0.0, 0.3, 1.0])), torch.tensor([0.0, 0.3, 1.0]))
+        True
+    """
+
+    def __init__(self, knots: int = 17) -> None:
+        super().__init__()
+        if isinstance(knots, bool) or not isinstance(knots, int) or knots < 2:
+            raise DACInputError(f"knots: expected an int >= 2, got {knots!r}")
+        self.values = nn.Parameter(torch.zeros(knots))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Tensor[B, C, H, W] float in [0, 1] -> saliency Tensor[B, C, H, W]."""
+        segments = self.values.numel() - 1
+        position = images.clamp(0, 1) * segments
+        index = position.detach().floor().clamp_(max=segments - 1)
+        fraction = position - index
+        index = index.long()
+        return images + torch.lerp(self.values[index], self.values[index + 1], fraction)
+
+    def extra_repr(self) -> str:
+        return f"knots={self.values.numel()}"
+
+
+class DACFront(nn.Module):
+    """DACrop as the first layer: find each image's box, crop it to ``output_size``.
+
+    Without ``saliency`` this is the paper's DAC (the box is searched on the raw
+    image). With one (``dac_e2e``) the box is searched on ``saliency(image)`` and the
+    crop is taken from the original image, so the saliency's parameters receive
+    gradients through the box. With ``roi_rotate_degrees`` > 0, training crops are
+    turned about the box centre by a random angle, limited per image so the rotated
+    box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`).
+
+    Convention: boxes are xyxy in input pixels (torchvision's).
+
+    Args:
+        output_size: (H_out, W_out) of the crops (paper: 200 x 370).
+        pool_size: DACrop's max-min pooling window (paper: 10).
+        backward_mode: DACrop's backward mode.
+        saliency: a trainable module Tensor[B, C, H, W] -> Tensor[B, C, H, W], or None.
+        roi_rotate_degrees: largest rotation about the box centre (0: none).
+
+    Attributes:
+        boxes_total, boxes_unconverged: running counts of searched boxes and of those
+            that did not reach a stationary point (their implicit gradient is then
+            approximate); the engine reports and resets them every epoch.
+    """
+
+    def __init__(
+        self,
+        output_size: Sequence[int] = (200, 370),
+        pool_size: int = 10,
+        backward_mode: str = "implicit",
+        saliency: nn.Module | None = None,
+        roi_rotate_degrees: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode)
+        self.saliency = saliency
+        if not 0 <= float(roi_rotate_degrees) < 90:
+            raise DACInputError(f"roi_rotate_degrees: expected an angle in [0, 90), got {roi_rotate_degrees!r}")
+        self.roi_rotate_degrees = float(roi_rotate_degrees)
+        self.boxes_total = 0
+        self.boxes_unconverged = 0
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.crop.output_size
+
+    def forward(self, images: Images) -> Tensor:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> crops Tensor[B, C, H_out, W_out] float."""
+        return _by_size(images, self._crop_batch)
+
+    def locate(self, images: Images) -> Tensor:
+        """Boxes Tensor[B, 4], xyxy in input pixels (differentiable in the saliency's parameters)."""
+        return _by_size(images, lambda x: self._boxes(x)[1])
+
+    def _boxes(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.saliency is None:
+            source = images  # DACrop pools integer images without a float copy
+        else:
+            images = to_unit_range(images, torch.float32) if not images.dtype.is_floating_point else images
+            source = self.saliency(images)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+            boxes, info = self.crop.locate(source, return_info=True)
+        self.boxes_total += int(boxes.shape[0])
+        self.boxes_unconverged += int((~(info.converged | info.frozen)).sum())
+        return images, boxes
+
+    def _crop_batch(self, images: Tensor) -> Tensor:
+        images, boxes = self._boxes(images)
+        if self.training and self.roi_rotate_degrees > 0:
+            limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
+            draw = torch.rand(boxes.shape[0], device=limit.device) * 2 - 1
+            return roi_rotation_crop(images, boxes, draw * limit, self.output_size).float()
+        return crop_resize(images, boxes, self.output_size, antialias=True).float()
+
+    def extra_repr(self) -> str:
+        return f"roi_rotate_degrees={self.roi_rotate_degrees}"
+
+
+class SpatialTransformerCrop(nn.Module):
+    """A spatial transformer restricted to scale and translation, with the crop's aspect.
+
+    A small CNN sees the image resized to ``localization_size`` and predicts
+    ``(a, b, c)``; the box has width ``sigmoid(a) * w_max`` (``w_max`` = the widest box
+    of aspect ``H_out / W_out`` that fits the image) and its centre moves by
+    ``tanh(b)``, ``tanh(c)`` of the free room, so it stays in the image. The box is
+    sampled bilinearly (from the image average-pooled to about the crop's scale, so
+    it does not alias) to ``output_size``. Initialised to the centred box of width
+    ``init_scale * w_max``; trained from the task loss alone.
+
+    Convention: boxes are xyxy in input pixels (torchvision's).
+
+    Args:
+        output_size: (H_out, W_out).
+        localization_size: (H, W) the localisation CNN sees.
+        channels: image channels C.
+        init_scale: the initial box width as a fraction of ``w_max``, in (0, 1).
+    """
+
+    def __init__(
+        self,
+        output_size: Sequence[int] = (200, 370),
+        localization_size: Sequence[int] = (64, 118),
+        channels: int = 1,
+        init_scale: float = 0.8,
+    ) -> None:
+        super().__init__()
+        self.output_size = check_size(output_size, "output_size")
+        self.localization_size = check_size(localization_size, "localization_size")
+        if not 0 < init_scale < 1:
+            raise DACInputError(f"init_scale: expected a number in (0, 1), got {init_scale!r}")
+        self.init_scale = float(init_scale)
+        self.localization = nn.Sequential(
+            nn.Conv2d(channels, 8, 5, stride=2, padding=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 32),
+            nn.ReLU(inplace=True),
+            nn.Linear(32, 3),
+        )
+        head = self.localization[-1]
+        nn.init.zeros_(head.weight)
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor([math.log(init_scale / (1 - init_scale)), 0.0, 0.0]))
+
+    @property
+    def aspect(self) -> float:
+        return self.output_size[0] / self.output_size[1]
+
+    def forward(self, images: Images) -> Tensor:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> Tensor[B, C, H_out, W_out] float."""
+        return _by_size(images, self._crop_batch)
+
+    def locate(self, images: Images) -> Tensor:
+        """Boxes Tensor[B, 4], xyxy in input pixels."""
+        return _by_size(images, lambda x: self._boxes(self._float(x)))
+
+    def _float(self, x: Tensor) -> Tensor:
+        return to_unit_range(x, torch.float32) if not x.dtype.is_floating_point else x
+
+    def _boxes(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        small = F.interpolate(x, size=self.localization_size, mode="bilinear", antialias=True, align_corners=False)
+        a, b, c = self.localization(small).unbind(-1)
+        w_max = min(float(width), float(height) / self.aspect)
+        box_w = torch.sigmoid(a) * w_max
+        box_h = box_w * self.aspect
+        cx = width / 2 + torch.tanh(b) * (width - box_w) / 2
+        cy = height / 2 + torch.tanh(c) * (height - box_h) / 2
+        return torch.stack([cx - box_w / 2, cy - box_h / 2, cx + box_w / 2, cy + box_h / 2], -1)
+
+    def _crop_batch(self, images: Tensor) -> Tensor:
+        x = self._float(images)
+        boxes = self._boxes(x)
+        return roi_rotation_crop(x, boxes, boxes.new_zeros(boxes.shape[0]), self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, localization_size={self.localization_size}, init_scale={self.init_scale}"
+
+
+class Pipeline(nn.Module):
+    """front -> augmentation (training only) -> classifier.
+
+    Args:
+        front: one of the fronts above (Tensor or list of images -> Tensor[B, C, h, w]).
+        classifier: Tensor[B, C, h, w] -> logits Tensor[B, num_classes].
+        augment: applied to the front's output in training mode (or None).
+
+    ``forward(x, fronted=True)`` skips the front: ``x`` is already its output (the
+    engine caches the output of fronts with nothing to learn).
+    """
+
+    def __init__(self, front: nn.Module, classifier: nn.Module, augment: nn.Module | None = None) -> None:
+        super().__init__()
+        self.front = front
+        self.augment = augment if augment is not None else BatchAugment(None)
+        self.classifier = classifier
+
+    @property
+    def front_is_fixed(self) -> bool:
+        """True when the front has no trainable parameters and no training-time randomness:
+        its output can be computed once per image and cached."""
+        trainable = any(p.requires_grad for p in self.front.parameters())
+        random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0
+        return not trainable and not random
+
+    def forward(self, images: Images, fronted: bool = False) -> Tensor:
+        """Logits Tensor[B, num_classes] of raw images (or of front outputs if ``fronted``)."""
+        x = images if fronted else self.front(images)
+        return self.classifier(self.augment(x))
+
+
+def build_pipeline(
+    config: PipelineConfig,
+    *,
+    arch: str = "resnet18",
+    width: int = 64,
+    num_classes: int = 5,
+    channels: int = 1,
+) -> Pipeline:
+    """The network of one pipeline: its front, its augmentation, a fresh ResNet.
+
+    Args:
+        config: the pipeline's settings (kind, input size, augmentation, ...).
+        arch, width: the ResNet (see :func:`dac.train.models.resnet`).
+        num_classes: outputs.
+        channels: image channels (1: the paper's grayscale).
+
+    Returns:
+        A :class:`Pipeline`, randomly initialised from torch's global RNG (the ResNet
+        first, so one seed gives every pipeline the same initial classifier).
+    """
+    kind = config.kind
+    size = config.input_size
+    # The classifier first: one seed gives every pipeline the same initial ResNet.
+    classifier = resnet(arch, num_classes, in_channels=channels, width=width)
+    if kind == "resize":
+        front: nn.Module = ResizeFront(size)
+    elif kind in ("dac", "dac_e2e"):
+        saliency = LearnedSaliency(config.saliency_knots) if kind == "dac_e2e" else None
+        front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees)
+    elif kind == "stn":
+        front = SpatialTransformerCrop(size, config.localization_size, channels)
+    else:
+        raise DACInputError(f"config.kind: expected resize, dac, dac_e2e or stn, got {kind!r}")
+    transform = augmentation(config.augment, rotate=config.roi_rotate_degrees == 0)
+    return Pipeline(front, classifier, BatchAugment(transform))

@@ -1,0 +1,575 @@
+"""dac.train: config, models, augmentation, pipelines, metrics vs scikit-learn, training,
+checkpoints and resume, k-fold runs and their results folder, the CLI, and DDP on 2 processes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from dac import DACInputError
+from dac.cli import main
+from dac.data import make_phantom
+from dac.functional import crop_resize
+from dac.train import (
+    BatchAugment,
+    DACFront,
+    LearnedSaliency,
+    PipelineConfig,
+    ResizeFront,
+    SpatialTransformerCrop,
+    augmentation,
+    build_pipeline,
+    classification_metrics,
+    config_from_dict,
+    fit,
+    init_runtime,
+    load_checkpoint,
+    load_config,
+    load_pipeline,
+    max_inside_rotation,
+    precompute_front,
+    predict,
+    resnet,
+    roc_curve,
+    roi_rotation_crop,
+    run_cv,
+    save_checkpoint,
+    summarize_folds,
+)
+from dac.train.augment import PAPER_DAC_RANGES
+from dac.train.datasets import MemoryDataset, stratified_folds
+from dac.train.metrics import auc, mean_std
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("resize", "dac", "dac_e2e", "stn")
+
+# Tiny everything: 96 x 177 phantoms (the paper's 1536 x 2836 / 16), crops of 20 x 37.
+TINY = {
+    "seed": 0,
+    "data": {"source": "phantom", "length": 20, "sizes": [[96, 177]], "cache_images": True},
+    "model": {"arch": "resnet18", "width": 4},
+    "train": {"batch_size": 6, "folds": 2, "device": "cpu", "eval_batch_size": 10, "holdout": 0.25},
+    "pipelines": {
+        "resize": {"epochs": 1, "input_size": [24, 24]},
+        "dac": {"epochs": 2, "input_size": [20, 37], "pool_size": 3},
+        "dac_e2e": {"epochs": 1, "input_size": [20, 37], "pool_size": 3},
+        "stn": {"epochs": 1, "input_size": [20, 37], "localization_size": [32, 59]},
+    },
+}
+
+
+def tiny_config(**pipelines):
+    raw = json.loads(json.dumps(TINY))
+    if pipelines:
+        raw["pipelines"] = {k: v for k, v in pipelines.items()}
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> MemoryDataset:
+    """12 uint8 phantoms of 96 x 177, labels 0..4 cycling."""
+    items = [make_phantom(i, 96, 177, label=i % 5) for i in range(12)]
+    return MemoryDataset([p.image for p in items], [p.label for p in items], [str(c) for c in range(5)])
+
+
+def tiny_pipeline(kind: str, **kw):
+    sizes = {"resize": (24, 24)}
+    cfg = PipelineConfig(kind=kind, input_size=sizes.get(kind, (20, 37)), pool_size=3, localization_size=(32, 59), **kw)
+    torch.manual_seed(0)
+    return build_pipeline(cfg, arch="resnet18", width=4)
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+class TestConfig:
+    def test_defaults_are_the_papers(self):
+        cfg = config_from_dict({})
+        assert (cfg.model.arch, cfg.train.lr, cfg.train.batch_size, cfg.train.folds) == ("resnet101", 1e-3, 24, 10)
+        assert cfg.pipelines["resize"].input_size == (224, 224) and cfg.pipelines["resize"].epochs == 96
+        assert cfg.pipelines["dac"].input_size == (200, 370) and cfg.pipelines["dac"].epochs == 144
+        assert list(cfg.pipelines) == list(KINDS)
+
+    @pytest.mark.parametrize(
+        "raw, key",
+        [
+            ({"train": {"lrr": 1}}, "train"),
+            ({"train": {"lr": -1}}, "train.lr"),
+            ({"train": {"folds": 1}}, "train.folds"),
+            ({"model": {"arch": "vgg16"}}, "model.arch"),
+            ({"pipelines": {"dac": {"epochs": 0}}}, "pipelines.dac.epochs"),
+            ({"pipelines": {"dac": {"augment": "heavy"}}}, "pipelines.dac.augment"),
+            ({"pipelines": {"fast": {"epochs": 2}}}, "pipelines.fast.kind"),
+            ({"pipelines": {"stn": {"roi_rotate_degrees": 5}}}, "pipelines.stn.roi_rotate_degrees"),
+            ({"data": {"sizes": [[10, 20]]}}, r"data.sizes\[0\]"),
+            ({"bogus": 1}, "config"),
+        ],
+    )
+    def test_bad_key_or_value_raises_naming_it(self, raw, key):
+        with pytest.raises(DACInputError, match=key):
+            config_from_dict(raw)
+
+    def test_shipped_configs_load(self):
+        quick = load_config(ROOT / "configs" / "quick.yaml")
+        paper = load_config(ROOT / "configs" / "paper.yaml")
+        assert list(quick.pipelines) == list(paper.pipelines) == list(KINDS)
+        assert paper.model.arch == "resnet101" and paper.train.folds == 10
+        assert (paper.pipelines["dac"].epochs, paper.pipelines["resize"].epochs) == (144, 96)
+
+    def test_overrides_and_missing_files(self, tmp_path):
+        cfg = load_config(ROOT / "configs" / "quick.yaml", data=str(tmp_path), device="cpu")
+        assert cfg.data.source == str(tmp_path)
+        with pytest.raises(DACInputError, match="--data"):
+            load_config(None, data=str(tmp_path / "nope"))
+        with pytest.raises(DACInputError, match="config"):
+            load_config(tmp_path / "nope.yaml")
+        (tmp_path / "bad.yaml").write_text("train: [1, 2")
+        with pytest.raises(DACInputError, match="not valid YAML"):
+            load_config(tmp_path / "bad.yaml")
+
+    def test_fingerprint_ignores_device_only(self):
+        a, b, c = tiny_config(), tiny_config(), tiny_config()
+        b.train.device = "cuda"
+        c.train.lr = 2e-3
+        assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class TestResNet:
+    @pytest.mark.parametrize("arch, reference", [("resnet18", torchvision.models.resnet18), ("resnet50", torchvision.models.resnet50)])
+    def test_width_64_is_torchvisions_network(self, arch, reference):
+        ours = resnet(arch, num_classes=5, in_channels=3, width=64)
+        theirs = reference(weights=None, num_classes=5)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+    def test_one_channel_stem_and_shapes(self):
+        net = resnet("resnet18", 5, width=8)
+        assert net.conv1.in_channels == 1
+        assert net(torch.rand(3, 1, 48, 88)).shape == (3, 5)
+
+    @pytest.mark.parametrize("kw, name", [({"arch": "resnet7"}, "arch"), ({"width": 0}, "width"), ({"num_classes": 1}, "num_classes")])
+    def test_bad_input_raises(self, kw, name):
+        with pytest.raises(DACInputError, match=name):
+            resnet(**kw)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+class TestAugmentation:
+    def test_paper_ranges(self):
+        affine = augmentation("paper").transforms[-1]
+        assert affine.degrees == [-7.0, 7.0] and affine.scale == (0.97, 1.03) and list(affine.shear)[:2] == [0.0, 2.0]
+        assert affine.translate == PAPER_DAC_RANGES["translate"]
+        assert round(affine.translate[0] * 370) == 26 and round(affine.translate[1] * 200) == 14
+        assert augmentation("paper", rotate=False).transforms[-1].degrees == [0.0, 0.0]
+        assert augmentation("none") is None
+        with pytest.raises(DACInputError, match="preset"):
+            augmentation("heavy")
+
+    def test_each_image_draws_its_own_and_eval_is_identity(self):
+        aug = BatchAugment(augmentation("strong"))
+        x = torch.rand(1, 1, 20, 37).repeat(4, 1, 1, 1)
+        torch.manual_seed(0)
+        y = aug.train()(x)
+        assert y.shape == x.shape and not torch.equal(y[0], y[1])
+        assert torch.equal(aug.eval()(x), x)
+
+    def test_differentiable(self):
+        x = torch.rand(3, 1, 20, 37, requires_grad=True)
+        BatchAugment(augmentation("paper")).train()(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+class TestRoIRotation:
+    def test_no_black_corners_at_the_allowed_angle(self):
+        image = torch.ones(2, 1, 100, 180)
+        boxes = torch.tensor([[40.0, 25, 140, 79], [0, 20, 100, 74]])  # the second touches the left border
+        limit = max_inside_rotation(boxes, (100, 180), 15.0)
+        assert limit[0] > 5 and limit[1] == 0
+        crops = roi_rotation_crop(image, boxes, limit, (27, 50))
+        assert crops.min() > 0.999
+        # beyond the limit the rotated box leaves the image and zeros come in
+        assert roi_rotation_crop(image[:1], torch.tensor([[2.0, 2, 178, 97]]), torch.tensor([10.0]), (27, 50)).min() < 0.5
+
+    def test_zero_angle_is_the_crop_and_rotation_turns_about_the_centre(self):
+        x = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 80, 150), 5, 1, 2)
+        box = torch.tensor([[30.0, 10, 104, 50]])
+        assert torch.allclose(roi_rotation_crop(x, box, torch.zeros(1), (40, 74)), crop_resize(x, box, (40, 74)), atol=1e-5)
+        # a point image: its only bright pixel sits at the box centre, which rotation keeps
+        point = torch.zeros(1, 1, 81, 151)
+        point[..., 40, 75] = 1
+        centre = torch.tensor([[65.5, 30.5, 85.5, 50.5]])
+        for angle in (0.0, 30.0):
+            crop = roi_rotation_crop(point, centre, torch.tensor([angle]), (21, 21))
+            assert crop[0, 0].argmax().item() == 10 * 21 + 10
+
+    def test_bad_input_raises(self):
+        with pytest.raises(DACInputError, match="angles"):
+            roi_rotation_crop(torch.rand(2, 1, 20, 20), torch.tensor([[0.0, 0, 5, 5]] * 2), torch.zeros(3), (4, 4))
+        with pytest.raises(DACInputError, match="boxes"):
+            roi_rotation_crop(torch.rand(1, 1, 20, 20), torch.tensor([[5.0, 0, 1, 5]]), torch.zeros(1), (4, 4))
+        with pytest.raises(DACInputError, match="limit"):
+            max_inside_rotation(torch.tensor([[0.0, 0, 5, 5]]), (20, 20), 95.0)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+class TestPipelines:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_shapes_for_batches_and_lists(self, kind, phantoms):
+        net = tiny_pipeline(kind).eval()
+        batch = torch.stack([phantoms[i]["image"] for i in range(3)])
+        mixed = [phantoms[0]["image"], make_phantom(50, 100, 180).image, phantoms[1]["image"]]
+        assert net(batch).shape == (3, 5)
+        out = net(mixed)
+        assert out.shape == (3, 5)
+        assert torch.allclose(out[[0, 2]], net(batch[:2]), atol=1e-5)  # list rows come back in order
+        assert net.front_is_fixed == (kind in ("resize", "dac"))
+
+    def test_dac_front_is_the_dacrop_crop(self, phantoms):
+        front = tiny_pipeline("dac").front
+        x = torch.stack([phantoms[i]["image"] for i in range(2)])
+        assert torch.allclose(front(x), front.crop(x), atol=1e-6)
+
+    def test_e2e_saliency_learns_through_the_box_only(self, phantoms):
+        net = tiny_pipeline("dac_e2e").train()
+        x = torch.stack([phantoms[i]["image"] for i in range(4)])
+        saliency = net.front.saliency
+        assert isinstance(saliency, LearnedSaliency) and torch.equal(saliency(x.float() / 255), x.float() / 255)
+        net.front(x).pow(2).sum().backward()
+        through_box = saliency.values.grad.clone()
+        assert through_box.abs().sum() > 0
+        # the crop is taken from the original image: the box is the only path to the saliency
+        boxes = net.front.locate(x)
+        assert boxes.requires_grad
+        assert not crop_resize(x.float() / 255, boxes.detach(), (20, 37)).requires_grad
+        saliency.values.grad = None
+        crop_resize(x.float() / 255, boxes, (20, 37)).pow(2).sum().backward()
+        assert torch.allclose(saliency.values.grad, through_box, rtol=1e-4, atol=1e-6)
+
+    def test_stn_starts_at_the_centred_box_and_learns(self, phantoms):
+        front = SpatialTransformerCrop((20, 37), (32, 59), init_scale=0.8)
+        x = torch.stack([phantoms[i]["image"] for i in range(2)])
+        boxes = front.locate(x)
+        w_max = min(177, 96 / (20 / 37))
+        assert torch.allclose(boxes[0], torch.tensor([(177 - 0.8 * w_max) / 2, (96 - 0.8 * w_max * 20 / 37) / 2,
+                                                      (177 + 0.8 * w_max) / 2, (96 + 0.8 * w_max * 20 / 37) / 2]), atol=1e-3)
+        front(x).sum().backward()
+        assert front.localization[-1].weight.grad.abs().sum() > 0
+
+    def test_resize_front_matches_interpolate(self, phantoms):
+        x = phantoms[0]["image"][None]
+        expected = torch.nn.functional.interpolate(x.float() / 255, size=(24, 24), mode="bilinear", antialias=True)
+        assert torch.allclose(ResizeFront((24, 24))(x), expected)
+
+    def test_bad_input_raises(self):
+        with pytest.raises(DACInputError, match="images"):
+            ResizeFront((8, 8))([torch.rand(8, 8)])
+        with pytest.raises(DACInputError, match="roi_rotate_degrees"):
+            DACFront((20, 37), roi_rotate_degrees=120)
+        with pytest.raises(DACInputError, match="init_scale"):
+            SpatialTransformerCrop(init_scale=1.5)
+        with pytest.raises(DACInputError, match="knots"):
+            LearnedSaliency(1)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    """Fixed labels (5 classes) and probabilities with ties."""
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.arange(5), rng.integers(0, 5, 55)]
+    logits = rng.integers(0, 3, size=(60, 5)) + 2.0 * np.eye(5)[labels] * rng.integers(0, 2, size=(60, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # integer logits: many tied scores
+    assert len(np.unique(probs[:, 0])) < 50
+    return labels, probs
+
+
+class TestMetrics:
+    def test_against_scikit_learn(self, predictions):
+        from sklearn import metrics as skm
+
+        labels, probs = predictions
+        m = classification_metrics(labels, probs)
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+        assert m["confusion"] == skm.confusion_matrix(labels, probs.argmax(1), labels=range(5)).tolist()
+        for k in range(5):
+            assert m["per_class_auc"][k] == pytest.approx(skm.roc_auc_score(labels == k, probs[:, k]), abs=1e-12)
+            fpr, tpr, thr = roc_curve(probs[:, k], labels == k)
+            sk_fpr, sk_tpr, sk_thr = skm.roc_curve(labels == k, probs[:, k], drop_intermediate=False)
+            np.testing.assert_allclose(fpr, sk_fpr)
+            np.testing.assert_allclose(tpr, sk_tpr)
+            np.testing.assert_allclose(thr[1:], sk_thr[1:])
+        assert m["macro_auc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"), abs=1e-12)
+        assert auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75)
+
+    def test_absent_class_and_bad_input(self):
+        m = classification_metrics(np.array([0, 0, 1]), np.array([[0.9, 0.1, 0], [0.4, 0.6, 0], [0.2, 0.8, 0]]))
+        assert m["per_class_auc"][2] is None and m["macro_auc"] == pytest.approx(np.mean(m["per_class_auc"][:2]))
+        with pytest.raises(DACInputError, match="labels"):
+            classification_metrics(np.array([0, 3]), np.zeros((2, 3)))
+        with pytest.raises(DACInputError, match="probs"):
+            classification_metrics(np.array([0, 1]), np.zeros((2, 3)), num_classes=4)
+
+    def test_fold_aggregation(self, predictions):
+        labels, probs = predictions
+        folds = [classification_metrics(labels[s], probs[s], 5) | {"fold": i} for i, s in enumerate((slice(0, 30), slice(30, 60)))]
+        s = summarize_folds(folds)
+        acc = [f["accuracy"] for f in folds]
+        assert s["accuracy_mean"] == pytest.approx(np.mean(acc)) and s["accuracy_std"] == pytest.approx(np.std(acc, ddof=1))
+        assert s["macro_auc_std"] == pytest.approx(np.std([f["macro_auc"] for f in folds], ddof=1))
+        assert s["per_class_auc_mean"][2] == pytest.approx(np.mean([f["per_class_auc"][2] for f in folds]))
+        assert np.array_equal(s["confusion"], np.add(folds[0]["confusion"], folds[1]["confusion"]))
+        assert [f["fold"] for f in s["folds"]] == [0, 1] and "roc" not in s["folds"][0]
+        assert mean_std([0.5]) == (0.5, None) and mean_std([None]) == (None, None)
+        json.dumps(s)  # plain Python values
+
+    def test_stratified_folds(self):
+        labels = [0, 1, 2, 3, 4] * 6
+        folds = stratified_folds(labels, 3, seed=1)
+        assert sorted(np.concatenate(folds).tolist()) == list(range(30))
+        assert all(np.bincount(np.asarray(labels)[f], minlength=5).tolist() == [2] * 5 for f in folds)
+        assert [f.tolist() for f in folds] == [f.tolist() for f in stratified_folds(labels, 3, seed=1)]
+        with pytest.raises(DACInputError, match="folds"):
+            stratified_folds([0, 0, 1], 2)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TestTraining:
+    @pytest.mark.parametrize(
+        "kind, kw", [(k, {}) for k in KINDS] + [("dac", {"roi_rotate_degrees": 7.0}), ("dac_e2e", {"backward_mode": "truncated"})]
+    )
+    def test_two_steps_of_every_pipeline(self, kind, kw, phantoms):
+        net = tiny_pipeline(kind, **kw)
+        rt = init_runtime("cpu")
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        fronted = net.front_is_fixed
+        source = MemoryDataset(precompute_front(net, phantoms, rt=rt), phantoms.labels, phantoms.classes, torch.float32) if fronted else phantoms
+        history = fit(net, source, np.arange(12), epochs=1, rt=rt, batch_size=6, fronted=fronted)
+        assert len(history) == 1 and np.isfinite(history[0]["loss"])
+        changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+        assert any(k.startswith("classifier.") for k in changed)
+        if kind in ("dac_e2e", "stn"):  # the front learned from the task loss
+            assert any(k.startswith("front.") for k in changed)
+        probs = predict(net, source, [0, 5, 7], rt=rt, fronted=fronted)
+        assert probs.shape == (3, 5) and np.allclose(probs.sum(1), 1)
+
+    def test_checkpoint_round_trip_is_weights_only_and_atomic(self, tmp_path):
+        net = tiny_pipeline("stn")
+        save_checkpoint(tmp_path / "c.pt", {"model": net.state_dict(), "epoch": 3, "history": [{"loss": 1.5}]})
+        state = torch.load(tmp_path / "c.pt", weights_only=True)
+        assert state["epoch"] == 3 and state["history"] == [{"loss": 1.5}]
+        fresh = tiny_pipeline("stn")
+        fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model"])
+        assert state_hash(fresh) == state_hash(net)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temporary file left
+
+    def test_resumed_fit_equals_uninterrupted(self, phantoms, tmp_path):
+        rt = init_runtime("cpu")
+        straight = tiny_pipeline("dac_e2e")
+        fit(straight, phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, seed=4)
+
+        class Stop(Exception):
+            pass
+
+        def stop_after_first(event, info):
+            if event == "epoch_end" and info["epoch"] == 1:
+                raise Stop
+
+        ckpt = tmp_path / "fold" / "checkpoint.pt"
+        with pytest.raises(Stop):
+            fit(tiny_pipeline("dac_e2e"), phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, seed=4, checkpoint=ckpt, callback=stop_after_first)
+        assert load_checkpoint(ckpt)["epoch"] == 1
+        events = []
+        resumed = tiny_pipeline("dac_e2e")
+        history = fit(resumed, phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, seed=4, checkpoint=ckpt,
+                      callback=lambda e, i: events.append((e, i.get("start_epoch", i.get("epoch")))))
+        assert events == [("fit_start", 1), ("epoch_end", 2)] and [h["epoch"] for h in history] == [1, 2]
+        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-4), name  # threaded kernels: ~1e-6 apart
+
+
+# ----------------------------------------------------------------------------- k-fold runs
+
+
+class TestCrossValidation:
+    def test_results_folder(self, tmp_path):
+        out = tmp_path / "cv"
+        summary = run_cv(tiny_config(), out, verbose=False)
+        saved = json.loads((out / "summary.json").read_text())
+        assert list(saved) == list(KINDS) == list(summary)
+        for name in KINDS:
+            entry = saved[name]
+            for key in ("accuracy_mean", "accuracy_std", "macro_auc_mean", "macro_auc_std"):
+                assert isinstance(entry[key], float)
+            assert [f["fold"] for f in entry["folds"]] == [0, 1] and len(entry["per_class_auc_mean"]) == 5
+            assert entry["accuracy_mean"] == pytest.approx(np.mean([f["accuracy"] for f in entry["folds"]]))
+            for k in range(2):
+                assert (out / name / f"fold_{k}" / "checkpoint.pt").is_file()
+                assert (out / name / f"fold_{k}" / "predictions.csv").is_file()
+        folds_csv = (out / "folds.csv").read_text().splitlines()
+        assert folds_csv[0].startswith("pipeline,fold,n,accuracy,macro_auc,auc_0") and len(folds_csv) == 1 + 4 * 2
+        table = (out / "summary.md").read_text()
+        for title in ("resize (whole image)", "| DAC |", "DAC end to end", "STN", "94.5 / 0.993"):
+            assert title in table
+        for fig in ("confusion", "roc", "auc_per_class", "macro_auc"):
+            assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+        test_sets = json.loads((out / "folds.json").read_text())
+        assert sorted(np.concatenate(test_sets).tolist()) == list(range(20))
+        # a trained fold model loads for inference on raw images
+        model = load_pipeline(out, "dac", fold=1)
+        assert model(make_phantom(99, 96, 177).image[None]).shape == (1, 5)
+        # a different config may not write into this folder
+        other = tiny_config()
+        other.train.lr = 0.01
+        with pytest.raises(DACInputError, match="another run"):
+            run_cv(other, out, verbose=False)
+
+    def test_interrupted_run_resumes_without_redoing_finished_folds(self, tmp_path):
+        config = tiny_config(resize=TINY["pipelines"]["resize"], dac=TINY["pipelines"]["dac"])
+        reference = run_cv(config, tmp_path / "straight", verbose=False, figures=False)
+
+        class Stop(Exception):
+            pass
+
+        def interrupt(event, info):  # after dac fold 0 has finished, in the middle of dac fold 1
+            if event == "epoch_end" and info["pipeline"] == "dac" and info["fold"] == 1 and info["epoch"] == 1:
+                raise Stop
+
+        out = tmp_path / "resumed"
+        with pytest.raises(Stop):
+            run_cv(config, out, callback=interrupt, verbose=False, figures=False)
+        done = out / "dac" / "fold_0"
+        stamps = {p: p.stat().st_mtime_ns for p in (done / "metrics.json", done / "checkpoint.pt", out / "resize" / "fold_1" / "metrics.json")}
+        assert not (out / "dac" / "fold_1" / "metrics.json").exists() and not (out / "summary.json").exists()
+        events = []
+        summary = run_cv(config, out, callback=lambda e, i: events.append((e, i["pipeline"], i["fold"], i.get("start_epoch"))), verbose=False, figures=False)
+        assert [e for e in events if e[0] in ("fold_start", "fit_start")] == [("fold_start", "dac", 1, None), ("fit_start", "dac", 1, 1)]
+        assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+        for name in ("resize", "dac"):
+            assert summary[name]["accuracy_mean"] == pytest.approx(reference[name]["accuracy_mean"])
+            assert summary[name]["macro_auc_mean"] == pytest.approx(reference[name]["macro_auc_mean"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def write_class_folders(root: Path, count: int = 12) -> None:
+    for i in range(count):
+        p = make_phantom(i, 96, 177, label=i % 3)
+        folder = root / ["none", "few", "many"][p.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p.image[0].numpy()).save(folder / f"{i}.png")
+
+
+class TestCLI:
+    def test_train_on_a_folder_then_resume(self, tmp_path, capsys):
+        data = tmp_path / "images"
+        write_class_folders(data)
+        config = tmp_path / "tiny.yaml"
+        config.write_text(json.dumps(TINY))  # JSON is YAML
+        args = ["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "out"), "--pipeline", "dac", "--quiet"]
+        assert main(args) == 0
+        metrics = json.loads((tmp_path / "out" / "dac" / "metrics.json").read_text())
+        assert metrics["n"] == 3 and len(metrics["per_class_auc"]) == 3 and len(metrics["history"]) == 2
+        assert "held-out accuracy" in capsys.readouterr().err
+        stamp = (tmp_path / "out" / "dac" / "checkpoint.pt").stat().st_mtime_ns
+        assert main(args) == 0  # finished: nothing retrained
+        assert (tmp_path / "out" / "dac" / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+    def test_usage_errors_exit_2(self, tmp_path, capsys):
+        assert main(["cv", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+        assert "config" in capsys.readouterr().err
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("train: {lr: fast}")
+        assert main(["cv", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+        assert "train.lr" in capsys.readouterr().err
+        good = tmp_path / "good.yaml"
+        good.write_text(json.dumps(TINY))
+        assert main(["cv", "--config", str(good), "--out", str(tmp_path / "o"), "--pipelines", "dac,nope"]) == 2
+        assert "nope" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["cv", "--out", str(tmp_path / "o")])  # --config is required
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    import torch
+    from dac.train import config_from_dict, run_cv
+
+    config = config_from_dict(json.loads(sys.argv[1]))
+    out, rank = sys.argv[2], int(os.environ["RANK"])
+    seen = []
+
+    def record(event, info):
+        if event == "epoch_end" and info["epoch"] == info["epochs"]:
+            model = info["model"]
+            h = hashlib.sha256()
+            for name, p in sorted(model.named_parameters()):
+                h.update(name.encode()); h.update(p.detach().contiguous().numpy().tobytes())
+            seen.append({"pipeline": info["pipeline"], "fold": info["fold"], "hash": h.hexdigest()})
+
+    run_cv(config, out, callback=record, verbose=False, figures=False)
+    with open(os.path.join(os.path.dirname(out), f"rank{rank}.json"), "w") as fh:
+        json.dump({"seen": seen, "world": os.environ["WORLD_SIZE"], "backend": torch.distributed.get_backend()}, fh)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_finish_with_identical_weights(tmp_path):
+    config = json.loads(json.dumps(TINY))
+    config["pipelines"] = {"dac_e2e": {"epochs": 1, "input_size": [20, 37], "pool_size": 3}}
+    config["data"]["length"] = 15  # 2 folds of 7-8 training images: 2 steps of a global batch of 4, 2 per process
+    config["train"]["batch_size"] = 4
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        str(script), json.dumps(config), str(tmp_path / "out"),
+    ]
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == ["2", "2"] and ranks[0]["backend"] == "gloo"
+    assert len(ranks[0]["seen"]) == 2 and ranks[0]["seen"] == ranks[1]["seen"]  # identical weights, every fold
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sum(f["n"] for f in summary["dac_e2e"]["folds"]) == 15  # predictions gathered from both ranks
