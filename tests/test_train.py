@@ -19,7 +19,7 @@ from PIL import Image
 
 from dac import DACInputError
 from dac.cli import main
-from dac.data import make_phantom
+from dac.phantoms import make_phantom
 from dac.functional import crop_resize
 from dac.train import (
     BatchAugment,
@@ -48,8 +48,10 @@ from dac.train import (
     summarize_folds,
 )
 from dac.train.augment import PAPER_DAC_RANGES
-from dac.train.datasets import MemoryDataset, stratified_folds
+from dac.datasets import MemoryDataset
+from dac.train.folds import stratified_folds
 from dac.train.metrics import auc, mean_std
+from dac.train.pipelines import intensity_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("resize", "dac", "dac_e2e", "stn")
@@ -269,6 +271,26 @@ class TestPipelines:
         saliency.values.grad = None
         crop_resize(x.float() / 255, boxes, (20, 37)).pow(2).sum().backward()
         assert torch.allclose(saliency.values.grad, through_box, rtol=1e-4, atol=1e-6)
+
+    def test_intensity_curve_gradients_are_exact_and_deterministic(self):
+        values = torch.randn(9, dtype=torch.float64, requires_grad=True)
+        x = (torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 1.2 - 0.1).requires_grad_()
+        assert torch.autograd.gradcheck(intensity_curve, (x, values))
+
+        def reference(x, v):  # the same curve by indexing (autograd's scatter-add backward)
+            n = v.numel() - 1
+            pos = x.clamp(0, 1) * n
+            i = pos.detach().floor().clamp(max=n - 1)
+            return x + torch.lerp(v[i.long()], v[i.long() + 1], pos - i)
+
+        g = torch.randn(64, dtype=torch.float64)
+        ours = torch.autograd.grad((intensity_curve(x, values) * g).sum(), (x, values))
+        theirs = torch.autograd.grad((reference(x, values) * g).sum(), (x, values))
+        assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+        big, grad = torch.rand(8, 1, 96, 177), torch.randn(8, 1, 96, 177)
+        layer = LearnedSaliency(17)
+        runs = [torch.autograd.grad((layer(big) * grad).sum(), layer.values)[0] for _ in range(3)]
+        assert all(torch.equal(r, runs[0]) for r in runs)  # bit for bit, run to run
 
     def test_stn_starts_at_the_centred_box_and_learns(self, phantoms):
         front = SpatialTransformerCrop((20, 37), (32, 59), init_scale=0.8)

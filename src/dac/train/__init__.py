@@ -10,7 +10,7 @@ interruption and scale out under ``torchrun`` (DistributedDataParallel).
 
 Modules: :mod:`~dac.train.config` (YAML), :mod:`~dac.train.models` (ResNets),
 :mod:`~dac.train.pipelines` (fronts), :mod:`~dac.train.augment`,
-:mod:`~dac.train.metrics`, :mod:`~dac.train.datasets`, :mod:`~dac.train.engine`
+:mod:`~dac.train.metrics`, :mod:`~dac.train.folds`, :mod:`~dac.train.engine`
 (fit / predict / checkpoints), :mod:`~dac.train.distributed`, :mod:`~dac.train.cv`
 (``dac cv`` / ``dac train``), :mod:`~dac.train.report` (summary and figures).
 
@@ -36,6 +36,7 @@ from .pipelines import (
     ResizeFront,
     SpatialTransformerCrop,
     build_pipeline,
+    intensity_curve,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "config_from_dict",
     "fit",
     "init_runtime",
+    "intensity_curve",
     "load_checkpoint",
     "load_config",
     "load_pipeline",

@@ -46,6 +46,7 @@ __all__ = [
     "ResizeFront",
     "SpatialTransformerCrop",
     "build_pipeline",
+    "intensity_curve",
 ]
 
 Images = Tensor | Sequence[Tensor]
@@ -97,8 +98,55 @@ class ResizeFront(nn.Module):
         return f"size={self.size}"
 
 
+def intensity_curve(images: Tensor, values: Tensor) -> Tensor:
+    """``images + c(images)``: ``c`` piecewise linear on [0, 1] through ``values`` at equally spaced knots.
+
+    Values outside [0, 1] take the curve's end values. The gradient in ``values`` is
+    summed with ``torch.bincount`` (deterministic, unlike the threaded scatter-add of
+    an indexing backward), so training is reproducible run to run.
+
+    Args:
+        images: Tensor[...] floating, intensities in [0, 1].
+        values: Tensor[K], the curve at knots ``0, 1/(K-1), ..., 1`` (K >= 2).
+
+    Returns:
+        Tensor of ``images``' shape.
+
+    Example:
+        >>> intensity_curve(torch.tensor([0.0, 0.25, 1.0]), torch.tensor([0.0, 1.0, 0.0]))
+        tensor([0.0000, 0.7500, 1.0000])
+    """
+    return images + _Curve.apply(images, values)
+
+
+class _Curve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images: Tensor, values: Tensor) -> Tensor:
+        segments = values.numel() - 1
+        position = images.clamp(0, 1) * segments
+        index = position.floor().clamp_(max=segments - 1)
+        fraction = position - index
+        index = index.long()
+        ctx.save_for_backward(images, index, fraction, values)
+        return torch.lerp(values[index], values[index + 1], fraction.to(values.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        images, index, fraction, values = ctx.saved_tensors
+        grad_images = grad_values = None
+        if ctx.needs_input_grad[0]:
+            slope = (values[index + 1] - values[index]) * (values.numel() - 1)
+            grad_images = grad * slope * ((images >= 0) & (images <= 1))
+        if ctx.needs_input_grad[1]:
+            flat, weights, upper = index.reshape(-1), grad.reshape(-1).double(), fraction.reshape(-1).double()
+            k = values.numel()
+            grad_values = torch.bincount(flat, weights * (1 - upper), minlength=k) + torch.bincount(flat + 1, weights * upper, minlength=k)
+            grad_values = grad_values.to(values.dtype)
+        return grad_images, grad_values
+
+
 class LearnedSaliency(nn.Module):
-    """A trainable intensity curve upstream of the box search: ``x + c(x)``.
+    """A trainable intensity curve upstream of the box search: ``x + c(x)`` (:func:`intensity_curve`).
 
     ``c`` is piecewise linear on [0, 1] with ``knots`` equally spaced knots whose values
     are learned, zero at the start: training begins at plain DAC and learns which
@@ -123,12 +171,7 @@ class LearnedSaliency(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Tensor[B, C, H, W] float in [0, 1] -> saliency Tensor[B, C, H, W]."""
-        segments = self.values.numel() - 1
-        position = images.clamp(0, 1) * segments
-        index = position.detach().floor().clamp_(max=segments - 1)
-        fraction = position - index
-        index = index.long()
-        return images + torch.lerp(self.values[index], self.values[index + 1], fraction)
+        return intensity_curve(images, self.values)
 
     def extra_repr(self) -> str:
         return f"knots={self.values.numel()}"
