@@ -4,7 +4,7 @@ Run (from the repository root)::
 
     .venv/bin/python benchmarks/crop_throughput.py --count 200 --json crop_throughput.json
 
-Writes ``--count`` 8-bit phantoms (``dac.data.make_phantom``, 1536 x 2836 by default)
+Writes ``--count`` 8-bit phantoms (``dac.phantoms.make_phantom``, 1536 x 2836 by default)
 as PNG files into a temporary folder (not timed), then times the command
 ``dac crop FOLDER --out OUT`` end to end in this process (``dac.cli.main``): reading
 and decoding the PNGs, the search, the crops and the atomic writes. Reports images/s,
@@ -25,7 +25,7 @@ import torch
 
 from dac import io as dio
 from dac.cli import main as dac_main
-from dac.data import make_phantom
+from dac.phantoms import make_phantom
 from dac.demo import box_iou
 
 

@@ -6,7 +6,8 @@ the argument, what was seen and what was expected.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from typing import Any, Sequence
 
 import torch
 
@@ -122,3 +123,17 @@ def check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
     if h <= 0 or w <= 0 or (h, w) != tuple(size):
         raise DACInputError(f"{name}: expected two positive integers (height, width), got {size!r}")
     return h, w
+
+
+def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """An int (numpy ints too, not bool) in [low, high]."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise DACInputError(f"{name}: expected an int, got {value!r}") from None
+    if v < low or (high is not None and v > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise DACInputError(f"{name}: expected an int {expected}, got {v}")
+    return v

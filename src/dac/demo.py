@@ -46,7 +46,7 @@ def run_demo(out_dir: str | Path, *, count: int = 6, seed: int = 0) -> dict:
     """Run the demo (see module doc); returns ``{"mean_iou", "iou", "paths", "seconds"}``."""
     from . import io as dio
     from . import viz
-    from .data import make_phantom
+    from .phantoms import make_phantom
     from .functional import max_min_pool
 
     plt = viz._plt()

@@ -37,13 +37,8 @@ import torch
 from .._checks import DACInputError
 from ._io import write_json, write_text
 from .config import ExperimentConfig, config_to_dict
-from .datasets import (
-    MemoryDataset,
-    build_dataset,
-    holdout_split,
-    load_images,
-    stratified_folds,
-)
+from ..datasets import MemoryDataset
+from .folds import build_dataset, holdout_split, load_images, stratified_folds
 from .distributed import Runtime, barrier, init_runtime
 from .engine import fit, precompute_front, predict, seed_for
 from .metrics import classification_metrics

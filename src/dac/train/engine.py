@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import DACInputError
-from ..data import collate_images
+from ..datasets import collate_images
 from ._io import atomic_write
 from .distributed import Runtime, all_reduce_sum, gather_shards, shard
 from .pipelines import DACFront, Pipeline

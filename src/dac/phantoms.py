@@ -1,4 +1,4 @@
-"""Synthetic panoramic phantoms, and datasets over phantoms or a folder of real images.
+"""Synthetic panoramic phantoms: panoramic-radiograph-like images with their ground truth.
 
 A phantom is a panoramic-radiograph-like image that carries what makes the paper's
 task hard: a dental arch (upper and lower teeth along a smile-shaped occlusal curve)
@@ -21,41 +21,24 @@ Example:
 from __future__ import annotations
 
 import bisect
-import csv
 import math
-import operator
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from ._checks import DACInputError
+from ._checks import DACInputError, check_int
 
-__all__ = [
-    "CLASS_EDGES",
-    "CLASS_NAMES",
-    "IMAGE_SUFFIXES",
-    "ImageFolderDataset",
-    "Phantom",
-    "PhantomDataset",
-    "collate_images",
-    "make_phantom",
-    "restoration_class",
-]
+__all__ = ["CLASS_EDGES", "CLASS_NAMES", "Phantom", "make_phantom", "phantom_class", "restoration_class"]
 
 #: Class ``c`` holds restoration counts ``CLASS_EDGES[c] <= n < CLASS_EDGES[c + 1]`` (paper, Table 1).
 CLASS_EDGES = (0, 1, 4, 7, 12, 33)
 #: The paper's class names, in class-index order.
 CLASS_NAMES = ("0", "1-3", "4-6", "7-11", "12-32")
 #: File suffixes (lower case) that :class:`ImageFolderDataset` treats as images.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
-
 MIN_SIZE = 64  # smallest phantom side, pixels
 
 # Per quadrant, from the midline: central incisor, lateral incisor, canine, two premolars,
@@ -82,7 +65,7 @@ def restoration_class(count: int) -> int:
         >>> [restoration_class(n) for n in (0, 1, 3, 4, 7, 11, 12, 32)]
         [0, 1, 1, 2, 3, 3, 4, 4]
     """
-    n = _check_int(count, "count", 0, CLASS_EDGES[-1] - 1)
+    n = check_int(count, "count", 0, CLASS_EDGES[-1] - 1)
     return bisect.bisect_right(CLASS_EDGES, n) - 1
 
 
@@ -139,11 +122,11 @@ def make_phantom(
         >>> torch.equal(a.image, b.image), a.roi.shape
         (True, torch.Size([4]))
     """
-    seed = _check_int(seed, "seed", 0)
-    height = _check_int(height, "height", MIN_SIZE)
-    width = _check_int(width, "width", MIN_SIZE)
+    seed = check_int(seed, "seed", 0)
+    height = check_int(height, "height", MIN_SIZE)
+    width = check_int(width, "width", MIN_SIZE)
     if label is not None:
-        label = _check_int(label, "label", 0, len(CLASS_NAMES) - 1)
+        label = check_int(label, "label", 0, len(CLASS_NAMES) - 1)
     if isinstance(bits, bool) or bits not in (8, 16):
         raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
 
@@ -186,204 +169,11 @@ def make_phantom(
     return Phantom(image[None], label, restorations, roi, seed, teeth)
 
 
-class PhantomDataset(Dataset):
-    """A seeded, indexable set of :func:`make_phantom` phantoms (generated on access).
 
-    Item ``i`` is ``make_phantom(seed * 1_000_003 + i, *sizes[i % len(sizes)],
-    label=i % 5 if balanced else None, bits=bits)``.
-
-    Convention: ``roi`` is xyxy in input pixel coordinates (torchvision's).
-
-    Args:
-        length: number of items, >= 0.
-        seed: dataset seed, >= 0.
-        sizes: (H, W) pairs cycled over the items (default: the paper's two sizes).
-        bits: 8 (uint8 images) or 16 (uint16).
-        transform: applied to each image Tensor[1, H, W] (raw dtype), or None.
-        balanced: classes cycle 0..4 (exactly balanced); else each is drawn uniformly.
-
-    Example:
-        >>> ds = PhantomDataset(5, sizes=((96, 177),))
-        >>> item = ds[3]
-        >>> item["image"].shape, item["label"], ds.labels
-        (torch.Size([1, 96, 177]), 3, [0, 1, 2, 3, 4])
-    """
-
-    def __init__(
-        self,
-        length: int,
-        *,
-        seed: int = 0,
-        sizes: Sequence[Sequence[int]] = ((1536, 2836), (1536, 2860)),
-        bits: int = 8,
-        transform: Callable[[Tensor], Any] | None = None,
-        balanced: bool = True,
-    ) -> None:
-        self.length = _check_int(length, "length", 0)
-        self.seed = _check_int(seed, "seed", 0)
-        self.sizes = _check_sizes(sizes)
-        if isinstance(bits, bool) or bits not in (8, 16):
-            raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
-        self.bits = bits
-        if transform is not None and not callable(transform):
-            raise DACInputError(f"transform: expected a callable or None, got {type(transform).__name__}")
-        self.transform = transform
-        self.balanced = bool(balanced)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        i = _item_index(index, self.length)
-        height, width = self.sizes[i % len(self.sizes)]
-        label = i % len(CLASS_NAMES) if self.balanced else None
-        p = make_phantom(self.item_seed(i), height, width, label=label, bits=self.bits)
-        image = p.image if self.transform is None else self.transform(p.image)
-        return {"image": image, "label": p.label, "roi": p.roi, "restorations": p.restorations, "index": i}
-
-    def item_seed(self, index: int) -> int:
-        """The :func:`make_phantom` seed of item ``index``."""
-        return self.seed * 1_000_003 + _item_index(index, self.length)
-
-    @property
-    def labels(self) -> list[int]:
-        """Every item's class, computed without drawing any image."""
-        if self.balanced:
-            return [i % len(CLASS_NAMES) for i in range(self.length)]
-        return [_draw_class(self.item_seed(i), None)[0] for i in range(self.length)]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(length={self.length}, seed={self.seed}, sizes={self.sizes}, "
-            f"bits={self.bits}, transform={self.transform!r}, balanced={self.balanced})"
-        )
-
-
-class ImageFolderDataset(Dataset):
-    """Real images with class labels, from class sub-folders or from a CSV of ``path,label``.
-
-    * A directory: one sub-folder per class; classes are the sorted folder names
-      (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
-      :data:`IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
-    * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
-      header. Relative paths are resolved against the CSV's folder. Labels are either
-      all ints (class indices; ``classes`` is ``"0".."max"``) or class names (sorted
-      names give the indices).
-
-    Names that are all among the paper's :data:`CLASS_NAMES` map to their paper index
-    (``"12-32"`` is class 4, not the 3rd name in string order), so ``classes`` is then
-    :data:`CLASS_NAMES`.
-
-    Args:
-        root_or_csv: a directory of class folders, or a ``.csv`` file.
-        transform: applied to each image Tensor[C, H, W] from ``reader``, or None.
-        reader: ``path -> Tensor[C, H, W]``; default :func:`dac.io.read_image`
-            (imported on first use).
-
-    Attributes:
-        classes: class names, index = label.
-        samples: list of (path, label), path a str.
-        labels: list of every sample's label.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> tmp = tempfile.TemporaryDirectory(); root = pathlib.Path(tmp.name)
-        >>> for name in ("b/x.png", "a/y.png", "a/z.PNG"):
-        ...     (root / name).parent.mkdir(exist_ok=True); (root / name).touch()
-        >>> ds = ImageFolderDataset(root, reader=lambda path: torch.zeros(1, 2, 2))
-        >>> ds.classes, ds.labels, ds[2]["label"]
-        (['a', 'b'], [0, 0, 1], 1)
-        >>> tmp.cleanup()
-    """
-
-    def __init__(
-        self,
-        root_or_csv: str | Path,
-        *,
-        transform: Callable[[Tensor], Any] | None = None,
-        reader: Callable[[str], Tensor] | None = None,
-    ) -> None:
-        if not isinstance(root_or_csv, (str, Path)):
-            raise DACInputError(f"root_or_csv: expected a path, got {type(root_or_csv).__name__}")
-        source = Path(root_or_csv)
-        if source.is_dir():
-            self.classes, self.samples = _scan_folders(source)
-        elif source.is_file() and source.suffix.lower() == ".csv":
-            self.classes, self.samples = _read_csv(source)
-        elif source.exists():
-            raise DACInputError(f"root_or_csv: expected a directory or a .csv file, got {str(source)!r}")
-        else:
-            raise DACInputError(f"root_or_csv: {str(source)!r} does not exist")
-        for name, fn in (("transform", transform), ("reader", reader)):
-            if fn is not None and not callable(fn):
-                raise DACInputError(f"{name}: expected a callable or None, got {type(fn).__name__}")
-        self.root = source
-        self.transform = transform
-        self.reader = reader
-
-    @property
-    def labels(self) -> list[int]:
-        """Every sample's label, in order."""
-        return [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.samples[_item_index(index, len(self.samples))]
-        if self.reader is None:
-            from .io import read_image  # another module; imported lazily so that this one stands alone
-
-            self.reader = read_image
-        image = self.reader(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": label, "path": path}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.root)!r}, {len(self)} images, classes={self.classes})"
-
-
-def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Collate dataset items; images of different sizes stay a list.
-
-    Tensors (``image``, ``roi``) are stacked when all have one shape, else kept as a
-    list (``DACrop`` takes a list of differently sized Tensor[C, H, W]); ints
-    (``label``, ``restorations``, ``index``) become an int64 Tensor[B]; anything else
-    (``path``) a list.
-
-    Args:
-        batch: list of B item dicts with the same keys.
-
-    Returns:
-        dict with the same keys: e.g. ``image`` Tensor[B, C, H, W] or list of
-        Tensor[C, H, W], ``label`` Tensor[B], ``roi`` Tensor[B, 4].
-
-    Example:
-        >>> items = [{"image": torch.zeros(1, 4, 6), "label": 2}, {"image": torch.zeros(1, 5, 6), "label": 0}]
-        >>> out = collate_images(items)
-        >>> type(out["image"]).__name__, out["label"]
-        ('list', tensor([2, 0]))
-    """
-    if not isinstance(batch, Sequence) or len(batch) == 0:
-        raise DACInputError("batch: expected a non-empty list of item dicts")
-    if not all(isinstance(item, dict) for item in batch):
-        raise DACInputError("batch: every item must be a dict")
-    keys = list(batch[0])
-    for n, item in enumerate(batch):
-        if list(item) != keys:
-            raise DACInputError(f"batch: item {n} has keys {sorted(item)}, item 0 has {sorted(keys)}")
-    out: dict[str, Any] = {}
-    for key in keys:
-        values = [item[key] for item in batch]
-        if all(isinstance(v, Tensor) for v in values):
-            same = all(v.shape == values[0].shape and v.dtype == values[0].dtype for v in values)
-            out[key] = torch.stack(values) if same else values
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            out[key] = torch.tensor([int(v) for v in values], dtype=torch.int64)
-        else:
-            out[key] = values
-    return out
+def phantom_class(seed: int, label: int | None = None) -> tuple[int, int]:
+    """(class, restoration count) that :func:`make_phantom` draws for ``seed`` (and
+    ``label``), computed without drawing the image."""
+    return _draw_class(check_int(seed, "seed", 0), label)
 
 
 # ----------------------------------------------------------------------------- phantom internals
@@ -743,100 +533,3 @@ def _add_noise(rng: np.random.Generator, gen: torch.Generator, image: Tensor) ->
 
 
 # ----------------------------------------------------------------------------- checks and files
-
-
-def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    """An int (numpy ints too, not bool) in [low, high]."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise DACInputError(f"{name}: expected an int, got {value!r}") from None
-    if v < low or (high is not None and v > high):
-        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise DACInputError(f"{name}: expected an int {expected}, got {v}")
-    return v
-
-
-def _check_sizes(sizes: Any) -> tuple[tuple[int, int], ...]:
-    try:
-        pairs = [tuple(s) for s in sizes]
-    except TypeError:
-        raise DACInputError(f"sizes: expected a list of (height, width) pairs, got {sizes!r}") from None
-    if not pairs or any(len(p) != 2 for p in pairs):
-        raise DACInputError(f"sizes: expected a non-empty list of (height, width) pairs, got {sizes!r}")
-    return tuple((_check_int(h, "sizes (height)", MIN_SIZE), _check_int(w, "sizes (width)", MIN_SIZE)) for h, w in pairs)
-
-
-def _item_index(index: Any, length: int) -> int:
-    try:
-        i = operator.index(index)
-    except TypeError:
-        raise TypeError(f"index: expected an int, got {type(index).__name__}") from None
-    if i < 0:
-        i += length
-    if not 0 <= i < length:
-        raise IndexError(f"index: {index} out of range for {length} items")
-    return i
-
-
-def _class_order(names: list[str]) -> list[str]:
-    """Sorted class names; the paper's names (a subset of CLASS_NAMES) keep the paper's order."""
-    if set(names) <= set(CLASS_NAMES):
-        return list(CLASS_NAMES)
-    return sorted(set(names))
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _scan_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise DACInputError(f"root_or_csv: no class sub-folders in {str(root)!r}")
-    classes = _class_order(folders)
-    samples = []
-    for name in folders:
-        files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
-        if not files:
-            raise DACInputError(
-                f"root_or_csv: class folder {str(root / name)!r} holds no images "
-                f"(suffixes {', '.join(IMAGE_SUFFIXES)})"
-            )
-        samples += [(str(p), classes.index(name)) for p in files]
-    samples.sort(key=lambda s: (s[1], s[0]))
-    return classes, samples
-
-
-_HEADER = {"path", "file", "filename", "image", "image_path", "filepath"}
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    rows = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            fields = [f.strip() for f in row]
-            if not any(fields):
-                continue
-            if line == 1 and fields and fields[0].lower() in _HEADER:
-                continue
-            if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: expected 'path,label', got {row!r}")
-            file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
-            if not file.is_file():
-                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file {str(file)!r}")
-            rows.append((line, str(file), fields[1]))
-    if not rows:
-        raise DACInputError(f"root_or_csv: {str(path)!r} lists no images")
-    if all(re.fullmatch(r"\d+", label) for _, _, label in rows):
-        labels = [int(label) for _, _, label in rows]
-        classes = [str(c) for c in range(max(labels) + 1)]
-    else:
-        for line, _, label in rows:
-            if re.fullmatch(r"[+-]?\d+", label) and label.startswith("-"):
-                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: negative label {label!r}")
-        classes = _class_order([label for _, _, label in rows])
-        labels = [classes.index(label) for _, _, label in rows]
-    return classes, [(file, label) for (_, file, _), label in zip(rows, labels)]

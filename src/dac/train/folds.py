@@ -1,9 +1,7 @@
-"""Images and labels for training: phantoms or a real archive, in-memory caches, stratified folds.
+"""What an experiment trains on: the config's dataset, its images loaded once, stratified folds.
 
-Every dataset here yields ``{"image": Tensor[C, H, W], "label": int}``; images of
-different sizes are batched as lists (:func:`dac.data.collate_images`). Real images
-are read as one channel; with ``gray8`` (default) they become 8-bit gray, the
-paper's preprocessing.
+The datasets themselves live in :mod:`dac.datasets`. Real images are read as one
+channel; with ``gray8`` (default) they become 8-bit gray, the paper's preprocessing.
 
 Example:
     >>> folds = stratified_folds([0, 1] * 6, k=3, seed=0)
@@ -15,7 +13,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,71 +20,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import DACInputError
-from ..data import CLASS_NAMES, ImageFolderDataset, PhantomDataset
+from ..datasets import ImageFolderDataset, ImageLabelDataset, PhantomDataset
+from ..phantoms import CLASS_NAMES
 from .config import DataConfig
 from .distributed import Runtime, gather_shards, shard
 
 __all__ = [
-    "ImageLabelDataset",
-    "MemoryDataset",
     "build_dataset",
     "holdout_split",
     "load_images",
     "stratified_folds",
 ]
-
-
-class ImageLabelDataset(Dataset):
-    """A view of a dataset whose items are dicts with ``image`` and ``label``: just those two.
-
-    Args:
-        base: a dataset with ``.labels`` (:class:`dac.data.PhantomDataset`,
-            :class:`dac.data.ImageFolderDataset`).
-        classes: class names, index = label.
-    """
-
-    def __init__(self, base: Dataset, classes: Sequence[str]) -> None:
-        self.base = base
-        self.classes = list(classes)
-        self.labels = list(base.labels)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.base[index]
-        return {"image": item["image"], "label": int(item["label"])}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.base!r})"
-
-
-class MemoryDataset(Dataset):
-    """Images (or a pipeline's cached outputs) held in memory, with their labels.
-
-    Args:
-        images: a list of Tensor[C, H, W] (any sizes) or one Tensor[N, C, h, w].
-        labels: N ints.
-        classes: class names.
-        dtype: if given, items are converted to it (e.g. float16 caches -> float32).
-    """
-
-    def __init__(self, images: Sequence[Tensor] | Tensor, labels: Sequence[int], classes: Sequence[str], dtype: torch.dtype | None = None) -> None:
-        if len(images) != len(labels):
-            raise DACInputError(f"images, labels: expected one label per image, got {len(images)} images and {len(labels)} labels")
-        self.images = images
-        self.labels = list(labels)
-        self.classes = list(classes)
-        self.dtype = dtype
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.images[index]
-        if self.dtype is not None:
-            image = image.to(self.dtype)
-        return {"image": image, "label": self.labels[index]}
 
 
 def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
@@ -96,7 +39,7 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
     Args:
         config: ``source`` is ``"phantom"`` (``length`` phantoms of ``sizes``, classes
             balanced, seeded by ``seed``) or a path (folder of class folders, or CSV of
-            ``path,label``; see :class:`dac.data.ImageFolderDataset`).
+            ``path,label``; see :class:`dac.datasets.ImageFolderDataset`).
         seed: the phantom dataset's seed.
 
     Returns:

@@ -1,0 +1,364 @@
+"""Datasets: generated phantoms and real images with labels, in-memory caches, collation.
+
+Every dataset yields dicts with at least ``{"image": Tensor[C, H, W], "label": int}``;
+images of different sizes are batched as lists (:func:`collate_images`), which
+``DACrop`` accepts.
+
+Convention: boxes (``roi``) are xyxy in input pixel coordinates (torchvision's).
+"""
+from __future__ import annotations
+
+import csv
+import operator
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ._checks import DACInputError, check_int
+from .io import IMAGE_SUFFIXES, read_image
+from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
+
+__all__ = [
+    "ImageFolderDataset",
+    "ImageLabelDataset",
+    "MemoryDataset",
+    "PhantomDataset",
+    "collate_images",
+]
+
+
+class PhantomDataset(Dataset):
+    """A seeded, indexable set of :func:`make_phantom` phantoms (generated on access).
+
+    Item ``i`` is ``make_phantom(seed * 1_000_003 + i, *sizes[i % len(sizes)],
+    label=i % 5 if balanced else None, bits=bits)``.
+
+    Convention: ``roi`` is xyxy in input pixel coordinates (torchvision's).
+
+    Args:
+        length: number of items, >= 0.
+        seed: dataset seed, >= 0.
+        sizes: (H, W) pairs cycled over the items (default: the paper's two sizes).
+        bits: 8 (uint8 images) or 16 (uint16).
+        transform: applied to each image Tensor[1, H, W] (raw dtype), or None.
+        balanced: classes cycle 0..4 (exactly balanced); else each is drawn uniformly.
+
+    Example:
+        >>> ds = PhantomDataset(5, sizes=((96, 177),))
+        >>> item = ds[3]
+        >>> item["image"].shape, item["label"], ds.labels
+        (torch.Size([1, 96, 177]), 3, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(
+        self,
+        length: int,
+        *,
+        seed: int = 0,
+        sizes: Sequence[Sequence[int]] = ((1536, 2836), (1536, 2860)),
+        bits: int = 8,
+        transform: Callable[[Tensor], Any] | None = None,
+        balanced: bool = True,
+    ) -> None:
+        self.length = check_int(length, "length", 0)
+        self.seed = check_int(seed, "seed", 0)
+        self.sizes = _check_sizes(sizes)
+        if isinstance(bits, bool) or bits not in (8, 16):
+            raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+        self.bits = bits
+        if transform is not None and not callable(transform):
+            raise DACInputError(f"transform: expected a callable or None, got {type(transform).__name__}")
+        self.transform = transform
+        self.balanced = bool(balanced)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _item_index(index, self.length)
+        height, width = self.sizes[i % len(self.sizes)]
+        label = i % len(CLASS_NAMES) if self.balanced else None
+        p = make_phantom(self.item_seed(i), height, width, label=label, bits=self.bits)
+        image = p.image if self.transform is None else self.transform(p.image)
+        return {"image": image, "label": p.label, "roi": p.roi, "restorations": p.restorations, "index": i}
+
+    def item_seed(self, index: int) -> int:
+        """The :func:`make_phantom` seed of item ``index``."""
+        return self.seed * 1_000_003 + _item_index(index, self.length)
+
+    @property
+    def labels(self) -> list[int]:
+        """Every item's class, computed without drawing any image."""
+        if self.balanced:
+            return [i % len(CLASS_NAMES) for i in range(self.length)]
+        return [phantom_class(self.item_seed(i))[0] for i in range(self.length)]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(length={self.length}, seed={self.seed}, sizes={self.sizes}, "
+            f"bits={self.bits}, transform={self.transform!r}, balanced={self.balanced})"
+        )
+
+
+class ImageFolderDataset(Dataset):
+    """Real images with class labels, from class sub-folders or from a CSV of ``path,label``.
+
+    * A directory: one sub-folder per class; classes are the sorted folder names
+      (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
+      :data:`dac.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
+    * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
+      header. Relative paths are resolved against the CSV's folder. Labels are either
+      all ints (class indices; ``classes`` is ``"0".."max"``) or class names (sorted
+      names give the indices).
+
+    Names that are all among the paper's :data:`CLASS_NAMES` map to their paper index
+    (``"12-32"`` is class 4, not the 3rd name in string order), so ``classes`` is then
+    :data:`CLASS_NAMES`.
+
+    Args:
+        root_or_csv: a directory of class folders, or a ``.csv`` file.
+        transform: applied to each image Tensor[C, H, W] from ``reader``, or None.
+        reader: ``path -> Tensor[C, H, W]``; default :func:`dac.io.read_image`
+            (imported on first use).
+
+    Attributes:
+        classes: class names, index = label.
+        samples: list of (path, label), path a str.
+        labels: list of every sample's label.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> tmp = tempfile.TemporaryDirectory(); root = pathlib.Path(tmp.name)
+        >>> for name in ("b/x.png", "a/y.png", "a/z.PNG"):
+        ...     (root / name).parent.mkdir(exist_ok=True); (root / name).touch()
+        >>> ds = ImageFolderDataset(root, reader=lambda path: torch.zeros(1, 2, 2))
+        >>> ds.classes, ds.labels, ds[2]["label"]
+        (['a', 'b'], [0, 0, 1], 1)
+        >>> tmp.cleanup()
+    """
+
+    def __init__(
+        self,
+        root_or_csv: str | Path,
+        *,
+        transform: Callable[[Tensor], Any] | None = None,
+        reader: Callable[[str], Tensor] | None = None,
+    ) -> None:
+        if not isinstance(root_or_csv, (str, Path)):
+            raise DACInputError(f"root_or_csv: expected a path, got {type(root_or_csv).__name__}")
+        source = Path(root_or_csv)
+        if source.is_dir():
+            self.classes, self.samples = _scan_folders(source)
+        elif source.is_file() and source.suffix.lower() == ".csv":
+            self.classes, self.samples = _read_csv(source)
+        elif source.exists():
+            raise DACInputError(f"root_or_csv: expected a directory or a .csv file, got {str(source)!r}")
+        else:
+            raise DACInputError(f"root_or_csv: {str(source)!r} does not exist")
+        for name, fn in (("transform", transform), ("reader", reader)):
+            if fn is not None and not callable(fn):
+                raise DACInputError(f"{name}: expected a callable or None, got {type(fn).__name__}")
+        self.root = source
+        self.transform = transform
+        self.reader = reader
+
+    @property
+    def labels(self) -> list[int]:
+        """Every sample's label, in order."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[_item_index(index, len(self.samples))]
+        image = (self.reader or read_image)(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": label, "path": path}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, {len(self)} images, classes={self.classes})"
+
+
+def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate dataset items; images of different sizes stay a list.
+
+    Tensors (``image``, ``roi``) are stacked when all have one shape, else kept as a
+    list (``DACrop`` takes a list of differently sized Tensor[C, H, W]); ints
+    (``label``, ``restorations``, ``index``) become an int64 Tensor[B]; anything else
+    (``path``) a list.
+
+    Args:
+        batch: list of B item dicts with the same keys.
+
+    Returns:
+        dict with the same keys: e.g. ``image`` Tensor[B, C, H, W] or list of
+        Tensor[C, H, W], ``label`` Tensor[B], ``roi`` Tensor[B, 4].
+
+    Example:
+        >>> items = [{"image": torch.zeros(1, 4, 6), "label": 2}, {"image": torch.zeros(1, 5, 6), "label": 0}]
+        >>> out = collate_images(items)
+        >>> type(out["image"]).__name__, out["label"]
+        ('list', tensor([2, 0]))
+    """
+    if not isinstance(batch, Sequence) or len(batch) == 0:
+        raise DACInputError("batch: expected a non-empty list of item dicts")
+    if not all(isinstance(item, dict) for item in batch):
+        raise DACInputError("batch: every item must be a dict")
+    keys = list(batch[0])
+    for n, item in enumerate(batch):
+        if list(item) != keys:
+            raise DACInputError(f"batch: item {n} has keys {sorted(item)}, item 0 has {sorted(keys)}")
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [item[key] for item in batch]
+        if all(isinstance(v, Tensor) for v in values):
+            same = all(v.shape == values[0].shape and v.dtype == values[0].dtype for v in values)
+            out[key] = torch.stack(values) if same else values
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            out[key] = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        else:
+            out[key] = values
+    return out
+
+
+class ImageLabelDataset(Dataset):
+    """A view of a dataset whose items are dicts with ``image`` and ``label``: just those two.
+
+    Args:
+        base: a dataset with ``.labels`` (:class:`PhantomDataset`,
+            :class:`ImageFolderDataset`).
+        classes: class names, index = label.
+    """
+
+    def __init__(self, base: Dataset, classes: Sequence[str]) -> None:
+        self.base = base
+        self.classes = list(classes)
+        self.labels = list(base.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.base[index]
+        return {"image": item["image"], "label": int(item["label"])}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base!r})"
+
+
+class MemoryDataset(Dataset):
+    """Images (or a pipeline's cached outputs) held in memory, with their labels.
+
+    Args:
+        images: a list of Tensor[C, H, W] (any sizes) or one Tensor[N, C, h, w].
+        labels: N ints.
+        classes: class names.
+        dtype: if given, items are converted to it (e.g. float16 caches -> float32).
+    """
+
+    def __init__(self, images: Sequence[Tensor] | Tensor, labels: Sequence[int], classes: Sequence[str], dtype: torch.dtype | None = None) -> None:
+        if len(images) != len(labels):
+            raise DACInputError(f"images, labels: expected one label per image, got {len(images)} images and {len(labels)} labels")
+        self.images = images
+        self.labels = list(labels)
+        self.classes = list(classes)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.images[index]
+        if self.dtype is not None:
+            image = image.to(self.dtype)
+        return {"image": image, "label": self.labels[index]}
+
+
+def _check_sizes(sizes: Any) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = [tuple(s) for s in sizes]
+    except TypeError:
+        raise DACInputError(f"sizes: expected a list of (height, width) pairs, got {sizes!r}") from None
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise DACInputError(f"sizes: expected a non-empty list of (height, width) pairs, got {sizes!r}")
+    return tuple((check_int(h, "sizes (height)", MIN_SIZE), check_int(w, "sizes (width)", MIN_SIZE)) for h, w in pairs)
+
+
+def _item_index(index: Any, length: int) -> int:
+    try:
+        i = operator.index(index)
+    except TypeError:
+        raise TypeError(f"index: expected an int, got {type(index).__name__}") from None
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"index: {index} out of range for {length} items")
+    return i
+
+
+def _class_order(names: list[str]) -> list[str]:
+    """Sorted class names; the paper's names (a subset of CLASS_NAMES) keep the paper's order."""
+    if set(names) <= set(CLASS_NAMES):
+        return list(CLASS_NAMES)
+    return sorted(set(names))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _scan_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DACInputError(f"root_or_csv: no class sub-folders in {str(root)!r}")
+    classes = _class_order(folders)
+    samples = []
+    for name in folders:
+        files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
+        if not files:
+            raise DACInputError(
+                f"root_or_csv: class folder {str(root / name)!r} holds no images "
+                f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        samples += [(str(p), classes.index(name)) for p in files]
+    samples.sort(key=lambda s: (s[1], s[0]))
+    return classes, samples
+
+
+_HEADER = {"path", "file", "filename", "image", "image_path", "filepath"}
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            fields = [f.strip() for f in row]
+            if not any(fields):
+                continue
+            if line == 1 and fields and fields[0].lower() in _HEADER:
+                continue
+            if len(fields) != 2 or not fields[0] or not fields[1]:
+                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: expected 'path,label', got {row!r}")
+            file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
+            if not file.is_file():
+                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file {str(file)!r}")
+            rows.append((line, str(file), fields[1]))
+    if not rows:
+        raise DACInputError(f"root_or_csv: {str(path)!r} lists no images")
+    if all(re.fullmatch(r"\d+", label) for _, _, label in rows):
+        labels = [int(label) for _, _, label in rows]
+        classes = [str(c) for c in range(max(labels) + 1)]
+    else:
+        for line, _, label in rows:
+            if re.fullmatch(r"[+-]?\d+", label) and label.startswith("-"):
+                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: negative label {label!r}")
+        classes = _class_order([label for _, _, label in rows])
+        labels = [classes.index(label) for _, _, label in rows]
+    return classes, [(file, label) for (_, file, _), label in zip(rows, labels)]
