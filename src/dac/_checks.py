@@ -137,3 +137,24 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
         expected = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise DACInputError(f"{name}: expected an int {expected}, got {v}")
     return v
+
+
+def check_device(value: Any, name: str = "device") -> torch.device:
+    """A torch device that exists on this machine (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+
+    Raises:
+        DACInputError: not a device name, or a CUDA/MPS device this machine lacks.
+    """
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise DACInputError(f"{name}: expected a torch device such as cpu, cuda or cuda:0, got {value!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DACInputError(f"{name}: {value!r} asked for, but no CUDA device is available on this machine")
+        if device.index is not None and device.index >= count:
+            raise DACInputError(f"{name}: {value!r} asked for, but this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DACInputError(f"{name}: {value!r} asked for, but MPS is not available on this machine")
+    return device
