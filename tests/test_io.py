@@ -101,10 +101,47 @@ class TestReadImage:
         assert image.dtype == torch.float32 and image.shape == (1, 6, 7)
         assert np.array_equal(image[0].numpy(), values)
 
-    def test_tiff_int32_as_stored(self, tmp_path):
-        values = np.array([[-5, 0, 70000, 2**31 - 1]], dtype=np.int32)
-        image = read_image(save(tmp_path, "i.tif", Image.fromarray(values)))
-        assert image.dtype == torch.int32 and image.tolist() == [values.tolist()]
+    def test_tiff_int32_scaled_by_the_bits_it_holds(self, tmp_path):
+        # 12-bit data in a 32-bit TIFF: 4095 is white, not 4095 / (2**31 - 1).
+        values = np.array([[0, 1000, 2048, 4095]], dtype=np.int32)
+        path = save(tmp_path, "i.tif", Image.fromarray(values))
+        image = read_image(path)
+        assert image.dtype == torch.float32 and image.shape == (1, 1, 4)
+        assert torch.allclose(image, torch.tensor([[[0, 1000, 2048, 4095]]]) / 4095)
+        assert to_gray8(image).tolist() == [[[0, 62, 128, 255]]]
+        assert torch.equal(to_gray8(read_image(path, gray=True)), to_gray8(image))
+
+    @pytest.mark.parametrize(
+        "values, scale",
+        [
+            ([0, 100, 255], 255),  # 8 bits
+            ([0, 256, 700], 1023),  # 10 bits
+            ([0, 5000, 16383], 16383),  # 14 bits
+            ([0, 70000, 2**24 - 1], 2**24 - 1),  # 24 bits
+            ([0, 2**31 - 1], 2**32 - 1),  # 32 bits
+        ],
+    )
+    def test_tiff_int32_scale_rule(self, tmp_path, values, scale):
+        array = np.array([values], dtype=np.int32)
+        image = read_image(save(tmp_path, "i.tif", Image.fromarray(array)))
+        assert torch.allclose(image[0].double(), torch.tensor([values], dtype=torch.float64) / scale)
+
+    def test_tiff_int32_signed_with_negatives_uses_the_signed_range(self, tmp_path):
+        values = np.array([[-2048, 0, 2047]], dtype=np.int32)  # signed 12-bit
+        path = save(tmp_path, "s.tif", Image.fromarray(values))  # Pillow writes SampleFormat 2 (signed)
+        image = read_image(path)[0, 0]
+        assert torch.allclose(image, torch.tensor([0.0, 2048 / 4095, 1.0]))
+
+    def test_tiff_uint32_above_int32_range(self, tmp_path):
+        values = np.array([[0, 2**31, 2**32 - 1]], dtype=np.uint32)
+        path = save(tmp_path, "u.tif", Image.fromarray(values.view(np.int32)))
+        signed = b"\x53\x01\x03\x00\x01\x00\x00\x00\x02\x00"  # tag 339 SampleFormat = 2, little-endian
+        data = open(path, "rb").read()
+        assert data.count(signed) == 1
+        with open(path, "wb") as fh:
+            fh.write(data.replace(signed, signed[:-2] + b"\x01\x00"))  # now unsigned
+        image = read_image(path)[0, 0]
+        assert torch.allclose(image.double(), torch.tensor([0, 2**31, 2**32 - 1], dtype=torch.float64) / (2**32 - 1))
 
     def test_palette_png_to_rgb(self, tmp_path):
         rgb = rgb8()
@@ -158,6 +195,14 @@ class TestReadImageBadFiles:
 
     def test_directory(self, tmp_path):
         assert reason_of(tmp_path).startswith("is a directory")
+
+    def test_special_files_and_links(self, tmp_path):
+        os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
+        assert reason_of(tmp_path / "pipe.png").startswith("not a regular file")
+        (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+        assert reason_of(tmp_path / "gone.png").startswith("dangling symbolic link")
+        (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+        assert reason_of(tmp_path / "loop.png") == "symbolic link loop"
 
     def test_zero_bytes(self, tmp_path):
         (tmp_path / "zero.png").write_bytes(b"")
@@ -363,6 +408,13 @@ class TestToGray8:
         gray16 = to_gray8(rgb16)
         assert gray16.dtype == torch.uint8 and gray16.shape == (1, 24, 32)
         assert (gray16.int() - to_gray8(rgb).int()).abs().max() <= 1  # float vs fixed-point luma
+
+    def test_non_blank_image_never_turns_blank(self):
+        faint = torch.tensor([[[0, 40, 100]]], dtype=torch.uint16)  # all round to 0 of 255
+        with pytest.raises(DACInputError, match="blank"):
+            to_gray8(faint)
+        assert to_gray8(torch.zeros(1, 2, 2, dtype=torch.uint16)).tolist() == [[[0, 0], [0, 0]]]
+        assert to_gray8(torch.full((1, 2, 2), 0.5)).tolist() == [[[128, 128], [128, 128]]]
 
     @pytest.mark.parametrize(
         "image, match",

@@ -13,8 +13,10 @@ file is read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 import warnings
 from typing import Iterator
 
@@ -28,6 +30,7 @@ from .functional.pooling import to_unit_range
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "INTEGER_BIT_DEPTHS",
     "ImageReadError",
     "read_image",
     "to_gray8",
@@ -43,6 +46,8 @@ _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _LUMA = (0.299, 0.587, 0.114)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+#: Bit depths a 32-bit integer image is scaled by: the smallest that holds its values.
+INTEGER_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 
 
 class ImageReadError(OSError):
@@ -79,10 +84,17 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
       dropped without compositing, CMYK and YCbCr are converted to RGB by Pillow).
     * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1. Pillow reads 16-bit-per-channel
       *colour* PNG/TIFF as 8-bit RGB, so those come back as ``torch.uint8``.
-    * 32-bit integer TIFF (Pillow mode ``"I"``): ``torch.int32``, values as stored and
-      not rescaled, so :func:`to_unit_float` divides by 2**31 - 1 like any ``int32``
-      image. Unsigned 32-bit values above 2**31 - 1 do not fit and raise
-      :class:`ImageReadError`.
+    * 32-bit integer TIFF (Pillow mode ``"I"``): ``torch.float32`` in [0, 1], C = 1,
+      scaled by the bits the image holds: values are divided by ``2**n - 1`` where ``n``
+      is the smallest of :data:`INTEGER_BIT_DEPTHS` (8, 10, 12, 14, 16, 24, 32) that
+      holds the image's largest value, so 12-bit data stored in 32 bits (values up to
+      4095) spans [0, 1] instead of turning black at 4095 / (2**31 - 1). An image with
+      negative values (signed TIFF, ``SampleFormat`` 2) maps the signed range of ``n``
+      bits, ``[-2**(n-1), 2**(n-1) - 1]``, to [0, 1], as DICOM does for signed pixels.
+      Unsigned TIFFs (``SampleFormat`` 1 or absent) are read as unsigned, up to
+      ``2**32 - 1``. The rule rounds up to a common bit depth rather than stretching
+      each image to its own maximum, so images of one scanner keep one scale unless
+      their brightest pixel falls below half of it.
     * 32-bit float TIFF (mode ``"F"``): ``torch.float32``, C = 1, values as stored (not
       clipped; expected in [0, 1], :func:`to_unit_float` clips).
     * DICOM (suffix ``.dcm``/``.dicom``, or ``b"DICM"`` at byte 128): ``torch.float32``
@@ -115,7 +127,10 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
 
     Raises:
         ImageReadError: the file is missing, empty, not an image, truncated, too large,
-            or (DICOM) has no pixel data that can be decoded; ``.reason`` says which.
+            not a regular file (a directory, FIFO, socket or device: never opened for
+            reading, so a FIFO cannot make the call wait), a dangling symbolic link or
+            a symbolic link loop, or (DICOM) has no pixel data that can be decoded;
+            ``.reason`` says which.
 
     Example:
         >>> import os, tempfile
@@ -127,8 +142,15 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as file:
-            if os.fstat(file.fileno()).st_size == 0:
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(descriptor, "rb") as file:
+            info = os.fstat(file.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise ImageReadError(path, "is a directory, not a file")
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
+            if info.st_size == 0:
                 raise ImageReadError(path, "empty file (0 bytes)")
             head = file.read(132)
             suffix = os.path.splitext(path)[1].lower()
@@ -139,12 +161,16 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
     except ImageReadError:
         raise
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageReadError(path, f"dangling symbolic link (to {os.readlink(path)!r}, which does not exist)") from None
         raise ImageReadError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageReadError(path, "is a directory, not a file") from None
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
     except OSError as err:  # e.g. an I/O error from the disk
+        if err.errno == errno.ELOOP:
+            raise ImageReadError(path, "symbolic link loop") from None
         raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
 
 
@@ -189,9 +215,7 @@ def _read_pillow(path: str, file, gray: bool) -> Tensor:
     if image.mode in _UINT16_MODES:
         pixels = pixels.astype(np.uint16)
     elif image.mode == "I":
-        if pixels.size and pixels.min() < 0 and _is_unsigned_tiff(image):
-            raise ImageReadError(path, "unsigned 32-bit values above 2**31 - 1 are not supported")
-        pixels = pixels.astype(np.int32)
+        pixels = _int32_to_unit(pixels.astype(np.int32), unsigned=_is_unsigned_tiff(image))
     elif image.mode == "F":
         pixels = pixels.astype(np.float32)
     tensor = torch.from_numpy(pixels)
@@ -209,6 +233,21 @@ def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:
     if gray and image.mode not in _GRAY_MODES and image.mode != "RGB":
         image = image.convert("RGB")  # CMYK, RGBA...: to RGB first, then luma
     return image.convert(target)
+
+
+def _int32_to_unit(pixels: np.ndarray, unsigned: bool) -> np.ndarray:
+    """32-bit integer pixels to float32 in [0, 1] by the bits they hold (see read_image)."""
+    values = (pixels.view(np.uint32) if unsigned else pixels).astype(np.float64)
+    if not values.size:
+        return values.astype(np.float32)
+    smallest, largest = float(values.min()), float(values.max())
+    if smallest >= 0:
+        bits = next(b for b in INTEGER_BIT_DEPTHS if largest <= 2**b - 1)
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        bits = next(b for b in INTEGER_BIT_DEPTHS if -(2 ** (b - 1)) <= smallest and largest <= 2 ** (b - 1) - 1)
+        low, high = -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
+    return ((values - low) / (high - low)).astype(np.float32)
 
 
 def _is_unsigned_tiff(image: Image.Image) -> bool:
@@ -313,6 +352,8 @@ def to_unit_float(image: Tensor, *, dtype: torch.dtype = torch.float32) -> Tenso
     Integer images are divided by the largest value of their type, as in
     :func:`dac.functional.to_unit_range` (``uint8`` by 255, ``uint16`` by 65535,
     ``int16`` by 32767, ``int32`` by 2**31 - 1); floating images are taken as they are.
+    (A tensor does not say how many bits its values use; files do, so
+    :func:`read_image` returns 32-bit integer files already scaled to [0, 1].)
     The result is then clipped to [0, 1] (negative values of signed types, or floats
     slightly out of range after resampling, go to the nearest bound).
 
@@ -357,12 +398,20 @@ def to_gray8(image: Tensor) -> Tensor:
     and the saliency and step sizes of ``DACrop`` (tuned on 8-bit intensities) keep
     their meaning.
 
+    An image whose values differ but which would come out as one flat gray level (a
+    16-bit file holding only values below 129, floats all above 1 from a forgotten
+    ``/ 255``) raises instead of turning blank without a word.
+
     Args:
         image: Tensor[C, H, W], C = 1 or 3, ``uint8``, ``uint16``, ``int16``, ``int32`` or
             floating (in [0, 1]; clipped).
 
     Returns:
         Tensor[1, H, W], ``torch.uint8``.
+
+    Raises:
+        DACInputError: bad shape or dtype, NaN or Inf, or a non-constant image that
+            would become constant.
 
     Example:
         >>> to_gray8(torch.tensor([[[0, 65535]]], dtype=torch.uint16))
@@ -379,7 +428,16 @@ def to_gray8(image: Tensor) -> Tensor:
     unit = to_unit_float(image, dtype=torch.float64)
     if unit.shape[0] == 3:
         unit = _luma(unit)
-    return (unit * 255.0).round().clamp(0, 255).to(torch.uint8)
+    gray = (unit * 255.0).round().clamp(0, 255).to(torch.uint8)
+    raw = image.to(torch.float64)  # before clipping: floats all above 1 are not blank
+    low, high = torch.aminmax(_luma(raw) if raw.shape[0] == 3 else raw)
+    if low < high and gray.amin() == gray.amax():
+        raise DACInputError(
+            f"image: values from {low.item():g} to {high.item():g} ({image.dtype}) all become {gray.flatten()[0].item()} "
+            "in 8 bits; the image would turn blank (integer images are scaled by the range of "
+            "their dtype, floating ones are expected in [0, 1])"
+        )
+    return gray
 
 
 def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
