@@ -1,13 +1,17 @@
 """DACrop: shapes, conventions, bad input, and gradients checked against finite differences."""
 from __future__ import annotations
 
+import copy
+import pickle
+import threading
+import types
 import warnings
 
 import pytest
 import torch
 
-from dac import DACInputError, DACrop
-from dac.functional import crop_resize
+from dac import BACKWARD_MODES, DACInputError, DACrop
+from dac.functional import MaxMinPool, crop_resize, max_min_pool
 
 from conftest import smooth_direction, textured_scene
 
@@ -100,6 +104,8 @@ class TestBadInput:
             (torch.rand(1, 1, 8, 100), "too small for pooling"),
             ([], "non-empty list"),
             ([torch.rand(100, 100)], r"images\[0\]: expected Tensor\[C, H, W\]"),
+            (torch.rand(1, 1, 100, 100) * 255, r"images: floating images must lie in \[0, 1\]"),
+            (torch.rand(1, 1, 100, 100) - 0.5, r"images: floating images must lie in \[0, 1\]"),
         ],
     )
     def test_errors_name_the_argument(self, images, match):
@@ -115,6 +121,10 @@ class TestBadInput:
             (dict(sharpness=0.0), "sharpness"),
             (dict(stages=0), "stages"),
             (dict(step_size=float("nan")), "step_size"),
+            (dict(output_size=(True, 37)), "output_size"),
+            (dict(output_size=(20.0, 37)), "output_size"),
+            (dict(stages=2.5), r"stages: expected an int >= 1"),
+            (dict(saliency="maxmin"), "saliency: expected an nn.Module"),
         ],
     )
     def test_bad_arguments(self, kwargs, match):
@@ -251,6 +261,206 @@ class TestGradients:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             DACrop(**SMALL).locate(x)
+
+
+class TestIndependentCalls:
+    """A module holds configuration and parameters, never the last call."""
+
+    def test_deepcopy_of_a_called_layer_follows_its_input(self):
+        a = textured_scene(2, 300, 555)
+        b = textured_scene(2, 300, 555, (0.4, 0.4), (0.3, 0.4), seed=3)
+        layer = DACrop(**SMALL)
+        layer.locate(a.clone().requires_grad_()).sum().backward()  # called once, as EMA / SWA copies are
+        twin = copy.deepcopy(layer)
+        x, y = b.clone().requires_grad_(), b.clone().requires_grad_()
+        mine, theirs = layer.locate(x), twin.locate(y)
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+        assert (mine - layer.locate(a)).abs().max() > 5  # the boxes really follow the input
+        (mine * self.weights).sum().backward()
+        (theirs * self.weights).sum().backward()
+        torch.testing.assert_close(y.grad, x.grad, rtol=0, atol=0)
+        assert x.grad.abs().sum() > 0
+
+    weights = torch.tensor([[0.3, -1.2, 0.7, 0.4], [-0.5, 0.9, 1.1, -0.8]], dtype=torch.float64)
+
+    def test_pickle_and_state_dict_round_trip(self):
+        images = textured_scene(2, 300, 555)
+        gate = _Gate()
+        layer = DACrop(**SMALL, saliency=gate)
+        with torch.no_grad():
+            gate.log_gain.fill_(0.3)
+        before = layer.locate(images)
+        again = pickle.loads(pickle.dumps(layer))
+        torch.testing.assert_close(again.locate(images), before, rtol=0, atol=0)
+        fresh = DACrop(**SMALL, saliency=_Gate())
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(fresh.locate(images), before, rtol=0, atol=0)
+        assert set(layer.state_dict()) == {"saliency.log_gain"}
+
+    def test_threads_get_their_own_boxes(self):
+        scenes = [textured_scene(2, 300, 555, (0.3 + 0.05 * i, 0.4), (0.05 * i, 0.2), seed=i) for i in range(6)]
+        layer = DACrop(**SMALL, steps_per_stage=20)
+        expected = [layer.locate(s) for s in scenes]
+        results: dict[tuple[int, int], torch.Tensor] = {}
+        start = threading.Barrier(6)
+
+        def work(i: int) -> None:
+            start.wait()
+            for rep in range(3):
+                results[i, rep] = layer.locate(scenes[(i + rep) % 6])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for th_ in threads:
+            th_.start()
+        for th_ in threads:
+            th_.join()
+        assert len(results) == 18  # no thread died
+        for (i, rep), boxes in results.items():
+            torch.testing.assert_close(boxes, expected[(i + rep) % 6], rtol=0, atol=1e-9)
+
+    def test_nothing_of_a_call_outlives_it(self):
+        layer = DACrop(**SMALL)
+        for size in ((300, 555), (240, 500), (200, 410)):
+            x = textured_scene(1, *size).requires_grad_()
+            boxes = layer.locate(x)
+        held = _tensors_reachable_from(layer)
+        assert held == [], [tuple(t.shape) for t in held]
+        assert boxes.grad_fn is not None  # the caller's graph is the caller's
+
+
+class _Gate(torch.nn.Module):
+    """A tiny learned saliency: the max-min map, times a learned gain on its right half."""
+
+    def __init__(self, pool_size: int = 5) -> None:
+        super().__init__()
+        self.pool_size = pool_size
+        self.log_gain = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        s = max_min_pool(images, self.pool_size)
+        w = s.shape[-1]
+        ramp = torch.linspace(0, 1, w, dtype=s.dtype) > 0.5
+        return s * torch.where(ramp, self.log_gain.exp(), torch.ones((), dtype=s.dtype))
+
+
+def _tensors_reachable_from(obj, limit: int = 100000) -> list[torch.Tensor]:
+    """Tensors reachable from ``obj`` through instance dicts and containers (not classes or modules)."""
+    seen, found, stack = set(), [], [obj]
+    while stack and len(seen) < limit:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, (type, types.ModuleType, types.FunctionType, str, bytes)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+            continue
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__"):
+            stack.extend(vars(item).values())
+    return found
+
+
+class TestSaliencyStage:
+    def test_default_is_the_paper_max_min_map(self):
+        images = textured_scene(2, 300, 555)
+        layer = DACrop(**SMALL)
+        assert isinstance(layer.saliency, MaxMinPool) and layer.saliency.kernel_size == 5
+        torch.testing.assert_close(layer.saliency_map(images), max_min_pool(images, 5))
+        explicit = DACrop(**SMALL, saliency=MaxMinPool(5))
+        torch.testing.assert_close(explicit.locate(images), layer.locate(images), rtol=0, atol=0)
+
+    def test_search_runs_on_the_map_and_crops_the_original(self):
+        images = textured_scene(2, 300, 555)
+        gate = _Gate()
+        with torch.no_grad():
+            gate.log_gain.fill_(3.0)  # the right half dominates
+        layer = DACrop(**SMALL, saliency=gate)
+        crops, boxes, _ = layer(images, return_boxes=True)
+        plain = DACrop(**SMALL).locate(images)
+        assert torch.all((boxes[:, 0] + boxes[:, 2]) / 2 > (plain[:, 0] + plain[:, 2]) / 2 + 20)
+        torch.testing.assert_close(crops, crop_resize(images, boxes, (20, 37)))
+
+    @pytest.mark.parametrize(
+        "module,match",
+        [
+            (torch.nn.Identity(), r"saliency: the module must map images .* to a map of shape"),
+            (MaxMinPool(4), r"saliency: the module must map images"),
+            (torch.nn.Sequential(MaxMinPool(5), torch.nn.Hardtanh(-1.0, -0.5)), "saliency: the map must be finite and >= 0"),
+        ],
+    )
+    def test_bad_maps_name_the_saliency(self, module, match):
+        with pytest.raises(DACInputError, match=match):
+            DACrop(**SMALL, saliency=module).locate(textured_scene(1, 300, 555))
+
+    @pytest.mark.parametrize("mode", BACKWARD_MODES)
+    def test_parameters_get_the_gradient_of_the_box(self, mode):
+        images = textured_scene(2, 300, 555)
+        gate = _Gate()
+        with torch.no_grad():
+            gate.log_gain.fill_(0.2)
+        layer = DACrop(**SMALL, saliency=gate, backward_mode=mode)
+        weights = TestGradients.weights
+        (grad,) = torch.autograd.grad((layer.locate(images) * weights).sum(), gate.log_gain)
+        with torch.no_grad():
+            gate.log_gain.fill_(0.2 + EPS)
+            plus = layer.locate(images)
+            gate.log_gain.fill_(0.2 - EPS)
+            minus = layer.locate(images)
+        fd = ((plus - minus) * weights).sum().item() / (2 * EPS)
+        assert abs(fd) > 1e-2  # the box really moves with the parameter
+        tolerance = 0.01 if mode == "dlm" else 2e-6
+        assert abs(grad.item() - fd) <= tolerance * abs(fd), (mode, grad.item(), fd)
+
+
+class TestPrecision:
+    def test_autocast_does_not_change_the_search(self):
+        images = textured_scene(2, 300, 555, dtype=torch.float32)
+        layer = DACrop(**SMALL)
+        boxes, info = layer.locate(images, return_info=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            crops, cast_boxes, cast_info = layer(images, return_boxes=True)
+        assert bool(cast_info.converged.all())
+        assert crops.dtype == torch.float32
+        torch.testing.assert_close(cast_boxes, boxes, rtol=0, atol=1e-3)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_precision_images_are_searched_in_float32(self, dtype):
+        images = textured_scene(2, 300, 555, dtype=torch.float32)
+        low = images.to(dtype)
+        crops, boxes, info = DACrop(**SMALL)(low, return_boxes=True)
+        assert crops.dtype == dtype and boxes.dtype == torch.float32 and bool(info.converged.all())
+        reference = DACrop(**SMALL).locate(low.float())  # the same pixels, widened by the caller
+        torch.testing.assert_close(boxes, reference, rtol=0, atol=1e-3)
+
+
+class TestSecondDerivatives:
+    @pytest.mark.parametrize("mode", ["implicit", "dlm"])
+    def test_first_order_modes_refuse_create_graph(self, mode):
+        x = textured_scene(1, 300, 555).requires_grad_()
+        boxes = DACrop(**SMALL, backward_mode=mode).locate(x)
+        with pytest.raises(RuntimeError, match="exact first derivatives only"):
+            torch.autograd.grad(boxes.sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(DACrop(**SMALL, backward_mode=mode).locate(x).sum(), x)
+        assert torch.isfinite(grad).all()
+
+
+class TestDLM:
+    @pytest.mark.parametrize(
+        "region,offset",
+        [((0.65, 0.6), (0.12, 0.25)), ((0.8, 0.5), (0.12, 0.25)), ((0.4, 0.4), (0.12, 0.25))],
+        ids=["interior", "right border", "r = 0 and the left border"],
+    )
+    def test_dlm_matches_implicit_wherever_the_box_is(self, region, offset):
+        images = textured_scene(2, 300, 555, region, offset)
+        direction = smooth_direction(images.shape)
+        weights = TestGradients.weights
+        implicit, fd, info = box_gradient_along(DACrop(**SMALL), images, weights, direction)
+        dlm, _, _ = box_gradient_along(DACrop(**SMALL, backward_mode="dlm"), images, weights, direction)
+        assert abs(implicit - fd) <= 2e-6 * abs(fd)
+        assert abs(dlm - implicit) <= 0.01 * abs(implicit), (dlm, implicit, info.held.tolist())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

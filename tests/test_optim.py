@@ -4,7 +4,7 @@ from __future__ import annotations
 import theseus as th
 import torch
 
-from dac.functional import fit_r_min, max_min_pool
+from dac.functional import fit_r_min, initial_theta, max_min_pool
 from dac.optim import AscentSchedule, DACCost, StagedAscent, build_objective
 
 from conftest import textured_scene
@@ -15,17 +15,11 @@ def converged_cost(scene: torch.Tensor) -> DACCost:
     saliency = 255 * max_min_pool(scene, 5)
     b, _, h, w = saliency.shape
     aspect = 20 / 37
-    objective, cost = build_objective(b, h, w, aspect, torch.float64, "cpu")
-    layer = th.TheseusLayer(StagedAscent(objective, AscentSchedule()), vectorize=False)
     r_min = fit_r_min(h, w, 1 / 3.5, aspect, saliency)
-    from dac.functional import initial_theta
-
-    inputs = {
-        "theta": initial_theta(h, w, r_min, aspect, 1 / 2.3),
-        "saliency": saliency,
-        "sharpness": torch.full((1, 1), 0.2, dtype=torch.float64),
-        "r_min": r_min[:, None],
-    }
+    theta0 = initial_theta(h, w, r_min, aspect, 1 / 2.3)
+    sharpness = torch.full((1, 1), 0.2, dtype=torch.float64)
+    objective, cost, inputs = build_objective(theta0, saliency, sharpness, r_min[:, None], aspect)
+    layer = th.TheseusLayer(StagedAscent(objective, AscentSchedule()), vectorize=False)
     with torch.no_grad():
         _, info = layer(inputs, optimizer_kwargs={"backward_mode": "implicit"})
     assert bool(info.converged.all())

@@ -115,26 +115,32 @@ def check_positive(value: float, name: str) -> float:
 
 
 def check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
-    """Check an (H, W) output size of two positive ints."""
+    """Check an (H, W) output size of two positive ints (not bools, not floats)."""
     try:
-        h, w = (int(s) for s in size)
+        h, w = size
     except (TypeError, ValueError):
         raise DACInputError(f"{name}: expected (height, width), got {size!r}") from None
-    if h <= 0 or w <= 0 or (h, w) != tuple(size):
+    try:
+        if isinstance(h, bool) or isinstance(w, bool):
+            raise TypeError
+        h, w = operator.index(h), operator.index(w)
+    except TypeError:
+        h = w = 0
+    if h <= 0 or w <= 0:
         raise DACInputError(f"{name}: expected two positive integers (height, width), got {size!r}")
     return h, w
 
 
 def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     """An int (numpy ints too, not bool) in [low, high]."""
+    expected = f">= {low}" if high is None else f"in [{low}, {high}]"
     try:
         if isinstance(value, bool):
             raise TypeError
         v = operator.index(value)
     except TypeError:
-        raise DACInputError(f"{name}: expected an int, got {value!r}") from None
+        raise DACInputError(f"{name}: expected an int {expected}, got {value!r}") from None
     if v < low or (high is not None and v > high):
-        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise DACInputError(f"{name}: expected an int {expected}, got {v}")
     return v
 
@@ -158,3 +164,28 @@ def check_device(value: Any, name: str = "device") -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise DACInputError(f"{name}: {value!r} asked for, but MPS is not available on this machine")
     return device
+
+
+def check_poolable(images: torch.Tensor, kernel_size: int, name: str = "images") -> tuple[int, int]:
+    """The pooled size (H // k, W // k) of ``images``; at least two windows per side."""
+    height, width = images.shape[-2:]
+    h, w = height // kernel_size, width // kernel_size
+    if h < 2 or w < 2:
+        raise DACInputError(
+            f"{name}: an image of {height}x{width} pixels is too small for pooling windows "
+            f"of {kernel_size}x{kernel_size}; need at least {2 * kernel_size}x{2 * kernel_size} (two windows per side)"
+        )
+    return h, w
+
+
+def check_unit_range(images: torch.Tensor, name: str = "images", slack: float = 0.05) -> None:
+    """Floating images must lie in [0, 1] (within ``slack``, e.g. an interpolation's overshoot)."""
+    if not images.dtype.is_floating_point or images.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if low < -slack or high > 1 + slack:
+        raise DACInputError(
+            f"{name}: floating images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+            "divide 8-bit intensities by 255 (or pass the integer tensor: uint8, uint16 and int16 "
+            "are scaled automatically)"
+        )

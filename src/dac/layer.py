@@ -1,49 +1,70 @@
 """``DACrop``: differentiable auto-cropping as a network layer (the paper's method on Theseus)."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import warnings
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
-import numpy as np
 import theseus as th
 import torch
 from torch import Tensor, nn
 
-from ._checks import DACInputError, check_image_batch, check_positive, check_size
+from ._batching import Images, by_size
+from ._checks import DACInputError, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
 from .functional.boxes import fit_r_min, initial_theta, theta_to_boxes
 from .functional.crop import crop_resize
-from .functional.pooling import max_min_pool
+from .functional.pooling import MaxMinPool
 from .optim.solver import AscentSchedule, DACSolverInfo, StagedAscent, build_objective
 
 __all__ = ["DACrop", "BACKWARD_MODES"]
 
 BACKWARD_MODES = ("implicit", "unroll", "truncated", "dlm")
-Images = Union[Tensor, Sequence[Tensor]]
 
 
 class DACrop(nn.Module):
     """Find each image's region of interest and crop it to a fixed size.
 
-    Per image: max–min pooling (eq. 5) gives a saliency map; staged gradient ascent
-    (Algorithm 1) on the DAC cost (eq. 3) over a soft rectangle (eqs. 1–2) of aspect
-    ``H_out / W_out`` finds the box; the box is cropped from the *original* image and
-    resized to ``output_size`` (anti-aliased bilinear), so the aspect ratio is kept.
-    The search is a Theseus optimizer inside a ``th.TheseusLayer``: gradients reach the
-    input (and any layer upstream) both through the sampled pixels and through the box.
+    Per image: a saliency stage (default: the paper's max–min pooling, eq. 5) gives a
+    map at pooled resolution; staged gradient ascent (Algorithm 1) on the DAC cost
+    (eq. 3) over a soft rectangle (eqs. 1–2) of aspect ``H_out / W_out`` finds the box
+    on that map; the box is cropped from the *original* image and resized to
+    ``output_size`` (anti-aliased bilinear), so the aspect ratio is kept. The search is
+    a Theseus optimizer inside a ``th.TheseusLayer``: gradients reach the input, the
+    saliency stage's parameters and any layer upstream, through the sampled pixels
+    and through the box.
 
-    Convention: boxes are xyxy in input pixels (torchvision's; whole image
-    ``(0, 0, W, H)``). Images are floats in [0, 1]; ``uint8`` is divided by 255,
-    ``uint16`` by 65535 (``int16`` by 32767, ``int32`` by 2**31 - 1).
+    Convention: boxes are xyxy in input pixels (torchvision's; pixel ``i`` covers
+    ``[i, i + 1)``). The search runs on whole pooling windows, so a box ends at most
+    at ``k * (W // k)`` (2830 for W = 2836, k = 10). Images are floats in [0, 1]
+    (values outside [-0.05, 1.05] raise: a forgotten ``/ 255``); ``uint8`` is divided
+    by 255, ``uint16`` by 65535, ``int16`` by 32767.
+
+    Precision: the search runs in float64 when the saliency map is float64 and in
+    float32 otherwise (float16 / bfloat16 maps are widened), with autocast off,
+    whatever the input dtype or the caller's ``torch.autocast``; the crop is resampled
+    in at least float32 and returned in the images' dtype (float32 for integer images).
+
+    State: the module holds configuration and the saliency stage's parameters only.
+    Each call builds its own Theseus objective, so calls from several threads,
+    ``copy.deepcopy``, ``pickle`` and ``state_dict`` round trips are independent, and
+    nothing of a call (input, graph) outlives it.
 
     Args:
         output_size: (H_out, W_out) of the crops (paper: 200 x 370). Sets the aspect
             ``H_out / W_out`` of the search box.
-        pool_size: max–min pooling window and stride k (paper: 10).
+        pool_size: the pooling window and stride k (paper: 10): the saliency map of an
+            H x W image is (H // k) x (W // k).
         backward_mode: ``"implicit"`` (default; exact implicit-function gradient at
             the found box), ``"unroll"`` (backprop through every ascent step),
             ``"truncated"`` (through the last ``backward_num_iterations`` steps) or
-            ``"dlm"`` (Theseus' direct loss minimisation).
+            ``"dlm"`` (Theseus' direct loss minimisation). Only ``"unroll"`` and
+            ``"truncated"`` have second derivatives; the others raise on
+            ``create_graph=True``.
+        saliency: a module mapping the images (as given to the layer: integer or
+            floating Tensor[B, C, H, W]) to a non-negative map Tensor[B, 1, H // k,
+            W // k] in the paper's units (the max–min range of [0, 1] images), e.g.
+            :class:`dac.saliency.SaliencyNet`. Default (None): ``MaxMinPool(pool_size)``,
+            the paper's map. Its parameters get gradients through the box.
         sharpness: gamma of the first stage, per saliency pixel (paper: 0.025).
         step_size: eta of the first stage (paper: 96).
         stages: number of stages (paper: 4).
@@ -56,11 +77,11 @@ class DACrop(nn.Module):
             to a stationary point (0 disables; implicit gradients then are inexact).
         newton_max_step: largest Newton step accepted, saliency pixels.
         r_min_fraction: ``r_min = width * r_min_fraction`` in saliency pixels
-            (paper: 1/3.5); clipped so the smallest box fits the image.
+            (paper: 1/3.5): the box is never narrower than ``2 * r_min_fraction`` of
+            the image width; clipped so the smallest box fits the image.
         r_init_fraction: initial half-width ``width * r_init_fraction`` (paper: 1/2.3).
-        saliency_scale: the pooled map of [0, 1] images is multiplied by this before
-            the search (255: the paper's 8-bit intensities, which the "+1" of eq. 3 and
-            eta = 96 assume).
+        saliency_scale: the map is multiplied by this before the search (255: the
+            paper's 8-bit intensities, which the "+1" of eq. 3 and eta = 96 assume).
         backward_num_iterations: steps differentiated in ``"truncated"`` mode.
         dlm_epsilon: epsilon of ``"dlm"`` mode. It must be far below the Hessian's
             scale (~1e-3 here), not Theseus' default 1e-2, which gives ~0 gradients.
@@ -78,6 +99,7 @@ class DACrop(nn.Module):
         pool_size: int = 10,
         backward_mode: str = "implicit",
         *,
+        saliency: nn.Module | None = None,
         sharpness: float = 0.025,
         step_size: float = 96.0,
         stages: int = 4,
@@ -96,12 +118,13 @@ class DACrop(nn.Module):
     ) -> None:
         super().__init__()
         self.output_size = check_size(output_size, "output_size")
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise DACInputError(f"pool_size: expected an int >= 1, got {pool_size!r}")
-        self.pool_size = pool_size
+        self.pool_size = check_int(pool_size, "pool_size", 1)
         if not isinstance(backward_mode, str) or backward_mode.lower() not in BACKWARD_MODES:
             raise DACInputError(f"backward_mode: expected one of {BACKWARD_MODES}, got {backward_mode!r}")
         self.backward_mode = backward_mode.lower()
+        if saliency is not None and not isinstance(saliency, nn.Module):
+            raise DACInputError(f"saliency: expected an nn.Module or None, got {type(saliency).__name__}")
+        self.saliency = saliency if saliency is not None else MaxMinPool(self.pool_size)
         self.sharpness = check_positive(sharpness, "sharpness")
         self.schedule = AscentSchedule(
             stages=stages,
@@ -116,13 +139,9 @@ class DACrop(nn.Module):
         self.r_min_fraction = check_positive(r_min_fraction, "r_min_fraction")
         self.r_init_fraction = check_positive(r_init_fraction, "r_init_fraction")
         self.saliency_scale = check_positive(saliency_scale, "saliency_scale")
-        if isinstance(backward_num_iterations, bool) or not isinstance(backward_num_iterations, int) or backward_num_iterations < 1:
-            raise DACInputError(f"backward_num_iterations: expected an int >= 1, got {backward_num_iterations!r}")
-        self.backward_num_iterations = backward_num_iterations
+        self.backward_num_iterations = check_int(backward_num_iterations, "backward_num_iterations", 1)
         self.dlm_epsilon = check_positive(dlm_epsilon, "dlm_epsilon")
         self.antialias = bool(antialias)
-        self.last_info: DACSolverInfo | None = None
-        self._layers: dict[tuple[torch.dtype, str, int, int], th.TheseusLayer] = {}
 
     @property
     def aspect(self) -> float:
@@ -146,22 +165,25 @@ class DACrop(nn.Module):
             return_boxes: also return the boxes (as :meth:`locate`) and the solver's
                 info, from the same search.
         """
-        groups, boxes, info = self._search(images)
-        crops = [crop_resize(batch, boxes[k], self.output_size, antialias=self.antialias) for k, (_, batch) in enumerate(groups)]
-        out = _merge(crops, [i for i, _ in groups])
-        if return_boxes:
-            return out, _merge(boxes, [i for i, _ in groups]), info
-        return out
+        crops, boxes, info = by_size(images, self._crop_batch)
+        return (crops, boxes, info) if return_boxes else crops
 
     def locate(self, images: Images, return_info: bool = False) -> Tensor | tuple[Tensor, DACSolverInfo]:
-        """Boxes Tensor[B, 4], xyxy in input pixels, differentiable w.r.t. ``images``.
+        """Boxes Tensor[B, 4], xyxy in input pixels, differentiable w.r.t. ``images``
+        and the saliency stage's parameters.
 
         With ``return_info`` also the :class:`~dac.optim.DACSolverInfo`, one row per
-        image in input order (also kept in ``last_info``).
+        image in input order.
         """
-        groups, boxes, info = self._search(images)
-        out = _merge(boxes, [i for i, _ in groups])
-        return (out, info) if return_info else out
+        boxes, info = by_size(images, self._locate_batch)
+        return (boxes, info) if return_info else boxes
+
+    def saliency_map(self, images: Images) -> Tensor | list[Tensor]:
+        """The map the search runs on (before ``saliency_scale``): Tensor[B, 1, H // k,
+        W // k] for a batch, a list of Tensor[1, h, w] for a list of images."""
+        if isinstance(images, Tensor):
+            return self._saliency(images)
+        return [self._saliency(image[None])[0] for image in images]
 
     def thetas_to_boxes(self, thetas: Tensor, image_size: Sequence[int]) -> Tensor:
         """Map search parameters (e.g. ``info.stage_thetas``, Tensor[..., 3]) of images of
@@ -178,98 +200,97 @@ class DACrop(nn.Module):
             f"backward_mode={self.backward_mode!r}, sharpness={self.sharpness}, "
             f"step_size={s.step_size}, stages={s.stages}, sharpness_factor={s.sharpness_factor}, "
             f"step_factor={s.step_factor}, steps_per_stage={s.steps_per_stage}, "
-            f"max_step={s.max_step}, polish_steps={s.polish_steps}"
+            f"max_step={s.max_step}, polish_steps={s.polish_steps}, "
+            f"r_min_fraction={self.r_min_fraction:.4g}, saliency_scale={self.saliency_scale}"
         )
 
     # --------------------------------------------------------------- internal
-    def _search(self, images: Images) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor], DACSolverInfo]:
-        """Search each same-size group: (groups, boxes per group, info in input order)."""
-        groups = _group(images)
-        results = [self._locate_batch(batch) for _, batch in groups]
-        info = _merge_info([r[1] for r in results], [i for i, _ in groups])
-        self.last_info = info
-        return groups, [r[0] for r in results], info
+    def _crop_batch(self, images: Tensor) -> tuple[Tensor, Tensor, DACSolverInfo]:
+        boxes, info = self._locate_batch(images)
+        with _autocast_off(images.device):
+            crops = crop_resize(images, boxes, self.output_size, antialias=self.antialias)
+        return crops, boxes, info
+
+    def _saliency(self, images: Tensor) -> Tensor:
+        """The saliency stage's map of one same-size batch, checked."""
+        check_image_batch(images)
+        check_unit_range(images)
+        h, w = check_poolable(images, self.pool_size)
+        saliency = self.saliency(images)
+        expected = (images.shape[0], 1, h, w)
+        if not isinstance(saliency, Tensor) or tuple(saliency.shape) != expected:
+            got = tuple(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
+            raise DACInputError(
+                f"saliency: the module must map images {tuple(images.shape)} to a map of shape "
+                f"{expected} (B, 1, H // pool_size, W // pool_size), got {got}"
+            )
+        if not saliency.dtype.is_floating_point:
+            raise DACInputError(f"saliency: expected a floating map, got {saliency.dtype}")
+        low = torch.aminmax(saliency.detach())[0]
+        if not bool(torch.isfinite(saliency.detach()).all()) or float(low) < 0:
+            raise DACInputError("saliency: the map must be finite and >= 0 (got NaN, Inf or negative values)")
+        return saliency
 
     def _locate_batch(self, images: Tensor) -> tuple[Tensor, DACSolverInfo]:
-        check_image_batch(images)
-        dtype = images.dtype if images.dtype.is_floating_point else torch.get_default_dtype()
-        saliency = max_min_pool(images, self.pool_size).to(dtype) * self.saliency_scale
-        batch, _, h, w = saliency.shape
-        r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, saliency)
-        theta0 = initial_theta(h, w, r_min, self.aspect, self.r_init_fraction)
-        layer = self._theseus_layer(dtype, saliency.device, batch, h, w)
-        inputs = {
-            "theta": theta0,
-            "saliency": saliency,
-            "sharpness": saliency.new_full((1, 1), self.final_sharpness),
-            "r_min": r_min[:, None],
-        }
-        kwargs: dict[str, Any] = {"backward_mode": self.backward_mode}
-        if self.backward_mode == "truncated":
-            kwargs["backward_num_iterations"] = self.backward_num_iterations
-        if self.backward_mode == "dlm":
-            kwargs["dlm_epsilon"] = self.dlm_epsilon
-        values, info = layer(inputs, optimizer_kwargs=kwargs)
-        if (
-            self.backward_mode == "implicit"
-            and torch.is_grad_enabled()
-            and saliency.requires_grad
-            and not bool((info.converged | info.frozen).all())
-        ):
-            missed = int((~(info.converged | info.frozen)).sum())
+        saliency = self._saliency(images)
+        with _autocast_off(images.device):
+            dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
+            saliency = saliency.to(dtype) * self.saliency_scale
+            batch, _, h, w = saliency.shape
+            r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, saliency)
+            theta0 = initial_theta(h, w, r_min, self.aspect, self.r_init_fraction)
+            sharpness = saliency.new_full((1, 1), self.final_sharpness)
+            objective, _, inputs = build_objective(theta0, saliency, sharpness, r_min[:, None], self.aspect)
+            layer = th.TheseusLayer(StagedAscent(objective, self.schedule), vectorize=False)
+            kwargs: dict[str, Any] = {"backward_mode": self.backward_mode}
+            if self.backward_mode == "truncated":
+                kwargs["backward_num_iterations"] = self.backward_num_iterations
+            if self.backward_mode == "dlm":
+                kwargs["dlm_epsilon"] = self.dlm_epsilon
+            values, info = layer(inputs, optimizer_kwargs=kwargs)
+            theta = values["theta"]
+            if self.backward_mode in ("implicit", "dlm") and theta.requires_grad:
+                theta = _FirstOrderOnly.apply(theta, self.backward_mode)
+                self._warn_if_inexact(info, batch)
+            return theta_to_boxes(theta, r_min, self.aspect, self.pool_size), info
+
+    def _warn_if_inexact(self, info: DACSolverInfo, batch: int) -> None:
+        missed = int((~(info.converged | info.frozen)).sum())
+        if missed:
             warnings.warn(
                 f"DACrop: {missed} of {batch} boxes did not reach a stationary point; "
-                "their implicit gradients are approximate (raise polish_steps)",
+                f"their {self.backward_mode} gradients are approximate (raise polish_steps)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        return theta_to_boxes(values["theta"], r_min, self.aspect, self.pool_size), info
-
-    def _theseus_layer(self, dtype: torch.dtype, device: torch.device, batch: int, h: int, w: int) -> th.TheseusLayer:
-        # Theseus variables keep their shape: one objective per saliency size.
-        key = (dtype, str(device), h, w)
-        if key not in self._layers:
-            objective, _ = build_objective(batch, h, w, self.aspect, dtype, device)
-            self._layers[key] = th.TheseusLayer(StagedAscent(objective, self.schedule), vectorize=False)
-        return self._layers[key]
 
 
-def _group(images: Images) -> list[tuple[Tensor, Tensor]]:
-    """Split input into same-size batches: [(indices Tensor[n], Tensor[n, C, H, W])]."""
-    if isinstance(images, Tensor):
-        check_image_batch(images)
-        return [(torch.arange(images.shape[0]), images)]
-    if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise DACInputError(
-            f"images: expected a Tensor[B, C, H, W] or a non-empty list of Tensor[C, H, W], got {type(images).__name__}"
-        )
-    keys: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        if not isinstance(image, Tensor) or image.ndim != 3:
-            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise DACInputError(f"images[{i}]: expected Tensor[C, H, W], got {shape}")
-        if image.device != images[0].device:
-            raise DACInputError(f"images[{i}]: on {image.device}, images[0] on {images[0].device}")
-        keys.setdefault((tuple(image.shape), image.dtype), []).append(i)
-    return [(torch.tensor(idx), torch.stack([images[i] for i in idx])) for idx in keys.values()]
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses ``create_graph=True``.
+
+    The implicit step (Theseus detaches the Hessian) and DLM give exact first
+    derivatives but not second ones: differentiating them again would return a wrong
+    number, so it raises instead.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, mode: str) -> Tensor:
+        ctx.mode = mode
+        return theta.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"DACrop: backward_mode={ctx.mode!r} gives exact first derivatives only; "
+                "for second derivatives (create_graph=True) use backward_mode='unroll' or 'truncated'"
+            )
+        return grad, None
 
 
-def _merge_info(infos: list[DACSolverInfo], indices: list[Tensor]) -> DACSolverInfo:
-    """One :class:`DACSolverInfo` for all groups, rows in input order."""
-    if len(infos) == 1:
-        return infos[0]
-    order = torch.argsort(torch.cat(indices))
-    fields = ("converged", "frozen", "held", "iterations", "cost", "residual_norm", "stage_thetas")
-    merged = {f: _merge([getattr(i, f) for i in infos], indices) for f in fields}
-    status = np.concatenate([i.status for i in infos])[order.numpy()]
-    return DACSolverInfo(best_solution=None, status=status, **merged)
-
-
-def _merge(parts: list[Tensor], indices: list[Tensor]) -> Tensor:
-    """Undo :func:`_group`: put each group's rows back at their input positions."""
-    if len(parts) == 1:
-        return parts[0]
-    order = torch.cat(indices).to(parts[0].device)
-    dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
-    stacked = torch.cat([p.to(dtype) for p in parts])
-    return stacked[torch.argsort(order)]
+def _autocast_off(device: torch.device):
+    """A context with autocast disabled on ``device``'s type (a no-op where autocast has none)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()

@@ -41,7 +41,7 @@ def crop_resize(
 
     Returns:
         Tensor[B, C, H_out, W_out], floating (images' dtype, or boxes' dtype for
-        integer images).
+        integer images). Half-precision images are resampled in float32.
 
     Example:
         >>> img = torch.arange(16.0).reshape(1, 1, 4, 4)
@@ -55,7 +55,9 @@ def crop_resize(
     out_h, out_w = check_size(size)
     if not boxes.dtype.is_floating_point:
         boxes = boxes.to(torch.get_default_dtype())
-    dtype = images.dtype if images.dtype.is_floating_point else boxes.dtype
+    out_dtype = images.dtype if images.dtype.is_floating_point else boxes.dtype
+    # Positions need float32 at least (float16 cannot place a box in a 2836-px image).
+    dtype = torch.promote_types(out_dtype, torch.float32)
     boxes = boxes.to(dtype=dtype, device=images.device)
 
     weights_y, index_y = _axis_filter(boxes[:, 1], boxes[:, 3], height, out_h, antialias)
@@ -73,7 +75,7 @@ def crop_resize(
         # Then columns -> [C, H_out, W_out].
         cols = rows.index_select(2, (index_x[b] - lo).reshape(-1)).reshape(channels, out_h, out_w, taps_x)
         crops.append(torch.einsum("cpqk,qk->cpq", cols, weights_x[b]))
-    return torch.stack(crops)
+    return torch.stack(crops).to(out_dtype)
 
 
 def _axis_filter(low: Tensor, high: Tensor, n_in: int, n_out: int, antialias: bool) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch
+from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch, check_poolable
 
 __all__ = ["max_min_pool", "MaxMinPool", "to_unit_range"]
 
@@ -52,7 +52,8 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
         kernel_size: window size and stride k, at least 1.
 
     Returns:
-        Tensor[B, 1, H // k, W // k], floating, >= 0.
+        Tensor[B, 1, H // k, W // k], floating, >= 0: the images' dtype, float32 for
+        float16 / bfloat16 images, the default dtype for integer images.
 
     Example:
         >>> x = torch.zeros(1, 1, 20, 20); x[..., 5, 5] = 1.0
@@ -62,13 +63,8 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
     """
     check_image_batch(images)
     k = _check_kernel(kernel_size)
-    b, c, height, width = images.shape
-    h, w = height // k, width // k
-    if h < 2 or w < 2:
-        raise DACInputError(
-            f"images: an image of {height}x{width} pixels is too small for pooling windows "
-            f"of {k}x{k}; need at least {2 * k}x{2 * k} (two windows per side)"
-        )
+    b, c = images.shape[:2]
+    h, w = check_poolable(images, k)
     windows = images[:, :, : h * k, : w * k]
     if windows.dtype == torch.uint16:  # no CPU max/min kernels for uint16: widen, losslessly
         windows = windows.to(torch.int32)
@@ -76,7 +72,9 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
     # Reduce the contiguous window axis first: cheaper than a joint reduction.
     high = windows.amax(dim=5).amax(dim=3)
     low = windows.amin(dim=5).amin(dim=3)
-    if images.dtype.is_floating_point:
+    if images.dtype in (torch.float16, torch.bfloat16):
+        spread = high.float() - low.float()  # max and min are exact; their difference is not
+    elif images.dtype.is_floating_point:
         spread = high - low
     else:
         scale = INTEGER_IMAGE_SCALE[images.dtype]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .cost import _cost_derivatives
 
-__all__ = ["shift_into_image", "stationarity_residual", "Stationarity"]
+__all__ = ["active_set", "shift_into_image", "stationarity_residual", "Stationarity"]
 
 
 def r_upper(h: int, w: int, r_min: Tensor, aspect: float) -> Tensor:
@@ -138,6 +138,7 @@ def stationarity_residual(
     aspect: float,
     sharpness: Tensor,
     freeze: bool = True,
+    active: Tensor | None = None,
 ) -> Stationarity:
     """F(theta; S) and dF/dtheta (see module doc). Unchecked: callers validate.
 
@@ -146,11 +147,19 @@ def stationarity_residual(
         freeze: replace the rows of frozen boxes by ``k (theta - stop_grad(theta))``
             (what the implicit gradient uses); False keeps the reduced system
             everywhere (what a solver stepping through a saddle needs).
+        active: the active set found at the solution, Tensor[B, 4] = (held x_c,
+            held y_c, held r, frozen) as from :func:`active_set`, or None to find it
+            at ``theta``. Derivatives taken at a point *near* the solution (Theseus'
+            DLM perturbs the box) need the solution's active set: a bound released
+            or a box frozen there would change the system discontinuously.
     """
     _, h, w = saliency.shape
     f, grad, hess = _cost_derivatives(theta, saliency, r_min, aspect, sharpness, order=2)
     with torch.no_grad():
-        held = held_bounds(theta, grad, h, w, r_min, aspect)
+        if active is None:
+            held = held_bounds(theta, grad, h, w, r_min, aspect)
+        else:
+            held = active[:, :3].round().to(torch.int8)
         free = held == 0
         # Columns of T: how theta moves per free coordinate (held centres follow r).
         basis = torch.diag_embed(free.to(theta.dtype))
@@ -160,7 +169,7 @@ def stationarity_residual(
         held_diag = torch.diag_embed((~free).to(theta.dtype)) * kappa[:, None, None]
         reduced = basis.transpose(1, 2) @ hess_d @ basis - held_diag
         top = torch.linalg.eigvalsh(reduced)[:, -1]
-        frozen = ~(top < -100 * torch.finfo(theta.dtype).eps * kappa)
+        frozen = ~(top < -100 * torch.finfo(theta.dtype).eps * kappa) if active is None else active[:, 3] > 0.5
         kappa = torch.where(kappa > 0, kappa, torch.ones_like(kappa))
 
     # Held rows: k (theta_i - bound_i(theta)), Jacobian rows k (e_i - grad bound_i).
@@ -189,3 +198,9 @@ def stationarity_residual(
     residual = torch.where(frozen[:, None], k * (theta - theta.detach()), residual)
     jacobian = torch.where(frozen[:, None, None], k[:, :, None] * eye, jacobian)
     return Stationarity(residual, jacobian, f, grad, hess, held, frozen, top, kappa)
+
+
+def active_set(st: Stationarity) -> Tensor:
+    """The active set of a solution, Tensor[B, 4] = (held x_c, held y_c, held r, frozen),
+    in ``st``'s dtype: what :func:`stationarity_residual` takes as ``active``."""
+    return torch.cat((st.held.to(st.cost.dtype), st.frozen.to(st.cost.dtype)[:, None]), dim=-1)

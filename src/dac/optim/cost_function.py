@@ -28,6 +28,10 @@ class DACCost(th.CostFunction):
         sharpness: ``th.Variable`` Tensor[B or 1, 1], gamma of the final stage.
         r_min: ``th.Variable`` Tensor[B or 1, 1], minimum half-width.
         aspect: box height / width.
+        active: optional ``th.Variable`` Tensor[B, 4], the active set of the solution
+            (see :func:`dac.functional.stationarity.active_set`); NaN until the solver
+            has found it, and then used for every derivative, so that derivatives at a
+            perturbed box (Theseus' DLM) keep the solution's bounds and frozen rows.
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class DACCost(th.CostFunction):
         aspect: float,
         cost_weight: Optional[th.CostWeight] = None,
         name: Optional[str] = None,
+        active: Optional[th.Variable] = None,
     ) -> None:
         if cost_weight is None:
             cost_weight = th.ScaleCostWeight(torch.ones(1, 1, dtype=theta.dtype, device=theta.device))
@@ -48,8 +53,9 @@ class DACCost(th.CostFunction):
         self.sharpness = sharpness
         self.r_min = r_min
         self.aspect = float(aspect)
+        self.active = active
         self.register_optim_vars(["theta"])
-        self.register_aux_vars(["saliency", "sharpness", "r_min"])
+        self.register_aux_vars(["saliency", "sharpness", "r_min"] + (["active"] if active is not None else []))
 
     def stationarity(self) -> Stationarity:
         """Residual, Jacobian, cost, gradient, Hessian and flags at the current theta."""
@@ -63,7 +69,14 @@ class DACCost(th.CostFunction):
             self.r_min.tensor.reshape(-1).expand(batch),
             self.aspect,
             self.sharpness.tensor.reshape(-1).expand(batch),
+            active=self.known_active(),
         )
+
+    def known_active(self) -> Optional[torch.Tensor]:
+        """The solution's active set, Tensor[B, 4], or None while it is not known (NaN)."""
+        if self.active is None or bool(torch.isnan(self.active.tensor).any()):
+            return None
+        return self.active.tensor
 
     def error(self) -> torch.Tensor:
         return self.stationarity().residual
@@ -84,4 +97,5 @@ class DACCost(th.CostFunction):
             self.aspect,
             self.weight.copy(),
             name=new_name,
+            active=None if self.active is None else self.active.copy(),
         )

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..functional.cost import _cost_derivatives
-from ..functional.stationarity import shift_into_image, stationarity_residual
+from ..functional.stationarity import active_set, shift_into_image, stationarity_residual
 from .cost_function import DACCost
 
 __all__ = ["AscentSchedule", "DACSolverInfo", "StagedAscent", "build_objective"]
@@ -65,14 +65,10 @@ class AscentSchedule:
     newton_max_step: float = 2.0
 
     def __post_init__(self) -> None:
-        from .._checks import DACInputError, check_positive
+        from .._checks import check_int, check_positive
 
-        for name in ("stages", "steps_per_stage", "polish_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise DACInputError(f"{name}: expected an int >= 0, got {value!r}")
-        if self.stages < 1:
-            raise DACInputError(f"stages: expected an int >= 1, got {self.stages!r}")
+        for name, low in (("stages", 1), ("steps_per_stage", 0), ("polish_steps", 0)):
+            check_int(getattr(self, name), name, low)
         for name in ("step_size", "step_factor", "sharpness_factor", "max_step", "newton_max_step"):
             check_positive(getattr(self, name), name)
 
@@ -111,18 +107,39 @@ class DACSolverInfo(th.OptimizerInfo):
     stage_thetas: Tensor = None  # type: ignore[assignment]
 
 
-def build_objective(batch: int, h: int, w: int, aspect: float, dtype: torch.dtype, device: Any) -> tuple[th.Objective, DACCost]:
-    """An objective with one :class:`DACCost`; inputs named
-    ``theta``, ``saliency``, ``sharpness``, ``r_min``."""
-    theta = th.Vector(tensor=torch.zeros(batch, 3, dtype=dtype, device=device), name="theta")
-    saliency = th.Variable(torch.zeros(batch, 1, h, w, dtype=dtype, device=device), name="saliency")
-    sharpness = th.Variable(torch.ones(1, 1, dtype=dtype, device=device), name="sharpness")
-    r_min = th.Variable(torch.ones(batch, 1, dtype=dtype, device=device), name="r_min")
-    cost = DACCost(theta, saliency, sharpness, r_min, aspect, name="dac_cost")
-    objective = th.Objective(dtype=dtype)
+def build_objective(
+    theta: Tensor, saliency: Tensor, sharpness: Tensor, r_min: Tensor, aspect: float
+) -> tuple[th.Objective, DACCost, dict[str, Tensor]]:
+    """An objective with one :class:`DACCost` over these tensors, built per search.
+
+    Args:
+        theta: Tensor[B, 3], the start (x_c, y_c, r).
+        saliency: Tensor[B, 1, h, w], the map searched.
+        sharpness: Tensor[1, 1] or [B, 1], gamma of the last stage.
+        r_min: Tensor[B, 1], minimum half-width.
+        aspect: box height / width.
+
+    Returns:
+        ``(objective, cost, inputs)``: ``inputs`` maps the variable names (``theta``,
+        ``saliency``, ``sharpness``, ``r_min``, ``active``) to the tensors a
+        ``th.TheseusLayer`` over the objective takes. ``active`` (the solution's
+        active set) is NaN; the solver fills it in place.
+    """
+    active = torch.full((theta.shape[0], 4), float("nan"), dtype=theta.dtype, device=theta.device)
+    inputs = {"theta": theta, "saliency": saliency, "sharpness": sharpness, "r_min": r_min, "active": active}
+    variables = {name: th.Variable(tensor, name=name) for name, tensor in inputs.items() if name != "theta"}
+    cost = DACCost(
+        th.Vector(tensor=theta, name="theta"),
+        variables["saliency"],
+        variables["sharpness"],
+        variables["r_min"],
+        aspect,
+        name="dac_cost",
+        active=variables["active"],
+    )
+    objective = th.Objective(dtype=theta.dtype)
     objective.add(cost)
-    objective.to(device)
-    return objective, cost
+    return objective, cost, inputs
 
 
 class StagedAscent(th.NonlinearLeastSquares):
@@ -218,6 +235,8 @@ class StagedAscent(th.NonlinearLeastSquares):
         grad_enabled = torch.is_grad_enabled()
 
         cost = self.cost
+        if cost.active is not None:
+            cost.active.tensor.fill_(float("nan"))  # not known until the solution is
         theta = cost.theta.tensor
         batch = theta.shape[0]
         raw = cost.saliency.tensor
@@ -258,10 +277,12 @@ class StagedAscent(th.NonlinearLeastSquares):
             step += 1
 
         cost.theta.update(theta)
-        if grad_enabled and mode == th.BackwardMode.IMPLICIT:
-            self._implicit_step()
         with torch.no_grad():
             st = cost.stationarity()
+            if cost.active is not None:
+                cost.active.tensor.copy_(active_set(st))  # every derivative from here on uses it
+        if grad_enabled and mode == th.BackwardMode.IMPLICIT:
+            self._implicit_step()
         stage_thetas.append(cost.theta.tensor.detach())
         status = np.array(
             [_Status.CONVERGED if c else _Status.MAX_ITERATIONS for c in converged.tolist()]
