@@ -1,8 +1,13 @@
 """``dac crop``: outputs, exit codes, bad files, resume after interruption."""
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
+import re
+import sys
+import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +116,7 @@ def test_glob_and_16_bit_output(tmp_path: Path):
     assert crop.dtype == np.uint16 and crop.shape == (20, 37)
 
 
-def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp_path: Path, monkeypatch):
+def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "out"
     written: list[str] = []
     import dac.io as dio
@@ -134,13 +139,12 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
         return real_batch(*args, **kwargs)
 
     monkeypatch.setattr(archive, "_crop_batch", interrupt_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL])
+    capsys.readouterr()
+    assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
+    assert capsys.readouterr().err == "dac crop: interrupted; run the same command again to resume\n"
     first = list(written)
     assert 0 < len(first) < 4
-    # A torn line, as a kill during an append would leave, must not break the resume.
-    with open(out / "boxes.csv", "a") as fh:
-        fh.write(str(archive_dir / "c.png") + ",ok,,28")
+    assert len(read_rows(out)) == 2  # the finished batch is in the table
     monkeypatch.setattr(archive, "_crop_batch", real_batch)
     assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
     assert sorted(written) == sorted(set(written)) and len(written) == 4  # each good file once
@@ -164,3 +168,73 @@ def test_demo_writes_figures_and_reports_iou(tmp_path: Path, capsys):
     rows = list(csv.DictReader(open(result["paths"]["boxes"])))
     assert len(rows) == 2 and all(0 <= float(r["iou"]) <= 1 for r in rows)
     assert "mean IoU" in capsys.readouterr().out
+
+
+def test_int32_tiff_is_not_cropped_blank(tmp_path: Path):
+    x = textured_scene(1, 150, 280, dtype=torch.float32, seed=5)[0, 0].numpy()
+    Image.fromarray((4095 * x).round().astype(np.int32)).save(tmp_path / "deep.tif")  # 12 bits in 32
+    out = tmp_path / "out"
+    assert main(["crop", str(tmp_path / "deep.tif"), "--out", str(out), "--gray8", *SMALL]) == 0
+    crop = np.asarray(Image.open(out / read_rows(out)[0]["crop"]))
+    assert crop.max() > 40 and crop.std() > 1  # /(2**31 - 1) made every pixel 0
+
+
+def test_settings_changed_on_the_command_line_recrop(tmp_path: Path):
+    write_scene(tmp_path / "one.png", 1)
+    out = tmp_path / "o"
+    assert main(["crop", str(tmp_path / "one.png"), "--out", str(out), *SMALL]) == 0
+    assert Image.open(out / read_rows(out)[0]["crop"]).size == (37, 20)
+    size = ["--size", "24x37", "--pool-size", "4", "--no-progress"]
+    assert main(["crop", str(tmp_path / "one.png"), "--out", str(out), *size]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 1 and Image.open(out / rows[0]["crop"]).size == (37, 24)
+
+
+@pytest.mark.parametrize("command", ["cv", "demo"])
+def test_missing_matplotlib_is_said_before_any_work(tmp_path: Path, monkeypatch, capsys, command):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    out = tmp_path / "out"
+    config = str(Path(__file__).parents[1] / "configs" / "quick.yaml")
+    argv = {"cv": ["cv", "--config", config, "--data", str(tmp_path), "--out", str(out)],
+            "demo": ["demo", "--out", str(out)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs matplotlib" in err and not out.exists()
+
+
+def _third_party_imports() -> set[str]:
+    names = set()
+    for path in (Path(__file__).parents[1] / "src" / "dac").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "dac"}
+
+
+def test_pyproject_declares_what_the_code_imports():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    required = names(project["dependencies"])
+    optional = {extra: names(reqs) for extra, reqs in project["optional-dependencies"].items()}
+    distribution = {"PIL": "pillow", "theseus": "theseus-ai", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+    imported = {distribution.get(n, n).lower() for n in _third_party_imports()}
+    assert {"scikit-learn", "pyyaml", "torch", "numpy", "pillow"} <= imported
+    missing = imported - required - set().union(*optional.values())
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert {"scikit-learn", "pyyaml"} <= required  # dac train / dac cv, core commands
+    assert "matplotlib" in optional["viz"] and "pydicom" in optional["dicom"]
+
+
+def test_pyproject_metadata_has_no_deprecation_warning():
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), Path(__file__).parents[1] / "pyproject.toml")
+    assert dist.metadata.name == "dac"

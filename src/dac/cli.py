@@ -1,9 +1,9 @@
 """The ``dac`` command line: ``dac crop``, ``dac demo``, ``dac train`` and ``dac cv``.
 
 Each subcommand parses its arguments and calls one library function; errors the user
-can fix are one line on stderr. Exit status: 0 all done, 1 some inputs failed (crop) or
-the run did not finish (train, cv: interrupted or diverged; the same command resumes
-it), 2 usage error.
+can fix are one line on stderr, reported before anything is written. Exit status: 0 all
+done, 1 some inputs failed (crop) or the run did not finish (interrupted with Ctrl-C,
+or diverged in train/cv; the same command resumes it), 2 usage error.
 """
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         help="crop every image to its region of interest",
         description="Crop images (files, folders searched recursively, or glob patterns) to their "
         "region of interest at a fixed size. Writes OUT/crops/*.png and OUT/boxes.csv (one row per "
-        "input: path, status, error, size, box x1,y1,x2,y2 in input pixels, final cost, iterations). "
-        "Re-running the same command skips finished files. Exit status: 0 all cropped, 1 some "
-        "failed, 2 usage error.",
+        "input, keyed by its resolved path: path, status, error, size, box x1,y1,x2,y2 in input pixels, "
+        "final cost, iterations, crop, settings, file_stat, sha256; columns you add are kept). Re-running "
+        "skips files already cropped from the same content with the same settings and crops the rest "
+        "(changed files, other settings, failures). Nothing inside OUT is an input. Exit status: 0 all "
+        "cropped, 1 some failed or interrupted, 2 usage error.",
     )
     crop.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
     crop.add_argument("--out", required=True, metavar="DIR", help="results folder")
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dac {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("train", "cv"):
+        if args.command in ("crop", "train", "cv"):
             print(f"dac {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
             return 1
         raise
@@ -109,10 +111,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def _shown(path: str) -> str:
+    """A path for the terminal: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _needs_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DACInputError("needs matplotlib for its figures, which is not installed: pip install 'dac[viz]'") from None
+
+
 def _crop(args: argparse.Namespace) -> int:
-    from .archive import crop_archive
+    from ._checks import check_device, check_int
+    from .archive import check_out_dir, crop_archive
     from .layer import DACrop
 
+    check_int(args.pool_size, "--pool-size", 1)
+    check_int(args.batch_size, "--batch-size", 1)
+    check_int(args.workers, "--workers", 0)
+    check_device(args.device, "--device")
+    check_out_dir(args.out, "--out")
     layer = DACrop(output_size=args.size, pool_size=args.pool_size)
     summary = crop_archive(
         args.inputs,
@@ -128,11 +148,11 @@ def _crop(args: argparse.Namespace) -> int:
     )
     print(
         f"dac crop: {summary.total} inputs, {summary.ok} cropped, {summary.skipped} already done, "
-        f"{summary.failed} failed -> {args.out}/boxes.csv",
+        f"{summary.failed} failed -> {_shown(os.path.join(args.out, 'boxes.csv'))}",
         file=sys.stderr,
     )
     for path, reason in summary.failures[:10]:
-        print(f"  failed: {path}: {reason}", file=sys.stderr)
+        print(f"  failed: {_shown(path)}: {reason}", file=sys.stderr)
     if len(summary.failures) > 10:
         print(f"  ... and {len(summary.failures) - 10} more (see boxes.csv)", file=sys.stderr)
     return 1 if summary.failed else 0
@@ -141,6 +161,7 @@ def _crop(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _needs_matplotlib()
     run_demo(args.out, count=args.count, seed=args.seed)
     return 0
 
@@ -159,6 +180,7 @@ def _train(args: argparse.Namespace) -> int:
 def _cv(args: argparse.Namespace) -> int:
     from .train import load_config, run_cv
 
+    _needs_matplotlib()
     config = load_config(args.config, data=args.data, device=args.device)
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()] if args.pipelines else None
     run_cv(config, args.out, pipelines=pipelines, verbose=not args.quiet)
