@@ -296,6 +296,14 @@ class TestUsageErrors:
         assert err.count("\n") == 1 and match in err and "Traceback" not in err
         assert not out.exists()
 
+    @pytest.mark.parametrize("args", [["--bits", "7"], ["--size", "big"], ["--workers", "two"]])
+    def test_argument_errors_are_one_line(self, three: Path, tmp_path: Path, capsys, args):
+        with pytest.raises(SystemExit) as exit_:
+            main(["crop", str(three), "--out", str(tmp_path / "out"), *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and args[0] in err
+        assert not (tmp_path / "out").exists()
+
     @pytest.mark.parametrize("where", ["a file", "inside a file", "/proc"])
     def test_out_that_cannot_be_written(self, three: Path, tmp_path: Path, capsys, where):
         (tmp_path / "file").write_text("x")

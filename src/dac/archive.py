@@ -36,7 +36,8 @@ Finished work
     while cropping (about 2 ms for a 2 MB PNG of 1536 x 2836, against 40 ms to decode it
     and seconds to search it) and is read again only for files whose stat changed, so a
     re-run over a finished archive costs one ``stat`` per file. The device, the batch
-    size and the number of workers are not settings: they do not change what is written.
+    size and the number of workers are not settings: they are not meant to change what
+    is written (beyond floating-point rounding between devices).
 
 Inputs
     Files as given, folders searched recursively for image suffixes (links to folders

@@ -28,8 +28,15 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dac", description="Differentiable auto-cropping (DAC).")
+    parser = _Parser(prog="dac", description="Differentiable auto-cropping (DAC).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     crop = sub.add_parser(
