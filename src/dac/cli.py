@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (``--help`` shows the usage)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
