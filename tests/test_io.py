@@ -346,6 +346,119 @@ class TestReadDicom:
 
 
 
+def linear_window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 (LINEAR), written out: output in [0, 1]."""
+    x = x.astype(np.float64)
+    low, high = centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
+    inside = ((x - (centre - 0.5)) / (width - 1) + 0.5)
+    return np.where(x <= low, 0.0, np.where(x > high, 1.0, inside))
+
+
+@pytest.mark.skipif(pydicom is None, reason="pydicom (the optional DICOM extra) is not installed")
+class TestDicomIntensity:
+    """DICOM as a viewer shows it: the file's VOI LUT / window by default, or no window, or percentiles."""
+
+    def test_window_of_pydicoms_own_file(self):
+        path = bundled("MR_small.dcm")  # signed 16 bits, Window 600/1600, no rescale
+        ds = pydicom.dcmread(path)
+        image, intensity = read_image(path, return_intensity=True)
+        expected = linear_window(ds.pixel_array, 600, 1600)
+        assert np.allclose(image[0].numpy(), expected, atol=1e-6)
+        assert intensity == "DICOM window 600/1600 (center/width, LINEAR)"
+        # windowing off: the stored range, as before
+        plain, how = read_image(path, dicom="range", return_intensity=True)
+        stored = ds.pixel_array.astype(np.float64)
+        assert np.allclose(plain[0].numpy(), (stored + 32768) / 65535, atol=1e-6)
+        assert how == "DICOM stored range -32768..32767"
+        assert float(image.std()) > 10 * float(plain.std())  # the window is what makes it visible
+
+    def test_built_file_with_and_without_window(self, tmp_path):
+        ds = pydicom.dcmread(bundled("CT_small.dcm"))  # int16, intercept -1024: values in HU
+        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert "WindowCenter" not in ds
+        ds.save_as(tmp_path / "plain.dcm")
+        image, how = read_image(tmp_path / "plain.dcm", return_intensity=True)
+        assert how == "DICOM stored range -33792..31743 (no window in file)"
+        assert np.allclose(image[0].numpy(), (hu + 33792) / 65535, atol=1e-6)
+
+        ds.WindowCenter, ds.WindowWidth = 40, 400  # a soft-tissue window
+        ds.save_as(tmp_path / "window.dcm")
+        image, how = read_image(tmp_path / "window.dcm", return_intensity=True)
+        assert how == "DICOM window 40/400 (center/width, LINEAR)"
+        assert np.allclose(image[0].numpy(), linear_window(hu, 40, 400), atol=1e-6)
+        assert image.min() == 0 and image.max() == 1 and ((image > 0) & (image < 1)).float().mean() > 0.3
+
+        ds.VOILUTFunction = "SIGMOID"
+        ds.save_as(tmp_path / "sigmoid.dcm")
+        image, how = read_image(tmp_path / "sigmoid.dcm", return_intensity=True)
+        assert "SIGMOID" in how
+        assert np.allclose(image[0].numpy(), 1 / (1 + np.exp(-4 * (hu - 40) / 400)), atol=1e-6)
+
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        del ds.VOILUTFunction
+        ds.save_as(tmp_path / "mono1.dcm")
+        image, how = read_image(tmp_path / "mono1.dcm", return_intensity=True)
+        assert np.allclose(image[0].numpy(), 1 - linear_window(hu, 40, 400), atol=1e-6)
+        assert how.endswith("MONOCHROME1 inverted")
+
+    def test_voi_lut_sequence(self, tmp_path):
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        ds = pydicom.dcmread(bundled("CT_small.dcm"))
+        hu = ds.pixel_array.astype(np.int64) - 1024  # slope 1, intercept -1024
+        first, entries = -200, 400
+        lut = np.clip(np.arange(entries) * 2, 0, 255).astype(np.uint16)  # 0, 2, ..., 255, 255...
+        item = Dataset()
+        item.add_new(0x00283002, "SS", [entries, first, 8])  # LUT Descriptor (first value mapped < 0)
+        item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+        ds.VOILUTSequence = Sequence([item])
+        ds.WindowCenter, ds.WindowWidth = 40, 400  # the LUT wins, as in a viewer
+        ds.save_as(tmp_path / "lut.dcm")
+        image, how = read_image(tmp_path / "lut.dcm", return_intensity=True)
+        assert how == "DICOM VOI LUT"
+        expected = lut[np.clip(hu - first, 0, entries - 1)] / 255.0
+        assert np.allclose(image[0].numpy(), expected, atol=1e-6)
+
+    def test_percentiles(self):
+        path = bundled("CT_small.dcm")
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.float64) - 1024
+        image, how = read_image(path, dicom="percentiles", percentiles=(2, 98), return_intensity=True)
+        low, high = np.percentile(hu, [2, 98])
+        assert np.allclose(image[0].numpy(), np.clip((hu - low) / (high - low), 0, 1), atol=1e-6)
+        assert how == f"DICOM percentiles 2-98: {low:g}..{high:g}"
+        assert image.min() == 0 and image.max() == 1
+
+    def test_unusable_window_falls_back_to_the_stored_range(self, tmp_path):
+        ds = pydicom.dcmread(bundled("CT_small.dcm"))
+        ds.WindowCenter, ds.WindowWidth = 40, 0  # LINEAR needs a width >= 1
+        ds.save_as(tmp_path / "zero.dcm")
+        image, how = read_image(tmp_path / "zero.dcm", return_intensity=True)
+        assert how.startswith("DICOM stored range -33792..31743 (window in file not usable: ")
+        assert torch.equal(image, read_image(tmp_path / "zero.dcm", dicom="range"))
+
+    def test_constant_image_percentiles_fall_back(self, tmp_path):
+        ds = pydicom.dcmread(bundled("CT_small.dcm"))
+        arr = np.full(ds.pixel_array.shape, 500, dtype=np.int16)
+        ds.PixelData = arr.tobytes()
+        ds.save_as(tmp_path / "flat.dcm")
+        image, how = read_image(tmp_path / "flat.dcm", dicom="percentiles", return_intensity=True)
+        assert torch.isfinite(image).all() and "percentiles 1-99 equal" in how
+
+    def test_other_files_say_their_bits(self, tmp_path):
+        write_png(tmp_path / "a.png", torch.zeros(1, 4, 4, dtype=torch.uint16), bits=16)
+        assert read_image(tmp_path / "a.png", return_intensity=True)[1] == "16-bit"
+        assert read_image(bundled("SC_rgb_small_odd.dcm"), return_intensity=True)[1] == "DICOM colour 8-bit"
+
+    @pytest.mark.parametrize("kwargs, match", [({"dicom": "voi"}, "dicom"), ({"percentiles": (50, 10)}, "percentiles"),
+                                               ({"percentiles": (1,)}, "percentiles")])
+    def test_bad_options(self, tmp_path, kwargs, match):
+        with pytest.raises(DACInputError, match=match):
+            read_image(bundled("CT_small.dcm"), **kwargs)
+
+
+
 class TestToUnitFloat:
     @pytest.mark.parametrize(
         "dtype, scale", [(torch.uint8, 255), (torch.uint16, 65535), (torch.int16, 32767)]

@@ -8,7 +8,11 @@ atomically. A file that cannot be read raises :class:`ImageReadError` (an ``OSEr
 whose ``reason`` says why, so a caller can record it and go on to the next file.
 
 DICOM needs the optional ``pydicom`` (>= 3.0) package; it is imported only when a DICOM
-file is read.
+file is read. DICOM images are shown as a viewer shows them: the modality LUT (rescale)
+and then the file's VOI LUT or window (centre / width) are applied by default
+(``dicom="window"``); ``dicom="range"`` turns windowing off and ``dicom="percentiles"``
+stretches each image between two percentiles. ``read_image(..., return_intensity=True)``
+also says, in words, how the file's values became [0, 1].
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from ._checks import INTEGER_IMAGE_SCALE, DACInputError
 from .functional.pooling import to_unit_range
 
 __all__ = [
+    "DICOM_INTENSITY",
     "IMAGE_SUFFIXES",
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
@@ -48,6 +53,10 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 #: Bit depths a 32-bit integer image is scaled by: the smallest that holds its values.
 INTEGER_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+#: How a monochrome DICOM image's values become [0, 1] (``read_image(dicom=...)``):
+#: the file's VOI LUT or window (a viewer's default), the range its stored bits allow,
+#: or a stretch between two percentiles of the image.
+DICOM_INTENSITY = ("window", "range", "percentiles")
 
 
 class ImageReadError(OSError):
@@ -74,7 +83,14 @@ class ImageReadError(OSError):
         return type(self), (self.path, self.reason)
 
 
-def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
+def read_image(
+    path: str | os.PathLike,
+    *,
+    gray: bool = False,
+    dicom: str = "window",
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    return_intensity: bool = False,
+) -> Tensor | tuple[Tensor, str]:
     """Read one image file into a Tensor[C, H, W] in the file's own numeric type.
 
     What comes back, by file:
@@ -98,16 +114,29 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
     * 32-bit float TIFF (mode ``"F"``): ``torch.float32``, C = 1, values as stored (not
       clipped; expected in [0, 1], :func:`to_unit_float` clips).
     * DICOM (suffix ``.dcm``/``.dicom``, or ``b"DICM"`` at byte 128): ``torch.float32``
-      in [0, 1], C = 1 or 3, read with pydicom. The modality LUT (rescale slope and
-      intercept) is applied; values are then scaled by the range the stored bits allow
-      (``BitsStored``, ``PixelRepresentation``) mapped through the rescale, so a 12-bit
-      scan is not stretched image by image (values outside that range, from a header
-      that understates it, widen it). A linear rescale therefore changes the result only
-      through its sign: a negative slope flips it. Where that range is unknown (a Modality LUT
-      Sequence, float pixel data) the image's own min and max are used. MONOCHROME1 is
-      inverted so that higher is brighter; YBR is converted to RGB; PALETTE COLOR is
-      expanded to RGB. Only the first frame of a multi-frame file is read. VOI LUTs
-      (window centre and width) are *not* applied.
+      in [0, 1], C = 1 or 3, read with pydicom. Monochrome images go through the
+      modality LUT (rescale slope and intercept, or a Modality LUT Sequence), then, by
+      ``dicom``:
+
+      - ``"window"`` (default, what a viewer shows): the file's VOI LUT Sequence if it
+        has one (its table read by pydicom), else its first window (Window Center /
+        Width, with its VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID) through
+        pydicom's ``apply_voi_lut``; the output range of the LUT or window is [0, 1]. A file
+        without a VOI LUT or window, or with one pydicom refuses (a width below 1),
+        is scaled as ``"range"``, and the intensity text says so.
+      - ``"range"`` (no windowing): scaled by the range the stored bits allow
+        (``BitsStored``, ``PixelRepresentation``) mapped through the rescale, so a
+        12-bit scan is not stretched image by image (values outside that range, from
+        a header that understates it, widen it); a negative slope flips it. Where that
+        range is unknown (a Modality LUT Sequence, float pixel data) the image's own
+        min and max are used.
+      - ``"percentiles"``: the ``percentiles[0]`` and ``percentiles[1]`` percentiles
+        of the image (after the modality LUT) become 0 and 1, values beyond them are
+        clipped (a constant image falls back to ``"range"``).
+
+      MONOCHROME1 is inverted afterwards so that higher is brighter. Colour images
+      (YBR converted to RGB, PALETTE COLOR expanded to RGB) are scaled by their bits
+      and never windowed. Only the first frame of a multi-frame file is read.
 
     Multi-page TIFFs and animations give their first frame; EXIF orientation is not
     applied (pixels as stored, so boxes refer to the stored pixel grid).
@@ -121,11 +150,20 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
         path: the image file.
         gray: return one channel: RGB is reduced to ITU-R 601 luma (Pillow's ``"L"``
             conversion for 8-bit files; the same weights in float for DICOM).
+        dicom: one of :data:`DICOM_INTENSITY`: how monochrome DICOM values become
+            [0, 1] (other files are not affected).
+        percentiles: (low, high), 0 <= low < high <= 100, for ``dicom="percentiles"``.
+        return_intensity: also return a short text saying how the values were
+            scaled, e.g. ``"8-bit"``, ``"32-bit integer as 12 bits"``, ``"DICOM window
+            600/1600 (center/width, LINEAR)"``, ``"DICOM stored range -2048..2047 (no
+            window in file)"``, ``"DICOM percentiles 1-99: 12..3400"``.
 
     Returns:
-        Tensor[C, H, W] with C = 1 or 3, dtype as listed above.
+        Tensor[C, H, W] with C = 1 or 3, dtype as listed above; with
+        ``return_intensity``, ``(image, intensity)``.
 
     Raises:
+        DACInputError: ``dicom`` or ``percentiles`` is not one of the values above.
         ImageReadError: the file is missing, empty, not an image, truncated, too large,
             not a regular file (a directory, FIFO, socket or device: never opened for
             reading, so a FIFO cannot make the call wait), a dangling symbolic link or
@@ -140,7 +178,25 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
         ...     read_image(path).shape, read_image(path).dtype
         (torch.Size([1, 3, 4]), torch.uint8)
     """
-    path = os.fspath(path)
+    if dicom not in DICOM_INTENSITY:
+        raise DACInputError(f"dicom: expected one of {DICOM_INTENSITY}, got {dicom!r}")
+    percentiles = check_percentiles(percentiles)
+    image, intensity = _read_any(os.fspath(path), gray, dicom, percentiles)
+    return (image, intensity) if return_intensity else image
+
+
+def check_percentiles(percentiles, name: str = "percentiles") -> tuple[float, float]:
+    """``(low, high)`` as floats with 0 <= low < high <= 100, or :class:`DACInputError` naming ``name``."""
+    try:
+        low, high = (float(v) for v in percentiles)
+    except (TypeError, ValueError):
+        raise DACInputError(f"{name}: expected two numbers (low, high), got {percentiles!r}") from None
+    if not (0.0 <= low < high <= 100.0):
+        raise DACInputError(f"{name}: expected 0 <= low < high <= 100, got {percentiles!r}")
+    return low, high
+
+
+def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -155,7 +211,7 @@ def read_image(path: str | os.PathLike, *, gray: bool = False) -> Tensor:
             head = file.read(132)
             suffix = os.path.splitext(path)[1].lower()
             if suffix in _DICOM_SUFFIXES or head[128:132] == b"DICM":
-                return _read_dicom(path, gray)
+                return _read_dicom(path, gray, dicom, percentiles)
             file.seek(0)
             return _read_pillow(path, file, gray)
     except ImageReadError:
@@ -193,7 +249,7 @@ def _strict_pillow() -> Iterator[None]:
                 ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _read_pillow(path: str, file, gray: bool) -> Tensor:
+def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
     try:
         with _strict_pillow():
             image = Image.open(file)
@@ -212,14 +268,17 @@ def _read_pillow(path: str, file, gray: bool) -> Tensor:
         raise ImageReadError(path, f"unsupported pixel mode {image.mode!r}") from err
 
     pixels = np.array(image)  # a writable copy, native byte order below
+    intensity = "8-bit"
     if image.mode in _UINT16_MODES:
-        pixels = pixels.astype(np.uint16)
+        pixels, intensity = pixels.astype(np.uint16), "16-bit"
     elif image.mode == "I":
-        pixels = _int32_to_unit(pixels.astype(np.int32), unsigned=_is_unsigned_tiff(image))
+        pixels, bits = _int32_to_unit(pixels.astype(np.int32), unsigned=_is_unsigned_tiff(image))
+        intensity = f"32-bit integer as {bits} bits"
     elif image.mode == "F":
-        pixels = pixels.astype(np.float32)
+        pixels, intensity = pixels.astype(np.float32), "float as stored"
     tensor = torch.from_numpy(pixels)
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+    return tensor, intensity
 
 
 def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:
@@ -235,11 +294,11 @@ def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:
     return image.convert(target)
 
 
-def _int32_to_unit(pixels: np.ndarray, unsigned: bool) -> np.ndarray:
-    """32-bit integer pixels to float32 in [0, 1] by the bits they hold (see read_image)."""
+def _int32_to_unit(pixels: np.ndarray, unsigned: bool) -> tuple[np.ndarray, int]:
+    """32-bit integer pixels to float32 in [0, 1] by the bits they hold (see read_image), and those bits."""
     values = (pixels.view(np.uint32) if unsigned else pixels).astype(np.float64)
     if not values.size:
-        return values.astype(np.float32)
+        return values.astype(np.float32), 32
     smallest, largest = float(values.min()), float(values.max())
     if smallest >= 0:
         bits = next(b for b in INTEGER_BIT_DEPTHS if largest <= 2**b - 1)
@@ -247,7 +306,7 @@ def _int32_to_unit(pixels: np.ndarray, unsigned: bool) -> np.ndarray:
     else:
         bits = next(b for b in INTEGER_BIT_DEPTHS if -(2 ** (b - 1)) <= smallest and largest <= 2 ** (b - 1) - 1)
         low, high = -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
-    return ((values - low) / (high - low)).astype(np.float32)
+    return ((values - low) / (high - low)).astype(np.float32), bits
 
 
 def _is_unsigned_tiff(image: Image.Image) -> bool:
@@ -260,7 +319,7 @@ def _is_unsigned_tiff(image: Image.Image) -> bool:
     return sample_format == 1
 
 
-def _read_dicom(path: str, gray: bool) -> Tensor:
+def _read_dicom(path: str, gray: bool, mode: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     try:
         import pydicom
     except ImportError:
@@ -299,18 +358,90 @@ def _read_dicom(path: str, gray: bool) -> Tensor:
         else:
             bits = int(ds.get("BitsStored") or 8 * stored.dtype.itemsize)
         unit = stored.astype(np.float64) / float(2**bits - 1)
+        intensity = f"DICOM colour {bits}-bit"
     else:
-        unit = _dicom_gray_to_unit(stored, ds, apply_modality_lut)
+        try:
+            values = apply_modality_lut(stored, ds)
+        except MemoryError:
+            raise
+        except Exception as err:  # a broken Modality LUT Sequence
+            raise ImageReadError(path, f"DICOM modality LUT cannot be applied: {_one_line(err)}") from err
+        unit, intensity = None, ""
+        if mode == "window":
+            unit, intensity = _dicom_window(values, ds)
+        elif mode == "percentiles":
+            unit, intensity = _dicom_percentiles(values, percentiles)
+        if unit is None:
+            unit, scaled = _dicom_gray_to_unit(np.asarray(values, dtype=np.float64), stored, ds)
+            intensity = f"DICOM {scaled}" + (f" ({intensity})" if intensity else "")
         if photometric == "MONOCHROME1":
             unit = 1.0 - unit
+            intensity += ", MONOCHROME1 inverted"
     image = torch.from_numpy(np.clip(unit, 0.0, 1.0).astype(np.float32))
     image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
-    return _luma(image) if gray and image.shape[0] == 3 else image
+    return (_luma(image) if gray and image.shape[0] == 3 else image), intensity
 
 
-def _dicom_gray_to_unit(stored: np.ndarray, ds, apply_modality_lut) -> np.ndarray:
-    """Monochrome pixels through the modality LUT, scaled to [0, 1] (float64)."""
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+def _dicom_window(values: np.ndarray, ds) -> tuple[np.ndarray | None, str]:
+    """The file's VOI LUT or first window applied (pydicom), to [0, 1]; (None, why) if it has none."""
+    from pydicom.pixels import apply_voi, apply_voi_lut
+
+    lut = ds.get("VOILUTSequence")
+    has_lut = bool(lut) and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if not (has_lut or has_window):
+        return None, "no window in file"
+    try:
+        with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")
+            if has_lut:  # the LUT wins over a window, as in pydicom's apply_voi_lut and viewers
+                entries, first, bits = (int(v) for v in lut[0].LUTDescriptor)
+                entries = entries or 2**16
+                # pydicom 3.0 indexes an 8-bit LUT through uint8, which wraps past 256
+                # entries: read the table as 16-bit entries, then look values up here.
+                lut[0].LUTDescriptor = [entries if entries < 2**16 else 0, first, 16]
+                table = np.asarray(apply_voi(np.arange(first, first + entries), ds), dtype=np.float64)
+                lut[0].LUTDescriptor = [entries if entries < 2**16 else 0, first, bits]
+                index = np.clip(np.floor(values).astype(np.int64) - first, 0, entries - 1)
+                shown = table[index]
+                low, high = float(table.min()), float(table.max())
+                what = "VOI LUT"
+            else:
+                shown = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+                # the window's output range: what -inf and +inf map to
+                low, high = (float(v) for v in apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0))
+                centre, width = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+                function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+                what = f"window {centre:g}/{width:g} (center/width, {function})"
+    except MemoryError:
+        raise
+    except Exception as err:  # a width below 1, an unknown VOI LUT Function, a broken LUT
+        return None, f"window in file not usable: {_one_line(err)}"
+    if high == low or not np.isfinite([low, high]).all():
+        return None, "window in file has an empty output range"
+    return (shown - low) / (high - low), f"DICOM {what}"
+
+
+def _first(value) -> float:
+    """The first of a multi-valued DICOM number (Window Center may hold several)."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _dicom_percentiles(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray | None, str]:
+    values = np.asarray(values, dtype=np.float64)
+    if not values.size:
+        return None, "empty image"
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    if high <= low:
+        return None, f"percentiles {percentiles[0]:g}-{percentiles[1]:g} equal: {low:g}"
+    return (values - low) / (high - low), f"DICOM percentiles {percentiles[0]:g}-{percentiles[1]:g}: {low:g}..{high:g}"
+
+
+def _dicom_gray_to_unit(values: np.ndarray, stored: np.ndarray, ds) -> tuple[np.ndarray, str]:
+    """Monochrome values (after the modality LUT) scaled to [0, 1] by the stored range (float64)."""
     bits = ds.get("BitsStored")
     slope = float(ds.get("RescaleSlope") or 1.0)
     intercept = float(ds.get("RescaleIntercept") or 0.0)
@@ -329,11 +460,13 @@ def _dicom_gray_to_unit(stored: np.ndarray, ds, apply_modality_lut) -> np.ndarra
         low, high = sorted((low * slope + intercept, high * slope + intercept))
         if values.size:  # a header that understates the range: widen, never clip data
             low, high = min(low, float(values.min())), max(high, float(values.max()))
+        what = f"stored range {low:g}..{high:g}"
     else:  # range unknown: the image's own min and max
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        what = f"image range {low:g}..{high:g}"
     if high <= low:
-        return np.zeros_like(values)
-    return (values - low) / (high - low)
+        return np.zeros_like(values), what
+    return (values - low) / (high - low), what
 
 
 def _one_line(err: BaseException) -> str:
