@@ -73,3 +73,13 @@ def test_solver_rejects_foreign_objective():
         assert "DACCost" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_objective_lives_where_its_tensors_are():
+    # A per-call objective must follow its inputs' device (CUDA in practice; "meta" here),
+    # or Theseus refuses to update it with the inputs.
+    theta = torch.zeros(2, 3, device="meta")
+    objective, _, _ = build_objective(
+        theta, torch.zeros(2, 1, 5, 5, device="meta"), torch.ones(1, 1, device="meta"), torch.ones(2, 1, device="meta"), 0.5
+    )
+    assert objective.device == torch.device("meta")

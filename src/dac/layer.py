@@ -224,16 +224,33 @@ class DACrop(nn.Module):
                 f"saliency: the module must map images {tuple(images.shape)} to a map of shape "
                 f"{expected} (B, 1, H // pool_size, W // pool_size), got {got}"
             )
-        if not saliency.dtype.is_floating_point:
-            raise DACInputError(f"saliency: expected a floating map, got {saliency.dtype}")
-        low = torch.aminmax(saliency.detach())[0]
-        if not bool(torch.isfinite(saliency.detach()).all()) or float(low) < 0:
-            raise DACInputError("saliency: the map must be finite and >= 0 (got NaN, Inf or negative values)")
+        _check_map(saliency)
         return saliency
 
+    def search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
+        """Boxes found on given maps, as if the saliency stage had made them.
+
+        For maps computed once and searched many times (training a saliency stage on
+        cached features). ``locate(images)`` is ``search(saliency_map(images))``.
+
+        Args:
+            saliency: Tensor[B, 1, h, w], finite and >= 0, the maps of images whose
+                pooled size is h x w (h = H // pool_size, w = W // pool_size).
+
+        Returns:
+            (boxes Tensor[B, 4] xyxy in input pixels, :class:`~dac.optim.DACSolverInfo`).
+        """
+        if not isinstance(saliency, Tensor) or saliency.ndim != 4 or saliency.shape[1] != 1:
+            got = tuple(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
+            raise DACInputError(f"saliency: expected Tensor[B, 1, h, w], got {got}")
+        _check_map(saliency)
+        return self._search(saliency)
+
     def _locate_batch(self, images: Tensor) -> tuple[Tensor, DACSolverInfo]:
-        saliency = self._saliency(images)
-        with _autocast_off(images.device):
+        return self._search(self._saliency(images))
+
+    def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
+        with _autocast_off(saliency.device):
             dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
             saliency = saliency.to(dtype) * self.saliency_scale
             batch, _, h, w = saliency.shape
@@ -263,6 +280,16 @@ class DACrop(nn.Module):
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+def _check_map(saliency: Tensor) -> None:
+    if not saliency.dtype.is_floating_point:
+        raise DACInputError(f"saliency: expected a floating map, got {saliency.dtype}")
+    if saliency.shape[-2] < 2 or saliency.shape[-1] < 2:
+        raise DACInputError(f"saliency: needs at least 2x2 pooled pixels per image, got {tuple(saliency.shape)}")
+    detached = saliency.detach()
+    if not bool(torch.isfinite(detached).all()) or float(detached.min()) < 0:
+        raise DACInputError("saliency: the map must be finite and >= 0 (got NaN, Inf or negative values)")
 
 
 class _FirstOrderOnly(torch.autograd.Function):

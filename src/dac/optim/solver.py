@@ -139,6 +139,7 @@ def build_objective(
     )
     objective = th.Objective(dtype=theta.dtype)
     objective.add(cost)
+    objective.to(theta.device)  # an objective starts on the CPU; it must be where its tensors are
     return objective, cost, inputs
 
 

@@ -1,0 +1,216 @@
+"""Localisation: how well each way of finding the box finds the dental region.
+
+Run (from the repository root)::
+
+    .venv/bin/python benchmarks/localisation.py --json localisation.json --figure localisation.png
+
+Held-out phantoms (``dac.phantoms.make_phantom``, seeds 5000.., 1536 x 2836 by default)
+are scored against their true region (the tight box around every tooth) and their
+per-tooth boxes. Rows:
+
+* the paper's DAC (max–min map) with both gamma schedules (x2 per stage, the paper's
+  text; x4, its Algorithm 1), at the paper's minimum width (2/3.5 of the image) and at
+  the learned rows' minimum width;
+* DAC + a :class:`dac.saliency.SaliencyNet` trained through the box on 8, 32 and 128
+  labelled phantoms (seeds 6000.., disjoint from the held-out ones);
+* direct box regression (:class:`dac.localisation.BoxRegressor`): the same features,
+  labels, loss, batches and steps, a CNN with a box head.
+
+Columns: mean IoU with the true region, the ceiling (the mean IoU of the best box of the
+crop's aspect and minimum width), mean share of each tooth's area inside the box, the
+share of images with every tooth inside (>= 99 % of each tooth's area), and training
+seconds (wall clock, ``--threads`` threads per row; rows run ``--jobs`` at a time).
+Phantoms and their features are cached in ``--cache`` (not timed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, pyplot  # noqa: E402
+
+ROWS = (
+    {"name": "DAC, paper map, gamma x2 (paper text)", "kind": "paper", "factor": 2.0, "rmin": 1 / 3.5},
+    {"name": "DAC, paper map, gamma x4 (Algorithm 1)", "kind": "paper", "factor": 4.0, "rmin": 1 / 3.5},
+    {"name": "DAC, paper map, gamma x2, min width 0.4", "kind": "paper", "factor": 2.0, "rmin": 0.2},
+    {"name": "DAC, paper map, gamma x4, min width 0.4", "kind": "paper", "factor": 4.0, "rmin": 0.2},
+    {"name": "DAC + learned saliency, 8 labels", "kind": "saliency", "labels": 8},
+    {"name": "DAC + learned saliency, 32 labels", "kind": "saliency", "labels": 32},
+    {"name": "DAC + learned saliency, 128 labels", "kind": "saliency", "labels": 128},
+    {"name": "box regression, 8 labels", "kind": "regression", "labels": 8},
+    {"name": "box regression, 32 labels", "kind": "regression", "labels": 32},
+    {"name": "box regression, 128 labels", "kind": "regression", "labels": 128},
+)
+TEST_SEED, TRAIN_SEED = 5000, 6000
+
+
+def phantom_item(args: tuple) -> dict:
+    """One phantom's features, region and teeth (cached on disk)."""
+    seed, height, width, pool, cache = args
+    torch.set_num_threads(1)
+    path = Path(cache) / f"{height}x{width}-k{pool}" / f"{seed}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    from dac.phantoms import make_phantom
+    from dac.saliency import saliency_features
+
+    p = make_phantom(seed, height, width)
+    item = {"seed": seed, "features": saliency_features(p.image[None], pool)[0].half(), "roi": p.roi, "teeth": p.teeth}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(item, tmp)
+    os.replace(tmp, path)
+    return item
+
+
+def run_row(args: tuple) -> dict:
+    row, opts = args
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(opts["threads"])
+    from dac import DACrop
+    from dac.localisation import BoxRegressor, aspect_box, fit_box_regressor, fit_saliency, localisation_scores, minimum_width
+    from dac.saliency import SaliencyNet
+
+    height, width, k = opts["height"], opts["width"], opts["pool_size"]
+    items = torch.load(opts["data"], weights_only=True)
+    test = [it for it in items if TEST_SEED <= it["seed"] < TEST_SEED + opts["test"]]
+    train = [it for it in items if TRAIN_SEED <= it["seed"] < TRAIN_SEED + row.get("labels", 0)]
+    rmin = row.get("rmin", opts["rmin"])
+    factor = row.get("factor", opts["factor"])
+    net = SaliencyNet(k, width=opts["net_width"]) if row["kind"] == "saliency" else None
+    layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor)
+    fit = dict(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], coverage_weight=opts["coverage_weight"],
+               time_limit=opts["time_limit"], seed=opts["seed"])
+    features = [it["features"].float() for it in train]
+    regions = torch.stack([it["roi"] for it in train]) if train else None
+    sizes = [(height, width)] * len(train)
+    history = None
+    if row["kind"] == "saliency":
+        history = fit_saliency(net, features, regions, sizes, layer, **fit)
+    elif row["kind"] == "regression":
+        model = BoxRegressor(layer.aspect, k, width=opts["net_width"], min_width_fraction=2 * rmin)
+        history = fit_box_regressor(model, features, regions, sizes, layer, **fit)
+    grid = (height // k * k, width // k * k)
+    boxes = []
+    with torch.no_grad():
+        for start in range(0, len(test), 20):
+            feats = torch.stack([it["features"].float() for it in test[start : start + 20]])
+            if row["kind"] == "regression":
+                boxes.append(model(feats, grid))
+            else:
+                boxes.append(layer.search(net.from_features(feats) if net is not None else feats[:, :1])[0])
+    boxes = torch.cat(boxes)
+    truth = torch.stack([it["roi"] for it in test])
+    scores = localisation_scores(boxes, truth, [it["teeth"] for it in test])
+    ceiling = aspect_box(truth, layer.aspect, torch.tensor([grid] * len(test)), minimum_width(layer, (height, width)))
+    result = {
+        "row": row["name"], "kind": row["kind"], "labels": row.get("labels", 0), "sharpness_factor": factor,
+        "min_width_fraction": 2 * rmin,
+        "iou": float(scores["iou"].mean()), "iou_std": float(scores["iou"].std()),
+        "ceiling": float(localisation_scores(ceiling, truth)["iou"].mean()),
+        "tooth_coverage": float(scores["tooth_coverage"].mean()),
+        "all_teeth_inside": float(scores["all_teeth_inside"].float().mean()),
+        "train_s": history.seconds if history else 0.0, "steps": history.steps if history else 0,
+        "frozen_boxes": history.frozen if history else 0, "unconverged_boxes": history.unconverged if history else 0,
+        "boxes": boxes[: opts["figure_count"]].tolist(),
+    }
+    if net is not None and opts.get("save"):
+        from dac.saliency import save_saliency
+
+        save_saliency(net, Path(opts["save"]) / f"saliency-{row['labels']}.pt")
+    return result
+
+
+def figure(path: str, results: list[dict], opts: dict) -> None:
+    plt = pyplot(path)
+    if plt is None:
+        return
+    from dac.phantoms import make_phantom
+
+    shown = [r for r in results if r["row"] in (ROWS[0]["name"], "DAC + learned saliency, 32 labels", "box regression, 32 labels")]
+    count = opts["figure_count"]
+    fig, axes = plt.subplots(count, 1, figsize=(8, 2.6 * count), constrained_layout=True)
+    colours = ("tab:red", "tab:blue", "tab:orange")
+    for i, ax in enumerate(axes):
+        p = make_phantom(TEST_SEED + i, opts["height"], opts["width"])
+        ax.imshow(p.image[0], cmap="gray")
+        x1, y1, x2, y2 = p.roi.tolist()
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1.5, ls="--", label="true region"))
+        for r, colour in zip(shown, colours):
+            x1, y1, x2, y2 = r["boxes"][i]
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.5, label=r["row"]))
+        ax.set_axis_off()
+        ax.set_title(f"held-out phantom {TEST_SEED + i}", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
+    fig.savefig(path, dpi=80)
+    print(f"figure -> {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test", type=int, default=100, help="held-out phantoms (default 100)")
+    parser.add_argument("--size", default="1536x2836", help="phantom HxW (default the paper's 1536x2836)")
+    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--output-size", default="200x370")
+    parser.add_argument("--rmin", type=float, default=0.2, help="learned rows' r_min_fraction (min width = 2 rmin W)")
+    parser.add_argument("--factor", type=float, default=2.0, help="learned rows' gamma factor per stage")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit (default 600)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--coverage-weight", type=float, default=8.0)
+    parser.add_argument("--net-width", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based) or 'all'")
+    parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (processes)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per row")
+    parser.add_argument("--cache", default="benchmarks/results/phantoms", help="phantom feature cache")
+    parser.add_argument("--save", metavar="DIR", help="also save the learned saliency stages here")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--figure", metavar="PATH")
+    parser.add_argument("--figure-count", type=int, default=3)
+    args = parser.parse_args(argv)
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
+    labels = max([r.get("labels", 0) for r in rows] + [0])
+    began = time.perf_counter()
+    seeds = list(range(TEST_SEED, TEST_SEED + args.test)) + list(range(TRAIN_SEED, TRAIN_SEED + labels))
+    with ProcessPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        items = list(pool.map(phantom_item, [(s, height, width, args.pool_size, args.cache) for s in seeds], chunksize=4))
+    data = Path(args.cache) / f"set-{height}x{width}-k{args.pool_size}-{args.test}-{labels}.pt"
+    torch.save(items, data)
+    print(f"{len(items)} phantoms ready in {time.perf_counter() - began:.0f} s", flush=True)
+    opts = {
+        "height": height, "width": width, "pool_size": args.pool_size, "test": args.test,
+        "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor,
+        "steps": args.steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
+        "coverage_weight": args.coverage_weight, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
+        "data": str(data), "save": args.save, "figure_count": args.figure_count,
+    }
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(run_row, [(r, opts) for r in rows]))
+    print("| row | mean IoU | ceiling | tooth coverage | every tooth inside | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['row']} | {r['iou']:.3f} | {r['ceiling']:.3f} | {r['tooth_coverage']:.3f} | "
+              f"{100 * r['all_teeth_inside']:.0f} % | {r['train_s']:.0f} |")
+    if args.json:
+        record = {"command": " ".join(sys.argv), "options": opts, "machine": machine(torch.device("cpu")), "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    if args.figure:
+        figure(args.figure, results, opts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,502 @@
+"""Where the box should be: scores against labelled regions, and learning from labelled boxes.
+
+* :func:`aspect_box` — the best box a crop of fixed aspect can be: the smallest box of
+  that aspect (and at least the minimum width) around the region, kept in the image.
+  Its IoU with the region is the *ceiling* a DAC box can reach.
+* :func:`localisation_scores` — per image: IoU with the region, the share of each
+  tooth's area inside the box, and whether every tooth is inside.
+* :func:`fit_saliency` — trains a :class:`~dac.saliency.SaliencyNet` *through the
+  box*: the loss is on the boxes ``DACrop`` finds on the learned map, and its gradient
+  reaches the network by the layer's exact implicit gradient of the box.
+* :class:`BoxRegressor` — the natural alternative: the same features, a CNN with a box
+  head, trained on the same labels with the same loss (:func:`fit_box_regressor`).
+
+Convention: boxes are xyxy in input pixel coordinates (torchvision's): pixel ``i``
+covers ``[i, i + 1)``, the whole image is ``(0, 0, W, H)``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import DACInputError, check_int, check_positive
+from .layer import DACrop
+from .saliency import SaliencyNet, feature_trunk, standardize
+
+__all__ = [
+    "LEARNED_DEFAULTS",
+    "BoxRegressor",
+    "FitHistory",
+    "aspect_box",
+    "box_loss",
+    "fit_box_regressor",
+    "fit_saliency",
+    "load_dacrop",
+    "localisation_scores",
+    "minimum_width",
+    "train_saliency",
+]
+
+
+def aspect_box(regions: Tensor, aspect: float, image_sizes: Tensor, min_width: Tensor | float = 0.0) -> Tensor:
+    """The smallest box of ``aspect`` (height / width), at least ``min_width`` wide,
+    centred on each region and shifted to lie inside its image.
+
+    Args:
+        regions: Tensor[B, 4] xyxy.
+        aspect: box height / width.
+        image_sizes: Tensor[B, 2] = (H, W) of each image.
+        min_width: smallest width, pixels (float or Tensor[B]).
+
+    Returns:
+        Tensor[B, 4] xyxy (as wide as the image allows, if the region needs more).
+
+    Example:
+        >>> aspect_box(torch.tensor([[10.0, 10.0, 30.0, 20.0]]), 0.5, torch.tensor([[100, 200]]))
+        tensor([[10., 10., 30., 20.]])
+    """
+    regions = regions.to(torch.promote_types(regions.dtype, torch.float32))
+    sizes = image_sizes.to(regions)
+    height, width = sizes[:, 0], sizes[:, 1]
+    w = torch.maximum(regions[:, 2] - regions[:, 0], (regions[:, 3] - regions[:, 1]) / aspect)
+    w = torch.maximum(w, torch.as_tensor(min_width, dtype=w.dtype).expand_as(w))
+    w = torch.minimum(w, torch.minimum(width, height / aspect))
+    h = aspect * w
+    cx = ((regions[:, 0] + regions[:, 2]) / 2).clamp(w / 2, width - w / 2)
+    cy = ((regions[:, 1] + regions[:, 3]) / 2).clamp(h / 2, height - h / 2)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def localisation_scores(boxes: Tensor, regions: Tensor, teeth: Sequence[Tensor] | None = None, inside: float = 0.99) -> dict[str, Tensor]:
+    """How well ``boxes`` find ``regions`` (and keep ``teeth``), per image.
+
+    Args:
+        boxes: Tensor[B, 4] xyxy, the crops.
+        regions: Tensor[B, 4] xyxy, the true regions.
+        teeth: per image a Tensor[N_i, 4] of tooth boxes (phantoms carry them), or None.
+        inside: a tooth counts as inside when at least this share of its box's area is.
+
+    Returns:
+        ``iou`` Tensor[B]; with ``teeth`` also ``tooth_coverage`` (mean share of each
+        tooth's area inside the box), ``worst_tooth`` (the smallest share) and
+        ``all_teeth_inside`` (bool), each Tensor[B].
+
+    Example:
+        >>> s = localisation_scores(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]]),
+        ...                         [torch.tensor([[0.0, 0, 2, 2], [8, 8, 12, 12]])])
+        >>> s["iou"].item(), s["tooth_coverage"].item(), s["all_teeth_inside"].item()
+        (0.5, 0.625, False)
+    """
+    from torchvision.ops import box_iou
+
+    boxes, regions = boxes.detach().double(), regions.detach().double()
+    scores = {"iou": box_iou(boxes, regions).diagonal()}
+    if teeth is not None:
+        coverage, worst, every = [], [], []
+        for box, tooth in zip(boxes, teeth):
+            tooth = tooth.double()
+            share = _overlap(tooth, box) / ((tooth[:, 2] - tooth[:, 0]) * (tooth[:, 3] - tooth[:, 1])).clamp_min(1e-9)
+            coverage.append(share.mean())
+            worst.append(share.min())
+            every.append(bool((share >= inside).all()))
+        scores["tooth_coverage"] = torch.stack(coverage)
+        scores["worst_tooth"] = torch.stack(worst)
+        scores["all_teeth_inside"] = torch.tensor(every)
+    return scores
+
+
+def _overlap(boxes: Tensor, box: Tensor) -> Tensor:
+    width = (torch.minimum(boxes[:, 2], box[2]) - torch.maximum(boxes[:, 0], box[0])).clamp_min(0)
+    height = (torch.minimum(boxes[:, 3], box[3]) - torch.maximum(boxes[:, 1], box[1])).clamp_min(0)
+    return width * height
+
+
+def box_loss(boxes: Tensor, regions: Tensor, targets: Tensor, widths: Tensor, coverage_weight: float = 1.0) -> Tensor:
+    """Per box: smooth-L1 distance to the best box of the aspect, plus the region left
+    outside (teeth cut off), both in image widths.
+
+    ``loss = sum_corners smoothL1((box - target) / W) + coverage_weight * sum_sides
+    relu(region side outside the box) / W``.
+
+    Args:
+        boxes, regions, targets: Tensor[B, 4] xyxy (targets from :func:`aspect_box`).
+        widths: Tensor[B], image widths W.
+
+    Returns:
+        Tensor[B].
+    """
+    scale = widths.to(boxes)[:, None]
+    fit = F.smooth_l1_loss(boxes / scale, targets.to(boxes) / scale, beta=0.01, reduction="none").sum(-1)
+    regions = regions.to(boxes)
+    outside = torch.cat((boxes[:, :2] - regions[:, :2], regions[:, 2:] - boxes[:, 2:]), dim=-1).clamp_min(0)
+    return fit + coverage_weight * (outside / scale).sum(-1)
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit_saliency` / :func:`fit_box_regressor` did."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    loss: list[float] = field(default_factory=list)  #: mean loss per step
+    frozen: int = 0  #: boxes with no strict maximum (zero gradient), over all steps
+    unconverged: int = 0  #: boxes not at a stationary point (approximate gradient)
+
+
+class BoxRegressor(nn.Module):
+    """Direct box regression from the features :class:`SaliencyNet` sees: the baseline.
+
+    The same trunk (:func:`~dac.saliency.feature_trunk` on standardised features) ends
+    in a heat map whose soft-argmax is the box centre, and a width from the pooled
+    features; the box has the crop's aspect, is at least ``min_width_fraction`` of the
+    image wide and is kept inside the image. It starts at the centred box of width
+    ``init_width_fraction``.
+
+    Args:
+        aspect: box height / width.
+        pool_size: the window k of the features.
+        width, dilations: as :class:`SaliencyNet`.
+        min_width_fraction, init_width_fraction: of the image width.
+    """
+
+    def __init__(
+        self,
+        aspect: float,
+        pool_size: int = 10,
+        width: int = 16,
+        dilations: Sequence[int] = (1, 2, 4, 8),
+        min_width_fraction: float = 2 / 3.5,
+        init_width_fraction: float = 2 / 2.3,
+    ) -> None:
+        super().__init__()
+        self.aspect = check_positive(aspect, "aspect")
+        self.pool_size = check_int(pool_size, "pool_size", 1)
+        self.min_width_fraction = float(min_width_fraction)
+        self.trunk = feature_trunk(width, dilations)
+        self.heat = nn.Conv2d(width, 1, 1)
+        self.size = nn.Linear(width, 1)
+        for layer in (self.heat, self.size):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        span = 1 - self.min_width_fraction
+        start = min(max((init_width_fraction - self.min_width_fraction) / span, 1e-3), 1 - 1e-3) if span > 0 else 0.5
+        with torch.no_grad():
+            self.size.bias.fill_(math.log(start / (1 - start)))
+
+    def forward(self, features: Tensor, image_size: Sequence[int]) -> Tensor:
+        """Boxes Tensor[B, 4] xyxy of images of ``image_size`` = (H, W) from their
+        features Tensor[B, 5, H // k, W // k]."""
+        height, width = float(image_size[0]), float(image_size[1])
+        x = features.to(self.heat.weight.dtype)
+        hidden = self.trunk(standardize(x))
+        b, _, h, w = hidden.shape
+        weights = torch.softmax(self.heat(hidden).flatten(1), dim=1).reshape(b, h, w)
+        k = self.pool_size * x.shape[-1] / w, self.pool_size * x.shape[-2] / h  # input pixels per trunk pixel
+        xs = k[0] * (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5)
+        ys = k[1] * (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5)
+        cx = (weights.sum(1) * xs).sum(-1)
+        cy = (weights.sum(2) * ys).sum(-1)
+        widest = min(width, height / self.aspect)
+        low = min(self.min_width_fraction * width, widest)
+        box_w = low + (widest - low) * torch.sigmoid(self.size(hidden.mean(dim=(2, 3)))[:, 0])
+        box_h = self.aspect * box_w
+        cx = torch.minimum(torch.maximum(cx, box_w / 2), width - box_w / 2)
+        cy = torch.minimum(torch.maximum(cy, box_h / 2), height - box_h / 2)
+        return torch.stack((cx - box_w / 2, cy - box_h / 2, cx + box_w / 2, cy + box_h / 2), dim=-1)
+
+
+Locator = Callable[[Tensor, tuple[int, int]], tuple[Tensor, Tensor | None]]
+
+
+def fit_saliency(
+    net: SaliencyNet,
+    features: Sequence[Tensor],
+    regions: Tensor,
+    image_sizes: Sequence[Sequence[int]],
+    layer: DACrop,
+    **kwargs,
+) -> FitHistory:
+    """Train ``net`` so that the boxes ``layer`` finds on its map fit labelled regions.
+
+    Each step draws a batch of same-size images, computes ``net``'s map from their
+    cached features, searches it with ``layer.search`` (whose ``saliency`` should be
+    ``net``, so the layer's minimum width and aspect are the ones used later), and
+    takes an Adam step on :func:`box_loss`; the gradient reaches ``net`` through the
+    box (the layer's backward mode; implicit by default). Frozen boxes (no strict
+    maximum) give no gradient; they and unconverged boxes are counted.
+
+    Args:
+        net: the saliency stage to train (in place).
+        features: per image Tensor[5, h, w] from :func:`~dac.saliency.saliency_features`.
+        regions: Tensor[N, 4] xyxy, the labelled region of each image (input pixels).
+        image_sizes: per image (H, W).
+        layer: the ``DACrop`` whose search is trained through.
+        **kwargs: see :func:`_fit` (steps, batch_size, lr, seed, flip, coverage_weight,
+            time_limit, callback).
+
+    Returns:
+        :class:`FitHistory`.
+    """
+
+    def locate(feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+        boxes, info = layer.search(net.from_features(feats))
+        return boxes, info
+
+    return _fit(net, locate, features, regions, image_sizes, layer, **kwargs)
+
+
+def fit_box_regressor(
+    model: BoxRegressor,
+    features: Sequence[Tensor],
+    regions: Tensor,
+    image_sizes: Sequence[Sequence[int]],
+    layer: DACrop,
+    **kwargs,
+) -> FitHistory:
+    """Train the :class:`BoxRegressor` baseline exactly as :func:`fit_saliency` trains a
+    saliency stage: same batches, loss, targets (``layer``'s aspect and minimum width)."""
+
+    def locate(feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+        return model(feats, size), None
+
+    return _fit(model, locate, features, regions, image_sizes, layer, **kwargs)
+
+
+def minimum_width(layer: DACrop, image_size: Sequence[int]) -> float:
+    """The narrowest box ``layer`` can return on an image of ``image_size`` = (H, W), pixels."""
+    k = layer.pool_size
+    h, w = int(image_size[0]) // k, int(image_size[1]) // k
+    return 2 * k * min(w * layer.r_min_fraction, w / 2.0, h / (2.0 * layer.aspect))
+
+
+def _fit(
+    model: nn.Module,
+    locate: Locator,
+    features: Sequence[Tensor],
+    regions: Tensor,
+    image_sizes: Sequence[Sequence[int]],
+    layer: DACrop,
+    *,
+    steps: int = 300,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    seed: int = 0,
+    flip: bool = True,
+    coverage_weight: float = 1.0,
+    time_limit: float | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> FitHistory:
+    """The training loop both fits share: Adam (cosine learning-rate decay over ``steps``)
+    on :func:`box_loss`, batches of one image size.
+
+    Args:
+        steps: Adam steps (fewer if ``time_limit`` seconds run out first).
+        batch_size: images per step.
+        lr: Adam learning rate.
+        seed: seeds the batches and flips.
+        flip: mirror half of each batch left-right (features and boxes).
+        coverage_weight: of :func:`box_loss`.
+        callback: ``callback(step, loss)`` after each step.
+    """
+    n = len(features)
+    if n == 0 or regions.shape != (n, 4) or len(image_sizes) != n:
+        raise DACInputError(f"features, regions, image_sizes: expected N items each and regions Tensor[N, 4], got {n}, {tuple(regions.shape)}, {len(image_sizes)}")
+    check_int(steps, "steps", 1)
+    check_int(batch_size, "batch_size", 1)
+    groups: dict[tuple, list[int]] = {}
+    for i, (f, size) in enumerate(zip(features, image_sizes)):
+        groups.setdefault((tuple(f.shape), tuple(int(s) for s in size)), []).append(i)
+    keys = list(groups)
+    sizes = np.array([len(groups[k]) for k in keys], dtype=float)
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    history = FitHistory()
+    began = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        key = keys[rng.choice(len(keys), p=sizes / sizes.sum())]
+        members = groups[key]
+        pick = rng.choice(members, size=min(batch_size, len(members)), replace=False)
+        (height, width) = key[1]
+        feats = torch.stack([features[i] for i in pick])
+        target_regions = regions[torch.as_tensor(pick, device=regions.device)].to(feats.device, torch.float64)
+        k = layer.pool_size
+        if flip:
+            mirror = torch.as_tensor(rng.random(len(pick)) < 0.5, device=feats.device)
+            feats = torch.where(mirror[:, None, None, None], feats.flip(-1), feats)
+            axis = float(k * feats.shape[-1])  # the pooled grid spans [0, k w)
+            flipped = torch.stack((axis - target_regions[:, 2], target_regions[:, 1], axis - target_regions[:, 0], target_regions[:, 3]), -1)
+            target_regions = torch.where(mirror[:, None], flipped, target_regions)
+        grid = torch.tensor([[k * feats.shape[-2], k * feats.shape[-1]]] * len(pick), dtype=torch.float64, device=feats.device)
+        targets = aspect_box(target_regions, layer.aspect, grid, minimum_width(layer, (height, width)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+            boxes, info = locate(feats, (int(grid[0, 0]), int(grid[0, 1])))
+        loss = box_loss(boxes, target_regions, targets, torch.full((len(pick),), float(width)), coverage_weight).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        history.steps += 1
+        history.loss.append(float(loss.detach()))
+        if info is not None:
+            history.frozen += int(info.frozen.sum())
+            history.unconverged += int((~(info.converged | info.frozen)).sum())
+        if callback:
+            callback(step, history.loss[-1])
+        if time_limit is not None and time.perf_counter() - began > time_limit:
+            break
+    history.seconds = time.perf_counter() - began
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------- one command
+#: The DACrop settings a learned saliency is trained and used with, unless asked
+#: otherwise: a narrower minimum box than the paper's 2/3.5 of the width (the learned
+#: map no longer needs the guard; the paper's minimum caps a 200 x 370 box's IoU with
+#: the dental region near 0.78 on phantoms).
+LEARNED_DEFAULTS = {"r_min_fraction": 0.2}
+
+
+def train_saliency(
+    out_dir: str | Path,
+    *,
+    count: int = 32,
+    data: str | None = None,
+    seed: int = 0,
+    image_size: Sequence[int] = (1536, 2836),
+    output_size: Sequence[int] = (200, 370),
+    pool_size: int = 10,
+    r_min_fraction: float = LEARNED_DEFAULTS["r_min_fraction"],
+    sharpness_factor: float = 2.0,
+    width: int = 16,
+    steps: int = 400,
+    time_limit: float | None = None,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    coverage_weight: float = 2.0,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train a :class:`~dac.saliency.SaliencyNet` from labelled boxes and save it:
+    what ``dac fit-saliency`` runs.
+
+    Args:
+        out_dir: writes ``saliency.pt`` (atomically; read with :func:`load_dacrop` or
+            :func:`dac.saliency.load_saliency`) and ``fit.json``.
+        count: generated phantoms to train on (used when ``data`` is None).
+        data: a CSV of ``path,x1,y1,x2,y2`` (xyxy, input pixels; an optional header
+            row; relative paths from the CSV's folder) of real images.
+        seed: phantoms and batches.
+        image_size: (H, W) of the phantoms.
+        output_size, pool_size, r_min_fraction, sharpness_factor: the ``DACrop`` the
+            stage is trained with, stored with it and used again by :func:`load_dacrop`.
+        width: the net's hidden channels.
+        steps, time_limit, batch_size, lr, coverage_weight: of :func:`fit_saliency`.
+        log: called with progress lines.
+
+    Returns:
+        The summary written to ``fit.json``.
+    """
+    from ._files import write_json
+    from .saliency import save_saliency, saliency_features
+
+    out = Path(out_dir)
+    say = log or (lambda message: None)
+    net = SaliencyNet(pool_size=pool_size, width=width)
+    layer = DACrop(output_size, pool_size, saliency=net, r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
+    if data is None:
+        from .phantoms import make_phantom
+
+        count = check_int(count, "count", 1)
+        height, width_px = (check_int(v, "image_size", 64) for v in image_size)
+        features, regions, sizes = [], [], []
+        for i in range(count):
+            p = make_phantom(seed * 1_000_003 + i, height, width_px)
+            features.append(saliency_features(p.image[None], pool_size)[0])
+            regions.append(p.roi)
+            sizes.append((height, width_px))
+            say(f"phantom {i + 1}/{count}")
+        source = f"{count} phantoms of {height}x{width_px}, seed {seed}"
+    else:
+        features, regions, sizes = _labelled_images(Path(data), pool_size)
+        source = f"{len(features)} images from {data}"
+    say(f"training on {source}")
+    history = fit_saliency(
+        net, features, torch.stack(regions), sizes, layer, steps=steps, time_limit=time_limit,
+        batch_size=batch_size, lr=lr, seed=seed, coverage_weight=coverage_weight,
+        callback=lambda step, loss: say(f"step {step + 1}/{steps}: loss {loss:.4f}") if (step + 1) % 20 == 0 else None,
+    )
+    settings = {"output_size": list(layer.output_size), "pool_size": pool_size, "r_min_fraction": r_min_fraction, "sharpness_factor": sharpness_factor}
+    summary = {
+        "source": source, "images": len(features), "steps": history.steps, "seconds": round(history.seconds, 1),
+        "first_loss": history.loss[0], "last_loss": float(np.mean(history.loss[-10:])),
+        "frozen_boxes": history.frozen, "unconverged_boxes": history.unconverged, "dacrop": settings,
+    }
+    save_saliency(net, out / "saliency.pt", dacrop=json.dumps(settings), source=source)
+    write_json(out / "fit.json", summary)
+    return summary
+
+
+def load_dacrop(path: str | Path, **overrides) -> DACrop:
+    """The ``DACrop`` a saved saliency stage was trained with, using it (eval mode).
+
+    ``overrides`` replace stored settings or add others (``backward_mode``, ...).
+    """
+    from .saliency import load_saliency
+
+    net = load_saliency(path)
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+    settings = json.loads(meta.get("dacrop", "{}")) | overrides
+    if int(settings.get("pool_size", net.pool_size)) != net.pool_size:
+        raise DACInputError(f"pool_size: the saliency stage {path!r} works on windows of {net.pool_size}, not {settings['pool_size']}")
+    settings["pool_size"] = net.pool_size
+    return DACrop(saliency=net, **settings)
+
+
+def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
+    """Features, regions and sizes of the images a ``path,x1,y1,x2,y2`` CSV lists."""
+    from .io import ImageReadError, read_image
+    from .saliency import saliency_features
+
+    if not csv_path.is_file():
+        raise DACInputError(f"data: no such file {str(csv_path)!r}")
+    features, regions, sizes = [], [], []
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            cells = [c.strip() for c in row]
+            if not any(cells) or (line == 1 and cells and cells[0].lower() in ("path", "file", "image")):
+                continue
+            if len(cells) != 5:
+                raise DACInputError(f"data: {str(csv_path)!r} line {line}: expected path,x1,y1,x2,y2, got {row!r}")
+            file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
+            try:
+                box = [float(v) for v in cells[1:]]
+                image = read_image(file, gray=True)
+            except ValueError:
+                raise DACInputError(f"data: {str(csv_path)!r} line {line}: the box {cells[1:]} is not four numbers") from None
+            except ImageReadError as err:
+                raise DACInputError(f"data: {str(csv_path)!r} line {line}: {err}") from None
+            height, width = image.shape[-2:]
+            if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+                raise DACInputError(f"data: {str(csv_path)!r} line {line}: box {box} is not xyxy inside the {width}x{height} image")
+            if image.dtype.is_floating_point:
+                image = image.clamp(0, 1)
+            features.append(saliency_features(image[None], pool_size)[0])
+            regions.append(torch.tensor(box, dtype=torch.float32))
+            sizes.append((height, width))
+    if not features:
+        raise DACInputError(f"data: {str(csv_path)!r} lists no images")
+    return features, regions, sizes

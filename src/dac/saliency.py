@@ -1,0 +1,176 @@
+"""Saliency stages for ``DACrop``: cheap window features and a small learned network.
+
+The paper searches the max–min pooled image (eq. 5), which is as bright on collimator
+edges, lead markers and texture as on the region a person wants. A learned stage keeps
+the search and changes only the map it runs on:
+
+* :func:`saliency_features` — one pass over the image, per pooling window (k x k):
+  the max–min range (eq. 5), mean, max, min and standard deviation.
+* :class:`SaliencyNet` — a small dilated CNN on those features, at half the pooled
+  resolution, whose output *gates* the max–min map: ``S = maxmin * 2 sigmoid(g) * exp(scale)``.
+  The last layer and the scale start at zero, so an untrained net gives exactly the
+  paper's map and training starts at the paper's DAC. Trained through the box by
+  :func:`dac.localisation.fit_saliency` (from labelled boxes) or from a task loss.
+
+Convention: maps are Tensor[B, 1, H // k, W // k]; pooled pixel ``(i, j)`` covers
+input pixels ``[i k, (i + 1) k) x [j k, (j + 1) k)``.
+
+Example:
+    >>> net = SaliencyNet(pool_size=4)
+    >>> x = torch.rand(2, 1, 40, 80)
+    >>> torch.allclose(net(x), max_min_pool(x, 4))  # untrained: the paper's map
+    True
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import DACInputError, check_image_batch, check_int, check_poolable
+from .functional.pooling import max_min_pool, to_unit_range
+
+__all__ = ["FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize"]
+
+#: The channels of :func:`saliency_features`, in order.
+FEATURES = ("max_min", "mean", "max", "min", "std")
+
+
+def saliency_features(images: Tensor, pool_size: int = 10) -> Tensor:
+    """Per pooling window: max–min range (eq. 5), mean, max, min, standard deviation.
+
+    Args:
+        images: Tensor[B, C, H, W] (C = 1 or 3), floating in [0, 1] or integer
+            (scaled as :func:`dac.functional.to_unit_range`).
+        pool_size: window and stride k.
+
+    Returns:
+        Tensor[B, 5, H // k, W // k] (:data:`FEATURES`), float32 (float64 for float64
+        images); colour images give the mean over channels of each feature. Channel 0
+        equals :func:`dac.functional.max_min_pool`.
+
+    Example:
+        >>> saliency_features(torch.rand(2, 1, 40, 60), 10).shape
+        torch.Size([2, 5, 4, 6])
+    """
+    check_image_batch(images)
+    k = check_int(pool_size, "pool_size", 1)
+    h, w = check_poolable(images, k)
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    spread = max_min_pool(images, k).to(dtype)
+    b, c = images.shape[:2]
+    windows = to_unit_range(images[:, :, : h * k, : w * k], dtype).reshape(b, c, h, k, w, k)
+    high = windows.amax(dim=5).amax(dim=3)
+    low = windows.amin(dim=5).amin(dim=3)
+    mean = windows.mean(dim=(3, 5))
+    std = (windows.square().mean(dim=(3, 5)) - mean.square()).clamp_min(0).sqrt()
+    rest = torch.stack((mean, high, low, std), dim=1).mean(dim=2)  # [B, 4, h, w], channels averaged
+    return torch.cat((spread, rest), dim=1)
+
+
+def feature_trunk(width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8)) -> nn.Sequential:
+    """The CNN both learned localisers use on standardised features (:func:`standardize`).
+
+    A stride-2 3 x 3 convolution (half the pooled resolution, a quarter of the work),
+    then one 3 x 3 convolution per entry of ``dilations``, ReLU after each; receptive
+    field ``3 + 4 sum(dilations)`` pooled pixels (63 by default: 630 input pixels at
+    k = 10). Tensor[B, 5, h, w] -> Tensor[B, width, ceil(h / 2), ceil(w / 2)].
+    """
+    width = check_int(width, "width", 1)
+    dilations = tuple(check_int(d, "dilations", 1) for d in dilations)
+    layers: list[nn.Module] = [nn.Conv2d(len(FEATURES), width, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+    for d in dilations:
+        layers += [nn.Conv2d(width, width, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def standardize(features: Tensor) -> Tensor:
+    """Each image's features with zero mean and unit variance per channel (exposure-free)."""
+    mean = features.mean(dim=(2, 3), keepdim=True)
+    return (features - mean) / features.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+class SaliencyNet(nn.Module):
+    """A learned saliency stage: window features -> CNN -> gate on the max–min map.
+
+    ``S = maxmin * 2 sigmoid(g(features)) * exp(log_scale)``, with ``g`` the
+    :func:`feature_trunk` on the per-image standardised features, a 1 x 1 convolution,
+    and bilinear upsampling back to the pooled resolution. The receptive field (630
+    input pixels by default) is enough to tell a collimator edge or a marker from teeth.
+    The gate can silence a region (0) or double it (2); the global scale matters
+    because the "+1" of eq. 3 makes the optimum depend on the map's scale. The last
+    convolution and the scale start at zero: an untrained net *is* the paper's map.
+
+    Args:
+        pool_size: the window k (must equal ``DACrop``'s ``pool_size``).
+        width: channels of the hidden layers.
+        dilations: of the trunk's 3 x 3 convolutions after the first.
+
+    Example:
+        >>> from dac import DACrop
+        >>> layer = DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4))
+        >>> layer(torch.rand(1, 1, 96, 177)).shape
+        torch.Size([1, 1, 20, 37])
+    """
+
+    def __init__(self, pool_size: int = 10, width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8)) -> None:
+        super().__init__()
+        self.pool_size = check_int(pool_size, "pool_size", 1)
+        self.trunk = feature_trunk(width, dilations)
+        self.width = width
+        self.dilations = tuple(int(d) for d in dilations)
+        self.gate = nn.Conv2d(width, 1, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images Tensor[B, C, H, W] -> map Tensor[B, 1, H // k, W // k], >= 0."""
+        return self.from_features(saliency_features(images, self.pool_size))
+
+    def from_features(self, features: Tensor) -> Tensor:
+        """The map from precomputed :func:`saliency_features` Tensor[B, 5, h, w]."""
+        if features.ndim != 4 or features.shape[1] != len(FEATURES):
+            raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(features.shape)}")
+        x = features.to(self.gate.weight.dtype)
+        logits = F.interpolate(self.gate(self.trunk(standardize(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x[:, :1] * 2 * torch.sigmoid(logits) * self.log_scale.exp()
+
+    def extra_repr(self) -> str:
+        return f"pool_size={self.pool_size}"
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments (what :func:`save_saliency` stores)."""
+        return {"pool_size": self.pool_size, "width": self.width, "dilations": list(self.dilations)}
+
+
+def save_saliency(net: SaliencyNet, path: str | Path, **meta: Any) -> None:
+    """Write ``net`` (its arguments, weights and ``meta`` numbers/strings) to ``path`` atomically."""
+    from ._files import atomic_write
+
+    state = {"kind": "SaliencyNet", "config": net.config(), "state_dict": net.state_dict(), "meta": dict(meta)}
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def load_saliency(path: str | Path, map_location: Any = "cpu") -> SaliencyNet:
+    """A :class:`SaliencyNet` saved by :func:`save_saliency` (read weights-only), in eval mode.
+
+    Raises:
+        DACInputError: the file is missing or is not a saved saliency stage.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DACInputError(f"saliency: no such file {str(path)!r}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict) or state.get("kind") != "SaliencyNet":
+            raise ValueError("not a saved SaliencyNet")
+        net = SaliencyNet(**state["config"])
+        net.load_state_dict(state["state_dict"])
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise DACInputError(f"saliency: {str(path)!r} is not a saliency stage saved by dac ({exc})") from None
+    return net.eval()

@@ -1,0 +1,181 @@
+"""dac.saliency and dac.localisation: features, the learned stage, training through the box."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dac import DACInputError, DACrop
+from dac.functional import max_min_pool
+from dac.localisation import (
+    BoxRegressor,
+    aspect_box,
+    box_loss,
+    fit_box_regressor,
+    fit_saliency,
+    localisation_scores,
+    minimum_width,
+)
+from dac.phantoms import make_phantom
+from dac.saliency import FEATURES, SaliencyNet, load_saliency, save_saliency, saliency_features
+
+from conftest import textured_scene
+
+SMALL = dict(output_size=(20, 37), pool_size=5)
+
+
+class TestFeatures:
+    def test_match_a_loop_over_windows(self):
+        x = torch.rand(2, 3, 23, 31, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        f = saliency_features(x, 5)
+        assert f.shape == (2, len(FEATURES), 4, 6) and f.dtype == torch.float64
+        for b in range(2):
+            for i in range(4):
+                for j in range(6):
+                    win = x[b, :, 5 * i : 5 * i + 5, 5 * j : 5 * j + 5].reshape(3, -1)
+                    expected = [
+                        (win.amax(1) - win.amin(1)).mean(),
+                        win.mean(1).mean(),
+                        win.amax(1).mean(),
+                        win.amin(1).mean(),
+                        win.std(1, unbiased=False).mean(),
+                    ]
+                    torch.testing.assert_close(f[b, :, i, j], torch.stack(expected))
+
+    def test_uint8_equals_float_and_channel_0_is_max_min(self):
+        x = torch.randint(0, 256, (1, 1, 40, 60), dtype=torch.uint8)
+        torch.testing.assert_close(saliency_features(x, 10), saliency_features(x.float() / 255, 10))
+        torch.testing.assert_close(saliency_features(x, 10)[:, :1], max_min_pool(x, 10))
+
+
+class TestSaliencyNet:
+    def test_untrained_net_is_the_paper_map(self):
+        images = textured_scene(2, 300, 555, dtype=torch.float32)
+        net = SaliencyNet(pool_size=5)
+        torch.testing.assert_close(net(images), max_min_pool(images, 5))
+        paper = DACrop(**SMALL).locate(images)
+        torch.testing.assert_close(DACrop(**SMALL, saliency=net).locate(images), paper)
+
+    def test_gradient_of_the_boxes_matches_finite_differences(self):
+        """d(loss on boxes) / d(parameters), through the implicit gradient of the box (float64)."""
+        torch.manual_seed(0)
+        net = SaliencyNet(pool_size=5, width=4, dilations=(1, 2)).double()
+        with torch.no_grad():  # a gate that depends on the parameters (zero-initialised otherwise)
+            net.gate.weight.normal_(0, 0.5)
+            net.gate.bias.fill_(0.1)
+        layer = DACrop(**SMALL, saliency=net)
+        images = textured_scene(2, 300, 555)
+        weights = torch.tensor([[0.3, -1.2, 0.7, 0.4], [-0.5, 0.9, 1.1, -0.8]], dtype=torch.float64)
+        params = [p for p in net.parameters()]
+        grads = torch.autograd.grad((layer.locate(images) * weights).sum(), params)
+        gen = torch.Generator().manual_seed(3)
+        direction = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
+        analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+        eps = 1e-7  # the trunk's ReLUs are kinks: a small step, as for max pooling
+        base = [p.detach().clone() for p in params]
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for p, b, d in zip(params, base, direction):
+                    p.copy_(b + sign * eps * d)
+                values.append((layer.locate(images) * weights).sum().item())
+        with torch.no_grad():
+            for p, b in zip(params, base):
+                p.copy_(b)
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert abs(fd) > 1e-2  # the boxes really move with the parameters
+        assert abs(analytic - fd) <= 2e-6 * abs(fd), (analytic, fd)
+
+    def test_save_and_load(self, tmp_path):
+        net = SaliencyNet(pool_size=5, width=8)
+        with torch.no_grad():
+            net.gate.weight.normal_()
+        save_saliency(net, tmp_path / "s.pt", phantoms=3)
+        again = load_saliency(tmp_path / "s.pt")
+        x = torch.rand(1, 1, 60, 90)
+        torch.testing.assert_close(again(x), net(x))
+        assert not again.training
+        (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+        with pytest.raises(DACInputError, match="saliency: .* is not a saliency stage"):
+            load_saliency(tmp_path / "bad.pt")
+        with pytest.raises(DACInputError, match="no such file"):
+            load_saliency(tmp_path / "missing.pt")
+
+    def test_bad_arguments(self):
+        with pytest.raises(DACInputError, match="pool_size"):
+            SaliencyNet(pool_size=0)
+        with pytest.raises(DACInputError, match="features"):
+            SaliencyNet().from_features(torch.rand(1, 3, 10, 10))
+
+
+class TestScores:
+    def test_aspect_box_is_the_smallest_box_of_the_aspect_around_the_region(self):
+        regions = torch.tensor([[100.0, 50.0, 300.0, 90.0], [0.0, 0.0, 50.0, 200.0]])
+        sizes = torch.tensor([[400, 800], [300, 800]])
+        boxes = aspect_box(regions, 0.5, sizes, min_width=torch.tensor([0.0, 100.0]))
+        torch.testing.assert_close(boxes[0], torch.tensor([100.0, 20.0, 300.0, 120.0]))  # width-bound, centred
+        torch.testing.assert_close(boxes[1], torch.tensor([0.0, 0.0, 400.0, 200.0]))  # height-bound, shifted in
+        with_floor = aspect_box(regions[:1], 0.5, sizes[:1], min_width=500.0)
+        assert (with_floor[0, 2] - with_floor[0, 0]).item() == pytest.approx(500.0)
+
+    def test_scores(self):
+        teeth = [torch.tensor([[10.0, 10, 20, 20], [90, 10, 110, 20]])]
+        s = localisation_scores(torch.tensor([[0.0, 0, 100, 50]]), torch.tensor([[10.0, 10, 110, 20]]), teeth)
+        assert s["iou"].item() == pytest.approx(900 / 5100)
+        assert s["tooth_coverage"].item() == pytest.approx(0.75)
+        assert s["worst_tooth"].item() == pytest.approx(0.5) and not s["all_teeth_inside"].item()
+
+    def test_box_loss_charges_teeth_cut_off(self):
+        region = torch.tensor([[100.0, 100, 200, 150]])
+        target = aspect_box(region, 0.5, torch.tensor([[300, 400]]))
+        wide = target + torch.tensor([[-10.0, -5, 10, 5]])
+        narrow = target + torch.tensor([[10.0, 5, -10, -5]])
+        w = torch.tensor([400.0])
+        assert box_loss(target, region, target, w).item() == pytest.approx(0.0)
+        assert box_loss(narrow, region, target, w).item() > box_loss(wide, region, target, w).item() > 0
+
+
+def _phantom_set(seeds, size=(192, 354), k=4):
+    features, regions, sizes, teeth = [], [], [], []
+    for s in seeds:
+        p = make_phantom(s, *size)
+        features.append(saliency_features(p.image[None], k)[0])
+        regions.append(p.roi)
+        sizes.append(size)
+        teeth.append(p.teeth)
+    return features, torch.stack(regions), sizes, teeth
+
+
+class TestFitting:
+    def test_fit_saliency_lowers_the_box_loss(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 46))
+        net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
+        layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
+        history = fit_saliency(net, features, regions, sizes, layer, steps=20, batch_size=6, lr=1e-2, seed=0)
+        assert history.steps == 20 and len(history.loss) == 20
+        first, last = sum(history.loss[:4]) / 4, sum(history.loss[-4:]) / 4
+        assert last < 0.8 * first, (first, last)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+    def test_box_regressor_starts_centred_and_trains(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 46))
+        layer = DACrop(output_size=(20, 37), pool_size=4)
+        model = BoxRegressor(layer.aspect, pool_size=4, width=8, dilations=(1, 2), min_width_fraction=2 * layer.r_min_fraction)
+        start = model(torch.stack(features[:1]), (192, 352))
+        torch.testing.assert_close((start[0, 0] + start[0, 2]) / 2, torch.tensor(176.0))
+        assert (start[0, 2] - start[0, 0]).item() >= minimum_width(layer, (192, 354)) - 1e-3
+        history = fit_box_regressor(model, features, regions, sizes, layer, steps=30, batch_size=6, lr=1e-2, seed=0)
+        assert sum(history.loss[-5:]) < sum(history.loss[:5])
+
+    def test_coverage_weight_charges_teeth_cut_off_in_training(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 43))
+        layer = DACrop(output_size=(20, 37), pool_size=4)
+        first = []
+        for weight in (0.0, 50.0):
+            model = BoxRegressor(layer.aspect, pool_size=4, width=4, dilations=(1,), min_width_fraction=0.1, init_width_fraction=0.3)
+            first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, batch_size=3, coverage_weight=weight).loss[0])
+        assert first[1] > first[0] + 1.0  # a narrow start box cuts teeth off: the weight counts
+
+    def test_bad_training_input(self):
+        net = SaliencyNet(pool_size=4)
+        with pytest.raises(DACInputError, match="features, regions, image_sizes"):
+            fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(2, 4), [(40, 40)], DACrop(pool_size=4, saliency=net))
