@@ -326,9 +326,15 @@ class TestUsageErrors:
     def test_second_run_on_the_same_out_is_refused(self, three: Path, tmp_path: Path):
         out = tmp_path / "out"
         run([three], out)
-        with archive._locked(out, "out_dir"):
-            with pytest.raises(DACInputError, match="another"):
+        with open(out / ".boxes-journal.csv", "a") as held:  # as a running dac crop holds it
+            assert archive._try_lock(held.fileno())
+            with pytest.raises(DACInputError, match="another dac crop is writing"):
                 run([three], out)
+            with pytest.raises(DACInputError, match=r"another dac crop \(shard 1/2\) is writing"):
+                with open(out / ".boxes-journal-1-of-2.csv", "a") as other:
+                    assert archive._try_lock(other.fileno())
+                    run([three], out, shard="1/2")
+        assert run([three], out).skipped == 3
 
 
 def test_killed_run_resumes_from_its_journal(three: Path, tmp_path: Path, monkeypatch):

@@ -1,42 +1,48 @@
-"""Crop a whole archive of images: what ``dac crop`` runs.
+"""Archives of images, processed file by file: what ``dac crop`` (and ``dac predict``) run.
 
-Streams the inputs in batches (memory stays bounded however many files there are),
-writes each crop atomically under ``OUT/crops/``, and records one row per input in
-``OUT/boxes.csv``. Inputs are only ever read.
+One engine, :func:`run_archive`, serves every command that turns a folder of images into
+one table row per file: it finds the inputs, reads them in worker processes, hands
+batches of same-size images to the command's computation, writes the command's files in
+a background thread, journals each batch's rows and keeps the table. A command says
+what it computes with an :class:`ArchiveTask`; :func:`crop_archive` is the one for
+``dac crop`` (``dac.predict`` holds the one for ``dac predict``). Inputs are only ever
+read.
 
-The table, ``OUT/boxes.csv``
+The table (``OUT/boxes.csv`` for ``dac crop``)
     One row per input, keyed by the input's *resolved* path (absolute, ``..`` and
     symbolic links resolved), which is what the ``path`` column shows: the same file
     named by another spelling (relative, absolute, through a link) is the same row,
-    whatever the working folder. Columns: :data:`CSV_FIELDS`. What a user or a
-    spreadsheet did to the table is kept: added columns (a ``note``), the column order,
-    rows of other files, a byte-order mark or CRLF line ends on reading. A table without
-    a ``path`` column, or with two rows for one file that disagree in a user column, is
-    refused (:class:`~dac.DACInputError`) and left as it is. The file is UTF-8; a file
-    name that is not valid UTF-8 is written as its own bytes (Python's
+    whatever the working folder. Columns: :data:`CSV_FIELDS` for ``dac crop``. What a
+    user or a spreadsheet did to the table is kept: added columns (a ``note``), the
+    column order, rows of other files, a byte-order mark or CRLF line ends on reading.
+    A table without a ``path`` column, or with two rows for one file that disagree in a
+    user column, is refused (:class:`~dac.DACInputError`) and left as it is. The file is
+    UTF-8; a file name that is not valid UTF-8 is written as its own bytes (Python's
     ``surrogateescape``), so it names exactly that file: read such a table with
-    ``errors="surrogateescape"`` (pandas: ``encoding_errors="surrogateescape"``).
+    ``errors="surrogateescape"`` (pandas: ``encoding_errors="surrogateescape"``). The
+    ``intensity`` column says how each file's values became [0, 1] (for DICOM: the
+    window, the stored range or the percentiles used; see :func:`dac.io.read_image`).
 
 Resuming
-    During a run each batch's rows are appended to ``OUT/.boxes-journal.csv`` and
-    flushed to disk; ``boxes.csv`` is rewritten atomically from both when the run ends,
-    is interrupted, or (after a kill) when the next run starts. Only one run may write
-    to an ``OUT`` at a time.
+    During a run each batch's rows are appended to a journal (``OUT/.boxes-journal.csv``,
+    one per process) and flushed to disk; the table is rewritten atomically from it when
+    the run ends, is interrupted, or (after a kill) when the next run starts. An
+    interrupted or killed run loses at most the batches in flight.
 
 Finished work
-    An input is skipped only when its row is ``ok``, its crop exists, the row's
-    ``settings`` equals this run's :func:`settings_key` (the archive's format, ``bits``,
-    ``gray8``, ``overlays``, every public setting of the layer and of its sub-modules,
-    and its weights), and the file is the one that was cropped: the same size,
-    modification time and change time (``file_stat``, ``size:mtime_ns:ctime_ns``), or,
-    where those differ (a ``touch``, a copy), the same SHA-256 of its bytes
-    (``sha256``). Anything else is cropped again, over the same crop name. Every write
-    to a file moves its change time, which no program can set back, so a changed file
-    is noticed even with its size and modification time restored. The digest is taken
-    while cropping (about 2 ms for a 2 MB PNG of 1536 x 2836, against 40 ms to decode it
-    and seconds to search it) and is read again only for files whose stat changed, so a
-    re-run over a finished archive costs one ``stat`` per file. The device, the batch
-    size and the number of workers are not settings: they are not meant to change what
+    An input is skipped only when its row is ``ok``, its output files exist, the row's
+    ``settings`` equals this run's settings key (for ``dac crop``: :func:`settings_key`,
+    the archive's format, ``bits``, ``gray8``, ``overlays``, the DICOM intensity mode,
+    every public setting of the layer and of its sub-modules, and its weights), and the
+    file is the one that was processed: the same size, modification time and change
+    time (``file_stat``, ``size:mtime_ns:ctime_ns``), or, where those differ (a
+    ``touch``, a copy), the same SHA-256 of its bytes (``sha256``). Anything else is
+    done again, over the same output name. Every write to a file moves its change time,
+    which no program can set back, so a changed file is noticed even with its size and
+    modification time restored. The digest is taken while reading (about 2 ms for a 2 MB
+    PNG of 1536 x 2836) and is read again only for files whose stat changed, so a re-run
+    over a finished archive costs one ``stat`` per file. The device, the batch size, the
+    number of workers and the shard are not settings: they are not meant to change what
     is written (beyond floating-point rounding between devices).
 
 Inputs
@@ -47,14 +53,38 @@ Inputs
     be listed. Nothing inside ``OUT`` is ever an input, so ``OUT`` may sit inside an input
     folder.
 
-Output names cannot collide or escape ``OUT``: a crop is named after the input's file
-stem (reduced to ``[A-Za-z0-9._-]``) plus a hash of its resolved path.
+Speed: the parts overlap
+    ``workers`` processes decode files (and take their SHA-256) ahead of the
+    computation, through a bounded queue (``prefetch`` batches per worker); decoded
+    images wait in groups of one size and type until a group holds ``batch_size``
+    images (or too many wait: then the largest group goes), so each batch is one
+    tensor; the main process computes (the search) with ``torch`` threads set to the
+    cores the workers leave free; one writer thread encodes and writes the outputs and
+    the journal while the next batch is computed. Images held at once: at most
+    ``(workers * prefetch + 5) * batch_size`` (queue, waiting groups, the batch being
+    computed, two batches being written).
+
+Several processes or machines
+    With ``shard=(i, n)`` (``dac crop --shard i/n``, or the ``RANK`` and ``WORLD_SIZE``
+    that ``torchrun`` sets) a process takes every n-th input of the sorted list from the
+    i-th on, journals its rows in its own part (``OUT/.boxes-journal-<i>-of-<n>.csv``)
+    and, when it ends, merges its part into the one table under a lock on ``OUT`` (POSIX
+    ``flock``; on several machines ``OUT`` must be on a file system whose locks work
+    across them, such as NFSv4). Parts left by killed processes are merged by the next
+    run. A resumed run, with any number of processes, skips what any of them finished.
+    Two runs of the same shard on one ``OUT`` at once are refused.
+
+Output names cannot collide or escape ``OUT``: an output is named after the input's
+file stem (reduced to ``[A-Za-z0-9._-]``) plus a hash of its resolved path.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import functools
 import glob
 import hashlib
 import io as _io
@@ -62,6 +92,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -70,42 +101,58 @@ import numpy as np
 import torch
 
 from ._checks import DACInputError, check_device, check_int
+from ._files import atomic_write, write_json
 from .layer import DACrop
 
 __all__ = [
+    "ARCHIVE_FIELDS",
     "CSV_FIELDS",
     "ArchiveSummary",
+    "ArchiveTask",
     "Found",
     "check_out_dir",
+    "check_shard",
     "crop_archive",
     "crop_settings",
+    "default_workers",
     "find_inputs",
+    "module_settings",
     "output_name",
+    "read_for_archive",
+    "run_archive",
+    "settings_digest",
     "settings_key",
+    "shard_from_environment",
+    "weights_digest",
+    "write_overlay",
 ]
 
-CSV_FIELDS = (
-    "path", "status", "error", "width", "height", "x1", "y1", "x2", "y2", "cost", "iterations", "crop",
-    "settings", "file_stat", "sha256",
-)
+#: Columns every archive table has, first (``path, status, error, width, height``) and
+#: last (``intensity, settings, file_stat, sha256``); :func:`run_archive` fills them.
+ARCHIVE_FIELDS = (("path", "status", "error", "width", "height"), ("intensity", "settings", "file_stat", "sha256"))
+#: Columns of ``boxes.csv``.
+CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "crop") + ARCHIVE_FIELDS[1]
 #: Version of how an input becomes a crop (reading, scaling, writing): part of every
 #: settings key, so a change here crops archives again.
-ARCHIVE_FORMAT = 2
-_JOURNAL = ".boxes-journal.csv"
-_JOURNAL_FIELDS = CSV_FIELDS + ("end",)  # "end" = "1": the row was written whole
+ARCHIVE_FORMAT = 3
 _NOT_SETTINGS = frozenset({"last_info"})  # what a layer keeps of its last call
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_LOCK_WAIT_S = 120.0  # longest wait for another process's merge into the table
 
 
 @dataclass
 class ArchiveSummary:
-    """What a :func:`crop_archive` run did."""
+    """What a :func:`run_archive` run did (its shard only, when sharded)."""
 
-    total: int = 0  #: inputs found
-    skipped: int = 0  #: already cropped with the same settings from the same file
-    ok: int = 0  #: cropped in this run
-    failed: int = 0  #: failed in this run (reasons in boxes.csv)
+    total: int = 0  #: inputs of this run (its share, when sharded)
+    skipped: int = 0  #: already done with the same settings from the same file
+    ok: int = 0  #: done in this run
+    failed: int = 0  #: failed in this run (reasons in the table)
     failures: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason)
+    found: int = 0  #: inputs found (all shards)
+    shard: tuple[int, int] = (0, 1)  #: (index, count) of this process's share
+    seconds: float = 0.0  #: wall time of the run
+    keys: list[str] = field(default_factory=list, repr=False)  #: rows of this process's inputs (resolved paths)
 
 
 @dataclass(frozen=True)
@@ -114,6 +161,45 @@ class Found:
 
     key: str  #: absolute path with links resolved (the link itself where it leads nowhere)
     problem: str = ""  #: why it cannot be read, where the search already knows (else "")
+
+
+@dataclass
+class ArchiveTask:
+    """What one kind of archive run computes; :func:`run_archive` does the rest.
+
+    Attributes:
+        table: the table's file name in ``OUT`` (``"boxes.csv"``).
+        fields: every column, in order: ``ARCHIVE_FIELDS[0]``, the task's own, then
+            ``ARCHIVE_FIELDS[1]``.
+        settings: every setting that changes a row or an output (JSON-ready); its
+            digest is the ``settings`` column, and ``OUT/settings.json`` says what
+            each digest means.
+        read: ``path -> (image Tensor[C, H, W], intensity text)``. Runs in worker
+            processes, so it must pickle (a module-level function or a
+            ``functools.partial`` of one); raising fails that file with the reason.
+        compute: a list of same-size images (one Tensor[b, C, H, W]) -> one result per
+            image. Runs in the main process under ``torch.no_grad()``; when it raises,
+            each image is computed alone so that only the bad ones fail.
+        write: ``(out, key, image, result) -> cells``: writes the input's output files
+            under ``out`` (atomically) and returns its columns. Runs in the writer
+            thread; raising fails that file.
+        outputs: columns naming files (relative to ``out``) a finished row needs.
+        folders: sub-folders of ``out`` to create.
+        check_header: optional ``header -> None`` that raises :class:`DACInputError`
+            for a table this task cannot add to (e.g. columns of another model).
+        name: the command, for messages (``"dac crop"``).
+    """
+
+    table: str
+    fields: tuple[str, ...]
+    settings: dict
+    read: Callable[[str], tuple[torch.Tensor, str]]
+    compute: Callable[[torch.Tensor], list[Any]]
+    write: Callable[[Path, str, torch.Tensor, Any], dict[str, str]]
+    outputs: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()
+    check_header: Callable[[list[str]], None] | None = None
+    name: str = "dac"
 
 
 # ------------------------------------------------------------------------- inputs
@@ -233,26 +319,51 @@ def output_name(path: str | os.PathLike) -> str:
 
 
 # ----------------------------------------------------------------------- settings
-def crop_settings(layer: torch.nn.Module, *, bits: int = 8, gray8: bool = False, overlays: bool = False) -> dict:
+def crop_settings(
+    layer: torch.nn.Module,
+    *,
+    bits: int = 8,
+    gray8: bool = False,
+    overlays: bool = False,
+    dicom: str = "window",
+    percentiles: Sequence[float] = (1.0, 99.0),
+) -> dict:
     """Every setting that changes what :func:`crop_archive` writes for an input.
 
     One entry per setting; a new setting is one more line here. The layer contributes
-    its class, every public attribute (``output_size``, ``pool_size``, the schedule...,
-    not what its last call left), the same for each sub-module, and a digest of its
-    ``state_dict`` (the weights of a learned saliency, say).
+    its class, every public attribute (``output_size``, ``pool_size``, the schedule,
+    ``r_min_fraction``..., not what its last call left), the same for each sub-module,
+    and a digest of its ``state_dict`` (the weights of a learned saliency, say).
     """
     return {
         "format": ARCHIVE_FORMAT,
         "bits": bits,
         "gray8": bool(gray8),
         "overlays": bool(overlays),
-        "layer": _module_settings(layer),
-        "weights": _weights_digest(layer),
+        "dicom": _dicom_settings(dicom, percentiles),
+        "layer": module_settings(layer),
+        "weights": weights_digest(layer),
     }
 
 
-def settings_key(layer: torch.nn.Module, *, bits: int = 8, gray8: bool = False, overlays: bool = False) -> str:
-    """16 hex digits of the SHA-256 of :func:`crop_settings`: the ``settings`` column.
+def _dicom_settings(dicom: str, percentiles: Sequence[float]) -> dict:
+    return {"intensity": dicom} | ({"percentiles": [float(v) for v in percentiles]} if dicom == "percentiles" else {})
+
+
+def settings_digest(settings: dict) -> str:
+    """16 hex digits of the SHA-256 of ``settings`` as canonical JSON: a ``settings`` cell.
+
+    Example:
+        >>> settings_digest({"a": 1, "b": [2]}) == settings_digest({"b": [2], "a": 1})
+        True
+    """
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_key(layer: torch.nn.Module, **options: Any) -> str:
+    """The ``settings`` column of :func:`crop_archive`: :func:`settings_digest` of
+    :func:`crop_settings` (same keyword options).
 
     Example:
         >>> settings_key(DACrop(pool_size=4)) == settings_key(DACrop(pool_size=4))
@@ -260,18 +371,17 @@ def settings_key(layer: torch.nn.Module, *, bits: int = 8, gray8: bool = False, 
         >>> settings_key(DACrop(pool_size=4)) == settings_key(DACrop(pool_size=5))
         False
     """
-    settings = crop_settings(layer, bits=bits, gray8=gray8, overlays=overlays)
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return settings_digest(crop_settings(layer, **options))
 
 
-def _module_settings(module: torch.nn.Module) -> dict:
+def module_settings(module: torch.nn.Module) -> dict:
+    """A module's class and public attributes, and those of its sub-modules, as JSON."""
     config: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
     for name, value in vars(module).items():
         if not name.startswith("_") and name not in _NOT_SETTINGS:
             config[name] = _plain(value)
     for name, child in module.named_children():
-        config[f"module {name}"] = _module_settings(child)
+        config[f"module {name}"] = module_settings(child)
     return config
 
 
@@ -303,7 +413,8 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(head + data.tobytes()).hexdigest()[:16]
 
 
-def _weights_digest(module: torch.nn.Module) -> str:
+def weights_digest(module: torch.nn.Module) -> str:
+    """16 hex digits naming a module's ``state_dict`` (every parameter and buffer)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}={_tensor_digest(tensor)};".encode())
@@ -321,11 +432,12 @@ def _sha256(path: str) -> str:
 
 # -------------------------------------------------------------------------- table
 class _Table:
-    """``boxes.csv`` as read: its header (user columns kept) and rows keyed by path."""
+    """A table as read: its header (user columns kept) and rows keyed by path."""
 
-    def __init__(self, header: list[str], rows: dict[str, list[str]]) -> None:
-        self.header = header + [f for f in CSV_FIELDS if f not in header]
-        self.index = {f: self.header.index(f) for f in CSV_FIELDS}
+    def __init__(self, header: list[str], rows: dict[str, list[str]], fields: Sequence[str] = CSV_FIELDS) -> None:
+        self.fields = tuple(fields)
+        self.header = header + [f for f in self.fields if f not in header]
+        self.index = {f: self.header.index(f) for f in self.fields}
         width = len(self.header)
         self.rows = {k: cells + [""] * (width - len(cells)) for k, cells in rows.items()}
 
@@ -340,28 +452,31 @@ class _Table:
         cells[self.index["path"]] = key
 
 
-def _read_table(csv_path: Path) -> _Table:
+def _read_table(csv_path: Path, fields: Sequence[str] = CSV_FIELDS, command: str = "dac crop",
+                check_header: Callable[[list[str]], None] | None = None) -> _Table:
     """The table of earlier runs (an empty one if there is none); refuses what it cannot keep."""
     if not csv_path.exists():
-        return _Table(list(CSV_FIELDS), {})
+        return _Table(list(fields), {}, fields)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
             lines = [cells for cells in csv.reader(file) if cells]
     except (OSError, csv.Error) as err:
         raise DACInputError(f"{csv_path}: cannot be read as a CSV table ({err}); it was left as it is") from None
     if not lines:
-        return _Table(list(CSV_FIELDS), {})
+        return _Table(list(fields), {}, fields)
     header = lines[0]
     if "path" not in header:
         other = any(";" in h or "\t" in h for h in header)
         hint = " (its columns look separated by ';' or tabs; dac writes commas)" if other else ""
         raise DACInputError(
-            f"{csv_path}: has no 'path' column{hint}, so dac crop cannot add to it; it was left as it is "
+            f"{csv_path}: has no 'path' column{hint}, so {command} cannot add to it; it was left as it is "
             "(move it away, or choose another results folder)"
         )
+    if check_header is not None:
+        check_header(header)
     width = max(len(cells) for cells in lines)
     header = header + [""] * (width - len(header))  # rows longer than the header: unnamed columns
-    table = _Table(header, {})
+    table = _Table(header, {}, fields)
     path_at, settings_at = table.index["path"], table.index["settings"]
     ours = set(table.index.values())
     for number, cells in enumerate(lines[1:], start=2):
@@ -396,41 +511,35 @@ def _write_table(csv_path: Path, table: _Table, order: dict[str, int]) -> None:
     """Write the table atomically: inputs of this run in order, then other rows as they were."""
     position = {k: i for i, k in enumerate(table.rows)}
     keys = sorted(table.rows, key=lambda k: (0, order[k], 0) if k in order else (1, 0, position[k]))
-    _write_atomic(csv_path, [table.header] + [table.rows[k] for k in keys])
+    text = _io.StringIO(newline="")
+    csv.writer(text).writerows([table.header] + [table.rows[k] for k in keys])
+    atomic_write(csv_path, lambda file: file.write(text.getvalue().encode("utf-8", "surrogateescape")))
 
 
-def _write_atomic(path: Path, lines: Iterable[list[str]]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _replay_journal(journal_path: Path, table: _Table) -> int:
+    """Add the rows of a journal to ``table``; a torn last row is left out (done again).
+
+    Returns the number of rows replayed."""
     try:
-        with open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as file:
-            csv.writer(file).writerows(lines)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def _replay_journal(journal_path: Path, table: _Table) -> None:
-    """Rows a run wrote before it was killed; a torn last row is left out (cropped again)."""
-    if not journal_path.exists():
-        return
-    text = journal_path.read_bytes().decode("utf-8", "surrogateescape")
+        text = journal_path.read_bytes().decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return 0
     rows = []
     try:
         for cells in csv.reader(_io.StringIO(text, newline="")):
             rows.append(cells)
     except csv.Error:
         pass  # a torn quoted field at the end
-    if not rows or tuple(rows[0]) != _JOURNAL_FIELDS:
-        return
+    if not rows or rows[0][-1:] != ["end"] or "path" not in rows[0]:
+        return 0
+    header = rows[0]
+    count = 0
     for cells in rows[1:]:
-        if len(cells) == len(_JOURNAL_FIELDS) and cells[-1] == "1":
-            values = dict(zip(CSV_FIELDS, cells))
+        if len(cells) == len(header) and cells[-1] == "1":
+            values = {k: v for k, v in zip(header, cells) if k in table.index}
             table.update(values["path"], values)
-
-
+            count += 1
+    return count
 # --------------------------------------------------------------------- out folder
 def check_out_dir(out_dir: str | os.PathLike, name: str = "out_dir") -> Path:
     """Check that ``out_dir`` is a writable folder or can be created; creates nothing.
@@ -476,8 +585,11 @@ def _make_folders(out: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(out: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``out`` (POSIX ``flock``) while one run writes."""
+def _locked(out: Path, name: str, wait: float = _LOCK_WAIT_S) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``out`` (POSIX ``flock``) while the table is rewritten.
+
+    Other processes of a sharded run hold it only to merge their rows, so this waits
+    for it (at most ``wait`` seconds, then refuses)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -485,13 +597,34 @@ def _locked(out: Path, name: str) -> Iterator[None]:
         return
     descriptor = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DACInputError(f"{name}: another dac crop is writing to {os.fspath(out)!r}; wait for it to end") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DACInputError(
+                        f"{name}: another process has held the lock on {os.fspath(out)!r} for {wait:.0f} s; "
+                        "is a dac run hanging there?"
+                    ) from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(descriptor)
+
+
+def _try_lock(descriptor: int) -> bool:
+    """Take an exclusive ``flock`` on an open file without waiting; False if another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _record_settings(out: Path, key: str, settings: dict) -> None:
@@ -505,43 +638,406 @@ def _record_settings(out: Path, key: str, settings: dict) -> None:
     if known.get(key) == settings:
         return
     known[key] = settings
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_json(path, known)
+
+
+# ------------------------------------------------------------------ the engine
+def default_workers(device: str | torch.device = "cpu") -> int:
+    """Decoding processes ``workers="auto"`` starts: on a CPU a quarter of the cores this
+    process may use (at least 1 from 2 cores on: the other runs the search), on a GPU
+    all but one (at most 8).
+
+    Example:
+        >>> default_workers("cpu") >= 0
+        True
+    """
+    cpus = _cpus()
+    if torch.device(device).type != "cpu":
+        return max(0, min(8, cpus - 1))
+    return max(1, cpus // 4) if cpus >= 2 else 0
+
+
+def _cpus() -> int:
+    """Cores this process may use; under ``torchrun``, its share of this machine's."""
     try:
-        temporary.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return max(1, count // int(local)) if local.isdigit() and int(local) > 0 else max(1, count)
 
 
-# ---------------------------------------------------------------------- cropping
+def check_shard(shard: Any, name: str = "shard") -> tuple[int, int]:
+    """``(index, count)`` from a pair or a text ``"i/n"``, with 0 <= index < count.
+
+    Example:
+        >>> check_shard("1/4"), check_shard((0, 1))
+        ((1, 4), (0, 1))
+    """
+    if isinstance(shard, str):
+        parts = shard.split("/")
+        try:
+            shard = tuple(int(p) for p in parts) if len(parts) == 2 else None
+        except ValueError:
+            shard = None
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
+        raise DACInputError(f"{name}: expected i/n (this process's share i of n, 0 <= i < n), got {shard!r}")
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise DACInputError(f"{name}: expected i/n with 0 <= i < n, got {index}/{count}")
+    return index, count
+
+
+def shard_from_environment() -> tuple[int, int] | None:
+    """``(RANK, WORLD_SIZE)`` where ``torchrun`` (or another launcher) set them, else None."""
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    if rank.isdigit() and world.isdigit() and int(world) > 1:
+        return check_shard((int(rank), int(world)), "RANK/WORLD_SIZE")
+    return None
+
+
+def _journal_name(table: str, shard: tuple[int, int]) -> str:
+    stem = Path(table).stem
+    return f".{stem}-journal.csv" if shard == (0, 1) else f".{stem}-journal-{shard[0]}-of-{shard[1]}.csv"
+
+
 class _Reader(torch.utils.data.Dataset):
-    """Reads one input per item: (index, image or None, reason, file_stat, sha256)."""
+    """Reads one input per item: (index, image or None, reason, file_stat, sha256, intensity)."""
 
-    def __init__(self, items: Sequence[Found], read: Callable[[str], torch.Tensor]) -> None:
+    def __init__(self, items: Sequence[Found], read: Callable[[str], tuple[torch.Tensor, str]]) -> None:
         self.items, self.read = list(items), read
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str, str, str]:
         item = self.items[i]
         if item.problem:
-            return i, None, item.problem, "", ""
+            return i, None, item.problem, "", "", ""
         try:
             try:
                 before = os.stat(item.key)  # before reading: a later change is seen next run
             except OSError:
                 before = None
-            image = self.read(item.key)  # a missing file fails here, with its reason
+            image, intensity = self.read(item.key)  # a missing file fails here, with its reason
             if before is None:
                 raise OSError("the file changed while it was read")
-            return i, image, "", _stat_text(before), _sha256(item.key)
+            return i, image, "", _stat_text(before), _sha256(item.key), intensity
         except Exception as exc:  # noqa: BLE001 - any unreadable file is recorded, not fatal
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-            return i, None, str(reason), "", ""
+            return i, None, str(reason), "", "", ""
 
 
+class _Groups:
+    """Decoded images waiting, in groups of one size and dtype, until a group makes a batch.
+
+    A group goes when it holds ``batch_size`` images; when more than ``2 * batch_size``
+    images wait in all (an archive of many sizes), the largest group goes as it is.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size, self.limit = batch_size, 2 * batch_size
+        self.groups: dict[tuple, list] = {}
+        self.count = 0
+
+    def add(self, row: dict[str, str], image: torch.Tensor) -> list[list]:
+        key = (tuple(image.shape), image.dtype)
+        group = self.groups.setdefault(key, [])
+        group.append((row, image))
+        self.count += 1
+        ready = [self._pop(key)] if len(group) >= self.batch_size else []
+        while self.count > self.limit:
+            ready.append(self._pop(max(self.groups, key=lambda k: len(self.groups[k]))))
+        return ready
+
+    def flush(self) -> list[list]:
+        return [self._pop(key) for key in list(self.groups)]
+
+    def _pop(self, key: tuple) -> list:
+        group = self.groups.pop(key)
+        self.count -= len(group)
+        return group
+
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_archive(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    task: ArchiveTask,
+    *,
+    batch_size: int = 8,
+    workers: int | str = "auto",
+    device: str | torch.device = "cpu",
+    prefetch: int = 2,
+    progress: bool | None = None,
+    shard: tuple[int, int] | str | None = None,
+) -> ArchiveSummary:
+    """Run ``task`` over every image of ``inputs`` into ``out_dir`` (see the module doc).
+
+    Every argument is checked, and the inputs found, before anything is created.
+
+    Args:
+        inputs: files, folders (searched recursively) or glob patterns.
+        out_dir: results folder: ``task.table``, ``settings.json`` (what each
+            ``settings`` value means) and the task's outputs.
+        task: what to compute and write per image (:class:`ArchiveTask`).
+        batch_size: images per computed batch (memory grows with it).
+        workers: processes decoding files ahead of the computation (0: in this
+            process), or ``"auto"`` (:func:`default_workers`).
+        device: where the computation runs; on a CPU, torch's threads are set to the
+            cores the workers leave free for the run.
+        prefetch: batches each worker decodes ahead (the queue's depth).
+        progress: show a progress bar (None: only on a terminal).
+        shard: ``(i, n)`` or ``"i/n"``: take every n-th input from the i-th on (see
+            the module doc); None: all of them.
+
+    Returns:
+        :class:`ArchiveSummary` of this process's share.
+
+    Raises:
+        DACInputError: a bad argument, an input that does not exist, an ``out_dir``
+            that cannot be written, a table that cannot be kept, or another run of
+            the same shard writing to ``out_dir``.
+        KeyboardInterrupt: after writing the table of what was done (run again to resume).
+    """
+    from . import io as dio
+
+    began = time.perf_counter()
+    batch_size = check_int(batch_size, "batch_size", 1)
+    prefetch = check_int(prefetch, "prefetch", 1)
+    dev = check_device(device, "device")
+    workers = default_workers(dev) if workers == "auto" else check_int(workers, "workers", 0)
+    index, count = check_shard(shard if shard is not None else (0, 1))
+    out = Path(out_dir)
+    found = find_inputs(inputs, dio.IMAGE_SUFFIXES, exclude=out)
+    check_out_dir(out, "out_dir")
+    _make_folders(out, "out_dir")
+
+    mine = found[index::count]
+    order = {item.key: i for i, item in enumerate(found)}
+    key = settings_digest(task.settings)
+    csv_path = out / task.table
+    journal_path = out / _journal_name(task.table, (index, count))
+    summary = ArchiveSummary(total=len(mine), found=len(found), shard=(index, count), keys=[f.key for f in mine])
+    journal, table = _start(out, csv_path, journal_path, task, order, (index, count))
+    try:
+        _record_settings(out, key, task.settings)
+        writer = csv.writer(journal)
+        todo = []
+        for item in mine:
+            done, update = _is_done(table, item.key, key, out, task.outputs)
+            if done:
+                summary.skipped += 1
+                if update:  # touched or copied, not changed: the new stat, through the journal
+                    writer.writerow([update.get(f, "") for f in task.fields] + ["1"])
+            else:
+                todo.append(item)
+        journal.flush()
+        threads = min(torch.get_num_threads(), max(1, _cpus() - workers)) if dev.type == "cpu" else None
+        with _torch_threads(threads):
+            _process(todo, task, out, key, dev, journal, summary, batch_size, workers, prefetch, progress)
+    finally:
+        journal.flush()
+        with _locked(out, "out_dir"):
+            table = _read_table(csv_path, task.fields, task.name, task.check_header)
+            _replay_journal(journal_path, table)
+            _write_table(csv_path, table, order)
+            journal_path.unlink(missing_ok=True)
+        journal.close()
+    summary.seconds = time.perf_counter() - began
+    return summary
+
+
+def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, order: dict[str, int],
+           shard: tuple[int, int]):
+    """Under the lock on ``out``: open and lock this run's journal, merge the parts that
+    finished or dead runs left into the table, write it; returns (journal, table)."""
+    stem = Path(task.table).stem
+    with _locked(out, "out_dir"):
+        journal = open(journal_path, "a", newline="", encoding="utf-8", errors="surrogateescape")
+        if not _try_lock(journal.fileno()):
+            journal.close()
+            share = "" if shard == (0, 1) else f" (shard {shard[0]}/{shard[1]})"
+            raise DACInputError(f"out_dir: another {task.name}{share} is writing to {os.fspath(out)!r}; wait for it to end")
+        try:
+            table = _read_table(csv_path, task.fields, task.name, task.check_header)
+            merged = []
+            for part in sorted(out.glob(f".{stem}-journal*.csv")):
+                if part == journal_path:
+                    _replay_journal(part, table)
+                    continue
+                with open(part, "rb") as other:
+                    if _try_lock(other.fileno()):  # its run is over (a lock dies with its process)
+                        _replay_journal(part, table)
+                        merged.append(part)
+            _write_table(csv_path, table, order)
+            for part in merged:
+                part.unlink(missing_ok=True)
+            for sub in task.folders:
+                (out / sub).mkdir(exist_ok=True)
+            journal.truncate(0)
+            csv.writer(journal).writerow(tuple(task.fields) + ("end",))
+            journal.flush()
+            os.fsync(journal.fileno())
+        except BaseException:
+            journal.close()
+            if journal_path.exists() and journal_path.stat().st_size == 0:
+                journal_path.unlink()
+            raise
+    return journal, table
+
+
+def _is_done(table: _Table, path: str, key: str, out: Path, outputs: Sequence[str]) -> tuple[bool, dict | None]:
+    """Whether the row of ``path`` holds this very file done with settings ``key``, and
+    the row with its new stat where the file was touched or copied without a change."""
+    row = table.get(path)
+    if not row or row["status"] != "ok" or row["settings"] != key:
+        return False, None
+    if not all(row.get(name) and (out / row[name]).is_file() for name in outputs):
+        return False, None
+    try:
+        stat_text = _stat_text(os.stat(path))
+        if stat_text == row["file_stat"]:
+            return True, None
+        if row["sha256"] and _sha256(path) == row["sha256"]:
+            return True, row | {"file_stat": stat_text}
+    except OSError:
+        pass
+    return False, None
+
+
+def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, prefetch, progress) -> None:
+    """Read, compute, write and journal every input of ``todo`` (see "Speed" in the module doc)."""
+    from tqdm import tqdm
+
+    if not todo:
+        return
+    writer = csv.writer(journal)
+    bar = tqdm(total=len(todo), unit="img", disable=(None if progress is None else not progress))
+
+    def journal_rows(rows: list[dict[str, str]]) -> None:
+        writer.writerows([[row.get(f, "") for f in task.fields] + ["1"] for row in rows])
+        journal.flush()
+        os.fsync(journal.fileno())
+        for row in rows:
+            if row["status"] == "ok":
+                summary.ok += 1
+            else:
+                summary.failed += 1
+                summary.failures.append((row["path"], row["error"]))
+        bar.update(len(rows))
+
+    batches = [list(range(i, min(i + batch_size, len(todo)))) for i in range(0, len(todo), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        _Reader(todo, task.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
+        prefetch_factor=prefetch if workers else None,
+    )
+    groups = _Groups(batch_size)
+    pending: collections.deque = collections.deque()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dac-writer")
+
+    def submit(batch: list) -> None:
+        rows = [row for row, _ in batch]
+        images = [image for _, image in batch]
+        results = _compute(task, images, dev)
+        pending.append(pool.submit(_write_rows, task, out, rows, images, results))
+        while len(pending) > 1:  # one batch written while the next is computed
+            journal_rows(pending.popleft().result())
+
+    try:
+        for items in loader:
+            failed = []
+            for i, image, reason, file_stat, digest, intensity in items:
+                row = {"path": todo[i].key, "file_stat": file_stat, "sha256": digest, "intensity": intensity,
+                       "settings": key}
+                if image is None:
+                    failed.append(row | {"status": "failed", "error": _one_line(reason)})
+                    continue
+                row |= {"width": str(image.shape[-1]), "height": str(image.shape[-2])}
+                for batch in groups.add(row, image):
+                    submit(batch)
+            if failed:
+                journal_rows(failed)
+        for batch in groups.flush():
+            submit(batch)
+    finally:
+        # what was computed is written and journalled; the rest is done again next run
+        while pending:
+            try:
+                journal_rows(pending.popleft().result())
+            except Exception:  # noqa: BLE001 - a write that broke is done again next run
+                pass
+        pool.shutdown(wait=True)
+        bar.close()
+
+
+def _compute(task: ArchiveTask, images: list[torch.Tensor], device: torch.device) -> list[Any]:
+    """``task.compute`` on one batch; if that raises, on each image alone, so that only the
+    bad ones fail (a :class:`_Failure` with the reason)."""
+    def run(batch: list[torch.Tensor]) -> list[Any]:
+        with torch.no_grad():
+            results = list(task.compute(torch.stack(batch).to(device)))
+        if len(results) != len(batch):
+            raise RuntimeError(f"compute returned {len(results)} results for {len(batch)} images")
+        return results
+
+    try:
+        return run(images)
+    except Exception as exc:  # noqa: BLE001 - isolate the image that broke the batch
+        if len(images) == 1:
+            return [_Failure(_reason_of(exc))]
+        results = []
+        for image in images:
+            try:
+                results.extend(run([image]))
+            except Exception as exc:  # noqa: BLE001 - recorded in the table
+                results.append(_Failure(_reason_of(exc)))
+        return results
+
+
+def _reason_of(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+
+
+def _write_rows(task: ArchiveTask, out: Path, rows: list[dict], images: list, results: list) -> list[dict[str, str]]:
+    """The writer thread: each input's outputs and its row (ok, or failed with the reason)."""
+    done = []
+    for row, image, result in zip(rows, images, results):
+        if isinstance(result, _Failure):
+            done.append(row | {"status": "failed", "error": _one_line(result.reason)})
+            continue
+        try:
+            cells = task.write(out, row["path"], image, result)
+        except Exception as exc:  # noqa: BLE001 - recorded in the table
+            done.append(row | {"status": "failed", "error": _one_line(f"could not write output: {exc}")})
+            continue
+        done.append(row | cells | {"status": "ok", "error": ""})
+    return done
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------- cropping
 def crop_archive(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -549,11 +1045,14 @@ def crop_archive(
     layer: DACrop | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    workers: int = 0,
+    workers: int | str = "auto",
     bits: int = 8,
     gray8: bool = False,
     overlays: bool = False,
+    dicom: str = "window",
+    percentiles: Sequence[float] = (1.0, 99.0),
     progress: bool | None = None,
+    shard: tuple[int, int] | str | None = None,
 ) -> ArchiveSummary:
     """Crop every image of ``inputs`` into ``out_dir`` (see the module doc).
 
@@ -566,11 +1065,14 @@ def crop_archive(
         layer: the :class:`~dac.DACrop` to use (default: the paper's, 200 x 370).
         batch_size: images per search batch (memory grows with it).
         device: where the search runs (``"cpu"``, ``"cuda"``, ...).
-        workers: processes that decode files ahead of the search (0: in this process).
+        workers: processes that decode files ahead of the search (0: in this
+            process; ``"auto"``: :func:`default_workers`).
         bits: 8 or 16-bit PNG crops.
         gray8: convert every image to 8-bit gray first (the paper's preprocessing).
         overlays: also write each image, downscaled, with its box drawn.
+        dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.io.read_image`).
         progress: show a progress bar (None: only on a terminal).
+        shard: ``(i, n)`` or ``"i/n"``: this process's share (see the module doc).
 
     Returns:
         :class:`ArchiveSummary`. Box columns of ``boxes.csv`` are xyxy in input pixels.
@@ -578,168 +1080,72 @@ def crop_archive(
     Raises:
         DACInputError: a bad argument, an input that does not exist, an ``out_dir``
             that cannot be written, a ``boxes.csv`` that cannot be kept, or another
-            run writing to ``out_dir``.
+            run (of the same shard) writing to ``out_dir``.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from . import io as dio  # the readers import Pillow / pydicom
+    from . import io as dio
 
     if isinstance(bits, bool) or bits not in (8, 16):
         raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
-    batch_size = check_int(batch_size, "batch_size", 1)
-    workers = check_int(workers, "workers", 0)
-    dev = check_device(device, "device")
+    if dicom not in dio.DICOM_INTENSITY:
+        raise DACInputError(f"dicom: expected one of {dio.DICOM_INTENSITY}, got {dicom!r}")
+    percentiles = dio.check_percentiles(percentiles)
     layer = layer if layer is not None else DACrop()
-    out = Path(out_dir)
-    found = find_inputs(inputs, dio.IMAGE_SUFFIXES, exclude=out)
-    check_out_dir(out, "out_dir")
-    _make_folders(out, "out_dir")
-
-    with _locked(out, "out_dir"):
-        csv_path, journal_path = out / "boxes.csv", out / _JOURNAL
-        table = _read_table(csv_path)
-        for sub in ("crops", "overlays") if overlays else ("crops",):
-            (out / sub).mkdir(exist_ok=True)
-        _replay_journal(journal_path, table)
-        order = {item.key: i for i, item in enumerate(found)}
-        _write_table(csv_path, table, order)
-        journal_path.unlink(missing_ok=True)
-
-        settings = crop_settings(layer, bits=bits, gray8=gray8, overlays=overlays)
-        key = settings_key(layer, bits=bits, gray8=gray8, overlays=overlays)
-        _record_settings(out, key, settings)
-
-        summary = ArchiveSummary(total=len(found))
-        todo = []
-        for item in found:
-            if not item.problem and _is_done(table, item.key, key, out):
-                summary.skipped += 1
-            else:
-                todo.append(item)
-        return _crop_all(todo, table, summary, order, layer, dev, out, key, bits, gray8, overlays,
-                         batch_size, workers, progress, dio)
-
-
-def _is_done(table: _Table, path: str, key: str, out: Path) -> bool:
-    """The row of ``path`` holds a crop of this very file made with settings ``key``."""
-    row = table.get(path)
-    if not row or row["status"] != "ok" or row["settings"] != key or not (out / row["crop"]).is_file():
-        return False
-    try:
-        stat_text = _stat_text(os.stat(path))
-        if stat_text == row["file_stat"]:
-            return True
-        if row["sha256"] and _sha256(path) == row["sha256"]:
-            table.update(path, {"file_stat": stat_text})  # touched or copied, not changed
-            return True
-    except OSError:
-        pass
-    return False
-
-
-def _crop_all(todo, table, summary, order, layer, dev, out, key, bits, gray8, overlays,
-              batch_size, workers, progress, dio) -> ArchiveSummary:
-    def read(path: str) -> torch.Tensor:
-        image = dio.read_image(path)
-        if gray8:
-            return dio.to_gray8(image)
-        # Integer images stay integer (a quarter of the memory); float ones are checked
-        # (NaN fails the file) and clipped to [0, 1], the range DACrop expects.
-        return dio.to_unit_float(image) if image.dtype.is_floating_point else image
-
-    from tqdm import tqdm
-
-    csv_path, journal_path = out / "boxes.csv", out / _JOURNAL
-    bar = tqdm(total=len(todo), unit="img", disable=(None if progress is None else not progress))
-    loader = torch.utils.data.DataLoader(
-        _Reader(todo, read), batch_size=batch_size, num_workers=workers, collate_fn=list
+    settings = crop_settings(layer, bits=bits, gray8=gray8, overlays=overlays, dicom=dicom, percentiles=percentiles)
+    task = ArchiveTask(
+        table="boxes.csv",
+        fields=CSV_FIELDS,
+        settings=settings,
+        read=functools.partial(read_for_archive, gray8=bool(gray8), dicom=dicom, percentiles=percentiles),
+        compute=functools.partial(_crop_compute, layer),
+        write=functools.partial(_crop_write, bits=bits, overlays=bool(overlays)),
+        outputs=("crop",),
+        folders=("crops", "overlays") if overlays else ("crops",),
+        name="dac crop",
     )
-    with open(journal_path, "a", newline="", encoding="utf-8", errors="surrogateescape") as journal:
-        writer = csv.writer(journal)
-        writer.writerow(_JOURNAL_FIELDS)
-        try:
-            for items in loader:
-                new_rows = _crop_batch(items, todo, layer, dev, out, bits, overlays, dio)
-                for row in new_rows:
-                    row["settings"] = key
-                    table.update(row["path"], row)
-                    if row["status"] == "ok":
-                        summary.ok += 1
-                    else:
-                        summary.failed += 1
-                        summary.failures.append((row["path"], row["error"]))
-                writer.writerows([[row[f] for f in CSV_FIELDS] + ["1"] for row in new_rows])
-                journal.flush()
-                os.fsync(journal.fileno())
-                bar.update(len(items))
-        finally:
-            bar.close()
-            _write_table(csv_path, table, order)
-    journal_path.unlink(missing_ok=True)
-    return summary
+    return run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers, device=device,
+                       progress=progress, shard=shard)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def read_for_archive(path: str, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
+                     percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[torch.Tensor, str]:
+    """Read one input as the archive commands do: ``(image, intensity)``.
 
-
-def _crop_batch(items, todo, layer, device, out, bits, overlays, dio) -> list[dict[str, str]]:
-    """Search, crop and write one batch; every item gets a row."""
-    rows: dict[int, dict[str, str]] = {}
-    good = []
-    for i, image, reason, file_stat, digest in items:
-        path = todo[i].key
-        base = {k: "" for k in CSV_FIELDS} | {"path": path, "file_stat": file_stat, "sha256": digest}
-        if image is None:
-            rows[i] = base | {"status": "failed", "error": _one_line(reason)}
-        else:
-            rows[i] = base | {"width": str(image.shape[-1]), "height": str(image.shape[-2])}
-            good.append((i, image))
-    for (i, image), (crop, box, stats) in zip(good, _search(layer, good, device)):
-        if box is None:
-            rows[i] |= {"status": "failed", "error": _one_line(crop)}
-            continue
-        name = f"crops/{output_name(todo[i].key)}"
-        try:
-            dio.write_png(out / name, crop.cpu(), bits=bits)
-            if overlays:
-                _write_overlay(out / "overlays" / output_name(todo[i].key), image, box.cpu(), dio)
-        except Exception as exc:  # noqa: BLE001 - recorded in boxes.csv
-            rows[i] |= {"status": "failed", "error": _one_line(f"could not write output: {exc}")}
-            continue
-        x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
-        rows[i] |= {"status": "ok", "x1": x1, "y1": y1, "x2": x2, "y2": y2,
-                    "cost": f"{stats[0]:.6g}", "iterations": str(stats[1]), "crop": name}
-    return [rows[item[0]] for item in items]
-
-
-def _search(layer: DACrop, good: list, device: torch.device) -> list[tuple]:
-    """(crop, box, (cost, iterations)) per image, or (reason, None, None) where it failed.
-
-    The batch is searched at once; if that raises (one image too small, say), each
-    image is searched alone so that only the bad ones fail.
+    Integer images stay integer (a quarter of the memory of floats); floating ones are
+    checked (NaN fails the file) and clipped to [0, 1], the range ``DACrop`` expects;
+    with ``gray8`` every image becomes 8-bit gray (:func:`dac.io.to_gray8`).
     """
-    def run(images):
-        with torch.no_grad():
-            crops, boxes, info = layer([img.to(device) for img in images], return_boxes=True)
-        return [(crops[k], boxes[k], (info.cost[k].item(), int(info.iterations[k]))) for k in range(len(images))]
+    from . import io as dio
 
-    if not good:
-        return []
-    try:
-        return run([img for _, img in good])
-    except Exception:  # noqa: BLE001 - isolate the image that broke the batch
-        results = []
-        for _, img in good:
-            try:
-                results.extend(run([img]))
-            except Exception as exc:  # noqa: BLE001 - recorded in boxes.csv
-                results.append((f"{type(exc).__name__}: {exc}", None, None))
-        return results
+    image, intensity = dio.read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
+    if gray8:
+        return dio.to_gray8(image), intensity
+    return (dio.to_unit_float(image) if image.dtype.is_floating_point else image), intensity
 
 
-def _write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, dio) -> None:
-    """The image (downscaled to <= 1024 px wide) with its box drawn in red."""
+def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:
+    crops, boxes, info = layer(images, return_boxes=True)
+    return [(crops[k].cpu(), boxes[k].cpu(), float(info.cost[k]), int(info.iterations[k])) for k in range(len(crops))]
+
+
+def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, *, bits: int, overlays: bool) -> dict[str, str]:
+    from . import io as dio
+
+    crop, box, cost, iterations = result
+    name = f"crops/{output_name(key)}"
+    dio.write_png(out / name, crop, bits=bits)
+    if overlays:
+        write_overlay(out / "overlays" / output_name(key), image, box)
+    x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "cost": f"{cost:.6g}", "iterations": str(iterations), "crop": name}
+
+
+def write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, text: str = "") -> None:
+    """The image (downscaled to <= 1024 px wide) with its box drawn in red and ``text``
+    written above it; an 8-bit PNG written atomically."""
     from PIL import Image, ImageDraw
+
+    from . import io as dio
 
     gray = dio.to_gray8(image)[0].numpy()
     pil = Image.fromarray(gray).convert("RGB")
@@ -747,6 +1153,12 @@ def _write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, dio) -> N
     if scale < 1:
         pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
     draw = ImageDraw.Draw(pil)
-    draw.rectangle([v * scale for v in box.tolist()], outline=(255, 0, 0), width=3)
+    x1, y1, x2, y2 = (v * scale for v in box.tolist())
+    draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
+    if text:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y2 + 2
+        draw.rectangle([x1, y, x1 + right - left + 6, y + bottom - top + 4], fill=(255, 0, 0))
+        draw.text((x1 + 3 - left, y + 2 - top), text, fill=(255, 255, 255))
     tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
     dio.write_png(path, tensor, bits=8)

@@ -1,9 +1,9 @@
-"""The ``dac`` command line: ``dac crop``, ``dac demo``, ``dac train`` and ``dac cv``.
+"""The ``dac`` command line: ``dac crop``, ``dac predict``, ``dac demo``, ``dac train`` and ``dac cv``.
 
 Each subcommand parses its arguments and calls one library function; errors the user
 can fix are one line on stderr, reported before anything is written. Exit status: 0 all
-done, 1 some inputs failed (crop) or the run did not finish (interrupted with Ctrl-C,
-or diverged in train/cv; the same command resumes it), 2 usage error.
+done, 1 some inputs failed (crop, predict) or the run did not finish (interrupted with
+Ctrl-C, or diverged in train/cv; the same command resumes it), 2 usage error.
 """
 from __future__ import annotations
 
@@ -28,6 +28,44 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or 'auto', got {text!r}") from None
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH like 1,99, got {text!r}") from None
+    return low, high
+
+
+def _archive_options(cmd: argparse.ArgumentParser, what: str) -> None:
+    """Options ``dac crop`` and ``dac predict`` share: reading, batching, workers, shards."""
+    cmd.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8; memory grows with it)")
+    cmd.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
+                     help="processes decoding files ahead of the " + what + " (default auto: a quarter of the cores, "
+                     "at least 1 from 2 cores on, all but one with a GPU; 0: in this process)")
+    cmd.add_argument("--device", default="cpu", help="torch device of the " + what + " (default cpu)")
+    cmd.add_argument("--dicom", choices=("window", "range", "percentiles"), default="window",
+                     help="DICOM intensities: the file's VOI LUT / window as a viewer shows it (default), the stored "
+                     "range without windowing, or a stretch between --percentiles")
+    cmd.add_argument("--percentiles", type=_pair, default=(1.0, 99.0), metavar="LOW,HIGH",
+                     help="percentiles that become black and white with --dicom percentiles (default 1,99)")
+    cmd.add_argument("--overlays", action="store_true", help="also write OUT/overlays/: each image with its box drawn")
+    cmd.add_argument("--shard", metavar="i/n",
+                     help="take every n-th input from the i-th on (0 <= i < n) and merge into the one table; "
+                     "default: RANK/WORLD_SIZE under torchrun, else all inputs")
+    bar = cmd.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show a progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (``--help`` shows the usage)."""
 
@@ -45,24 +83,48 @@ def _parser() -> argparse.ArgumentParser:
         description="Crop images (files, folders searched recursively, or glob patterns) to their "
         "region of interest at a fixed size. Writes OUT/crops/*.png and OUT/boxes.csv (one row per "
         "input, keyed by its resolved path: path, status, error, size, box x1,y1,x2,y2 in input pixels, "
-        "final cost, iterations, crop, settings, file_stat, sha256; columns you add are kept). Re-running "
-        "skips files already cropped from the same content with the same settings and crops the rest "
-        "(changed files, other settings, failures). Nothing inside OUT is an input. Exit status: 0 all "
+        "final cost, iterations, crop, intensity, settings, file_stat, sha256; columns you add are kept). "
+        "Re-running skips files already cropped from the same content with the same settings and crops the "
+        "rest (changed files, other settings, failures). Nothing inside OUT is an input. Exit status: 0 all "
         "cropped, 1 some failed or interrupted, 2 usage error.",
     )
     crop.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
     crop.add_argument("--out", required=True, metavar="DIR", help="results folder")
-    crop.add_argument("--size", type=_size, default=(200, 370), metavar="HxW", help="crop size (default 200x370, the paper's)")
-    crop.add_argument("--pool-size", type=int, default=10, help="max-min pooling window (default 10)")
-    crop.add_argument("--batch-size", type=int, default=8, help="images per search batch (default 8)")
-    crop.add_argument("--device", default="cpu", help="torch device for the search (default cpu)")
-    crop.add_argument("--workers", type=int, default=0, help="processes decoding files ahead (default 0)")
+    crop.add_argument("--size", type=_size, default=(200, 370), metavar="HxW",
+                      help="crop size (default 200x370, the paper's); the box always has this aspect")
+    crop.add_argument("--pool-size", type=int, default=10, help="max-min pooling window k (default 10); a box ends "
+                      "at most at k*(W//k)")
+    crop.add_argument("--min-width", type=float, default=2 / 3.5, metavar="FRACTION",
+                      help="narrowest box, as a fraction of the image width (default 2/3.5 = 0.571, the paper's, "
+                      "for panoramic radiographs; lower it for images whose region is narrower); never more than "
+                      "the widest box of the crop's aspect that fits")
+    crop.add_argument("--sharpness-factor", type=float, default=2.0, metavar="F",
+                      help="schedule: sharpness grows by F per stage (default 2, the paper's text: 0.025 -> 0.2; "
+                      "4 is the paper's Algorithm 1)")
     crop.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth of the crops (default 8)")
     crop.add_argument("--gray8", action="store_true", help="convert every image to 8-bit gray first (the paper's preprocessing)")
-    crop.add_argument("--overlays", action="store_true", help="also write OUT/overlays/: each image with its box drawn")
-    bar = crop.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show a progress bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
+    _archive_options(crop, "search")
+
+    predict = sub.add_parser(
+        "predict",
+        help="classify images with a model trained by dac train or dac cv",
+        description="Apply a trained pipeline (a dac train / dac cv results folder, a pipeline or fold folder in "
+        "it, or its checkpoint.pt) to images (files, folders searched recursively, or glob patterns). Writes "
+        "OUT/predictions.csv (one row per input: path, status, error, size, box x1,y1,x2,y2 in input pixels, "
+        "predicted class, prob_<class> per class, label (the file's folder, where it names a class), crop, "
+        "intensity, settings, file_stat, sha256) and OUT/crops/. Prints the accuracy on labelled images "
+        "(class sub-folders). Re-running skips files already predicted by the same model from the same "
+        "content. Exit status: 0 all predicted, 1 some failed or interrupted, 2 usage error (also: a model "
+        "whose training did not finish).",
+    )
+    predict.add_argument("model", metavar="MODEL", help="results folder of dac train / dac cv, a pipeline or fold folder in it, or a checkpoint.pt")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
+    predict.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    predict.add_argument("--pipeline", metavar="NAME", help="which pipeline, where MODEL holds several (default: the only one)")
+    predict.add_argument("--fold", type=int, metavar="K", help="which fold's model, for a dac cv folder")
+    predict.add_argument("--any-size", action="store_true",
+                         help="predict images whose size is far (over 2x) from the phantom sizes the model was trained on")
+    _archive_options(predict, "model")
 
     demo = sub.add_parser(
         "demo",
@@ -100,14 +162,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"crop": _crop, "demo": _demo, "train": _train, "cv": _cv}
+    commands = {"crop": _crop, "predict": _predict, "demo": _demo, "train": _train, "cv": _cv}
     try:
         return commands[args.command](args)
     except DACInputError as exc:
         print(f"dac {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("crop", "train", "cv"):
+        if args.command in ("crop", "predict", "train", "cv"):
             print(f"dac {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
             return 1
         raise
@@ -130,38 +192,95 @@ def _needs_matplotlib() -> None:
         raise DACInputError("needs matplotlib for its figures, which is not installed: pip install 'dac[viz]'") from None
 
 
-def _crop(args: argparse.Namespace) -> int:
+def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
+    """Checks of the options crop and predict share; (shard, device)."""
     from ._checks import check_device, check_int
-    from .archive import check_out_dir, crop_archive
-    from .layer import DACrop
+    from .archive import check_out_dir, check_shard, shard_from_environment
+    from .io import check_percentiles
 
-    check_int(args.pool_size, "--pool-size", 1)
     check_int(args.batch_size, "--batch-size", 1)
-    check_int(args.workers, "--workers", 0)
-    check_device(args.device, "--device")
+    if args.workers != "auto":
+        check_int(args.workers, "--workers", 0)
+    check_percentiles(args.percentiles, "--percentiles")
+    shard = check_shard(args.shard, "--shard") if args.shard is not None else shard_from_environment()
+    device = args.device
+    local = os.environ.get("LOCAL_RANK", "")
+    if device == "cuda" and shard is not None and local.isdigit():
+        device = f"cuda:{local}"  # torchrun: one GPU per process
+    check_device(device, "--device")
     check_out_dir(args.out, "--out")
-    layer = DACrop(output_size=args.size, pool_size=args.pool_size)
-    summary = crop_archive(
-        args.inputs,
-        args.out,
-        layer=layer,
-        batch_size=args.batch_size,
-        device=args.device,
-        workers=args.workers,
-        bits=args.bits,
-        gray8=args.gray8,
-        overlays=args.overlays,
-        progress=args.progress,
-    )
+    return shard, device
+
+
+def _report(command: str, summary, table: str, args: argparse.Namespace, done: str) -> None:
+    share = f" (shard {summary.shard[0]}/{summary.shard[1]} of {summary.found})" if summary.shard[1] > 1 else ""
+    processed = summary.ok + summary.failed
+    speed = f" in {summary.seconds:.1f} s ({1000 * summary.seconds / processed:.0f} ms per image)" if processed else ""
     print(
-        f"dac crop: {summary.total} inputs, {summary.ok} cropped, {summary.skipped} already done, "
-        f"{summary.failed} failed -> {_shown(os.path.join(args.out, 'boxes.csv'))}",
+        f"dac {command}: {summary.total} inputs{share}, {summary.ok} {done}, {summary.skipped} already done, "
+        f"{summary.failed} failed{speed} -> {_shown(os.path.join(args.out, table))}",
         file=sys.stderr,
     )
     for path, reason in summary.failures[:10]:
         print(f"  failed: {_shown(path)}: {reason}", file=sys.stderr)
     if len(summary.failures) > 10:
-        print(f"  ... and {len(summary.failures) - 10} more (see boxes.csv)", file=sys.stderr)
+        print(f"  ... and {len(summary.failures) - 10} more (see {table})", file=sys.stderr)
+
+
+def _crop(args: argparse.Namespace) -> int:
+    from ._checks import DACInputError, check_int
+    from .archive import crop_archive
+    from .layer import DACrop
+
+    check_int(args.pool_size, "--pool-size", 1)
+    if not 0 < args.min_width <= 1:
+        raise DACInputError(f"--min-width: expected a fraction of the image width in (0, 1], got {args.min_width:g}")
+    if not args.sharpness_factor > 0:
+        raise DACInputError(f"--sharpness-factor: expected a positive number, got {args.sharpness_factor:g}")
+    shard, device = _archive_checks(args)
+    layer = DACrop(output_size=args.size, pool_size=args.pool_size, r_min_fraction=args.min_width / 2,
+                   sharpness_factor=args.sharpness_factor)
+    summary = crop_archive(
+        args.inputs,
+        args.out,
+        layer=layer,
+        batch_size=args.batch_size,
+        device=device,
+        workers=args.workers,
+        bits=args.bits,
+        gray8=args.gray8,
+        overlays=args.overlays,
+        dicom=args.dicom,
+        percentiles=args.percentiles,
+        progress=args.progress,
+        shard=shard,
+    )
+    _report("crop", summary, "boxes.csv", args, "cropped")
+    return 1 if summary.failed else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import Predictor, predict_archive
+
+    shard, device = _archive_checks(args)
+    predictor = Predictor.load(args.model, pipeline=args.pipeline, fold=args.fold, device=device)
+    summary = predict_archive(
+        args.inputs,
+        args.out,
+        predictor,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overlays=args.overlays,
+        dicom=args.dicom,
+        percentiles=args.percentiles,
+        any_size=args.any_size,
+        progress=args.progress,
+        shard=shard,
+    )
+    _report("predict", summary, "predictions.csv", args, "predicted")
+    if summary.accuracy is not None:
+        print(f"dac predict: accuracy {summary.accuracy:.3f} ({summary.correct}/{summary.labelled} images whose "
+              f"folder names a class)", file=sys.stderr)
     return 1 if summary.failed else 0
 
 

@@ -1,0 +1,231 @@
+"""dac.predict and ``dac predict``: a trained pipeline on new images, with the archive's guarantees.
+
+One tiny model is trained once for the module (phantoms of 96 x 177, one epoch, a
+ResNet-18 of width 4: seconds), then predicted with; what is tested is the bookkeeping
+and the agreement with the trained network, not its accuracy.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dac import DACInputError
+from dac import io as dio
+from dac.cli import main
+from dac.phantoms import CLASS_NAMES, make_phantom
+from dac.predict import Predictor, predict_archive
+from dac.train import PipelineConfig, build_pipeline, config_from_dict, load_checkpoint, save_checkpoint, train_pipeline
+
+TINY = {
+    "seed": 0,
+    "data": {"source": "phantom", "length": 20, "sizes": [[96, 177]]},
+    "model": {"arch": "resnet18", "width": 4},
+    "train": {"batch_size": 10, "folds": 2, "device": "cpu", "eval_batch_size": 10, "holdout": 0.25},
+    "pipelines": {
+        "dac": {"epochs": 1, "input_size": [20, 37], "pool_size": 4, "augment": "none"},
+        "resize": {"epochs": 1, "input_size": [24, 24], "augment": "none"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A dac train results folder holding a finished 'dac' pipeline."""
+    out = tmp_path_factory.mktemp("model") / "run"
+    train_pipeline(config_from_dict(TINY), out, pipeline="dac", verbose=False)
+    return out
+
+
+def phantoms(root: Path, count: int, start: int = 1000, size=(96, 177)) -> list[Path]:
+    """``count`` new phantoms in class sub-folders (labelled), as 8-bit PNGs."""
+    paths = []
+    for i in range(count):
+        p = make_phantom(start + i, *size, label=i % 5)
+        path = root / CLASS_NAMES[p.label] / f"p{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dio.write_png(path, p.image)
+        paths.append(path)
+    return paths
+
+
+def rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "predictions.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_predict_archive_end_to_end(trained: Path, tmp_path: Path, capsys, monkeypatch):
+    inputs = tmp_path / "new"
+    phantoms(inputs, 6)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "preds"
+    assert main(["predict", str(trained / "dac"), str(inputs), "--out", str(out), "--no-progress", "--overlays"]) == 1
+    err = capsys.readouterr().err
+    table = {Path(r["path"]).name: r for r in rows(out)}
+    assert len(table) == 7 and table["broken.png"]["status"] == "failed" and table["broken.png"]["error"]
+    good = [r for r in table.values() if r["status"] == "ok"]
+    assert len(good) == 6
+    for r in good:
+        probs = [float(r[f"prob_{c}"]) for c in CLASS_NAMES]
+        assert abs(sum(probs) - 1) < 1e-5 and all(0 <= p <= 1 for p in probs)
+        assert r["predicted"] == CLASS_NAMES[max(range(5), key=probs.__getitem__)]
+        assert r["label"] == Path(r["path"]).parent.name
+        assert (out / r["crop"]).is_file() and (out / "overlays" / Path(r["crop"]).name).is_file()
+        x1, y1, x2, y2 = (float(r[k]) for k in ("x1", "y1", "x2", "y2"))
+        assert 0 <= x1 < x2 <= 177 and 0 <= y1 < y2 <= 96
+    correct = sum(r["label"] == r["predicted"] for r in good)
+    assert f"accuracy {correct / 6:.3f} ({correct}/6 images" in err
+    assert "1 failed" in err and "ms per image" in err
+
+    # resume: nothing predicted again (only the failed file is tried again)
+    calls = []
+    real = Predictor._batch
+    monkeypatch.setattr(Predictor, "_batch", lambda self, images: calls.append(len(images)) or real(self, images))
+    assert main(["predict", str(trained / "dac"), str(inputs), "--out", str(out), "--no-progress", "--overlays"]) == 1
+    assert calls == [] and "6 already done" in capsys.readouterr().err
+    assert rows(out) == list(table.values())
+
+
+def test_predictor_matches_the_trained_network(trained: Path):
+    """The box search, crop and classifier give the probabilities of the network itself."""
+    predictor = Predictor.load(trained)
+    images = torch.stack([make_phantom(50 + i, 96, 177).image for i in range(3)])
+    result = predictor(images)
+    with torch.no_grad():
+        expected = torch.softmax(predictor.model(images).double(), dim=1)
+        boxes = predictor.model.front.locate(images)
+    assert torch.allclose(result.probabilities, expected, atol=1e-6)
+    assert torch.allclose(result.boxes, boxes)
+    assert result.crops.shape == (3, 1, 20, 37) and result.predicted_names == [CLASS_NAMES[i] for i in result.predicted]
+    # a list of differently sized images: rows in order
+    mixed = [images[0], make_phantom(9, 100, 180).image, images[1]]
+    listed = predictor(mixed)
+    assert torch.allclose(listed.probabilities[[0, 2]], expected[:2], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, extra", [("resize", {"input_size": (24, 24)}),
+                                         ("stn", {"input_size": (20, 37), "localization_size": (32, 59)})])
+def test_other_fronts_match_their_network(kind, extra):
+    torch.manual_seed(0)
+    net = build_pipeline(PipelineConfig(kind=kind, **extra), width=4).eval()
+    predictor = Predictor(net, CLASS_NAMES)
+    images = torch.randint(0, 255, (2, 1, 96, 177), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = torch.softmax(net(images).double(), dim=1)
+    result = predictor(images)
+    assert torch.allclose(result.probabilities, expected, atol=1e-6)
+    assert result.boxes.shape == (2, 4) and (result.boxes[:, 2:] > result.boxes[:, :2]).all()
+
+
+def test_python_entry_point_loads_once(trained: Path, tmp_path: Path):
+    paths = phantoms(tmp_path / "new", 3)
+    predictor = Predictor.load(trained, pipeline="dac")
+    first = predictor.predict_files(paths)
+    again = predictor.predict_files(paths[:1])
+    assert torch.allclose(first.probabilities[:1], again.probabilities)
+    assert predictor.classes == tuple(CLASS_NAMES) and "dac" in repr(predictor)
+    summary = predict_archive([tmp_path / "new"], tmp_path / "out", predictor, workers=0, progress=False)
+    assert summary.ok == 3 and summary.labelled == 3 and summary.accuracy is not None
+
+
+def test_unfinished_training_is_refused(trained: Path, tmp_path: Path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    state = load_checkpoint(copy / "dac" / "checkpoint.pt")
+    save_checkpoint(copy / "dac" / "checkpoint.pt", state | {"finished": False})
+    phantoms(tmp_path / "new", 1)
+    out = tmp_path / "preds"
+    assert main(["predict", str(copy), str(tmp_path / "new"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MODEL" in err and "unfinished" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "model, args, match",
+    [
+        ("nowhere", [], "MODEL: .* does not exist"),
+        (".", [], "not a dac train or dac cv results folder"),
+        ("run/dac/metrics.json", [], "not a checkpoint.pt"),
+        ("run", ["--pipeline", "stn"], "pipeline"),
+        ("run", ["--fold", "1"], "--fold: .* has no folds"),
+        ("run/dac", ["--pipeline", "resize"], "--pipeline: 'resize' differs"),
+    ],
+)
+def test_model_that_cannot_be_used_is_one_line(trained: Path, tmp_path: Path, capsys, monkeypatch, model, args, match):
+    monkeypatch.chdir(trained.parent)
+    phantoms(tmp_path / "new", 1)
+    out = tmp_path / "preds"
+    assert main(["predict", model, str(tmp_path / "new"), "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    import re
+
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def test_cv_folder_needs_a_fold(trained: Path, tmp_path: Path, capsys):
+    cv = tmp_path / "cv"
+    (cv / "dac" / "fold_0").mkdir(parents=True)
+    shutil.copy(trained / "config.yaml", cv)
+    run = json.loads((trained / "run.json").read_text()) | {"command": "cv"}
+    (cv / "run.json").write_text(json.dumps(run))
+    shutil.copy(trained / "dac" / "checkpoint.pt", cv / "dac" / "fold_0")
+    phantoms(tmp_path / "new", 1)
+    assert main(["predict", str(cv), str(tmp_path / "new"), "--out", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert "fold_0" in capsys.readouterr().err
+    assert main(["predict", str(cv / "dac" / "fold_0"), str(tmp_path / "new"), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 0
+    assert main(["predict", str(cv), str(tmp_path / "new"), "--out", str(tmp_path / "p"), "--fold", "0",
+                 "--no-progress"]) == 0
+
+
+def test_input_that_does_not_fit(trained: Path, tmp_path: Path):
+    net = build_pipeline(PipelineConfig(kind="resize", input_size=(24, 24)), width=4, channels=3)
+    with pytest.raises(DACInputError, match="MODEL: its classifier takes 3-channel input"):
+        Predictor(net, CLASS_NAMES)
+    with pytest.raises(DACInputError, match="MODEL: its classifier has 5 outputs but 2 classes"):
+        Predictor(build_pipeline(PipelineConfig(kind="resize", input_size=(24, 24)), width=4), ["a", "b"])
+    # an image far from the training size (96 x 177) fails with the reason, unless any_size
+    predictor = Predictor.load(trained)
+    phantoms(tmp_path / "new", 1, size=(384, 708))
+    tiny = tmp_path / "new" / "tiny.png"
+    dio.write_png(tiny, torch.zeros(1, 6, 6, dtype=torch.uint8))
+    summary = predict_archive([tmp_path / "new"], tmp_path / "out", predictor, workers=0, progress=False)
+    reasons = dict(summary.failures)
+    assert summary.failed == 2 and summary.ok == 0
+    assert "384x708 (HxW) does not fit the model, trained on images of 96x177" in reasons[str(tmp_path / "new" / "0" / "p0.png")]
+    summary = predict_archive([tmp_path / "new"], tmp_path / "out", predictor, workers=0, progress=False, any_size=True)
+    assert summary.ok == 1 and summary.failed == 1  # too small for the front, whatever the option
+    assert "tiny.png" in summary.failures[0][0]
+
+
+def test_another_model_predicts_again_and_other_classes_are_refused(trained: Path, tmp_path: Path):
+    phantoms(tmp_path / "new", 2)
+    out = tmp_path / "out"
+    predictor = Predictor.load(trained)
+    assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).ok == 2
+    with torch.no_grad():
+        next(predictor.model.classifier.parameters()).mul_(1.5)  # other weights: another model
+    assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).ok == 2
+    other = Predictor(predictor.model, ["a", "b", "c", "d", "e"])
+    before = (out / "predictions.csv").read_bytes()
+    with pytest.raises(DACInputError, match="another model"):
+        predict_archive([tmp_path / "new"], out, other, workers=0, progress=False)
+    assert (out / "predictions.csv").read_bytes() == before
+
+
+def test_shards_merge_into_one_table(trained: Path, tmp_path: Path):
+    paths = phantoms(tmp_path / "new", 5)
+    out = tmp_path / "out"
+    predictor = Predictor.load(trained)
+    first = predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False, shard="0/2")
+    second = predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False, shard=(1, 2))
+    assert (first.total, second.total) == (3, 2) and first.ok + second.ok == 5
+    assert sorted(Path(r["path"]).name for r in rows(out)) == sorted(p.name for p in paths)
+    assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).skipped == 5
