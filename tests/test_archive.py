@@ -359,3 +359,105 @@ def test_killed_run_resumes_from_its_journal(three: Path, tmp_path: Path, monkey
     CROPPED.clear()
     assert run([three], out).skipped == 3 and CROPPED == []
     assert len(read_table(out)[1]) == 3 and not journal.exists()
+
+
+class TestShards:
+    """Several processes: each takes a share, journals its own part, merges into one table."""
+
+    def test_shares_are_disjoint_and_merge(self, three: Path, tmp_path: Path):
+        for i in range(3, 7):
+            write_image(three / f"more{i}.png", seed=i)
+        out = tmp_path / "out"
+        summaries = [run([three], out, shard=(i, 3)) for i in range(3)]
+        assert [s.total for s in summaries] == [3, 2, 2] and sum(s.ok for s in summaries) == 7
+        assert len(CROPPED) == 7
+        assert all(s.found == 7 for s in summaries)
+        header, rows = read_table(out)
+        assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
+        assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # the inputs' order
+        assert not list(out.glob(".boxes-journal*"))
+        CROPPED.clear()
+        assert run([three], out).skipped == 7 and CROPPED == []  # any number of processes resumes
+        assert sum(run([three], out, shard=f"{i}/2").skipped for i in range(2)) == 7 and CROPPED == []
+
+    def test_part_of_a_killed_shard_is_merged_by_the_next_run(self, three: Path, tmp_path: Path, monkeypatch):
+        out = tmp_path / "out"
+        real_write = archive._write_table
+        calls = {"n": 0}
+
+        def killed_before_merging(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise SystemExit("killed")
+            return real_write(*args, **kwargs)
+
+        monkeypatch.setattr(archive, "_write_table", killed_before_merging)
+        with pytest.raises(SystemExit):
+            run([three], out, shard="1/2")
+        monkeypatch.setattr(archive, "_write_table", real_write)
+        assert (out / ".boxes-journal-1-of-2.csv").exists()
+        CROPPED.clear()
+        summary = run([three], out, shard="0/2")  # another shard's run merges the dead part
+        assert summary.ok == 2 and len(CROPPED) == 2
+        assert not (out / ".boxes-journal-1-of-2.csv").exists()
+        assert len(read_table(out)[1]) == 3 and run([three], out).skipped == 3
+
+    @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", (0, 0), "-1/2"])
+    def test_bad_shard(self, three: Path, tmp_path: Path, shard):
+        with pytest.raises(DACInputError, match="shard"):
+            run([three], tmp_path / "out", shard=shard)
+        assert not (tmp_path / "out").exists()
+
+    def test_shard_from_torchrun_environment(self, monkeypatch):
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert archive.shard_from_environment() == (1, 2)
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        assert archive.shard_from_environment() is None
+
+
+class TestBatches:
+    def test_batches_hold_one_size_and_at_most_batch_size(self, tmp_path: Path):
+        sizes = [(30, 40), (32, 44), (30, 40), (36, 40), (30, 40), (32, 44), (30, 40), (30, 40)]
+        for i, size in enumerate(sizes):
+            write_image(tmp_path / "in" / f"{i}.png", seed=i, size=size)
+        batches: list[list[tuple[int, int]]] = []
+
+        class Recording(FastLayer):
+            def forward(self, images, return_boxes=False):
+                batches.append([tuple(image.shape[-2:]) for image in images])
+                return super().forward(images, return_boxes)
+
+        assert run([tmp_path / "in"], tmp_path / "out", layer=Recording(), batch_size=3).ok == 8
+        assert all(len(set(b)) == 1 and len(b) <= 3 for b in batches)
+        assert sorted(s for b in batches for s in b) == sorted(sizes)
+        assert [len(b) for b in batches if b[0] == (30, 40)] == [3, 2]
+
+    def test_waiting_images_are_bounded(self):
+        groups = archive._Groups(batch_size=4)
+        ready = []
+        for i in range(20):  # every image of its own size: nothing fills a group
+            ready += groups.add({"path": str(i)}, torch.zeros(1, 10 + i, 10))
+            assert groups.count <= 8
+        ready += groups.flush()
+        assert sum(len(b) for b in ready) == 20 and groups.count == 0
+
+    def test_workers_decode_and_threads_are_restored(self, three: Path, tmp_path: Path):
+        before = torch.get_num_threads()
+        summary = run([three], tmp_path / "out", workers=2, batch_size=1)
+        assert summary.ok == 3 and torch.get_num_threads() == before
+
+    def test_a_failed_write_is_a_failed_row(self, three: Path, tmp_path: Path, monkeypatch):
+        import dac.io as dio
+
+        real = dio.write_png
+
+        def full_disk(path, *args, **kwargs):
+            if Path(path).name.startswith("b-"):
+                raise OSError(28, "No space left on device")
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(dio, "write_png", full_disk)
+        summary = run([three], tmp_path / "out")
+        assert summary.ok == 2 and summary.failed == 1
+        assert "could not write output" in summary.failures[0][1] and "No space" in summary.failures[0][1]

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import hashlib
+import os
 import re
+import subprocess
 import sys
 import tomllib
 import warnings
@@ -189,6 +192,78 @@ def test_settings_changed_on_the_command_line_recrop(tmp_path: Path):
     assert main(["crop", str(tmp_path / "one.png"), "--out", str(out), *size]) == 0
     rows = read_rows(out)
     assert len(rows) == 1 and Image.open(out / rows[0]["crop"]).size == (37, 24)
+
+
+def test_two_processes_under_torchrun_crop_each_file_once(tmp_path: Path):
+    for i in range(5):
+        write_scene(tmp_path / "in" / f"scan{i}.png", i, size=(96, 177))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "dac.cli", "crop", str(tmp_path / "in"), "--out", str(out), "--workers", "0",
+               "--size", "20x37", "--pool-size", "4", "--no-progress"]
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shares = re.findall(r"dac crop: (\d+) inputs \(shard (\d)/2 of 5\), (\d+) cropped", first.stderr)
+    assert sorted((s[1], int(s[0]), int(s[2])) for s in shares) == [("0", 3, 3), ("1", 2, 2)]  # each crop once
+    rows = read_rows(out)
+    assert sorted(Path(r["path"]).name for r in rows) == [f"scan{i}.png" for i in range(5)]  # one row per input
+    assert all(r["status"] == "ok" and (out / r["crop"]).is_file() for r in rows)
+    assert len(list((out / "crops").iterdir())) == 5 and not list(out.glob(".boxes-journal*"))
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(re.findall(r"shard \d/2 of 5\), 0 cropped, (\d) already done", again.stderr)) == ["2", "3"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()} == written
+    assert read_rows(out) == rows
+
+
+def test_min_width_and_schedule_from_the_command_line(tmp_path: Path, capsys):
+    """A square image whose bright region is a fifth of its width: the paper's minimum
+    (2/3.5 of the width) makes the box far wider; --min-width 0.15 lets it fit."""
+    x = 0.05 * np.random.default_rng(0).random((300, 300))
+    x[110:170, 120:180] += 0.5 + 0.4 * np.random.default_rng(1).random((60, 60))
+    Image.fromarray((255 * x).round().astype(np.uint8)).save(tmp_path / "square.png")
+    args = ["crop", str(tmp_path / "square.png"), "--size", "30x30", "--pool-size", "5", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "paper")]) == 0
+    assert main([*args, "--out", str(tmp_path / "narrow"), "--min-width", "0.15"]) == 0
+    assert main([*args, "--out", str(tmp_path / "alg1"), "--sharpness-factor", "4"]) == 0
+    width = {name: float(read_rows(tmp_path / name)[0]["x2"]) - float(read_rows(tmp_path / name)[0]["x1"])
+             for name in ("paper", "narrow", "alg1")}
+    assert width["paper"] >= 2 / 3.5 * 300 - 1e-3 and width["narrow"] < 100
+    settings = {name: read_rows(tmp_path / name)[0]["settings"] for name in width}
+    assert len(set(settings.values())) == 3
+    recorded = json.loads((tmp_path / "narrow" / "settings.json").read_text())[settings["narrow"]]
+    assert recorded["layer"]["r_min_fraction"] == pytest.approx(0.075)
+    assert json.loads((tmp_path / "alg1" / "settings.json").read_text())[settings["alg1"]]["layer"]["schedule"]["sharpness_factor"] == 4
+    for bad in (["--min-width", "0"], ["--min-width", "1.5"], ["--sharpness-factor", "-2"]):
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and bad[0] in err and not (tmp_path / "bad").exists()
+
+
+def test_dicom_intensity_is_in_boxes_csv(tmp_path: Path):
+    pydicom = pytest.importorskip("pydicom")
+    source = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "CT_small.dcm")
+    if not os.path.exists(source):
+        pytest.skip("CT_small.dcm is not bundled with this pydicom")
+    ds = pydicom.dcmread(source)
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "plain.dcm")
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.save_as(tmp_path / "in" / "window.dcm")
+    args = ["--size", "20x37", "--pool-size", "4", "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["crop", str(tmp_path / "in"), "--out", str(out), *args]) == 0
+    how = {Path(r["path"]).name: r["intensity"] for r in read_rows(out)}
+    assert how == {"plain.dcm": "DICOM stored range -33792..31743 (no window in file)",
+                   "window.dcm": "DICOM window 40/400 (center/width, LINEAR)"}
+    assert main(["crop", str(tmp_path / "in"), "--out", str(out), "--dicom", "percentiles", "--percentiles", "5,95",
+                 *args]) == 0  # another setting: both cropped again
+    rows = read_rows(out)
+    assert all(r["intensity"].startswith("DICOM percentiles 5-95: ") for r in rows)
+    assert main(["crop", str(tmp_path / "in"), "--out", str(out), "--percentiles", "9,2", *args]) == 2
 
 
 @pytest.mark.parametrize("command", ["cv", "demo"])
