@@ -3,11 +3,13 @@
 Generates ``count`` phantoms at the paper's sizes (2836x1536 and 2860x1536, 8-bit),
 crops them with the paper's ``DACrop`` and writes to ``OUT``:
 
-* ``search_stages.png`` — like the paper's Fig. 6: initial box, the box after each
-  stage and the final box, with the true dental-arch region;
-* ``saliency.png`` — the max–min pooled map (Fig. 5);
+* ``search_stages.png`` — like the paper's Fig. 6, one panel per phantom (all of
+  them): initial box, the box after each stage and the final box, with the true
+  dental-arch region; one legend, below the panels;
+* ``saliency.png`` — the max–min pooled map (Fig. 5) of phantom 0, with a labelled
+  colour bar;
 * ``soft_rectangle.png`` — the soft rectangle for three sharpness values (Fig. 4);
-* ``crops.png`` and ``crops/*.png`` — the 200x370 crops;
+* ``crops.png`` and ``crops/*.png`` — the 200x370 crops, all of them;
 * ``boxes.csv`` — true and found boxes (xyxy, input pixels), IoU, solver flags.
 
 Then prints where everything is and the mean IoU.
@@ -82,22 +84,26 @@ def run_demo(out_dir: str | Path, *, count: int = 6, seed: int = 0) -> dict:
         writer.writeheader()
         writer.writerows(rows)
 
-    shown = min(count, 4)
-    fig, axes = plt.subplots((shown + 1) // 2, 2, figsize=(12, 3.6 * ((shown + 1) // 2)), squeeze=False)
-    for i in range(shown):
+    cols = 2 if count > 1 else 1
+    rows_ = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.2 * cols, 3.5 * rows_ + 0.6), squeeze=False)
+    for i in range(count):
         stages = layer.thetas_to_boxes(info.stage_thetas[i], phantoms[i].image.shape[-2:])
-        viz.plot_search_stages(phantoms[i].image, stages, true_box=phantoms[i].roi, ax=axes.flat[i],
+        viz.plot_search_stages(phantoms[i].image, stages, true_box=phantoms[i].roi, ax=axes.flat[i], legend=False,
                                title=f"phantom {i} (class {phantoms[i].label}): IoU {iou[i]:.2f}")
-    for ax in list(axes.flat)[shown:]:
+    for ax in list(axes.flat)[count:]:
         ax.set_axis_off()
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3.5 * rows_ + 0.6), 1, 1))
     paths["search_stages"] = out / "search_stages.png"
     fig.savefig(paths["search_stages"], dpi=80)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     viz.plot_saliency(max_min_pool(phantoms[0].image[None], layer.pool_size)[0], ax=ax,
-                      title="max-min pooled map (k = 10) of phantom 0")
+                      title=f"max-min pooled map (k = {layer.pool_size}) of phantom 0")
+    fig.tight_layout()
     paths["saliency"] = out / "saliency.png"
     fig.savefig(paths["saliency"], dpi=80)
     plt.close(fig)

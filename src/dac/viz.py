@@ -1,7 +1,9 @@
 """Pictures of what the search did (needs matplotlib: ``pip install dac[viz]``).
 
 Each function draws on a matplotlib ``Axes`` (a new figure when ``ax`` is None) and
-returns it. Boxes are xyxy in input pixels.
+returns it. Boxes are xyxy in input pixels. Axes are labelled with their units, legends
+sit outside the image (``legend=False`` leaves them to the caller, e.g. one
+``fig.legend`` for a grid of panels), colour bars say what their colour measures.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import torch
 from .functional.rectangle import soft_rectangle
 
 __all__ = ["plot_boxes", "plot_search_stages", "plot_saliency", "plot_soft_rectangles"]
+
+#: Axis labels of pictures in input pixels (xyxy boxes live there).
+PIXEL_AXES = ("x (input pixels)", "y (input pixels)")
 
 
 def _plt():
@@ -38,6 +43,19 @@ def _gray(image: torch.Tensor):
     return to_unit_range(image.detach().cpu(), torch.float32).mean(0).clamp(0, 1).numpy()
 
 
+def _image_axes(ax, labels=PIXEL_AXES, title: str | None = None) -> None:
+    ax.set_xlabel(labels[0], fontsize=7)
+    ax.set_ylabel(labels[1], fontsize=7)
+    ax.tick_params(labelsize=6)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes, never over the image."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=7, frameon=False)
+
+
 def _rect(ax, box, color, label=None, width=2.0, style="-"):
     from matplotlib.patches import Rectangle
 
@@ -46,29 +64,31 @@ def _rect(ax, box, color, label=None, width=2.0, style="-"):
 
 
 def plot_boxes(image: torch.Tensor, boxes: torch.Tensor, *, labels: Sequence[str] | None = None,
-               colors: Sequence[str] = ("lime", "red", "cyan", "yellow"), ax=None, title: str | None = None):
-    """The image with one or more boxes (Tensor[4] or Tensor[N, 4]) drawn on it."""
+               colors: Sequence[str] = ("lime", "red", "cyan", "yellow"), ax=None, title: str | None = None,
+               legend: bool = True):
+    """The image with one or more boxes (Tensor[4] or Tensor[N, 4], xyxy in input pixels)
+    drawn on it; with ``labels``, a legend outside the image (unless ``legend=False``)."""
     ax = _axes(ax)
     ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
     boxes = boxes.reshape(-1, 4).detach().cpu()
     for i, box in enumerate(boxes):
         _rect(ax, box, colors[i % len(colors)], labels[i] if labels else None)
-    if labels:
-        ax.legend(loc="lower right", fontsize=7)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
+    if labels and legend:
+        _legend_outside(ax)
+    _image_axes(ax, title=title)
     return ax
 
 
 def plot_search_stages(image: torch.Tensor, stage_boxes: torch.Tensor, *, true_box: torch.Tensor | None = None,
-                       ax=None, title: str | None = None):
+                       ax=None, title: str | None = None, legend: bool = True):
     """Like the paper's Fig. 6: the initial box (red), the box after each stage
-    (dashed, yellow to cyan) and the final box (green); the true region (white, dotted).
+    (dashed, magenta to cyan) and the final box (green); the true region (white, dotted).
 
     Args:
-        stage_boxes: Tensor[S, 4]: start, after each stage, final (e.g. from
-            ``DACrop.thetas_to_boxes(info.stage_thetas[i], image.shape[-2:])``).
+        stage_boxes: Tensor[S, 4], xyxy in input pixels: start, after each stage, final
+            (e.g. from ``DACrop.thetas_to_boxes(info.stage_thetas[i], image.shape[-2:])``).
+        legend: draw the legend, outside the image (False: leave it to the caller;
+            every box carries its label).
     """
     plt = _plt()
     ax = _axes(ax)
@@ -82,21 +102,22 @@ def plot_search_stages(image: torch.Tensor, stage_boxes: torch.Tensor, *, true_b
     _rect(ax, stage_boxes[-1], "lime", "final", width=2.2)
     if true_box is not None:
         _rect(ax, true_box, "white", "true region", width=1.2, style=":")
-    ax.legend(loc="lower right", fontsize=6)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
+    if legend:
+        _legend_outside(ax)
+    _image_axes(ax, title=title)
     return ax
 
 
-def plot_saliency(saliency: torch.Tensor, *, ax=None, title: str | None = None):
-    """The max–min pooled map (paper Fig. 5), Tensor[1, h, w] or [h, w]."""
+def plot_saliency(saliency: torch.Tensor, *, ax=None, title: str | None = None,
+                  label: str = "max - min of the window (image scaled to [0, 1])"):
+    """The max–min pooled map (paper Fig. 5), Tensor[1, h, w] or [h, w], with a labelled
+    colour bar; axes in pooled pixels (pooled pixel j covers input pixels [k j, k (j + 1)))."""
     ax = _axes(ax)
     im = ax.imshow(saliency.detach().cpu().reshape(saliency.shape[-2:]).numpy(), cmap="magma")
-    ax.figure.colorbar(im, ax=ax, fraction=0.025)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
+    bar = ax.figure.colorbar(im, ax=ax, fraction=0.025)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    _image_axes(ax, ("x (pooled pixels)", "y (pooled pixels)"), title)
     return ax
 
 
@@ -115,5 +136,9 @@ def plot_soft_rectangles(sharpness: Sequence[float] = (0.01, 0.1, 10.0), *, heig
         ax.plot_surface(xs.numpy(), ys.numpy(), z.numpy(), cmap="viridis", linewidth=0, antialiased=False)
         ax.set_title(f"sharpness $\\gamma$ = {g:g}", fontsize=9)
         ax.set_zlim(0, 1)
+        ax.set_xlabel("x (pixels)", fontsize=7)
+        ax.set_ylabel("y (pixels)", fontsize=7)
+        ax.set_zlabel("z (soft rectangle)", fontsize=7)
+        ax.tick_params(labelsize=6)
     fig.tight_layout()
     return fig
