@@ -10,7 +10,7 @@ STAMP := $(VENV)/.dac-installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=77" wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q numpy scipy pybind11 "semantic-version==2.10.0" torchlie torchkin "pytest>=7" \
 		pydicom matplotlib tqdm scikit-learn pyyaml
