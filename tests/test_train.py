@@ -181,11 +181,11 @@ class TestResNet:
 
 class TestAugmentation:
     def test_paper_ranges(self):
-        affine = augmentation("paper").transforms[-1]
-        assert affine.degrees == [-7.0, 7.0] and affine.scale == (0.97, 1.03) and list(affine.shear)[:2] == [0.0, 2.0]
-        assert affine.translate == PAPER_DAC_RANGES["translate"]
-        assert round(affine.translate[0] * 370) == 26 and round(affine.translate[1] * 200) == 14
-        assert augmentation("paper", rotate=False).transforms[-1].degrees == [0.0, 0.0]
+        ranges = augmentation("paper")
+        assert ranges.degrees == 7.0 and ranges.scale == (0.97, 1.03) and ranges.shear == (0.0, 2.0) and ranges.flip
+        assert ranges.translate == PAPER_DAC_RANGES.translate
+        assert round(ranges.translate[0] * 370) == 26 and round(ranges.translate[1] * 200) == 14
+        assert augmentation("paper", rotate=False).degrees == 0.0
         assert augmentation("none") is None
         with pytest.raises(DACInputError, match="preset"):
             augmentation("heavy")
@@ -197,6 +197,49 @@ class TestAugmentation:
         y = aug.train()(x)
         assert y.shape == x.shape and not torch.equal(y[0], y[1])
         assert torch.equal(aug.eval()(x), x)
+        noise = torch.rand(4, 6)
+        noise[1] = noise[0]
+        z = aug.train()(x, noise)  # the same numbers give the same transform, whatever the rest of the batch
+        assert torch.equal(z[0], z[1]) and torch.equal(z[0], aug(x[:1], noise[:1])[0])
+
+    @pytest.mark.parametrize("preset", ["paper", "strong"])
+    def test_is_torchvisions_affine(self, preset):
+        from torchvision.transforms.v2 import functional as TF
+
+        from dac.train.augment import affine_parameters, affine_theta
+
+        x = torch.nn.functional.avg_pool2d(torch.rand(6, 1, 40, 74, generator=torch.Generator().manual_seed(1)), 3, 1, 1)
+        params = affine_parameters(torch.rand(6, 6, generator=torch.Generator().manual_seed(2)), augmentation(preset), (40, 74))
+        params["translate"] = params["translate"].round()  # torchvision shifts by whole pixels
+        grid = torch.nn.functional.affine_grid(affine_theta(params, (40, 74)).float(), [6, 1, 40, 74], align_corners=False)
+        ours = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+        assert params["flip"].any() and not params["flip"].all()
+        for i in range(6):
+            image = TF.horizontal_flip(x[i]) if params["flip"][i] else x[i]
+            kw = dict(angle=float(params["angle"][i]), translate=[int(v) for v in params["translate"][i]], scale=float(params["scale"][i]),
+                      shear=[float(params["shear"][i]), 0.0], interpolation=TF.InterpolationMode.BILINEAR)
+            theirs, covered = TF.affine(image, **kw), TF.affine(torch.ones_like(image), **kw) > 0.9999
+            assert covered.float().mean() > 0.5
+            assert torch.allclose(ours[i][covered], theirs[covered], atol=1e-5)
+
+    @pytest.mark.parametrize("preset", ["paper", "strong"])
+    def test_padding_keeps_the_statistics_of_the_image(self, preset):
+        # a dim, flat crop (like a panoramic one) stays what it is: no zero border shifts its mean
+        aug = BatchAugment(augmentation(preset)).train()
+        torch.manual_seed(0)
+        flat = aug(torch.full((8, 1, 20, 37), 0.37))
+        assert torch.allclose(flat, torch.full_like(flat, 0.37), atol=1e-6)
+        smooth = torch.nn.functional.avg_pool2d(torch.randn(8, 1, 40, 74), 5, 1, 2)
+        texture = 0.37 + 0.03 * smooth / smooth.std()  # mean 0.37, std 0.03, as the crops that collapsed
+        out = aug(texture)  # zero padding: mean ~0.34, std x3
+        assert abs(float(out.mean()) - 0.37) < 0.005 and abs(float(out.std()) / float(texture.std()) - 1) < 0.15
+
+    @pytest.mark.parametrize("device", ["meta", "cuda"])
+    def test_follows_the_input_device(self, device):
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        aug = BatchAugment(augmentation("paper")).train()
+        assert aug(torch.rand(3, 1, 20, 37, device=device), torch.rand(3, 6)).device.type == device
 
     def test_differentiable(self):
         x = torch.rand(3, 1, 20, 37, requires_grad=True)
@@ -227,6 +270,17 @@ class TestRoIRotation:
             crop = roi_rotation_crop(point, centre, torch.tensor([angle]), (21, 21))
             assert crop[0, 0].argmax().item() == 10 * 21 + 10
 
+    @pytest.mark.parametrize("device", ["meta", "cuda"])
+    def test_max_inside_rotation_works_where_the_boxes_are(self, device):
+        # meta catches any tensor made on the CPU without a GPU: the angle grid must follow the boxes
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        boxes = torch.tensor([[40.0, 25, 140, 79], [0, 20, 100, 74]], device=device)
+        limit = max_inside_rotation(boxes, (100, 180), 15.0)
+        assert limit.device == boxes.device and limit.shape == (2,)
+        if device != "meta":
+            assert torch.equal(limit.cpu(), max_inside_rotation(boxes.cpu(), (100, 180), 15.0))
+
     def test_bad_input_raises(self):
         with pytest.raises(DACInputError, match="angles"):
             roi_rotation_crop(torch.rand(2, 1, 20, 20), torch.tensor([[0.0, 0, 5, 5]] * 2), torch.zeros(3), (4, 4))
@@ -251,26 +305,88 @@ class TestPipelines:
         assert torch.allclose(out[[0, 2]], net(batch[:2]), atol=1e-5)  # list rows come back in order
         assert net.front_is_fixed == (kind in ("resize", "dac"))
 
-    def test_dac_front_is_the_dacrop_crop(self, phantoms):
-        front = tiny_pipeline("dac").front
-        x = torch.stack([phantoms[i]["image"] for i in range(2)])
-        assert torch.allclose(front(x), front.crop(x), atol=1e-6)
+    def test_dac_front_crops_the_raw_image_where_it_finds_the_box(self, phantoms):
+        from torchvision.ops import roi_align
+
+        front = tiny_pipeline("dac").front.eval()
+        x = torch.stack([phantoms[i]["image"] for i in range(3)])
+        boxes = front.locate(x)
+        crops = front(x)
+        # an independent resampler (torchvision's RoIAlign, same xyxy convention) reads the same region...
+        ref = roi_align(x.float() / 255, list(boxes[:, None]), (20, 37), spatial_scale=1.0, sampling_ratio=4, aligned=True)
+        assert (crops - ref).abs().mean() < 0.02
+        # ...and not one a few pixels off (pooled-pixel or half-pixel slips would land there)
+        for shift in ([4.0, 0, 4, 0], [0, 3.0, 0, 3]):
+            off = roi_align(x.float() / 255, list((boxes + torch.tensor(shift))[:, None]), (20, 37), spatial_scale=1.0, sampling_ratio=4, aligned=True)
+            assert (crops - off).abs().mean() > 2 * (crops - ref).abs().mean()
+        # the box is found on the image, in its pixels: a mirrored image gives the mirrored box
+        mirrored = front.locate(x.flip(-1))
+        assert torch.allclose(mirrored[:, [2, 0]], 177 - boxes[:, [0, 2]], atol=0.05)
+        assert torch.allclose(mirrored[:, [1, 3]], boxes[:, [1, 3]], atol=0.05)
 
     def test_e2e_saliency_learns_through_the_box_only(self, phantoms):
         net = tiny_pipeline("dac_e2e").train()
         x = torch.stack([phantoms[i]["image"] for i in range(4)])
+        image = x.float() / 255
         saliency = net.front.saliency
-        assert isinstance(saliency, LearnedSaliency) and torch.equal(saliency(x.float() / 255), x.float() / 255)
-        net.front(x).pow(2).sum().backward()
-        through_box = saliency.values.grad.clone()
-        assert through_box.abs().sum() > 0
-        # the crop is taken from the original image: the box is the only path to the saliency
+        assert isinstance(saliency, LearnedSaliency) and torch.equal(saliency(image), image)  # starts at plain DAC
+        with torch.no_grad():  # a curve that changes the map (to image**2), so cropping the map would show
+            knots = torch.linspace(0, 1, saliency.values.numel())
+            saliency.values.copy_(knots**2 - knots)
+        assert (saliency(image) - image).abs().max() > 0.1
         boxes = net.front.locate(x)
         assert boxes.requires_grad
-        assert not crop_resize(x.float() / 255, boxes.detach(), (20, 37)).requires_grad
+        crops = net.front(x)
+        # the crop is taken from the original image at the box, not from the saliency map
+        assert torch.allclose(crops, crop_resize(image, boxes.detach(), (20, 37)), atol=1e-5)
+        assert not torch.allclose(crops, crop_resize(saliency(image).detach(), boxes.detach(), (20, 37)), atol=1e-2)
+        # so the saliency's whole gradient is the one that flows through the box
+        crops.pow(2).sum().backward()
+        through_front = saliency.values.grad.clone()
+        assert through_front.abs().sum() > 0
         saliency.values.grad = None
-        crop_resize(x.float() / 255, boxes, (20, 37)).pow(2).sum().backward()
-        assert torch.allclose(saliency.values.grad, through_box, rtol=1e-4, atol=1e-6)
+        crop_resize(image, net.front.locate(x), (20, 37)).pow(2).sum().backward()
+        assert torch.allclose(saliency.values.grad, through_front, rtol=1e-4, atol=1e-6)
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_classifier_sees_each_image_standardised(self, kind, phantoms):
+        # dim, flat crops (mean ~0.37, std ~0.03) reach the classifier as mean 0, std 1, in training and in eval
+        net = tiny_pipeline(kind)
+        seen = []
+        net.classifier.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+        x = torch.stack([phantoms[i]["image"] for i in range(4)])
+        dim = (x.float() * 0.15 + 60).to(torch.uint8)  # a fifth of the contrast, around gray 60-100
+        for mode in (net.train, net.eval):
+            mode()
+            net(dim)
+        for batch in seen:
+            assert torch.allclose(batch.mean((1, 2, 3)), torch.zeros(4), atol=1e-4)
+            assert torch.allclose(batch.std((1, 2, 3), unbiased=False), torch.ones(4), atol=2e-3)
+
+    def test_stn_localisation_sees_where_things_are(self):
+        # a localisation net that averages its features over the image cannot tell where a blob is
+        def blobs(n, generator, h=32, w=59):
+            centre = torch.rand(n, 2, generator=generator) * 0.8 + 0.1
+            yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            d2 = (xx - centre[:, 0, None, None] * w) ** 2 + (yy - centre[:, 1, None, None] * h) ** 2
+            image = 0.2 + 0.6 * torch.exp(-d2 / 18) + 0.05 * torch.rand(n, h, w, generator=generator)
+            return image[:, None], centre * 2 - 1
+
+        torch.manual_seed(0)
+        net = SpatialTransformerCrop((20, 37), (32, 59)).localization
+        optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            x, target = blobs(32, g)
+            loss = (net(x)[:, 1:] - target).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        x, target = blobs(256, torch.Generator().manual_seed(99))
+        with torch.no_grad():
+            error = (net(x)[:, 1:] - target).pow(2).sum(0)
+        r2 = 1 - error / (target - target.mean(0)).pow(2).sum(0)
+        assert (r2 > 0.8).all(), r2  # global average pooling: R^2 ~ 0
 
     def test_intensity_curve_gradients_are_exact_and_deterministic(self):
         values = torch.randn(9, dtype=torch.float64, requires_grad=True)
@@ -396,12 +512,25 @@ class TestTraining:
         source = MemoryDataset(precompute_front(net, phantoms, rt=rt), phantoms.labels, phantoms.classes, torch.float32) if fronted else phantoms
         history = fit(net, source, np.arange(12), epochs=1, rt=rt, batch_size=6, fronted=fronted)
         assert len(history) == 1 and np.isfinite(history[0]["loss"])
+        assert 0 <= history[0]["eval_train_accuracy"] <= 1
         changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
         assert any(k.startswith("classifier.") for k in changed)
         if kind in ("dac_e2e", "stn"):  # the front learned from the task loss
             assert any(k.startswith("front.") for k in changed)
         probs = predict(net, source, [0, 5, 7], rt=rt, fronted=fronted)
         assert probs.shape == (3, 5) and np.allclose(probs.sum(1), 1)
+
+    @pytest.mark.parametrize("kind, kw", [(k, {}) for k in KINDS] + [("dac", {"roi_rotate_degrees": 7.0})])
+    def test_every_pipeline_trains_on_cuda(self, kind, kw, phantoms):
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        rt = init_runtime("cuda")
+        net = tiny_pipeline(kind, **kw)
+        fronted = net.front_is_fixed
+        source = MemoryDataset(precompute_front(net, phantoms, rt=rt), phantoms.labels, phantoms.classes, torch.float32) if fronted else phantoms
+        history = fit(net, source, np.arange(12), epochs=1, rt=rt, batch_size=6, fronted=fronted)
+        assert np.isfinite(history[0]["loss"]) and next(net.parameters()).device.type == "cuda"
+        assert predict(net, source, [0, 5], rt=rt, fronted=fronted).shape == (2, 5)
 
     def test_checkpoint_round_trip_is_weights_only_and_atomic(self, tmp_path):
         net = tiny_pipeline("stn")
@@ -433,9 +562,64 @@ class TestTraining:
         resumed = tiny_pipeline("dac_e2e")
         history = fit(resumed, phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, seed=4, checkpoint=ckpt,
                       callback=lambda e, i: events.append((e, i.get("start_epoch", i.get("epoch")))))
-        assert events == [("fit_start", 1), ("epoch_end", 2)] and [h["epoch"] for h in history] == [1, 2]
+        assert events == [("fit_start", 1), ("epoch_end", 2), ("fit_end", None)] and [h["epoch"] for h in history] == [1, 2]
         for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-            assert torch.allclose(a.float(), b.float(), atol=1e-4), name  # threaded kernels: ~1e-6 apart
+            assert torch.equal(a, b), name  # bit for bit: each epoch and image draws from its own seed
+
+    def test_eval_mode_far_below_train_mode_is_recorded_and_warned(self, phantoms):
+        class EvalDiffers(torch.nn.Module):  # right in training, wrong in eval: what broken BatchNorm statistics do
+            def __init__(self):
+                super().__init__()
+                self.bias = torch.nn.Parameter(torch.tensor([5.0, 0, 0, 0, 0]))
+
+            def forward(self, x):
+                logits = self.bias.expand(x.shape[0], 5) + 0 * x.mean()
+                return logits if self.training else logits.flip(-1)
+
+        from dac.train import Pipeline
+
+        data = MemoryDataset([phantoms[i]["image"] for i in range(12)], [0] * 12, [str(c) for c in range(5)])
+        net = Pipeline(ResizeFront((24, 24)), EvalDiffers())
+        with pytest.warns(RuntimeWarning, match="eval-mode accuracy on the training images is 0.000, train-mode accuracy 1.000"):
+            history = fit(net, data, np.arange(12), epochs=1, rt=init_runtime("cpu"), batch_size=6)
+        assert history[-1]["train_accuracy"] == 1.0 and history[-1]["eval_train_accuracy"] == 0.0
+        assert history[-1]["eval_gap_warning"] is True
+
+    def test_batchnorm_statistics_describe_clean_training_inputs(self, phantoms):
+        # the first BatchNorm's running mean and variance are those of the un-augmented training images
+        net = tiny_pipeline("resize")
+        rt = init_runtime("cpu")
+        fit(net, phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, seed=3)
+        net.eval()
+        seen = []
+        hook = net.classifier.bn1.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+        with torch.no_grad():
+            for start in (0, 6):  # the training batches' sizes, in index order
+                net(torch.stack([phantoms[i]["image"] for i in range(start, start + 6)]))
+        hook.remove()
+        means = torch.stack([s.mean((0, 2, 3)) for s in seen]).mean(0)
+        variances = torch.stack([s.var((0, 2, 3)) for s in seen]).mean(0)
+        bn = net.classifier.bn1
+        assert torch.allclose(bn.running_mean, means, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(bn.running_var, variances, rtol=1e-3, atol=1e-5)
+
+    def test_resume_refuses_a_checkpoint_of_another_world_size(self, phantoms, tmp_path):
+        rt = init_runtime("cpu")
+        ckpt = tmp_path / "checkpoint.pt"
+
+        class Stop(Exception):
+            pass
+
+        def stop(event, info):
+            if event == "epoch_end":
+                raise Stop
+
+        with pytest.raises(Stop):
+            fit(tiny_pipeline("resize"), phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, checkpoint=ckpt, callback=stop)
+        state = load_checkpoint(ckpt)
+        save_checkpoint(ckpt, {**state, "world_size": 2})  # as a 2-process torchrun would have left it
+        with pytest.raises(DACInputError, match="2 process"):
+            fit(tiny_pipeline("resize"), phantoms, np.arange(12), epochs=2, rt=rt, batch_size=6, checkpoint=ckpt)
 
 
 # ----------------------------------------------------------------------------- k-fold runs
@@ -491,6 +675,9 @@ class TestCrossValidation:
         done = out / "dac" / "fold_0"
         stamps = {p: p.stat().st_mtime_ns for p in (done / "metrics.json", done / "checkpoint.pt", out / "resize" / "fold_1" / "metrics.json")}
         assert not (out / "dac" / "fold_1" / "metrics.json").exists() and not (out / "summary.json").exists()
+        with pytest.raises(DACInputError, match="unfinished"):  # the interrupted fold's model is not served
+            load_pipeline(out, "dac", fold=1)
+        assert load_pipeline(out, "dac", fold=0)(make_phantom(99, 96, 177).image[None]).shape == (1, 5)
         events = []
         summary = run_cv(config, out, callback=lambda e, i: events.append((e, i["pipeline"], i["fold"], i.get("start_epoch"))), verbose=False, figures=False)
         assert [e for e in events if e[0] in ("fold_start", "fit_start")] == [("fold_start", "dac", 1, None), ("fit_start", "dac", 1, 1)]
@@ -498,6 +685,26 @@ class TestCrossValidation:
         for name in ("resize", "dac"):
             assert summary[name]["accuracy_mean"] == pytest.approx(reference[name]["accuracy_mean"])
             assert summary[name]["macro_auc_mean"] == pytest.approx(reference[name]["macro_auc_mean"])
+
+
+    def test_a_subset_run_keeps_the_other_pipelines_in_the_report(self, tmp_path):
+        config = tiny_config(resize=TINY["pipelines"]["resize"], dac=TINY["pipelines"]["dac"])
+        out = tmp_path / "cv"
+        run_cv(config, out, pipelines=["resize"], verbose=False, figures=False)
+        summary = run_cv(config, out, pipelines=["dac"], verbose=False, figures=False)
+        saved = json.loads((out / "summary.json").read_text())
+        assert list(saved) == list(summary) == ["resize", "dac"]
+        assert "resize (whole image)" in (out / "summary.md").read_text()
+        assert {line.split(",")[0] for line in (out / "folds.csv").read_text().splitlines()[1:]} == {"resize", "dac"}
+
+    def test_missing_packages_stop_the_run_before_any_work(self, tmp_path, monkeypatch):
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+        with pytest.raises(DACInputError, match="matplotlib"):
+            run_cv(tiny_config(resize=TINY["pipelines"]["resize"]), tmp_path / "cv", verbose=False)
+        assert not (tmp_path / "cv").exists()
+        monkeypatch.setitem(sys.modules, "sklearn", None)
+        with pytest.raises(DACInputError, match="scikit-learn"):
+            run_cv(tiny_config(resize=TINY["pipelines"]["resize"]), tmp_path / "cv", verbose=False, figures=False)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -526,6 +733,44 @@ class TestCLI:
         assert main(args) == 0  # finished: nothing retrained
         assert (tmp_path / "out" / "dac" / "checkpoint.pt").stat().st_mtime_ns == stamp
 
+    def test_changed_data_is_refused_not_mixed(self, tmp_path, capsys):
+        data = tmp_path / "images"
+        write_class_folders(data)
+        config = tmp_path / "tiny.yaml"
+        config.write_text(json.dumps({**TINY, "pipelines": {"resize": TINY["pipelines"]["resize"]}}))
+        args = ["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"]
+        assert main(args) == 0
+        moved = sorted((data / "few").iterdir())[0]
+        moved.rename(data / "many" / moved.name)  # one image relabelled
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "other data" in err and len(err.strip().splitlines()) == 1
+        (data / "many" / moved.name).rename(moved)  # restored: the finished run is recognised again
+        assert main(args) == 0
+
+    @pytest.mark.parametrize("cached", [True, False])
+    def test_a_corrupt_image_is_a_usage_error_naming_it(self, tmp_path, capsys, cached):
+        data = tmp_path / "images"
+        write_class_folders(data)
+        bad = data / "few" / "broken.png"
+        bad.write_bytes((data / "few" / "1.png").read_bytes()[:200])  # a truncated PNG
+        config = tmp_path / "tiny.yaml"
+        raw = {**TINY, "pipelines": {"dac_e2e": TINY["pipelines"]["dac_e2e"]}}
+        raw["data"] = {**TINY["data"], "cache_images": cached, "workers": 0 if cached else 1}
+        config.write_text(json.dumps(raw))
+        assert main(["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "broken.png" in err and "Traceback" not in err
+
+    @pytest.mark.parametrize("device", ["cuda:99", "tpu", "mps"])
+    def test_an_unusable_device_is_refused_before_any_work(self, tmp_path, capsys, device):
+        config = tmp_path / "tiny.yaml"
+        config.write_text(json.dumps(TINY))
+        assert main(["cv", "--config", str(config), "--out", str(tmp_path / "out"), "--device", device]) == 2
+        assert "--device" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
     def test_usage_errors_exit_2(self, tmp_path, capsys):
         assert main(["cv", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
         assert "config" in capsys.readouterr().err
@@ -539,59 +784,3 @@ class TestCLI:
         assert "nope" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             main(["cv", "--out", str(tmp_path / "o")])  # --config is required
-
-
-# ----------------------------------------------------------------------------- DDP
-
-
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import hashlib, json, os, sys
-    import torch
-    from dac.train import config_from_dict, run_cv
-
-    config = config_from_dict(json.loads(sys.argv[1]))
-    out, rank = sys.argv[2], int(os.environ["RANK"])
-    seen = []
-
-    def record(event, info):
-        if event == "epoch_end" and info["epoch"] == info["epochs"]:
-            model = info["model"]
-            h = hashlib.sha256()
-            for name, p in sorted(model.named_parameters()):
-                h.update(name.encode()); h.update(p.detach().contiguous().numpy().tobytes())
-            seen.append({"pipeline": info["pipeline"], "fold": info["fold"], "hash": h.hexdigest()})
-
-    run_cv(config, out, callback=record, verbose=False, figures=False)
-    with open(os.path.join(os.path.dirname(out), f"rank{rank}.json"), "w") as fh:
-        json.dump({"seen": seen, "world": os.environ["WORLD_SIZE"], "backend": torch.distributed.get_backend()}, fh)
-    """
-)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_finish_with_identical_weights(tmp_path):
-    config = json.loads(json.dumps(TINY))
-    config["pipelines"] = {"dac_e2e": {"epochs": 1, "input_size": [20, 37], "pool_size": 3}}
-    config["data"]["length"] = 15  # 2 folds of 7-8 training images: 2 steps of a global batch of 4, 2 per process
-    config["train"]["batch_size"] = 4
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        str(script), json.dumps(config), str(tmp_path / "out"),
-    ]
-    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == ["2", "2"] and ranks[0]["backend"] == "gloo"
-    assert len(ranks[0]["seen"]) == 2 and ranks[0]["seen"] == ranks[1]["seen"]  # identical weights, every fold
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert sum(f["n"] for f in summary["dac_e2e"]["folds"]) == 15  # predictions gathered from both ranks

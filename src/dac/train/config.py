@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import DACInputError
+from .._checks import DACInputError, check_device
 
 __all__ = [
     "ARCHS",
@@ -54,6 +54,8 @@ PIPELINE_KINDS = ("resize", "dac", "dac_e2e", "stn")
 AUGMENTATIONS = ("none", "paper", "strong")
 #: Classifier families (torchvision ResNets, 1-channel stem).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: Raised when training changes what a config produces, so older results folders are not resumed.
+TRAINING_REVISION = 2
 
 
 @dataclass
@@ -105,6 +107,8 @@ class TrainConfig:
         threads: CPU threads for torch (None: torch's default).
         holdout: fraction held out (stratified) by ``dac train`` for its test metrics;
             0 trains on everything.
+        recalibrate_bn: after training, re-estimate BatchNorm's running statistics on
+            the training images without augmentation, as evaluation sees them.
     """
 
     lr: float = 1e-3
@@ -114,6 +118,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     threads: int | None = None
     holdout: float = 0.1
+    recalibrate_bn: bool = True
 
 
 @dataclass
@@ -169,12 +174,20 @@ class ExperimentConfig:
     )
 
     def fingerprint(self) -> str:
-        """A short hash of everything that changes results (not device, threads or workers)."""
+        """A short hash of every setting that changes results (not device, threads or workers;
+        ``eval_batch_size`` counts, since a DAC search's last bits depend on its batch).
+
+        A data folder's path is not part of it (a copy elsewhere is the same data); what
+        the data holds is checked separately (:func:`dac.train.folds.data_digest`).
+        """
         d = config_to_dict(self)
-        for key in ("device", "threads", "eval_batch_size"):
+        for key in ("device", "threads"):
             d["train"].pop(key)
         d["data"].pop("workers")
         d["data"].pop("cache_images")
+        if d["data"]["source"] != "phantom":
+            d["data"]["source"] = "files"
+        d["revision"] = TRAINING_REVISION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -191,7 +204,10 @@ def load_config(path: str | Path | None = None, *, data: str | None = None, devi
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        import yaml
+        try:
+            import yaml
+        except ImportError:
+            raise DACInputError("config: reading YAML needs PyYAML (pip install PyYAML)") from None
 
         p = Path(path)
         if not p.is_file():
@@ -209,7 +225,7 @@ def load_config(path: str | Path | None = None, *, data: str | None = None, devi
             raise DACInputError(f"--data: {data!r} does not exist")
         cfg.data.source = str(data)
     if device is not None:
-        cfg.train.device = _device(device, "--device")
+        cfg.train.device = _available_device(device, "--device")
     return cfg
 
 
@@ -286,6 +302,7 @@ def _check(cfg: ExperimentConfig) -> None:
     t.eval_batch_size = _int(t.eval_batch_size, "train.eval_batch_size", 1)
     if t.threads is not None:
         t.threads = _int(t.threads, "train.threads", 1)
+    t.recalibrate_bn = _bool(t.recalibrate_bn, "train.recalibrate_bn")
     t.holdout = float(t.holdout)
     if not 0 <= t.holdout < 1:
         raise DACInputError(f"train.holdout: expected a fraction in [0, 1), got {t.holdout!r}")
@@ -347,3 +364,11 @@ def _device(value: Any, name: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise DACInputError(f"{name}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def _available_device(value: str, name: str) -> str:
+    """``value`` (auto, cpu, cuda, cuda:N) if this machine has it."""
+    text = _device(value, name)
+    if text != "auto":
+        check_device(text, name)
+    return text

@@ -3,7 +3,7 @@
 :func:`run_cv` trains every pipeline of the config on the same stratified folds
 (seeded) and writes, under ``OUT``::
 
-    run.json, config.yaml          the config and its fingerprint
+    run.json, config.yaml          the config, its fingerprint and the data's digest
     folds.json                     each fold's test indices
     <pipeline>/fold_<k>/checkpoint.pt   after every epoch (resume point, then the model)
     <pipeline>/fold_<k>/metrics.json    when the fold is done (its presence = done)
@@ -12,7 +12,10 @@
 
 Every pipeline of one fold starts from the same initial ResNet and sees the same sample
 order (paired comparison). An interrupted run, re-run with the same command, skips the
-finished folds and resumes the unfinished one from its last epoch. Where a front has
+finished folds and resumes the unfinished one from its last epoch; a folder of another
+config, of other data (file list, labels) or, for an unfinished fold, of another number
+of processes is refused. The report covers every pipeline of the config whose folds
+are all done, also those a run with ``pipelines=`` did not touch. Where a front has
 nothing to learn (resize; DAC without a learned saliency or RoI rotation) its output is
 computed once per run and cached in memory; augmentation follows it at every step. With
 ``data.cache_images`` the raw images are held in memory for the run.
@@ -23,10 +26,12 @@ computed once per run and cached in memory; augmentation follows it at every ste
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,9 @@ from .._checks import DACInputError
 from ._io import write_json, write_text
 from .config import ExperimentConfig, config_to_dict
 from ..datasets import MemoryDataset
-from .folds import build_dataset, holdout_split, load_images, stratified_folds
+from .folds import build_dataset, data_digest, holdout_split, load_images, stratified_folds
 from .distributed import Runtime, barrier, init_runtime
-from .engine import fit, precompute_front, predict, seed_for
+from .engine import EvalModeGapWarning, fit, load_checkpoint, precompute_front, predict, seed_for
 from .metrics import classification_metrics
 from .pipelines import Pipeline, build_pipeline
 from .report import write_report
@@ -76,18 +81,21 @@ def run_cv(
         (on rank 0; other ranks of a torchrun get ``{}``).
 
     Raises:
-        DACInputError: a bad pipeline name, data that cannot be split into k folds, or
-            an ``out_dir`` holding a run of a different config.
+        DACInputError: a bad pipeline name, data that cannot be split into k folds or
+            holds an unreadable image, a missing optional package (scikit-learn,
+            PyYAML, matplotlib for figures; checked before any work), or an
+            ``out_dir`` holding a run of a different config or other data.
     """
     names = _pipeline_names(config, pipelines)
-    rt = init_runtime(config.train.device, config.train.threads)
+    _require_packages(figures=figures)
+    rt = init_runtime(config.train.device, config.train.threads, name="train.device")
     began = time.perf_counter()
     out = Path(out_dir)
     dataset = build_dataset(config.data, config.seed)
     labels, classes = np.asarray(dataset.labels), list(dataset.classes)
     k = config.train.folds
     folds = stratified_folds(labels, k, config.seed)
-    _prepare_out(out, config, rt, "cv", classes, len(labels))
+    _prepare_out(out, config, rt, "cv", classes, len(labels), data_digest(dataset))
     if rt.is_main:
         write_json(out / "folds.json", [f.tolist() for f in folds])
     log = _logger(rt, verbose)
@@ -112,7 +120,12 @@ def run_cv(
             if callback:
                 callback("fold_end", dict(info))
     barrier(rt)
-    described = {n: {"kind": config.pipelines[n].kind, "input_size": config.pipelines[n].input_size, "epochs": config.pipelines[n].epochs} for n in names}
+    # every pipeline of the config with all its folds done, not only those run now
+    done = [n for n in config.pipelines if all((out / n / f"fold_{f}" / "metrics.json").is_file() for f in range(k))]
+    for n in config.pipelines:
+        if n not in done and (out / n).is_dir():
+            log(f"{n}: not in the report yet (some folds unfinished)")
+    described = {n: {"kind": config.pipelines[n].kind, "input_size": config.pipelines[n].input_size, "epochs": config.pipelines[n].epochs} for n in done}
     summary = write_report(out, described, classes, k, figures=figures) if rt.is_main else {}
     if rt.is_main:
         run = json.loads((out / "run.json").read_text())
@@ -149,12 +162,13 @@ def train_pipeline(
     if pipeline is None:
         pipeline = "dac" if "dac" in config.pipelines else next(iter(config.pipelines))
     (name,) = _pipeline_names(config, [pipeline])
-    rt = init_runtime(config.train.device, config.train.threads)
+    _require_packages(figures=False)
+    rt = init_runtime(config.train.device, config.train.threads, name="train.device")
     out = Path(out_dir)
     dataset = build_dataset(config.data, config.seed)
     labels, classes = np.asarray(dataset.labels), list(dataset.classes)
     train, test = holdout_split(labels, config.train.holdout, config.seed)
-    _prepare_out(out, config, rt, "train", classes, len(labels))
+    _prepare_out(out, config, rt, "train", classes, len(labels), data_digest(dataset))
     log = _logger(rt, verbose)
     raw = _RawImages(dataset, config, rt)
     source, fronted = _source(name, config, raw, len(classes), rt, log)
@@ -176,9 +190,12 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
 
     Returns:
         The :class:`~dac.train.pipelines.Pipeline`: ``model(images)`` -> logits.
+
+    Raises:
+        DACInputError: no such folder, pipeline or fold, or a checkpoint whose training
+            did not finish (an interrupted run: re-run its command to complete it).
     """
     from .config import load_config
-    from .engine import load_checkpoint
 
     out = Path(out_dir)
     if not (out / "run.json").is_file():
@@ -189,8 +206,14 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
     folder = out / pipeline / (f"fold_{fold}" if fold is not None else "")
     if not (folder / "checkpoint.pt").is_file():
         raise DACInputError(f"pipeline, fold: no checkpoint at {str(folder / 'checkpoint.pt')!r}")
+    state = load_checkpoint(folder / "checkpoint.pt")
+    if not state.get("finished"):
+        raise DACInputError(
+            f"pipeline, fold: the checkpoint {str(folder / 'checkpoint.pt')!r} is unfinished (epoch {state.get('epoch', '?')} "
+            f"of {state.get('epochs', '?')}): its run was interrupted; run the same command again to complete it"
+        )
     model = _build(config, pipeline, len(classes))
-    model.load_state_dict(load_checkpoint(folder / "checkpoint.pt")["model"])
+    model.load_state_dict(state["model"])
     return model.eval()
 
 
@@ -213,6 +236,24 @@ class _RawImages:
             self._cached = MemoryDataset(images, self.dataset.labels, self.dataset.classes)
             log(f"read {len(images)} images into memory in {time.perf_counter() - started:.1f} s")
         return self._cached
+
+
+#: Packages the training commands import, and what for (module -> (pip name, use)).
+_PACKAGES = {"sklearn": ("scikit-learn", "stratified folds"), "yaml": ("PyYAML", "config files")}
+_FIGURES = {"matplotlib": ("matplotlib", "the figures")}
+
+
+def _require_packages(*, figures: bool) -> None:
+    """Fail before any work when an optional package the run will need is missing."""
+    missing = []
+    for module, (package, use) in {**_PACKAGES, **(_FIGURES if figures else {})}.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(f"{package} (for {use})")
+    if missing:
+        names = " ".join(m.split(" ")[0] for m in missing)
+        raise DACInputError(f"missing package(s): {', '.join(missing)}; install with: pip install {names}")
 
 
 def _pipeline_names(config: ExperimentConfig, names: list[str] | None) -> list[str]:
@@ -253,6 +294,8 @@ def _train_and_evaluate(
     model = _build(config, name, len(classes))
 
     def progress(event: str, info: dict) -> None:
+        if event == "fit_end" and info.get("warning"):
+            log(f"{tag}: WARNING: {info['warning']}", always=True)
         if event == "epoch_end":
             r = info["record"]
             extra_text = f", {r['boxes_unconverged']} boxes unconverged" if r.get("boxes_unconverged") else ""
@@ -262,12 +305,20 @@ def _train_and_evaluate(
         if callback:
             callback(event, info)
 
-    history = fit(
-        model, source, train, epochs=pcfg.epochs, rt=rt, batch_size=config.train.batch_size, lr=config.train.lr,
-        front_lr=pcfg.front_lr, seed=seed, fronted=fronted, workers=_workers(config, source),
-        checkpoint=folder / "checkpoint.pt", callback=progress,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvalModeGapWarning)  # logged by progress() instead
+        history = fit(
+            model, source, train, epochs=pcfg.epochs, rt=rt, batch_size=config.train.batch_size, lr=config.train.lr,
+            front_lr=pcfg.front_lr, seed=seed, fronted=fronted, workers=_workers(config, source),
+            checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=config.train.recalibrate_bn,
+            eval_batch_size=config.train.eval_batch_size,
+        )
+    last = history[-1]
     metrics: dict[str, Any] = {"pipeline": name, **extra, "n_train": int(train.size)}
+    metrics.update(
+        train_accuracy=last["train_accuracy"], eval_train_accuracy=last.get("eval_train_accuracy"),
+        eval_gap_warning=bool(last.get("eval_gap_warning", False)), world_size=rt.world_size, threads=torch.get_num_threads(),
+    )
     if test.size:
         started = time.perf_counter()
         probs = predict(model, source, test, rt=rt, batch_size=config.train.eval_batch_size, fronted=fronted, workers=_workers(config, source))
@@ -293,8 +344,8 @@ def _write_predictions(path: Path, index: np.ndarray, labels: np.ndarray, probs:
     write_text(path, buffer.getvalue())
 
 
-def _prepare_out(out: Path, config: ExperimentConfig, rt: Runtime, command: str, classes: list[str], n: int) -> None:
-    """Create ``out`` with run.json and config.yaml, or check that it holds this very run."""
+def _prepare_out(out: Path, config: ExperimentConfig, rt: Runtime, command: str, classes: list[str], n: int, digest: str) -> None:
+    """Create ``out`` with run.json and config.yaml, or check that it holds this very run on this very data."""
     fingerprint = config.fingerprint()
     run_file = out / "run.json"
     if run_file.is_file():
@@ -307,6 +358,12 @@ def _prepare_out(out: Path, config: ExperimentConfig, rt: Runtime, command: str,
                 f"--out: {str(out)!r} holds results of another run (dac {previous.get('command', '?')}, config "
                 f"{previous.get('fingerprint', '?')}; this is dac {command}, config {fingerprint}); choose a new folder"
             )
+        if previous.get("data") != digest:
+            raise DACInputError(
+                f"--data: {str(out)!r} holds results on other data ({previous.get('images', '?')} images, digest "
+                f"{previous.get('data', '?')}; the data now has {n} images, digest {digest}: files, labels or classes changed); "
+                f"its folds would mix two datasets: choose a new folder, or restore the data it was run on"
+            )
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DACInputError(f"--out: {str(out)!r} exists and is not a dac results folder; choose a new or empty folder")
@@ -318,8 +375,9 @@ def _prepare_out(out: Path, config: ExperimentConfig, rt: Runtime, command: str,
         write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         import dac
 
-        write_json(run_file, {"command": command, "fingerprint": fingerprint, "classes": classes, "images": n,
-                              "dac_version": dac.__version__, "torch": torch.__version__, "world_size": rt.world_size})
+        write_json(run_file, {"command": command, "fingerprint": fingerprint, "data": digest, "classes": classes, "images": n,
+                              "dac_version": dac.__version__, "torch": torch.__version__, "world_size": rt.world_size,
+                              "threads": torch.get_num_threads()})
     barrier(rt)
 
 
@@ -329,9 +387,9 @@ def _tagged(callback: Callback | None, info: dict[str, Any]) -> Callback | None:
     return lambda event, data: callback(event, {**info, **data})
 
 
-def _logger(rt: Runtime, verbose: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if verbose and rt.is_main:
+def _logger(rt: Runtime, verbose: bool) -> Callable[..., None]:
+    def log(message: str, always: bool = False) -> None:
+        if (verbose or always) and rt.is_main:
             print(f"[dac] {message}", file=sys.stderr, flush=True)
 
     return log

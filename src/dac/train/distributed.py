@@ -4,7 +4,9 @@ Run a command as usual for one process, or under ``torchrun`` for several (one p
 GPU, or several CPU processes): ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``, and :func:`init_runtime` then joins the process group — NCCL on CUDA,
 gloo on CPU — and wraps nothing else: the engine uses DistributedDataParallel,
-splits each batch across ranks, and gathers predictions. Only rank 0 writes files.
+splits each batch across ranks, makes BatchNorm normalise with the whole batch's
+statistics (:func:`sync_batchnorm`, on CPU and GPU alike), and gathers predictions.
+Only rank 0 writes files.
 
 Example:
     >>> rt = init_runtime("cpu")
@@ -20,10 +22,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
-from .._checks import DACInputError
+from .._checks import DACInputError, check_device
 
-__all__ = ["Runtime", "all_gather", "all_reduce_sum", "barrier", "gather_shards", "init_runtime", "shard"]
+__all__ = [
+    "Runtime",
+    "SyncBatchNorm2d",
+    "all_gather",
+    "all_reduce_sum",
+    "barrier",
+    "gather_shards",
+    "init_runtime",
+    "shard",
+    "sync_batchnorm",
+]
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime(device: str = "auto", threads: int | None = None) -> Runtime:
+def init_runtime(device: str = "auto", threads: int | None = None, *, name: str = "device") -> Runtime:
     """Pick the device and, under ``torchrun``, join the process group.
 
     Args:
@@ -61,12 +74,13 @@ def init_runtime(device: str = "auto", threads: int | None = None) -> Runtime:
             Under torchrun with CUDA each process takes GPU ``LOCAL_RANK``.
         threads: torch CPU threads; None keeps torch's default, except that several
             CPU processes on one machine share its cores between them.
+        name: how the device was given, for error messages (``--device``, ``train.device``).
 
     Returns:
         A :class:`Runtime`.
 
     Raises:
-        DACInputError: CUDA asked for but not available.
+        DACInputError: an unknown device, or a CUDA device this machine lacks.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -74,10 +88,12 @@ def init_runtime(device: str = "auto", threads: int | None = None) -> Runtime:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DACInputError(f"device: {device!r} asked for, but CUDA is not available")
-        dev = torch.device("cuda", local_rank if world > 1 else (torch.device(device).index or 0))
+    asked = check_device(device, name)
+    if asked.type not in ("cpu", "cuda"):
+        raise DACInputError(f"{name}: training runs on cpu or cuda, got {device!r}")
+    if asked.type == "cuda":
+        dev = torch.device("cuda", local_rank if world > 1 else (asked.index or 0))
+        check_device(dev, f"{name} (LOCAL_RANK {local_rank})")
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -136,3 +152,56 @@ def gather_shards(rt: Runtime, local: Sequence[Any], total: int) -> list[Any]:
     for r, part in enumerate(all_gather(rt, list(local))):
         out[r :: rt.world_size] = part
     return out
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the whole batch across processes.
+
+    In training mode under an initialised process group of more than one process,
+    the mean and (biased) variance are computed over every process's images —
+    two differentiable all-reduces (sum, then the centred sum of squares), so the
+    gradient is that of BatchNorm over the global batch — and the running
+    statistics are updated from them as ``nn.BatchNorm2d`` would on one process.
+    Otherwise it *is* ``nn.BatchNorm2d``. Works with gloo (CPU) and NCCL (GPU),
+    unlike ``torch.nn.SyncBatchNorm``, which needs a GPU.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = (0, 2, 3)
+        count = x.new_full((1,), x.numel() // x.shape[1])
+        total = all_reduce(torch.cat([x.sum(dims), count]))
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = x - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(var.detach() * (n / (n - 1)), alpha=momentum)
+        return y
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every ``nn.BatchNorm2d`` in ``module`` into a :class:`SyncBatchNorm2d`, in place.
+
+    The parameters and buffers are kept (the same tensors), so optimisers and state
+    dicts are unaffected; outside a multi-process run the layers behave as before.
+
+    Example:
+        >>> net = sync_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+        >>> type(net[1]).__name__
+        'SyncBatchNorm2d'
+    """
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = SyncBatchNorm2d
+    return module

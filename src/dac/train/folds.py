@@ -2,6 +2,9 @@
 
 The datasets themselves live in :mod:`dac.datasets`. Real images are read as one
 channel; with ``gray8`` (default) they become 8-bit gray, the paper's preprocessing.
+A file that cannot be read stops training with a :class:`dac.DACInputError` naming it
+(also from DataLoader worker processes), and :func:`data_digest` identifies what a
+dataset holds (file list and labels), so a results folder is never resumed on other data.
 
 Example:
     >>> folds = stratified_folds([0, 1] * 6, k=3, seed=0)
@@ -11,8 +14,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +33,9 @@ from .config import DataConfig
 from .distributed import Runtime, gather_shards, shard
 
 __all__ = [
+    "ReadableImages",
     "build_dataset",
+    "data_digest",
     "holdout_split",
     "load_images",
     "stratified_folds",
@@ -60,14 +69,69 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
         reader = functools.partial(read_image, gray=True)
         base = ImageFolderDataset(config.source, reader=reader, transform=to_gray8 if config.gray8 else None)
         classes = base.classes
-    dataset = ImageLabelDataset(base, classes)
+    dataset = ReadableImages(base, classes)
     if len(set(dataset.labels)) < 2:
         raise DACInputError(f"data: {config.source!r} has fewer than two classes")
     return dataset
 
 
-def _as_list(batch: list) -> list:
-    return batch
+class ReadableImages(ImageLabelDataset):
+    """:class:`~dac.datasets.ImageLabelDataset` whose items report a file that cannot be read.
+
+    An item that fails to load is ``{"image": None, "label": ..., "error": "'<path>':
+    <reason>"}`` instead of an exception, so the reason travels back from DataLoader
+    worker processes as one line; the training loops turn it into a
+    :class:`dac.DACInputError`.
+    """
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return super().__getitem__(index)
+        except (KeyboardInterrupt, IndexError, TypeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to decode names the file
+            samples = getattr(self.base, "samples", None)
+            where = repr(samples[index][0]) if samples is not None else f"item {index}"
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            return {"image": None, "label": int(self.labels[index]), "error": f"{where}: {reason}"}
+
+
+def data_digest(dataset: ImageLabelDataset) -> str:
+    """A short hash of what a dataset holds: its classes and every item's label, and for
+    files their paths (relative to the folder or CSV) and sizes; for phantoms their recipe.
+
+    Files edited in place without a change of size are not noticed (nothing is read).
+
+    Example:
+        >>> from dac.datasets import PhantomDataset
+        >>> a = ImageLabelDataset(PhantomDataset(10, sizes=((96, 177),)), ["a"] * 5)
+        >>> b = ImageLabelDataset(PhantomDataset(11, sizes=((96, 177),)), ["a"] * 5)
+        >>> data_digest(a) == data_digest(a) != data_digest(b)
+        True
+    """
+    base = dataset.base
+    items: list[Any]
+    if isinstance(base, ImageFolderDataset):
+        root = base.root if base.root.is_dir() else base.root.parent
+        items = []
+        for path, label in base.samples:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            rel = os.path.relpath(path, root) if Path(path).is_relative_to(root) else str(path)
+            items.append([rel, int(label), size])
+    elif isinstance(base, PhantomDataset):
+        items = [repr(base), list(map(int, dataset.labels))]
+    else:
+        items = [type(base).__name__, len(dataset), list(map(int, dataset.labels))]
+    text = json.dumps({"classes": list(dataset.classes), "items": items}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _as_list(batch: list) -> list | dict:
+    errors = [item["error"] for item in batch if item.get("error")]
+    return {"error": errors} if errors else batch
 
 
 def load_images(dataset: Dataset, indices: Sequence[int], rt: Runtime, *, workers: int = 0) -> list[Tensor]:
@@ -86,7 +150,14 @@ def load_images(dataset: Dataset, indices: Sequence[int], rt: Runtime, *, worker
     loader = DataLoader(
         torch.utils.data.Subset(dataset, shard(rt, indices)), batch_size=8, num_workers=workers, collate_fn=_as_list
     )
-    return gather_shards(rt, [item["image"] for batch in loader for item in batch], len(indices))
+    images = []
+    for batch in loader:
+        if isinstance(batch, dict):
+            errors = batch["error"]
+            more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+            raise DACInputError(f"data: cannot read {errors[0]}{more}")
+        images.extend(item["image"] for item in batch)
+    return gather_shards(rt, images, len(indices))
 
 
 def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.ndarray]:

@@ -45,18 +45,28 @@ __all__ = [
     "Pipeline",
     "ResizeFront",
     "SpatialTransformerCrop",
+    "Standardize",
     "build_pipeline",
     "intensity_curve",
+    "standardize",
 ]
 
 Images = Tensor | Sequence[Tensor]
 
+#: (rows, columns) of the feature map the STN's localisation head reads, flattened.
+LOCALIZATION_GRID = (4, 8)
 
-def _by_size(images: Images, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """Apply ``fn`` (Tensor[b, C, H, W] -> Tensor[b, ...]) to each same-size group, rows in input order."""
+
+def _by_size(images: Images, fn: Callable[..., Tensor], rows: Tensor | None = None) -> Tensor:
+    """Apply ``fn`` (Tensor[b, C, H, W] -> Tensor[b, ...]) to each same-size group, rows in input order.
+
+    With ``rows`` (Tensor[B, ...]: one row per image, e.g. its random numbers) ``fn`` is
+    called as ``fn(group, rows_of_the_group)``.
+    """
+    call = fn if rows is not None else (lambda x, _: fn(x))
     if isinstance(images, Tensor):
         check_image_batch(images)
-        return fn(images)
+        return call(images, rows)
     if not isinstance(images, (list, tuple)) or not images:
         raise DACInputError(f"images: expected a Tensor[B, C, H, W] or a non-empty list of Tensor[C, H, W], got {type(images).__name__}")
     groups: dict[tuple, list[int]] = {}
@@ -66,10 +76,10 @@ def _by_size(images: Images, fn: Callable[[Tensor], Tensor]) -> Tensor:
             raise DACInputError(f"images[{i}]: expected Tensor[C, H, W], got {shape}")
         groups.setdefault((tuple(image.shape), image.dtype), []).append(i)
     if len(groups) == 1:
-        return fn(torch.stack(list(images)))
+        return call(torch.stack(list(images)), rows)
     parts, order = [], []
     for idx in groups.values():
-        parts.append(fn(torch.stack([images[i] for i in idx])))
+        parts.append(call(torch.stack([images[i] for i in idx]), None if rows is None else rows[idx]))
         order.extend(idx)
     out = torch.cat(parts)
     return out[torch.argsort(torch.tensor(order, device=out.device))]
@@ -223,9 +233,18 @@ class DACFront(nn.Module):
     def output_size(self) -> tuple[int, int]:
         return self.crop.output_size
 
-    def forward(self, images: Images) -> Tensor:
-        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> crops Tensor[B, C, H_out, W_out] float."""
-        return _by_size(images, self._crop_batch)
+    #: Uniform numbers read per image (the RoI rotation angle).
+    noise_dims = 1
+
+    def forward(self, images: Images, noise: Tensor | None = None) -> Tensor:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> crops Tensor[B, C, H_out, W_out] float.
+
+        ``noise``: Tensor[B, 1] uniform numbers in [0, 1) that set each training crop's
+        RoI rotation (drawn from torch's global RNG when None).
+        """
+        if self.training and self.roi_rotate_degrees > 0 and noise is None:
+            noise = torch.rand(len(images), self.noise_dims)
+        return _by_size(images, self._crop_batch, noise)
 
     def locate(self, images: Images) -> Tensor:
         """Boxes Tensor[B, 4], xyxy in input pixels (differentiable in the saliency's parameters)."""
@@ -244,11 +263,11 @@ class DACFront(nn.Module):
         self.boxes_unconverged += int((~(info.converged | info.frozen)).sum())
         return images, boxes
 
-    def _crop_batch(self, images: Tensor) -> Tensor:
+    def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
         images, boxes = self._boxes(images)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
-            draw = torch.rand(boxes.shape[0], device=limit.device) * 2 - 1
+            draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
             return roi_rotation_crop(images, boxes, draw * limit, self.output_size).float()
         return crop_resize(images, boxes, self.output_size, antialias=True).float()
 
@@ -259,8 +278,9 @@ class DACFront(nn.Module):
 class SpatialTransformerCrop(nn.Module):
     """A spatial transformer restricted to scale and translation, with the crop's aspect.
 
-    A small CNN sees the image resized to ``localization_size`` and predicts
-    ``(a, b, c)``; the box has width ``sigmoid(a) * w_max`` (``w_max`` = the widest box
+    A small CNN sees the image resized to ``localization_size``; its features, pooled to
+    a coarse :data:`LOCALIZATION_GRID` map and flattened (so the head knows *where*
+    things are, unlike a global average), predict ``(a, b, c)``; the box has width ``sigmoid(a) * w_max`` (``w_max`` = the widest box
     of aspect ``H_out / W_out`` that fits the image) and its centre moves by
     ``tanh(b)``, ``tanh(c)`` of the free room, so it stays in the image. The box is
     sampled bilinearly (from the image average-pooled to about the crop's scale, so
@@ -296,9 +316,9 @@ class SpatialTransformerCrop(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(16, 32, 3, stride=2, padding=1),
             nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(LOCALIZATION_GRID),  # a coarse map, not one average: where things are survives
             nn.Flatten(),
-            nn.Linear(32, 32),
+            nn.Linear(32 * LOCALIZATION_GRID[0] * LOCALIZATION_GRID[1], 32),
             nn.ReLU(inplace=True),
             nn.Linear(32, 3),
         )
@@ -342,23 +362,76 @@ class SpatialTransformerCrop(nn.Module):
         return f"output_size={self.output_size}, localization_size={self.localization_size}, init_scale={self.init_scale}"
 
 
+def standardize(images: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each image minus its mean, divided by its standard deviation (over C, H, W).
+
+    What the classifier sees then does not depend on exposure or contrast: panoramic
+    crops are dim and flat (mean ~0.37, std ~0.03 in [0, 1]), which left unscaled
+    makes the first BatchNorm's statistics fragile.
+
+    Args:
+        images: Tensor[B, C, H, W] floating.
+        eps: added to the variance (a flat image becomes zeros).
+
+    Returns:
+        Tensor[B, C, H, W]: each image with mean 0 and standard deviation ~1.
+
+    Example:
+        >>> y = standardize(0.37 + 0.03 * torch.randn(2, 1, 20, 37))
+        >>> bool(y.mean().abs() < 1e-5), round(float(y.std()), 2)
+        (True, 1.0)
+    """
+    var, mean = torch.var_mean(images, dim=(1, 2, 3), keepdim=True, correction=0)
+    return (images - mean) / torch.sqrt(var + eps)
+
+
+class Standardize(nn.Module):
+    """:func:`standardize` as a module."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Tensor[B, C, H, W] floating -> the same shape, each image standardised."""
+        return standardize(images, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class Pipeline(nn.Module):
-    """front -> augmentation (training only) -> classifier.
+    """front -> augmentation (training only) -> per-image standardisation -> classifier.
 
     Args:
         front: one of the fronts above (Tensor or list of images -> Tensor[B, C, h, w]).
         classifier: Tensor[B, C, h, w] -> logits Tensor[B, num_classes].
         augment: applied to the front's output in training mode (or None).
+        normalize: standardise each classifier input (:func:`standardize`).
 
     ``forward(x, fronted=True)`` skips the front: ``x`` is already its output (the
-    engine caches the output of fronts with nothing to learn).
+    engine caches the output of fronts with nothing to learn). ``forward(x,
+    noise=u)`` takes each image's uniform random numbers, Tensor[B, noise_dims]
+    (the front's columns first, then the augmentation's), so that an image's random
+    transform depends on the image alone, not on the batch or process it is in;
+    without ``noise`` they are drawn from torch's global RNG.
     """
 
-    def __init__(self, front: nn.Module, classifier: nn.Module, augment: nn.Module | None = None) -> None:
+    def __init__(self, front: nn.Module, classifier: nn.Module, augment: nn.Module | None = None, normalize: bool = True) -> None:
         super().__init__()
         self.front = front
         self.augment = augment if augment is not None else BatchAugment(None)
+        self.normalize = Standardize() if normalize else nn.Identity()
         self.classifier = classifier
+
+    @property
+    def noise_dims(self) -> int:
+        """Uniform numbers one training image reads (front, then augmentation)."""
+        return self._front_noise + int(getattr(self.augment, "noise_dims", 0))
+
+    @property
+    def _front_noise(self) -> int:
+        return int(getattr(self.front, "noise_dims", 0))
 
     @property
     def front_is_fixed(self) -> bool:
@@ -368,10 +441,22 @@ class Pipeline(nn.Module):
         random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0
         return not trainable and not random
 
-    def forward(self, images: Images, fronted: bool = False) -> Tensor:
+    def forward(self, images: Images, fronted: bool = False, noise: Tensor | None = None) -> Tensor:
         """Logits Tensor[B, num_classes] of raw images (or of front outputs if ``fronted``)."""
-        x = images if fronted else self.front(images)
-        return self.classifier(self.augment(x))
+        if noise is None and self.training:
+            noise = torch.rand(len(images), self.noise_dims)
+        k = self._front_noise
+        if fronted:
+            x = images
+        elif k:
+            x = self.front(images, None if noise is None else noise[:, :k])
+        else:
+            x = self.front(images)
+        if isinstance(self.augment, BatchAugment):
+            x = self.augment(x, None if noise is None else noise[:, k:])
+        else:
+            x = self.augment(x)
+        return self.classifier(self.normalize(x))
 
 
 def build_pipeline(
@@ -407,5 +492,5 @@ def build_pipeline(
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     else:
         raise DACInputError(f"config.kind: expected resize, dac, dac_e2e or stn, got {kind!r}")
-    transform = augmentation(config.augment, rotate=config.roi_rotate_degrees == 0)
-    return Pipeline(front, classifier, BatchAugment(transform))
+    ranges = augmentation(config.augment, rotate=config.roi_rotate_degrees == 0)
+    return Pipeline(front, classifier, BatchAugment(ranges))

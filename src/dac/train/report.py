@@ -87,11 +87,13 @@ def write_report(
 
 
 def _write_folds_csv(path: Path, summary: dict[str, Any], classes: Sequence[str]) -> None:
-    fields = ["pipeline", "fold", "n", "accuracy", "macro_auc", *[f"auc_{c}" for c in classes], "epochs", "train_seconds", "eval_seconds"]
+    fields = ["pipeline", "fold", "n", "accuracy", "macro_auc", *[f"auc_{c}" for c in classes], "epochs", "train_seconds", "eval_seconds",
+              "train_accuracy", "eval_train_accuracy"]
     lines = [",".join(fields)]
     for name, s in summary.items():
         for f in s["folds"]:
-            row = [name, f["fold"], f["n"], f["accuracy"], f["macro_auc"], *f["per_class_auc"], f["epochs"], f["train_seconds"], f["eval_seconds"]]
+            row = [name, f["fold"], f["n"], f["accuracy"], f["macro_auc"], *f["per_class_auc"], f["epochs"], f["train_seconds"], f["eval_seconds"],
+                   f.get("train_accuracy"), f.get("eval_train_accuracy")]
             lines.append(",".join("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in row))
     write_text(path, "\n".join(lines) + "\n")
 
@@ -133,6 +135,13 @@ def markdown_table(summary: dict[str, Any], classes: Sequence[str]) -> str:
         title = PIPELINE_TITLES.get(name, name)
         cells = [_pm(m, sd, digits=3) for m, sd in zip(s["per_class_auc_mean"], s["per_class_auc_std"])]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    flagged = [
+        f"{name} fold {f.get('fold', '?')} ({f['eval_train_accuracy']:.2f} in eval mode vs {f['train_accuracy']:.2f} in training)"
+        for name, s in summary.items() for f in s["folds"] if f.get("eval_gap_warning")
+    ]
+    if flagged:
+        lines += ["", "**Warning**: eval-mode accuracy on the training images far below train-mode accuracy in " + "; ".join(flagged)
+                  + ": those models behave differently at evaluation, and their test numbers do not measure what they learned."]
     return "\n".join(lines) + "\n"
 
 
