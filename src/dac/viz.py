@@ -82,7 +82,7 @@ def plot_boxes(image: torch.Tensor, boxes: torch.Tensor, *, labels: Sequence[str
 def plot_search_stages(image: torch.Tensor, stage_boxes: torch.Tensor, *, true_box: torch.Tensor | None = None,
                        ax=None, title: str | None = None, legend: bool = True):
     """Like the paper's Fig. 6: the initial box (red), the box after each stage
-    (dashed, magenta to cyan) and the final box (green); the true region (white, dotted).
+    (dashed, cyan to magenta) and the final box (green); the true region (yellow, dotted).
 
     Args:
         stage_boxes: Tensor[S, 4], xyxy in input pixels: start, after each stage, final
@@ -101,7 +101,7 @@ def plot_search_stages(image: torch.Tensor, stage_boxes: torch.Tensor, *, true_b
         _rect(ax, stage_boxes[s], cmap(s / max(n - 2, 1)), f"stage {s}", width=1.2, style="--")
     _rect(ax, stage_boxes[-1], "lime", "final", width=2.2)
     if true_box is not None:
-        _rect(ax, true_box, "white", "true region", width=1.2, style=":")
+        _rect(ax, true_box, "yellow", "true region", width=1.5, style=":")
     if legend:
         _legend_outside(ax)
     _image_axes(ax, title=title)
