@@ -82,6 +82,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import csv
 import dataclasses
 import functools
@@ -1092,6 +1093,9 @@ def crop_archive(
     percentiles = dio.check_percentiles(percentiles)
     layer = layer if layer is not None else DACrop()
     settings = crop_settings(layer, bits=bits, gray8=gray8, overlays=overlays, dicom=dicom, percentiles=percentiles)
+    dev = check_device(device, "device")
+    if any(t.device != dev for t in [*layer.parameters(), *layer.buffers()]):
+        layer = copy.deepcopy(layer).to(dev)  # the search's device; the caller's layer stays where it is
     task = ArchiveTask(
         table="boxes.csv",
         fields=CSV_FIELDS,
