@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, pyplot  # noqa: E402
 
 ROWS = (
-    {"name": "DAC, paper map, gamma x2 (paper text)", "kind": "paper", "factor": 2.0, "rmin": 1 / 3.5},
-    {"name": "DAC, paper map, gamma x4 (Algorithm 1)", "kind": "paper", "factor": 4.0, "rmin": 1 / 3.5},
-    {"name": "DAC, paper map, gamma x2, min width 0.4", "kind": "paper", "factor": 2.0, "rmin": 0.2},
-    {"name": "DAC, paper map, gamma x4, min width 0.4", "kind": "paper", "factor": 4.0, "rmin": 0.2},
+    {"name": "DAC, paper map, gamma x2 (paper text)", "kind": "paper", "factor": 2.0, "rmin": 1 / 3.5, "stages": 4},
+    {"name": "DAC, paper map, gamma x4 (Algorithm 1)", "kind": "paper", "factor": 4.0, "rmin": 1 / 3.5, "stages": 4},
+    {"name": "DAC, paper map, gamma x2, min width 0.4", "kind": "paper", "factor": 2.0, "rmin": 0.2, "stages": 4},
+    {"name": "DAC, paper map, gamma x4, min width 0.4", "kind": "paper", "factor": 4.0, "rmin": 0.2, "stages": 4},
     {"name": "DAC + learned saliency, 8 labels", "kind": "saliency", "labels": 8},
     {"name": "DAC + learned saliency, 32 labels", "kind": "saliency", "labels": 32},
     {"name": "DAC + learned saliency, 128 labels", "kind": "saliency", "labels": 128},
@@ -86,9 +86,10 @@ def run_row(args: tuple) -> dict:
     train = [it for it in items if TRAIN_SEED <= it["seed"] < TRAIN_SEED + row.get("labels", 0)]
     rmin = row.get("rmin", opts["rmin"])
     factor = row.get("factor", opts["factor"])
+    stages = row.get("stages", opts["stages"])
     net = SaliencyNet(k, width=opts["net_width"]) if row["kind"] == "saliency" else None
-    layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor)
-    fit = dict(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], coverage_weight=opts["coverage_weight"],
+    layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages)
+    fit = dict(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], coverage_weight=opts["coverage_weight"], margin=opts["margin"],
                time_limit=opts["time_limit"], seed=opts["seed"])
     features = [it["features"].float() for it in train]
     regions = torch.stack([it["roi"] for it in train]) if train else None
@@ -113,7 +114,7 @@ def run_row(args: tuple) -> dict:
     scores = localisation_scores(boxes, truth, [it["teeth"] for it in test])
     ceiling = aspect_box(truth, layer.aspect, torch.tensor([grid] * len(test)), minimum_width(layer, (height, width)))
     result = {
-        "row": row["name"], "kind": row["kind"], "labels": row.get("labels", 0), "sharpness_factor": factor,
+        "row": row["name"], "kind": row["kind"], "labels": row.get("labels", 0), "sharpness_factor": factor, "stages": stages,
         "min_width_fraction": 2 * rmin,
         "iou": float(scores["iou"].mean()), "iou_std": float(scores["iou"].std()),
         "ceiling": float(localisation_scores(ceiling, truth)["iou"].mean()),
@@ -121,7 +122,8 @@ def run_row(args: tuple) -> dict:
         "all_teeth_inside": float(scores["all_teeth_inside"].float().mean()),
         "train_s": history.seconds if history else 0.0, "steps": history.steps if history else 0,
         "frozen_boxes": history.frozen if history else 0, "unconverged_boxes": history.unconverged if history else 0,
-        "boxes": boxes[: opts["figure_count"]].tolist(),
+        "loss_every_10_steps": history.loss[::10] if history else [],
+        "boxes": boxes.tolist(),
     }
     if net is not None and opts.get("save"):
         from dac.saliency import save_saliency
@@ -164,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-size", default="200x370")
     parser.add_argument("--rmin", type=float, default=0.2, help="learned rows' r_min_fraction (min width = 2 rmin W)")
     parser.add_argument("--factor", type=float, default=2.0, help="learned rows' gamma factor per stage")
+    parser.add_argument("--stages", type=int, default=4, help="learned rows' stages (default 4, the paper's)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit (default 600)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--coverage-weight", type=float, default=8.0)
+    parser.add_argument("--coverage-weight", type=float, default=16.0, help="weight of teeth cut off in the box loss")
+    parser.add_argument("--margin", type=float, default=0.0, help="target margin, image widths per side")
     parser.add_argument("--net-width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based) or 'all'")
@@ -192,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(items)} phantoms ready in {time.perf_counter() - began:.0f} s", flush=True)
     opts = {
         "height": height, "width": width, "pool_size": args.pool_size, "test": args.test,
-        "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor,
+        "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
         "steps": args.steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
-        "coverage_weight": args.coverage_weight, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save, "figure_count": args.figure_count,
     }
     with ProcessPoolExecutor(args.jobs) as pool:

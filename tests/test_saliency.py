@@ -175,6 +175,15 @@ class TestFitting:
             first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, batch_size=3, coverage_weight=weight).loss[0])
         assert first[1] > first[0] + 1.0  # a narrow start box cuts teeth off: the weight counts
 
+    def test_margin_grows_the_target(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 43))
+        layer = DACrop(output_size=(20, 37), pool_size=4)
+        first = []
+        for margin in (0.0, 0.2):
+            model = BoxRegressor(layer.aspect, pool_size=4, width=4, dilations=(1,), min_width_fraction=0.1, init_width_fraction=0.9)
+            first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, batch_size=3, margin=margin).loss[0])
+        assert first[1] < first[0]  # a wide start box is nearer a target grown by the margin
+
     def test_bad_training_input(self):
         net = SaliencyNet(pool_size=4)
         with pytest.raises(DACInputError, match="features, regions, image_sizes"):

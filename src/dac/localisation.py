@@ -294,6 +294,7 @@ def _fit(
     seed: int = 0,
     flip: bool = True,
     coverage_weight: float = 1.0,
+    margin: float = 0.0,
     time_limit: float | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> FitHistory:
@@ -307,6 +308,9 @@ def _fit(
         seed: seeds the batches and flips.
         flip: mirror half of each batch left-right (features and boxes).
         coverage_weight: of :func:`box_loss`.
+        margin: the target is the best box of the aspect around the region grown by
+            ``margin`` image widths on every side (room for the boxes' scatter, so
+            that teeth near the region's edge stay inside).
         callback: ``callback(step, loss)`` after each step.
     """
     n = len(features)
@@ -340,7 +344,8 @@ def _fit(
             flipped = torch.stack((axis - target_regions[:, 2], target_regions[:, 1], axis - target_regions[:, 0], target_regions[:, 3]), -1)
             target_regions = torch.where(mirror[:, None], flipped, target_regions)
         grid = torch.tensor([[k * feats.shape[-2], k * feats.shape[-1]]] * len(pick), dtype=torch.float64, device=feats.device)
-        targets = aspect_box(target_regions, layer.aspect, grid, minimum_width(layer, (height, width)))
+        pad = margin * float(width) * torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=target_regions.dtype, device=target_regions.device)
+        targets = aspect_box(target_regions + pad, layer.aspect, grid, minimum_width(layer, (height, width)))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
             boxes, info = locate(feats, (int(grid[0, 0]), int(grid[0, 1])))
@@ -386,8 +391,8 @@ def train_saliency(
     steps: int = 400,
     time_limit: float | None = None,
     batch_size: int = 8,
-    lr: float = 3e-3,
-    coverage_weight: float = 2.0,
+    lr: float = 1e-2,
+    coverage_weight: float = 16.0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train a :class:`~dac.saliency.SaliencyNet` from labelled boxes and save it:
