@@ -161,17 +161,23 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
     assert written == []
 
 
-def test_demo_writes_figures_and_reports_iou(tmp_path: Path, capsys):
+def test_demo_writes_figures_and_reports_iou(tmp_path: Path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    from dac.demo import run_demo
+    import dac.demo as demo
+    from dac import viz
 
-    result = run_demo(tmp_path / "demo", count=2, seed=3)
+    drawn = []
+    real = viz.plot_search_stages
+    monkeypatch.setattr(viz, "plot_search_stages", lambda *a, **k: drawn.append(k.get("title")) or real(*a, **k))
+    monkeypatch.setattr(demo, "PAPER_SIZES", ((384, 709), (384, 715)))  # a quarter of the paper's: seconds, not a minute
+    result = demo.run_demo(tmp_path / "demo", count=5, seed=3)
     for key in ("boxes", "search_stages", "saliency", "soft_rectangle", "crops"):
         assert result["paths"][key].is_file() and result["paths"][key].stat().st_size > 0
     assert 0 < result["mean_iou"] <= 1
     rows = list(csv.DictReader(open(result["paths"]["boxes"])))
-    assert len(rows) == 2 and all(0 <= float(r["iou"]) <= 1 for r in rows)
+    assert len(rows) == 5 and all(0 <= float(r["iou"]) <= 1 for r in rows)
     assert "mean IoU" in capsys.readouterr().out
+    assert len(drawn) == 5 and all(t.startswith(f"phantom {i} ") for i, t in enumerate(drawn))  # every phantom (was 4)
 
 
 def test_int32_tiff_is_not_cropped_blank(tmp_path: Path):

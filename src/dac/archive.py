@@ -838,9 +838,8 @@ def run_archive(
     csv_path = out / task.table
     journal_path = out / _journal_name(task.table, (index, count))
     summary = ArchiveSummary(total=len(mine), found=len(found), shard=(index, count), keys=[f.key for f in mine])
-    journal, table = _start(out, csv_path, journal_path, task, order, (index, count))
+    journal, table = _start(out, csv_path, journal_path, task, order, (index, count), key)
     try:
-        _record_settings(out, key, task.settings)
         writer = csv.writer(journal)
         todo = []
         for item in mine:
@@ -856,21 +855,24 @@ def run_archive(
         with _torch_threads(threads):
             _process(todo, task, out, key, dev, journal, summary, batch_size, workers, prefetch, progress)
     finally:
-        journal.flush()
-        with _locked(out, "out_dir"):
-            table = _read_table(csv_path, task.fields, task.name, task.check_header)
-            _replay_journal(journal_path, table)
-            _write_table(csv_path, table, order)
-            journal_path.unlink(missing_ok=True)
-        journal.close()
+        try:
+            journal.flush()
+            with _locked(out, "out_dir"):  # this run's part into the one table
+                table = _read_table(csv_path, task.fields, task.name, task.check_header)
+                _replay_journal(journal_path, table)
+                _write_table(csv_path, table, order)
+                journal_path.unlink(missing_ok=True)
+        finally:
+            journal.close()  # a part that could not be merged stays; the next run merges it
     summary.seconds = time.perf_counter() - began
     return summary
 
 
 def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, order: dict[str, int],
-           shard: tuple[int, int]):
+           shard: tuple[int, int], key: str):
     """Under the lock on ``out``: open and lock this run's journal, merge the parts that
-    finished or dead runs left into the table, write it; returns (journal, table)."""
+    finished or dead runs left into the table, write it, record the settings ``key``
+    means; returns (journal, table)."""
     stem = Path(task.table).stem
     with _locked(out, "out_dir"):
         journal = open(journal_path, "a", newline="", encoding="utf-8", errors="surrogateescape")
@@ -894,6 +896,7 @@ def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, ord
                 part.unlink(missing_ok=True)
             for sub in task.folders:
                 (out / sub).mkdir(exist_ok=True)
+            _record_settings(out, key, task.settings)
             journal.truncate(0)
             csv.writer(journal).writerow(tuple(task.fields) + ("end",))
             journal.flush()

@@ -126,7 +126,8 @@ def run_demo(out_dir: str | Path, *, count: int = 6, seed: int = 0) -> dict:
     plt.close(fig)
     done = time.perf_counter()
 
-    print(f"dac demo: {count} phantoms (2836x1536 / 2860x1536, uint8) cropped to 200x370 by DACrop")
+    sizes = " / ".join(f"{w}x{h}" for h, w in PAPER_SIZES)
+    print(f"dac demo: {count} phantoms ({sizes}, uint8) cropped to {layer.output_size[1]}x{layer.output_size[0]} by DACrop")
     print(f"  {'#':>2} {'class':>5} {'true region':>26} {'box found':>26} {'IoU':>5}")
     for r in rows:
         true = ",".join(r[f"true_{k}"] for k in ("x1", "y1", "x2", "y2"))
