@@ -23,9 +23,9 @@ from dac.train import PipelineConfig, build_pipeline, config_from_dict, load_che
 
 TINY = {
     "seed": 0,
-    "data": {"source": "phantom", "length": 20, "sizes": [[96, 177]]},
+    "data": {"source": "phantom", "length": 10, "sizes": [[96, 177]]},
     "model": {"arch": "resnet18", "width": 4},
-    "train": {"batch_size": 10, "folds": 2, "device": "cpu", "eval_batch_size": 10, "holdout": 0.25},
+    "train": {"batch_size": 10, "folds": 2, "device": "cpu", "eval_batch_size": 10, "holdout": 0.0},
     "pipelines": {
         "dac": {"epochs": 1, "input_size": [20, 37], "pool_size": 4, "augment": "none"},
         "resize": {"epochs": 1, "input_size": [24, 24], "augment": "none"},
