@@ -18,7 +18,7 @@ generating paper-size phantoms takes seconds each), then, ``--repeats`` times in
   end in this process (``dac.cli.main``, a fresh ``OUT`` each time): workers starting,
   decoding, hashing, the search, the crops and the atomic writes.
 
-Reports ms per image and images/s of each (medians over the repeats), and the ratios
+Reports ms per image (wall and CPU) and images/s of each (medians over the repeats), and the ratios
 ``crop / (decode + layer)`` (below 1: the parts overlap) and ``crop / max(decode,
 layer)`` (1 is the floor with enough cores), how many cores ``dac crop`` kept busy
 (its CPU seconds, workers included, over its wall seconds: the parts can overlap only as
@@ -45,7 +45,7 @@ from _common import machine  # noqa: E402
 
 from dac import DACrop  # noqa: E402
 from dac import io as dio  # noqa: E402
-from dac.archive import _cpus, default_workers, read_for_archive  # noqa: E402
+from dac.archive import _cpus, default_workers, read_for_archive, search_threads  # noqa: E402
 from dac.cli import main as dac_main  # noqa: E402
 from dac.demo import box_iou  # noqa: E402
 from dac.phantoms import make_phantom  # noqa: E402
@@ -75,22 +75,22 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _decode(paths: list[Path]) -> tuple[float, list[torch.Tensor]]:
-    start = time.perf_counter()
+def _decode(paths: list[Path]) -> tuple[float, float, list[torch.Tensor]]:
+    cpu, start = _cpu_seconds(), time.perf_counter()
     images = [read_for_archive(str(p))[0] for p in paths]
-    return time.perf_counter() - start, images
+    return time.perf_counter() - start, _cpu_seconds() - cpu, images
 
 
-def _layer(images: list[torch.Tensor], batch_size: int, threads: int) -> float:
+def _layer(images: list[torch.Tensor], batch_size: int, threads: int) -> tuple[float, float]:
     layer = DACrop()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        start = time.perf_counter()
+        cpu, start = _cpu_seconds(), time.perf_counter()
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
                 layer(torch.stack(images[i:i + batch_size]), return_boxes=True)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _cpu_seconds() - cpu
     finally:
         torch.set_num_threads(before)
 
@@ -113,14 +113,18 @@ def run(count: int, height: int, width: int, batch_size: int, workers: int | str
         paths = sorted(Path(p) for p in truth)
         n = len(paths)
         chosen = default_workers("cpu") if workers == "auto" else int(workers)
-        search_threads = min(torch.get_num_threads(), max(1, _cpus() - chosen))
-        times: dict[str, list[float]] = {"decode": [], "layer_default": [], "layer_search": [], "crop": [], "crop_cpu": []}
+        threads = search_threads(chosen)
+        names = ("decode", "layer_default", "layer_search", "crop")
+        times: dict[str, list[float]] = {k: [] for k in names} | {f"{k}_cpu": [] for k in names}
         status = 0
         for _ in range(repeats):
-            decode_s, images = _decode(paths)
+            decode_s, decode_cpu, images = _decode(paths)
             times["decode"].append(decode_s)
-            times["layer_default"].append(_layer(images, batch_size, torch.get_num_threads()))
-            times["layer_search"].append(_layer(images, batch_size, search_threads))
+            times["decode_cpu"].append(decode_cpu)
+            for name, threads in (("layer_default", torch.get_num_threads()), ("layer_search", threads)):
+                wall, cpu = _layer(images, batch_size, threads)
+                times[name].append(wall)
+                times[f"{name}_cpu"].append(cpu)
             del images
             crop_s, crop_cpu, status = _crop(folder, tmp / "out", batch_size, workers)
             times["crop"].append(crop_s)
@@ -136,14 +140,17 @@ def run(count: int, height: int, width: int, batch_size: int, workers: int | str
             shutil.rmtree(inputs, ignore_errors=True)
     ms = {k: 1000 * statistics.median(v) / n for k, v in times.items()}
     layer_ms = min(ms["layer_default"], ms["layer_search"])
+    layer_cpu = ms["layer_default_cpu"] if ms["layer_default"] <= ms["layer_search"] else ms["layer_search_cpu"]
     return {
         "count": n, "image_size": [height, width], "batch_size": batch_size, "workers": workers,
-        "workers_used": chosen, "search_threads": search_threads, "repeats": repeats, "exit_status": status,
+        "workers_used": chosen, "search_threads": threads, "repeats": repeats, "exit_status": status,
         "ms_per_image": {"decode": ms["decode"], "layer": layer_ms, "layer_default_threads": ms["layer_default"],
                          "layer_search_threads": ms["layer_search"], "crop": ms["crop"]},
         "images_per_s": {"decode": 1000 / ms["decode"], "layer": 1000 / layer_ms, "crop": 1000 / ms["crop"]},
         "crop_over_sum": ms["crop"] / (ms["decode"] + layer_ms),
         "crop_parallelism": ms["crop_cpu"] / ms["crop"],
+        "cpu_ms_per_image": {"decode": ms["decode_cpu"], "layer": layer_cpu, "crop": ms["crop_cpu"]},
+        "crop_cpu_over_sum": ms["crop_cpu"] / (ms["decode_cpu"] + layer_cpu),
         "crop_over_slower": ms["crop"] / max(ms["decode"], layer_ms),
         "raw_seconds": times,
         "mean_iou": float(iou.mean()), "ok": sum(r["status"] == "ok" for r in rows),
@@ -183,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| dac crop | {ms['crop']:.1f} | {rate['crop']:.2f} |")
     print(f"crop / (decode + layer) = {r['crop_over_sum']:.2f}; crop / max(decode, layer) = {r['crop_over_slower']:.2f}; "
           f"{r['ok']}/{r['count']} ok; mean IoU {r['mean_iou']:.3f}")
-    print(f"dac crop used {r['crop_parallelism']:.2f} cores on average (CPU seconds of the process and its workers "
-          f"over wall seconds; near 1: no core was free for the parts to overlap)")
+    cpu = r["cpu_ms_per_image"]
+    print(f"CPU ms / image: decode {cpu['decode']:.1f}, layer {cpu['layer']:.1f}, dac crop {cpu['crop']:.1f} (workers "
+          f"included): crop / (decode + layer) = {r['crop_cpu_over_sum']:.2f} in CPU time; dac crop kept "
+          f"{r['crop_parallelism']:.2f} cores busy (near 1 or below: no core was free for the parts to overlap)")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

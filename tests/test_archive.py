@@ -461,3 +461,20 @@ class TestBatches:
         summary = run([three], tmp_path / "out")
         assert summary.ok == 2 and summary.failed == 1
         assert "could not write output" in summary.failures[0][1] and "No space" in summary.failures[0][1]
+
+    def test_read_ahead_thread_is_bounded(self):
+        read: list[int] = []
+
+        class Reader:
+            def __getitem__(self, i):
+                read.append(i)
+                return i
+
+        batches = [[i] for i in range(10)]
+        ahead = archive._read_ahead(Reader(), batches, depth=2)
+        assert next(ahead) == [0]
+        import time
+
+        time.sleep(0.2)
+        assert len(read) <= 4  # the batch handed out, 2 ahead, one being read
+        assert [b for b in ahead] == [[i] for i in range(1, 10)] and sorted(read) == list(range(10))

@@ -54,15 +54,18 @@ Inputs
     folder.
 
 Speed: the parts overlap
-    ``workers`` processes decode files (and take their SHA-256) ahead of the
-    computation, through a bounded queue (``prefetch`` batches per worker); decoded
+    ``workers`` processes (or, with ``workers=0``, one read-ahead thread of this
+    process) decode files and take their SHA-256 ahead of the computation, through a
+    bounded queue (``prefetch`` batches per reader); decoded
     images wait in groups of one size and type until a group holds ``batch_size``
     images (or too many wait: then the largest group goes), so each batch is one
     tensor; the main process computes (the search) with ``torch`` threads set to the
-    cores the workers leave free; one writer thread encodes and writes the outputs and
-    the journal while the next batch is computed. Images held at once: at most
-    ``(workers * prefetch + 5) * batch_size`` (queue, waiting groups, the batch being
-    computed, two batches being written).
+    cores the readers leave free; one writer thread encodes and writes the outputs while
+    the next batch is computed. Images held at once: at most ``(max(workers, 1) *
+    prefetch + 5) * batch_size`` (queue, waiting groups, the batch being computed, two
+    batches being written). The read-ahead thread costs no copy between processes and
+    suits Pillow's formats (their decoders release the GIL); DICOM, decoded in Python
+    by pydicom, goes faster with worker processes.
 
 Several processes or machines
     With ``shard=(i, n)`` (``dac crop --shard i/n``, or the ``RANK`` and ``WORLD_SIZE``
@@ -121,6 +124,7 @@ __all__ = [
     "output_name",
     "read_for_archive",
     "run_archive",
+    "search_threads",
     "settings_digest",
     "settings_key",
     "shard_from_environment",
@@ -644,9 +648,10 @@ def _record_settings(out: Path, key: str, settings: dict) -> None:
 
 # ------------------------------------------------------------------ the engine
 def default_workers(device: str | torch.device = "cpu") -> int:
-    """Decoding processes ``workers="auto"`` starts: on a CPU a quarter of the cores this
-    process may use (at least 1 from 2 cores on: the other runs the search), on a GPU
-    all but one (at most 8).
+    """Decoding processes ``workers="auto"`` starts: none on a CPU of up to 4 cores (one
+    read-ahead thread decodes: no copy of each image between processes), a quarter of
+    the cores beyond that (the search keeps the rest), and all but one (at most 8) when
+    the computation runs on a GPU.
 
     Example:
         >>> default_workers("cpu") >= 0
@@ -655,7 +660,7 @@ def default_workers(device: str | torch.device = "cpu") -> int:
     cpus = _cpus()
     if torch.device(device).type != "cpu":
         return max(0, min(8, cpus - 1))
-    return max(1, cpus // 4) if cpus >= 2 else 0
+    return 0 if cpus <= 4 else cpus // 4
 
 
 def _cpus() -> int:
@@ -666,6 +671,15 @@ def _cpus() -> int:
         count = os.cpu_count() or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     return max(1, count // int(local)) if local.isdigit() and int(local) > 0 else max(1, count)
+
+
+def search_threads(workers: int, device: str | torch.device = "cpu") -> int | None:
+    """torch threads of the computation in :func:`run_archive`: on a CPU, the cores the
+    readers (``workers`` processes, or the read-ahead thread when 0) leave, at most
+    torch's current number; None (unchanged) on other devices."""
+    if torch.device(device).type != "cpu":
+        return None
+    return min(torch.get_num_threads(), max(1, _cpus() - max(workers, 1)))
 
 
 def check_shard(shard: Any, name: str = "shard") -> tuple[int, int]:
@@ -801,8 +815,8 @@ def run_archive(
             ``settings`` value means) and the task's outputs.
         task: what to compute and write per image (:class:`ArchiveTask`).
         batch_size: images per computed batch (memory grows with it).
-        workers: processes decoding files ahead of the computation (0: in this
-            process), or ``"auto"`` (:func:`default_workers`).
+        workers: processes decoding files ahead of the computation (0: a read-ahead
+            thread of this process), or ``"auto"`` (:func:`default_workers`).
         device: where the computation runs; on a CPU, torch's threads are set to the
             cores the workers leave free for the run.
         prefetch: batches each worker decodes ahead (the queue's depth).
@@ -851,8 +865,7 @@ def run_archive(
             else:
                 todo.append(item)
         journal.flush()
-        threads = min(torch.get_num_threads(), max(1, _cpus() - workers)) if dev.type == "cpu" else None
-        with _torch_threads(threads):
+        with _torch_threads(search_threads(workers, dev)):
             _process(todo, task, out, key, dev, journal, summary, batch_size, workers, prefetch, progress)
     finally:
         try:
@@ -950,10 +963,12 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
         bar.update(len(rows))
 
     batches = [list(range(i, min(i + batch_size, len(todo)))) for i in range(0, len(todo), batch_size)]
-    loader = torch.utils.data.DataLoader(
-        _Reader(todo, task.read), batch_sampler=batches, num_workers=workers, collate_fn=list,
-        prefetch_factor=prefetch if workers else None,
-    )
+    reader = _Reader(todo, task.read)
+    if workers:
+        loader: Iterable = torch.utils.data.DataLoader(
+            reader, batch_sampler=batches, num_workers=workers, collate_fn=list, prefetch_factor=prefetch)
+    else:
+        loader = _read_ahead(reader, batches, prefetch)
     groups = _Groups(batch_size)
     pending: collections.deque = collections.deque()
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dac-writer")
@@ -991,6 +1006,26 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
                 pass
         pool.shutdown(wait=True)
         bar.close()
+
+
+def _read_ahead(reader: _Reader, batches: list[list[int]], depth: int) -> Iterator[list]:
+    """Batches read by one thread of this process, ``depth`` batches ahead of the caller.
+
+    Decoders release the GIL (Pillow, zlib, hashlib), so reading overlaps the search
+    without a second process: no copy of each image between processes, no fork.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dac-reader")
+    pending: collections.deque = collections.deque()
+    ahead = iter(batches)
+    try:
+        for batch in ahead:
+            pending.append(pool.submit(lambda b=batch: [reader[i] for i in b]))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _compute(task: ArchiveTask, images: list[torch.Tensor], device: torch.device) -> list[Any]:
@@ -1069,8 +1104,8 @@ def crop_archive(
         layer: the :class:`~dac.DACrop` to use (default: the paper's, 200 x 370).
         batch_size: images per search batch (memory grows with it).
         device: where the search runs (``"cpu"``, ``"cuda"``, ...).
-        workers: processes that decode files ahead of the search (0: in this
-            process; ``"auto"``: :func:`default_workers`).
+        workers: processes that decode files ahead of the search (0: a read-ahead
+            thread of this process; ``"auto"``: :func:`default_workers`).
         bits: 8 or 16-bit PNG crops.
         gray8: convert every image to 8-bit gray first (the paper's preprocessing).
         overlays: also write each image, downscaled, with its box drawn.

@@ -49,8 +49,9 @@ def _archive_options(cmd: argparse.ArgumentParser, what: str) -> None:
     """Options ``dac crop`` and ``dac predict`` share: reading, batching, workers, shards."""
     cmd.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8; memory grows with it)")
     cmd.add_argument("--workers", type=_workers, default="auto", metavar="N|auto",
-                     help="processes decoding files ahead of the " + what + " (default auto: a quarter of the cores, "
-                     "at least 1 from 2 cores on, all but one with a GPU; 0: in this process)")
+                     help="processes decoding files ahead of the " + what + " (default auto: none up to 4 cores, "
+                     "a quarter of the cores beyond, all but one with a GPU; 0: a read-ahead thread of this process "
+                     "decodes, which suits PNG/JPEG/TIFF; DICOM is faster with processes)")
     cmd.add_argument("--device", default="cpu", help="torch device of the " + what + " (default cpu)")
     cmd.add_argument("--dicom", choices=("window", "range", "percentiles"), default="window",
                      help="DICOM intensities: the file's VOI LUT / window as a viewer shows it (default), the stored "

@@ -368,8 +368,8 @@ def predict_archive(
             ``overlays/`` if asked.
         predictor: the loaded model (:meth:`Predictor.load`); it runs on its device.
         batch_size: images per batch.
-        workers: processes decoding files ahead (0: in this process; ``"auto"``:
-            :func:`dac.archive.default_workers`).
+        workers: processes decoding files ahead (0: a read-ahead thread of this
+            process; ``"auto"``: :func:`dac.archive.default_workers`).
         overlays: also write each image, downscaled, with its box and predicted class.
         dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.io.read_image`).
         any_size: predict images whose size does not fit the model's training sizes.
