@@ -678,6 +678,11 @@ class TestCrossValidation:
         with pytest.raises(DACInputError, match="unfinished"):  # the interrupted fold's model is not served
             load_pipeline(out, "dac", fold=1)
         assert load_pipeline(out, "dac", fold=0)(make_phantom(99, 96, 177).image[None]).shape == (1, 5)
+        run = json.loads((out / "run.json").read_text())
+        (out / "run.json").write_text(json.dumps({**run, "fingerprint": "0123456789abcdef"}))  # as an older version wrote it
+        with pytest.raises(DACInputError, match="another version"):
+            load_pipeline(out, "dac", fold=0)
+        (out / "run.json").write_text(json.dumps(run))
         events = []
         summary = run_cv(config, out, callback=lambda e, i: events.append((e, i["pipeline"], i["fold"], i.get("start_epoch"))), verbose=False, figures=False)
         assert [e for e in events if e[0] in ("fold_start", "fit_start")] == [("fold_start", "dac", 1, None), ("fit_start", "dac", 1, 1)]

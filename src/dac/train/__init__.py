@@ -3,10 +3,15 @@
 The same torchvision ResNet (1-channel stem) is trained behind four input pipelines —
 ``resize`` (whole image to 224 x 224, the paper's baseline), ``dac`` (``DACrop`` to
 200 x 370), ``dac_e2e`` (a learned saliency upstream of ``DACrop``, trained through the
-box) and ``stn`` (a spatial transformer predicting a box of the same aspect) — under
-stratified k-fold cross-validation, with accuracy, confusion matrices, one-vs-rest ROC,
-per-class and macro AUC, and figures like the paper's Figs. 8-11. Runs resume after an
-interruption and scale out under ``torchrun`` (DistributedDataParallel).
+box) and ``stn`` (a spatial transformer predicting a box of the same aspect), each
+image standardised before the classifier — under stratified k-fold cross-validation,
+with accuracy, confusion matrices, one-vs-rest ROC, per-class and macro AUC, and
+figures like the paper's Figs. 8-11. Runs resume after an
+interruption and scale out under ``torchrun`` (DistributedDataParallel with BatchNorm
+statistics over the whole batch: N processes train what one process trains). After
+training, BatchNorm statistics are re-estimated on the clean training images, and a
+network whose eval-mode accuracy on them falls far below its training accuracy is
+reported (:class:`EvalModeGapWarning`).
 
 Modules: :mod:`~dac.train.config` (YAML), :mod:`~dac.train.models` (ResNets),
 :mod:`~dac.train.pipelines` (fronts), :mod:`~dac.train.augment`,
@@ -22,11 +27,11 @@ Example:
 """
 import torch  # noqa: F401  (doctest namespace)
 
-from .augment import BatchAugment, augmentation, max_inside_rotation, roi_rotation_crop
+from .augment import AffineRanges, BatchAugment, augmentation, max_inside_rotation, random_affine, roi_rotation_crop
 from .config import ExperimentConfig, PipelineConfig, config_from_dict, load_config
 from .cv import load_pipeline, run_cv, train_pipeline
 from .distributed import Runtime, init_runtime
-from .engine import fit, load_checkpoint, precompute_front, predict, save_checkpoint
+from .engine import EvalModeGapWarning, fit, load_checkpoint, precompute_front, predict, recalibrate_batchnorm, save_checkpoint
 from .metrics import classification_metrics, roc_curve, summarize_folds
 from .models import resnet
 from .pipelines import (
@@ -35,13 +40,17 @@ from .pipelines import (
     Pipeline,
     ResizeFront,
     SpatialTransformerCrop,
+    Standardize,
     build_pipeline,
     intensity_curve,
+    standardize,
 )
 
 __all__ = [
+    "AffineRanges",
     "BatchAugment",
     "DACFront",
+    "EvalModeGapWarning",
     "ExperimentConfig",
     "LearnedSaliency",
     "Pipeline",
@@ -49,6 +58,7 @@ __all__ = [
     "ResizeFront",
     "Runtime",
     "SpatialTransformerCrop",
+    "Standardize",
     "augmentation",
     "build_pipeline",
     "classification_metrics",
@@ -62,11 +72,14 @@ __all__ = [
     "max_inside_rotation",
     "precompute_front",
     "predict",
+    "random_affine",
+    "recalibrate_batchnorm",
     "resnet",
     "roc_curve",
     "roi_rotation_crop",
     "run_cv",
     "save_checkpoint",
+    "standardize",
     "summarize_folds",
     "train_pipeline",
 ]

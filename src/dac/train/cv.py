@@ -192,8 +192,9 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
         The :class:`~dac.train.pipelines.Pipeline`: ``model(images)`` -> logits.
 
     Raises:
-        DACInputError: no such folder, pipeline or fold, or a checkpoint whose training
-            did not finish (an interrupted run: re-run its command to complete it).
+        DACInputError: no such folder, pipeline or fold, a checkpoint whose training
+            did not finish (an interrupted run: re-run its command to complete it), or a
+            folder written by an older version of the training code.
     """
     from .config import load_config
 
@@ -201,7 +202,13 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
     if not (out / "run.json").is_file():
         raise DACInputError(f"out_dir: {str(out)!r} is not a dac results folder (no run.json)")
     config = load_config(out / "config.yaml")
-    classes = json.loads((out / "run.json").read_text())["classes"]
+    run = json.loads((out / "run.json").read_text())
+    if run.get("fingerprint") != config.fingerprint():
+        raise DACInputError(
+            f"out_dir: {str(out)!r} was trained by another version of dac's training (config fingerprint "
+            f"{run.get('fingerprint', '?')}, this version makes {config.fingerprint()}): its models do not fit this code; train them again"
+        )
+    classes = run["classes"]
     _pipeline_names(config, [pipeline])
     folder = out / pipeline / (f"fold_{fold}" if fold is not None else "")
     if not (folder / "checkpoint.pt").is_file():
