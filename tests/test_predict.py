@@ -108,7 +108,8 @@ def test_predictor_matches_the_trained_network(trained: Path):
 
 
 @pytest.mark.parametrize("kind, extra", [("resize", {"input_size": (24, 24)}),
-                                         ("stn", {"input_size": (20, 37), "localization_size": (32, 59)})])
+                                         ("stn", {"input_size": (20, 37), "localization_size": (32, 59)}),
+                                         ("dac_e2e", {"input_size": (20, 37), "pool_size": 4})])
 def test_other_fronts_match_their_network(kind, extra):
     torch.manual_seed(0)
     net = build_pipeline(PipelineConfig(kind=kind, **extra), width=4).eval()

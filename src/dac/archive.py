@@ -1005,6 +1005,8 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
             except Exception:  # noqa: BLE001 - a write that broke is done again next run
                 pass
         pool.shutdown(wait=True)
+        if hasattr(loader, "close"):  # the read-ahead thread: stop reading now
+            loader.close()
         bar.close()
 
 
