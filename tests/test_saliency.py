@@ -188,3 +188,43 @@ class TestFitting:
         net = SaliencyNet(pool_size=4)
         with pytest.raises(DACInputError, match="features, regions, image_sizes"):
             fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(2, 4), [(40, 40)], DACrop(pool_size=4, saliency=net))
+
+
+class TestCommandLine:
+    def test_fit_saliency_then_crop_with_it(self, tmp_path, capsys):
+        import csv
+        import json
+
+        from dac import io as dio
+        from dac.cli import main
+        from dac.localisation import load_dacrop
+
+        small = ["--image-size", "192x354", "--pool-size", "4", "--size", "20x37"]
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--count", "3", "--steps", "2", "--quiet", *small]) == 0
+        summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
+        assert summary["steps"] == 2 and summary["dacrop"]["r_min_fraction"] == 0.2
+        layer = load_dacrop(tmp_path / "fit" / "saliency.pt")
+        assert isinstance(layer.saliency, SaliencyNet) and layer.pool_size == 4 and layer.output_size == (20, 37)
+
+        images = tmp_path / "in"
+        images.mkdir()
+        for seed in range(2):
+            dio.write_png(images / f"p{seed}.png", make_phantom(100 + seed, 192, 354).image)
+        assert main(["crop", str(images), "--out", str(tmp_path / "out"), "--saliency", str(tmp_path / "fit" / "saliency.pt"),
+                     "--workers", "0", "--no-progress"]) == 0
+        rows = list(csv.DictReader(open(tmp_path / "out" / "boxes.csv")))
+        assert [r["status"] for r in rows] == ["ok", "ok"]
+        settings = json.loads((tmp_path / "out" / "settings.json").read_text())[rows[0]["settings"]]
+        assert "SaliencyNet" in json.dumps(settings)  # the learned stage made these crops
+        boxes = torch.tensor([[float(r[c]) for c in ("x1", "y1", "x2", "y2")] for r in rows])
+        reference = layer.locate([dio.read_image(images / f"p{s}.png") for s in range(2)])
+        torch.testing.assert_close(boxes, reference.float(), atol=0.01, rtol=0)
+
+    def test_bad_saliency_file_is_a_usage_error(self, tmp_path, capsys):
+        from dac.cli import main
+
+        (tmp_path / "in").mkdir()
+        (tmp_path / "bad.pt").write_bytes(b"nope")
+        code = main(["crop", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--saliency", str(tmp_path / "bad.pt")])
+        assert code == 2 and "saliency" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

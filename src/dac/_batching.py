@@ -22,7 +22,7 @@ Images = Union[Tensor, Sequence[Tensor]]
 R = TypeVar("R")
 
 
-def by_size(images: Images, fn: Callable[[Tensor], R]) -> R:
+def by_size(images: Images, fn: Callable[..., R], *rows: Tensor | None) -> R:
     """``fn`` applied to each same-size group of ``images``, rows merged in input order.
 
     Args:
@@ -30,6 +30,8 @@ def by_size(images: Images, fn: Callable[[Tensor], R]) -> R:
             (sizes and dtypes may differ).
         fn: Tensor[b, C, H, W] -> a Tensor[b, ...], a numpy array[b, ...], None, or a
             tuple / dataclass of those (each field merged row-wise).
+        *rows: per-image tensors Tensor[B, ...] (or None) handed to ``fn`` with each
+            group, as ``fn(group, *rows_of_the_group)`` (e.g. each image's random numbers).
 
     Returns:
         What ``fn`` returns, for all B images in input order (tensors of different
@@ -43,7 +45,7 @@ def by_size(images: Images, fn: Callable[[Tensor], R]) -> R:
     """
     if isinstance(images, Tensor):
         check_image_batch(images)
-        return fn(images)
+        return fn(images, *rows)
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise DACInputError(
             f"images: expected a Tensor[B, C, H, W] or a non-empty list of Tensor[C, H, W], got {type(images).__name__}"
@@ -57,8 +59,12 @@ def by_size(images: Images, fn: Callable[[Tensor], R]) -> R:
             raise DACInputError(f"images[{i}]: on {image.device}, images[0] on {images[0].device}")
         groups.setdefault((tuple(image.shape), image.dtype), []).append(i)
     if len(groups) == 1:
-        return fn(torch.stack(list(images)))
-    parts = [fn(torch.stack([images[i] for i in idx])) for idx in groups.values()]
+        return fn(torch.stack(list(images)), *rows)
+
+    def take(row: Tensor | None, idx: list[int]) -> Tensor | None:
+        return None if row is None else row[torch.as_tensor(idx, device=row.device)]
+
+    parts = [fn(torch.stack([images[i] for i in idx]), *(take(r, idx) for r in rows)) for idx in groups.values()]
     order = np.argsort(np.concatenate([np.asarray(idx) for idx in groups.values()]), kind="stable")
     return _merge(parts, order)
 

@@ -1,4 +1,4 @@
-"""The ``dac`` command line: ``dac crop``, ``dac predict``, ``dac demo``, ``dac train`` and ``dac cv``.
+"""The ``dac`` command line: ``dac crop``, ``dac predict``, ``dac fit-saliency``, ``dac demo``, ``dac train``, ``dac cv``.
 
 Each subcommand parses its arguments and calls one library function; errors the user
 can fix are one line on stderr, reported before anything is written. Exit status: 0 all
@@ -91,17 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     crop.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
     crop.add_argument("--out", required=True, metavar="DIR", help="results folder")
-    crop.add_argument("--size", type=_size, default=(200, 370), metavar="HxW",
-                      help="crop size (default 200x370, the paper's); the box always has this aspect")
-    crop.add_argument("--pool-size", type=int, default=10, help="max-min pooling window k (default 10); a box ends "
-                      "at most at k*(W//k)")
-    crop.add_argument("--min-width", type=float, default=2 / 3.5, metavar="FRACTION",
+    crop.add_argument("--size", type=_size, default=None, metavar="HxW",
+                      help="crop size (default 200x370, the paper's, or the --saliency file's); the box always has "
+                      "this aspect")
+    crop.add_argument("--pool-size", type=int, default=None, help="max-min pooling window k (default 10, or the "
+                      "--saliency file's); a box ends at most at k*(W//k)")
+    crop.add_argument("--min-width", type=float, default=None, metavar="FRACTION",
                       help="narrowest box, as a fraction of the image width (default 2/3.5 = 0.571, the paper's, "
-                      "for panoramic radiographs; lower it for images whose region is narrower); never more than "
-                      "the widest box of the crop's aspect that fits")
-    crop.add_argument("--sharpness-factor", type=float, default=2.0, metavar="F",
-                      help="schedule: sharpness grows by F per stage (default 2, the paper's text: 0.025 -> 0.2; "
-                      "4 is the paper's Algorithm 1)")
+                      "for panoramic radiographs, or the --saliency file's; lower it for images whose region is "
+                      "narrower); never more than the widest box of the crop's aspect that fits")
+    crop.add_argument("--sharpness-factor", type=float, default=None, metavar="F",
+                      help="schedule: sharpness grows by F per stage (default 2, the paper's text: 0.025 -> 0.2, or "
+                      "the --saliency file's; 4 is the paper's Algorithm 1)")
+    crop.add_argument("--saliency", metavar="FILE",
+                      help="a learned saliency stage (saliency.pt of dac fit-saliency): the box is searched on its "
+                      "map, with the crop size, pooling window, minimum width and schedule it was trained with "
+                      "unless given here")
     crop.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth of the crops (default 8)")
     crop.add_argument("--gray8", action="store_true", help="convert every image to 8-bit gray first (the paper's preprocessing)")
     _archive_options(crop, "search")
@@ -126,6 +131,32 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--any-size", action="store_true",
                          help="predict images whose size is far (over 2x) from the phantom sizes the model was trained on")
     _archive_options(predict, "model")
+
+    fit = sub.add_parser(
+        "fit-saliency",
+        help="train a saliency stage from labelled boxes (phantoms by default)",
+        description="Train a learned saliency stage (dac.saliency.SaliencyNet) so that the boxes DAC finds on its "
+        "map fit labelled regions; the gradient reaches it through the box. Trains on generated phantoms "
+        "(--count) or on --data, a CSV of path,x1,y1,x2,y2 (xyxy in input pixels; relative paths from the CSV's "
+        "folder). Writes OUT/saliency.pt (for dac crop --saliency and dac.localisation.load_dacrop) and "
+        "OUT/fit.json. Exit status: 0 done, 1 interrupted, 2 usage error.",
+    )
+    fit.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    fit.add_argument("--count", type=int, default=32, help="phantoms to train on (default 32; ignored with --data)")
+    fit.add_argument("--data", metavar="CSV", help="labelled real images: path,x1,y1,x2,y2 per row")
+    fit.add_argument("--image-size", type=_size, default=(1536, 2836), metavar="HxW", help="phantom size (default 1536x2836)")
+    fit.add_argument("--size", type=_size, default=(200, 370), metavar="HxW", help="crop size: the box's aspect (default 200x370)")
+    fit.add_argument("--pool-size", type=int, default=10, help="pooling window k (default 10)")
+    fit.add_argument("--min-width", type=float, default=0.4, metavar="FRACTION",
+                     help="narrowest box as a fraction of the image width (default 0.4)")
+    fit.add_argument("--sharpness-factor", type=float, default=2.0, metavar="F", help="schedule (default 2)")
+    fit.add_argument("--steps", type=int, default=400, help="Adam steps (default 400)")
+    fit.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop training after this long")
+    fit.add_argument("--coverage-weight", type=float, default=16.0,
+                     help="weight of teeth (region) cut off by the box in the loss (default 16; lower: tighter "
+                     "boxes that cut more often)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--quiet", action="store_true", help="no progress lines")
 
     demo = sub.add_parser(
         "demo",
@@ -163,14 +194,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"crop": _crop, "predict": _predict, "demo": _demo, "train": _train, "cv": _cv}
+    commands = {"crop": _crop, "predict": _predict, "fit-saliency": _fit_saliency, "demo": _demo, "train": _train, "cv": _cv}
     try:
         return commands[args.command](args)
     except DACInputError as exc:
         print(f"dac {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("crop", "predict", "train", "cv"):
+        if args.command in ("crop", "predict", "fit-saliency", "train", "cv"):
             print(f"dac {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
             return 1
         raise
@@ -229,18 +260,17 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
 
 
 def _crop(args: argparse.Namespace) -> int:
-    from ._checks import DACInputError, check_int
     from .archive import crop_archive
     from .layer import DACrop
 
-    check_int(args.pool_size, "--pool-size", 1)
-    if not 0 < args.min_width <= 1:
-        raise DACInputError(f"--min-width: expected a fraction of the image width in (0, 1], got {args.min_width:g}")
-    if not args.sharpness_factor > 0:
-        raise DACInputError(f"--sharpness-factor: expected a positive number, got {args.sharpness_factor:g}")
+    given = _search_options(args)
     shard, device = _archive_checks(args)
-    layer = DACrop(output_size=args.size, pool_size=args.pool_size, r_min_fraction=args.min_width / 2,
-                   sharpness_factor=args.sharpness_factor)
+    if args.saliency is not None:
+        from .localisation import load_dacrop
+
+        layer = load_dacrop(args.saliency, **given)
+    else:
+        layer = DACrop(**({"output_size": (200, 370), "pool_size": 10} | given))
     summary = crop_archive(
         args.inputs,
         args.out,
@@ -258,6 +288,46 @@ def _crop(args: argparse.Namespace) -> int:
     )
     _report("crop", summary, "boxes.csv", args, "cropped")
     return 1 if summary.failed else 0
+
+
+def _search_options(args: argparse.Namespace) -> dict:
+    """The DACrop settings given on the command line (checked), by DACrop's names."""
+    from ._checks import check_int
+
+    given: dict = {}
+    if args.size is not None:
+        given["output_size"] = args.size
+    if args.pool_size is not None:
+        given["pool_size"] = check_int(args.pool_size, "--pool-size", 1)
+    if args.min_width is not None:
+        if not 0 < args.min_width <= 1:
+            raise DACInputError(f"--min-width: expected a fraction of the image width in (0, 1], got {args.min_width:g}")
+        given["r_min_fraction"] = args.min_width / 2
+    if args.sharpness_factor is not None:
+        if not args.sharpness_factor > 0:
+            raise DACInputError(f"--sharpness-factor: expected a positive number, got {args.sharpness_factor:g}")
+        given["sharpness_factor"] = args.sharpness_factor
+    return given
+
+
+def _fit_saliency(args: argparse.Namespace) -> int:
+    from ._checks import check_int
+    from .archive import check_out_dir
+    from .localisation import train_saliency
+
+    check_int(args.count, "--count", 1)
+    check_int(args.steps, "--steps", 1)
+    check_out_dir(args.out, "--out")
+    given = _search_options(args)
+    summary = train_saliency(
+        args.out, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
+        output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
+        sharpness_factor=given["sharpness_factor"], steps=args.steps, time_limit=args.time_limit,
+        coverage_weight=args.coverage_weight, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
+    )
+    print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, loss "
+          f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} -> {os.path.join(args.out, 'saliency.pt')}", file=sys.stderr)
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
