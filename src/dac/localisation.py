@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ._checks import DACInputError, check_int, check_positive
 from .layer import DACrop
-from .saliency import SaliencyNet, feature_trunk, standardize
+from .saliency import SaliencyNet, feature_trunk, standardize_features
 
 __all__ = [
     "LEARNED_DEFAULTS",
@@ -199,7 +199,7 @@ class BoxRegressor(nn.Module):
         features Tensor[B, 5, H // k, W // k]."""
         height, width = float(image_size[0]), float(image_size[1])
         x = features.to(self.heat.weight.dtype)
-        hidden = self.trunk(standardize(x))
+        hidden = self.trunk(standardize_features(x))
         b, _, h, w = hidden.shape
         weights = torch.softmax(self.heat(hidden).flatten(1), dim=1).reshape(b, h, w)
         k = self.pool_size * x.shape[-1] / w, self.pool_size * x.shape[-2] / h  # input pixels per trunk pixel

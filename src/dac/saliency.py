@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ._checks import DACInputError, check_image_batch, check_int, check_poolable
 from .functional.pooling import max_min_pool, to_unit_range
 
-__all__ = ["FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize"]
+__all__ = ["FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize_features"]
 
 #: The channels of :func:`saliency_features`, in order.
 FEATURES = ("max_min", "mean", "max", "min", "std")
@@ -73,7 +73,7 @@ def saliency_features(images: Tensor, pool_size: int = 10) -> Tensor:
 
 
 def feature_trunk(width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8)) -> nn.Sequential:
-    """The CNN both learned localisers use on standardised features (:func:`standardize`).
+    """The CNN both learned localisers use on standardised features (:func:`standardize_features`).
 
     A stride-2 3 x 3 convolution (half the pooled resolution, a quarter of the work),
     then one 3 x 3 convolution per entry of ``dilations``, ReLU after each; receptive
@@ -88,7 +88,7 @@ def feature_trunk(width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8)) -> n
     return nn.Sequential(*layers)
 
 
-def standardize(features: Tensor) -> Tensor:
+def standardize_features(features: Tensor) -> Tensor:
     """Each image's features with zero mean and unit variance per channel (exposure-free)."""
     mean = features.mean(dim=(2, 3), keepdim=True)
     return (features - mean) / features.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
@@ -137,7 +137,7 @@ class SaliencyNet(nn.Module):
         if features.ndim != 4 or features.shape[1] != len(FEATURES):
             raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(features.shape)}")
         x = features.to(self.gate.weight.dtype)
-        logits = F.interpolate(self.gate(self.trunk(standardize(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.gate(self.trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return x[:, :1] * 2 * torch.sigmoid(logits) * self.log_scale.exp()
 
     def extra_repr(self) -> str:

@@ -36,13 +36,11 @@ from .metrics import classification_metrics, roc_curve, summarize_folds
 from .models import resnet
 from .pipelines import (
     DACFront,
-    LearnedSaliency,
     Pipeline,
     ResizeFront,
     SpatialTransformerCrop,
     Standardize,
     build_pipeline,
-    intensity_curve,
     standardize,
 )
 
@@ -52,7 +50,6 @@ __all__ = [
     "DACFront",
     "EvalModeGapWarning",
     "ExperimentConfig",
-    "LearnedSaliency",
     "Pipeline",
     "PipelineConfig",
     "ResizeFront",
@@ -65,7 +62,6 @@ __all__ = [
     "config_from_dict",
     "fit",
     "init_runtime",
-    "intensity_curve",
     "load_checkpoint",
     "load_config",
     "load_pipeline",

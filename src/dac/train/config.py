@@ -133,7 +133,8 @@ class PipelineConfig:
             during training (paper: ``"paper"`` for DAC, a stronger one for resize).
         pool_size: DACrop max-min pooling window (paper: 10).
         backward_mode: DACrop backward mode (``dac_e2e``): implicit | unroll | truncated | dlm.
-        saliency_knots: knots of the learned intensity curve (``dac_e2e``).
+        saliency_width: channels of the learned saliency net's hidden layers (``dac_e2e``,
+            :class:`dac.saliency.SaliencyNet`).
         localization_size: (H, W) the STN's localisation net sees.
         roi_rotate_degrees: DAC pipelines: rotate each crop about the centre of its
             box by up to this angle, sampled from the whole image (no black corners);
@@ -147,7 +148,7 @@ class PipelineConfig:
     augment: str = "paper"
     pool_size: int = 10
     backward_mode: str = "implicit"
-    saliency_knots: int = 17
+    saliency_width: int = 16
     localization_size: tuple[int, int] = (64, 118)
     roi_rotate_degrees: float = 0.0
     front_lr: float | None = None
@@ -318,7 +319,7 @@ def _check(cfg: ExperimentConfig) -> None:
         p.pool_size = _int(p.pool_size, f"{key}.pool_size", 1)
         if p.backward_mode not in BACKWARD_MODES:
             raise DACInputError(f"{key}.backward_mode: expected one of {BACKWARD_MODES}, got {p.backward_mode!r}")
-        p.saliency_knots = _int(p.saliency_knots, f"{key}.saliency_knots", 2)
+        p.saliency_width = _int(p.saliency_width, f"{key}.saliency_width", 1)
         p.localization_size = _pair(p.localization_size, f"{key}.localization_size", 16)
         p.roi_rotate_degrees = float(p.roi_rotate_degrees)
         if not 0 <= p.roi_rotate_degrees < 90:

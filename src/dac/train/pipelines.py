@@ -4,10 +4,11 @@
   paper; aspect ratio distorted): the paper's non-DAC baseline.
 * ``dac`` — :class:`DACFront` without a learned part: ``DACrop`` finds the box on the
   raw image and crops it to ``input_size`` (200 x 370), aspect kept.
-* ``dac_e2e`` — :class:`DACFront` with a :class:`LearnedSaliency` upstream: the box is
-  searched on the learned map, the crop is taken from the original image, so the
-  learned layer's parameters get their gradient *only through the box* (the implicit
-  gradient of the search, or whichever ``backward_mode``).
+* ``dac_e2e`` — :class:`DACFront` whose ``DACrop`` searches the map of a
+  :class:`dac.saliency.SaliencyNet` (which starts as the paper's max–min map): the crop
+  is taken from the original image, so the net's parameters get their gradient *only
+  through the box* (the implicit gradient of the search, or whichever
+  ``backward_mode``), from the classifier's loss alone — no box labels.
 * ``stn`` — :class:`SpatialTransformerCrop`: a localisation CNN predicts a
   scale-and-translate box of the same aspect, sampled to the same size (Jaderberg et
   al. 2015), trained from the task loss alone.
@@ -25,64 +26,34 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import DACInputError, check_image_batch, check_size
+from .._batching import Images, by_size
+from .._checks import DACInputError, check_size
 from ..functional.crop import crop_resize
 from ..functional.pooling import to_unit_range
 from ..layer import DACrop
+from ..saliency import SaliencyNet
 from .augment import BatchAugment, augmentation, max_inside_rotation, roi_rotation_crop
 from .config import PipelineConfig
 from .models import resnet
 
 __all__ = [
     "DACFront",
-    "LearnedSaliency",
     "Pipeline",
     "ResizeFront",
     "SpatialTransformerCrop",
     "Standardize",
     "build_pipeline",
-    "intensity_curve",
     "standardize",
 ]
 
-Images = Tensor | Sequence[Tensor]
-
 #: (rows, columns) of the feature map the STN's localisation head reads, flattened.
 LOCALIZATION_GRID = (4, 8)
-
-
-def _by_size(images: Images, fn: Callable[..., Tensor], rows: Tensor | None = None) -> Tensor:
-    """Apply ``fn`` (Tensor[b, C, H, W] -> Tensor[b, ...]) to each same-size group, rows in input order.
-
-    With ``rows`` (Tensor[B, ...]: one row per image, e.g. its random numbers) ``fn`` is
-    called as ``fn(group, rows_of_the_group)``.
-    """
-    call = fn if rows is not None else (lambda x, _: fn(x))
-    if isinstance(images, Tensor):
-        check_image_batch(images)
-        return call(images, rows)
-    if not isinstance(images, (list, tuple)) or not images:
-        raise DACInputError(f"images: expected a Tensor[B, C, H, W] or a non-empty list of Tensor[C, H, W], got {type(images).__name__}")
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        if not isinstance(image, Tensor) or image.ndim != 3:
-            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise DACInputError(f"images[{i}]: expected Tensor[C, H, W], got {shape}")
-        groups.setdefault((tuple(image.shape), image.dtype), []).append(i)
-    if len(groups) == 1:
-        return call(torch.stack(list(images)), rows)
-    parts, order = [], []
-    for idx in groups.values():
-        parts.append(call(torch.stack([images[i] for i in idx]), None if rows is None else rows[idx]))
-        order.extend(idx)
-    out = torch.cat(parts)
-    return out[torch.argsort(torch.tensor(order, device=out.device))]
 
 
 class ResizeFront(nn.Module):
@@ -98,7 +69,7 @@ class ResizeFront(nn.Module):
 
     def forward(self, images: Images) -> Tensor:
         """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> Tensor[B, C, H_out, W_out] in [0, 1]."""
-        return _by_size(images, self._resize)
+        return by_size(images, self._resize)
 
     def _resize(self, x: Tensor) -> Tensor:
         x = to_unit_range(x, torch.float32) if not x.dtype.is_floating_point else x
@@ -108,94 +79,17 @@ class ResizeFront(nn.Module):
         return f"size={self.size}"
 
 
-def intensity_curve(images: Tensor, values: Tensor) -> Tensor:
-    """``images + c(images)``: ``c`` piecewise linear on [0, 1] through ``values`` at equally spaced knots.
-
-    Values outside [0, 1] take the curve's end values. The gradient in ``values`` is
-    summed with ``torch.bincount`` (deterministic, unlike the threaded scatter-add of
-    an indexing backward), so training is reproducible run to run.
-
-    Args:
-        images: Tensor[...] floating, intensities in [0, 1].
-        values: Tensor[K], the curve at knots ``0, 1/(K-1), ..., 1`` (K >= 2).
-
-    Returns:
-        Tensor of ``images``' shape.
-
-    Example:
-        >>> intensity_curve(torch.tensor([0.0, 0.25, 1.0]), torch.tensor([0.0, 1.0, 0.0]))
-        tensor([0.0000, 0.7500, 1.0000])
-    """
-    return images + _Curve.apply(images, values)
-
-
-class _Curve(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, images: Tensor, values: Tensor) -> Tensor:
-        segments = values.numel() - 1
-        position = images.clamp(0, 1) * segments
-        index = position.floor().clamp_(max=segments - 1)
-        fraction = position - index
-        index = index.long()
-        ctx.save_for_backward(images, index, fraction, values)
-        return torch.lerp(values[index], values[index + 1], fraction.to(values.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        images, index, fraction, values = ctx.saved_tensors
-        grad_images = grad_values = None
-        if ctx.needs_input_grad[0]:
-            slope = (values[index + 1] - values[index]) * (values.numel() - 1)
-            grad_images = grad * slope * ((images >= 0) & (images <= 1))
-        if ctx.needs_input_grad[1]:
-            flat, weights, upper = index.reshape(-1), grad.reshape(-1).double(), fraction.reshape(-1).double()
-            k = values.numel()
-            grad_values = torch.bincount(flat, weights * (1 - upper), minlength=k) + torch.bincount(flat + 1, weights * upper, minlength=k)
-            grad_values = grad_values.to(values.dtype)
-        return grad_images, grad_values
-
-
-class LearnedSaliency(nn.Module):
-    """A trainable intensity curve upstream of the box search: ``x + c(x)`` (:func:`intensity_curve`).
-
-    ``c`` is piecewise linear on [0, 1] with ``knots`` equally spaced knots whose values
-    are learned, zero at the start: training begins at plain DAC and learns which
-    intensity bands (metal restorations, enamel, bone) the max–min pooled saliency
-    should weigh. Per pixel, so it costs little at full radiograph resolution (a 3 x 3
-    convolution there cost ~4x more per step on 2 CPU cores).
-
-    Args:
-        knots: number of knots (>= 2).
-
-    Example:
-        >>> layer = LearnedSaliency(knots=5)
-        >>> torch.equal(layer(torch.tensor([0.0, 0.3, 1.0])), torch.tensor([0.0, 0.3, 1.0]))
-        True
-    """
-
-    def __init__(self, knots: int = 17) -> None:
-        super().__init__()
-        if isinstance(knots, bool) or not isinstance(knots, int) or knots < 2:
-            raise DACInputError(f"knots: expected an int >= 2, got {knots!r}")
-        self.values = nn.Parameter(torch.zeros(knots))
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Tensor[B, C, H, W] float in [0, 1] -> saliency Tensor[B, C, H, W]."""
-        return intensity_curve(images, self.values)
-
-    def extra_repr(self) -> str:
-        return f"knots={self.values.numel()}"
-
-
 class DACFront(nn.Module):
     """DACrop as the first layer: find each image's box, crop it to ``output_size``.
 
-    Without ``saliency`` this is the paper's DAC (the box is searched on the raw
-    image). With one (``dac_e2e``) the box is searched on ``saliency(image)`` and the
-    crop is taken from the original image, so the saliency's parameters receive
-    gradients through the box. With ``roi_rotate_degrees`` > 0, training crops are
-    turned about the box centre by a random angle, limited per image so the rotated
-    box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`).
+    Without ``saliency`` this is the paper's DAC (the box is searched on the max–min
+    pooled image). With one (``dac_e2e``: a :class:`~dac.saliency.SaliencyNet`) the box
+    is searched on its map and the crop is taken from the original image, so the
+    saliency's parameters receive gradients through the box only. Both use the same
+    search (``DACrop``'s defaults: the paper's schedule and minimum width), so the two
+    pipelines differ in the map alone. With ``roi_rotate_degrees`` > 0, training crops
+    are turned about the box centre by a random angle, limited per image so the
+    rotated box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`).
 
     Convention: boxes are xyxy in input pixels (torchvision's).
 
@@ -203,10 +97,12 @@ class DACFront(nn.Module):
         output_size: (H_out, W_out) of the crops (paper: 200 x 370).
         pool_size: DACrop's max-min pooling window (paper: 10).
         backward_mode: DACrop's backward mode.
-        saliency: a trainable module Tensor[B, C, H, W] -> Tensor[B, C, H, W], or None.
+        saliency: ``DACrop``'s saliency stage (images -> Tensor[B, 1, H // k, W // k]),
+            or None for the paper's map.
         roi_rotate_degrees: largest rotation about the box centre (0: none).
 
     Attributes:
+        crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
         boxes_total, boxes_unconverged: running counts of searched boxes and of those
             that did not reach a stationary point (their implicit gradient is then
             approximate); the engine reports and resets them every epoch.
@@ -221,8 +117,7 @@ class DACFront(nn.Module):
         roi_rotate_degrees: float = 0.0,
     ) -> None:
         super().__init__()
-        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode)
-        self.saliency = saliency
+        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency)
         if not 0 <= float(roi_rotate_degrees) < 90:
             raise DACInputError(f"roi_rotate_degrees: expected an angle in [0, 90), got {roi_rotate_degrees!r}")
         self.roi_rotate_degrees = float(roi_rotate_degrees)
@@ -232,6 +127,11 @@ class DACFront(nn.Module):
     @property
     def output_size(self) -> tuple[int, int]:
         return self.crop.output_size
+
+    @property
+    def saliency(self) -> nn.Module:
+        """The map the box is searched on (``MaxMinPool`` for plain DAC)."""
+        return self.crop.saliency
 
     #: Uniform numbers read per image (the RoI rotation angle).
     noise_dims = 1
@@ -244,27 +144,22 @@ class DACFront(nn.Module):
         """
         if self.training and self.roi_rotate_degrees > 0 and noise is None:
             noise = torch.rand(len(images), self.noise_dims)
-        return _by_size(images, self._crop_batch, noise)
+        return by_size(images, self._crop_batch, noise)
 
     def locate(self, images: Images) -> Tensor:
         """Boxes Tensor[B, 4], xyxy in input pixels (differentiable in the saliency's parameters)."""
-        return _by_size(images, lambda x: self._boxes(x)[1])
+        return by_size(images, self._boxes)
 
-    def _boxes(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        if self.saliency is None:
-            source = images  # DACrop pools integer images without a float copy
-        else:
-            images = to_unit_range(images, torch.float32) if not images.dtype.is_floating_point else images
-            source = self.saliency(images)
+    def _boxes(self, images: Tensor) -> Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
-            boxes, info = self.crop.locate(source, return_info=True)
+            boxes, info = self.crop.locate(images, return_info=True)
         self.boxes_total += int(boxes.shape[0])
         self.boxes_unconverged += int((~(info.converged | info.frozen)).sum())
-        return images, boxes
+        return boxes
 
     def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
-        images, boxes = self._boxes(images)
+        boxes = self._boxes(images)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
             draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
@@ -333,11 +228,11 @@ class SpatialTransformerCrop(nn.Module):
 
     def forward(self, images: Images) -> Tensor:
         """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> Tensor[B, C, H_out, W_out] float."""
-        return _by_size(images, self._crop_batch)
+        return by_size(images, self._crop_batch)
 
     def locate(self, images: Images) -> Tensor:
         """Boxes Tensor[B, 4], xyxy in input pixels."""
-        return _by_size(images, lambda x: self._boxes(self._float(x)))
+        return by_size(images, lambda x: self._boxes(self._float(x)))
 
     def _float(self, x: Tensor) -> Tensor:
         return to_unit_range(x, torch.float32) if not x.dtype.is_floating_point else x
@@ -486,7 +381,7 @@ def build_pipeline(
     if kind == "resize":
         front: nn.Module = ResizeFront(size)
     elif kind in ("dac", "dac_e2e"):
-        saliency = LearnedSaliency(config.saliency_knots) if kind == "dac_e2e" else None
+        saliency = SaliencyNet(config.pool_size, width=config.saliency_width) if kind == "dac_e2e" else None
         front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
