@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 import warnings
 from typing import Iterator
@@ -30,6 +29,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 
 from ._checks import INTEGER_IMAGE_SCALE, DACInputError
+from ._files import atomic_write
 from .functional.pooling import to_unit_range
 
 __all__ = [
@@ -587,7 +587,7 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
     ``2**bits - 1`` levels.
 
     Args:
-        path: the PNG file to write; its directory must exist.
+        path: the PNG file to write (its folder is created if missing).
         image: Tensor[C, H, W], C = 1 or 3, ``uint8``, ``uint16`` or floating in [0, 1].
         bits: 8 or 16. Pillow cannot write 16-bit colour PNG, so ``bits=16`` needs C = 1.
 
@@ -615,22 +615,7 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
     array = pixels.permute(1, 2, 0).numpy() if pixels.shape[0] == 3 else pixels[0].numpy()
     png = Image.fromarray(np.ascontiguousarray(array))
 
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    descriptor = os.open(temporary, flags, 0o666)  # the umask applies, as for a plain open()
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            png.save(file, format="PNG")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    _fsync_directory(directory)
+    atomic_write(os.path.abspath(os.fspath(path)), lambda file: png.save(file, format="PNG"))
 
 
 def _quantise(image: Tensor, bits: int) -> Tensor:
@@ -644,18 +629,6 @@ def _quantise(image: Tensor, bits: int) -> Tensor:
     return (unit * float(2**bits - 1)).round().to(target)
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _check_chw(image: Tensor, name: str) -> None:

@@ -1,0 +1,39 @@
+"""dac._files: atomic writes."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dac._files import atomic_write, write_json
+
+
+def test_never_touches_the_umask(tmp_path, monkeypatch):
+    # os.umask(0) ... os.umask(old) would give files created meanwhile by other threads mode 0666
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert calls == []
+    umask = real(0o022)
+    real(umask)
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_error_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("old\n")
+
+    def fail(fh):
+        fh.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, fail)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+def test_creates_the_folder(tmp_path):
+    atomic_write(tmp_path / "new" / "deep" / "f.bin", lambda fh: fh.write(b"\x00\x01"))
+    assert (tmp_path / "new" / "deep" / "f.bin").read_bytes() == b"\x00\x01"
