@@ -16,6 +16,13 @@ per-tooth boxes. Rows:
 * direct box regression (:class:`dac.localisation.BoxRegressor`): the same features,
   labels, loss, batches and steps, a CNN with a box head.
 
+* with ``--cv DIR ...`` (folders of ``dac cv`` on phantoms, one per seed), the rows
+  trained from the task loss alone, with no box labels: ``dac`` (the paper's map, for
+  reference), ``dac_e2e`` (DAC + a ``SaliencyNet`` trained through the box by the
+  classifier's loss) and ``stn`` (a spatial transformer), every fold's model scored on
+  held-out phantoms at the size that CV trained on (``configs/quick.yaml``: 192 x 354),
+  mean and standard deviation over all folds of all seeds.
+
 Columns: mean IoU with the true region, the ceiling (the mean IoU of the best box of the
 crop's aspect and minimum width), mean share of each tooth's area inside the box, the
 share of images with every tooth inside (>= 99 % of each tooth's area), and training
@@ -132,6 +139,54 @@ def run_row(args: tuple) -> dict:
     return result
 
 
+def task_loss_rows(cv_dirs: list[str], count: int) -> list[dict]:
+    """Localisation of the boxes the ``dac cv`` models in ``cv_dirs`` find, learned from the task loss alone."""
+    import statistics
+
+    from dac.localisation import localisation_scores
+    from dac.phantoms import make_phantom
+    from dac.train import load_config, load_pipeline
+
+    per: dict[str, list[dict]] = {}
+    for folder in cv_dirs:
+        config = load_config(Path(folder) / "config.yaml")
+        if config.data.source != "phantom":
+            raise SystemExit(f"--cv: {folder} was not trained on phantoms (data.source {config.data.source!r})")
+        height, width = config.data.sizes[0]
+        test = [make_phantom(TEST_SEED + i, height, width) for i in range(count)]
+        images = torch.stack([p.image for p in test])
+        truth = torch.stack([p.roi for p in test])
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+        for name in ("dac", "dac_e2e", "stn"):
+            if name not in summary:
+                continue
+            seconds = {f["fold"]: f["train_seconds"] for f in summary[name]["folds"]}
+            for fold in range(config.train.folds):
+                net = load_pipeline(folder, name, fold)
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    boxes = torch.cat([net.front.locate(images[i : i + 25]) for i in range(0, count, 25)])
+                scores = localisation_scores(boxes, truth, [p.teeth for p in test])
+                per.setdefault(name, []).append({
+                    "cv": str(folder), "fold": fold, "iou": float(scores["iou"].mean()),
+                    "tooth_coverage": float(scores["tooth_coverage"].mean()),
+                    "all_teeth_inside": float(scores["all_teeth_inside"].float().mean()),
+                    "accuracy": next(f["accuracy"] for f in summary[name]["folds"] if f["fold"] == fold),
+                    "train_s": seconds.get(fold, float("nan")), "size": [height, width],
+                })
+    titles = {"dac": "DAC, paper map (trained classifier only)", "dac_e2e": "DAC end to end: SaliencyNet from the task loss",
+              "stn": "STN from the task loss"}
+    rows = []
+    for name, runs in per.items():
+        row = {"row": titles[name], "kind": "task_loss", "pipeline": name, "models": len(runs), "runs": runs}
+        for key in ("iou", "tooth_coverage", "all_teeth_inside", "accuracy", "train_s"):
+            values = [r[key] for r in runs]
+            row[key] = statistics.mean(values)
+            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
 def figure(path: str, results: list[dict], opts: dict) -> None:
     plt = pyplot(path)
     if plt is None:
@@ -158,6 +213,33 @@ def figure(path: str, results: list[dict], opts: dict) -> None:
     print(f"figure -> {path}")
 
 
+def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int, width: int) -> list[dict]:
+    """The paper-size rows: phantoms cached, each row trained and scored (``--jobs`` at a time)."""
+    labels = max([r.get("labels", 0) for r in rows] + [0])
+    began = time.perf_counter()
+    seeds = list(range(TEST_SEED, TEST_SEED + args.test)) + list(range(TRAIN_SEED, TRAIN_SEED + labels))
+    with ProcessPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        items = list(pool.map(phantom_item, [(s, height, width, args.pool_size, args.cache) for s in seeds], chunksize=4))
+    data = Path(args.cache) / f"set-{height}x{width}-k{args.pool_size}-{args.test}-{labels}.pt"
+    torch.save(items, data)
+    print(f"{len(items)} phantoms ready in {time.perf_counter() - began:.0f} s", flush=True)
+    opts.update({
+        "height": height, "width": width, "pool_size": args.pool_size, "test": args.test,
+        "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
+        "steps": args.steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
+        "data": str(data), "save": args.save,
+    })
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(run_row, [(r, opts) for r in rows]))
+    print("| row | mean IoU | ceiling | tooth coverage | every tooth inside | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['row']} | {r['iou']:.3f} | {r['ceiling']:.3f} | {r['tooth_coverage']:.3f} | "
+              f"{100 * r['all_teeth_inside']:.0f} % | {r['train_s']:.0f} |")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", type=int, default=100, help="held-out phantoms (default 100)")
@@ -175,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.0, help="target margin, image widths per side")
     parser.add_argument("--net-width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based) or 'all'")
+    parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based), 'all' or 'none' (only --cv rows)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (processes)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per row")
     parser.add_argument("--cache", default="benchmarks/results/phantoms", help="phantom feature cache")
@@ -183,35 +265,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--figure", metavar="PATH")
     parser.add_argument("--figure-count", type=int, default=3)
+    parser.add_argument("--cv", nargs="+", metavar="DIR", help="dac cv folders on phantoms (one per seed): task-loss rows")
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
-    rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
-    labels = max([r.get("labels", 0) for r in rows] + [0])
-    began = time.perf_counter()
-    seeds = list(range(TEST_SEED, TEST_SEED + args.test)) + list(range(TRAIN_SEED, TRAIN_SEED + labels))
-    with ProcessPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        items = list(pool.map(phantom_item, [(s, height, width, args.pool_size, args.cache) for s in seeds], chunksize=4))
-    data = Path(args.cache) / f"set-{height}x{width}-k{args.pool_size}-{args.test}-{labels}.pt"
-    torch.save(items, data)
-    print(f"{len(items)} phantoms ready in {time.perf_counter() - began:.0f} s", flush=True)
-    opts = {
-        "height": height, "width": width, "pool_size": args.pool_size, "test": args.test,
-        "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
-        "steps": args.steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
-        "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
-        "data": str(data), "save": args.save, "figure_count": args.figure_count,
-    }
-    with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run_row, [(r, opts) for r in rows]))
-    print("| row | mean IoU | ceiling | tooth coverage | every tooth inside | train s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['row']} | {r['iou']:.3f} | {r['ceiling']:.3f} | {r['tooth_coverage']:.3f} | "
-              f"{100 * r['all_teeth_inside']:.0f} % | {r['train_s']:.0f} |")
+    if args.rows == "none":
+        rows = []
+    else:
+        rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
+    opts = {"test": args.test, "figure_count": args.figure_count}
+    results = run_rows(rows, args, opts, height, width) if rows else []
+    task = task_loss_rows(args.cv, args.test) if args.cv else []
+    if task:
+        size = "x".join(str(v) for v in task[0]["runs"][0]["size"])
+        print(f"\nLearned from the task loss alone ({args.test} held-out phantoms of {size}; mean ± std over "
+              f"{task[0]['models']} models: folds x seeds)")
+        print("| row | mean IoU | tooth coverage | every tooth inside | accuracy | train s / fold |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in task:
+            print(f"| {r['row']} | {r['iou']:.3f} ± {r['iou_std']:.3f} | {r['tooth_coverage']:.3f} ± {r['tooth_coverage_std']:.3f} | "
+                  f"{100 * r['all_teeth_inside']:.0f} ± {100 * r['all_teeth_inside_std']:.0f} % | "
+                  f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} % | {r['train_s']:.0f} |")
     if args.json:
-        record = {"command": " ".join(sys.argv), "options": opts, "machine": machine(torch.device("cpu")), "results": results}
+        record = {"command": " ".join(sys.argv), "options": opts, "machine": machine(torch.device("cpu")), "results": results,
+                  "task_loss": task}
         Path(args.json).write_text(json.dumps(record, indent=1))
-    if args.figure:
+    if args.figure and results:
         figure(args.figure, results, opts)
     return 0
 
