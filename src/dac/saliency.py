@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import DACInputError, check_image_batch, check_int, check_poolable
-from .functional.pooling import max_min_pool, to_unit_range
+from ._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch, check_int, check_poolable
+from .functional.pooling import max_min_pool, window_extremes
 
 __all__ = ["FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize_features"]
 
@@ -61,14 +61,16 @@ def saliency_features(images: Tensor, pool_size: int = 10) -> Tensor:
     k = check_int(pool_size, "pool_size", 1)
     h, w = check_poolable(images, k)
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    spread = max_min_pool(images, k).to(dtype)
-    b, c = images.shape[:2]
-    windows = to_unit_range(images[:, :, : h * k, : w * k], dtype).reshape(b, c, h, k, w, k)
-    high = windows.amax(dim=5).amax(dim=3)
-    low = windows.amin(dim=5).amin(dim=3)
-    mean = windows.mean(dim=(3, 5))
-    std = (windows.square().mean(dim=(3, 5)) - mean.square()).clamp_min(0).sqrt()
-    rest = torch.stack((mean, high, low, std), dim=1).mean(dim=2)  # [B, 4, h, w], channels averaged
+    # Window max and min in the images' own dtype (no full-size float copy); mean and
+    # standard deviation by average pooling of the raw values, scaled afterwards.
+    high, low = window_extremes(images, k)
+    scale = 1.0 if images.dtype.is_floating_point else float(INTEGER_IMAGE_SCALE[images.dtype])
+    high, low = high.to(dtype), low.to(dtype)
+    spread = ((high - low) / scale).mean(dim=1, keepdim=True)  # = max_min_pool(images, k)
+    raw = images[:, :, : h * k, : w * k].to(dtype)
+    mean = F.avg_pool2d(raw, k)
+    std = (F.avg_pool2d(raw.square(), k) - mean.square()).clamp_min(0).sqrt()
+    rest = torch.stack((mean, high, low, std), dim=1).mean(dim=2) / scale  # [B, 4, h, w], channels averaged
     return torch.cat((spread, rest), dim=1)
 
 

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch, check_poolable
 
-__all__ = ["max_min_pool", "MaxMinPool", "to_unit_range"]
+__all__ = ["max_min_pool", "MaxMinPool", "to_unit_range", "window_extremes"]
 
 
 def to_unit_range(images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -61,17 +61,7 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
         tensor([[1., 0.],
                 [0., 0.]])
     """
-    check_image_batch(images)
-    k = _check_kernel(kernel_size)
-    b, c = images.shape[:2]
-    h, w = check_poolable(images, k)
-    windows = images[:, :, : h * k, : w * k]
-    if windows.dtype == torch.uint16:  # no CPU max/min kernels for uint16: widen, losslessly
-        windows = windows.to(torch.int32)
-    windows = windows.reshape(b, c, h, k, w, k)
-    # Reduce the contiguous window axis first: cheaper than a joint reduction.
-    high = windows.amax(dim=5).amax(dim=3)
-    low = windows.amin(dim=5).amin(dim=3)
+    high, low = window_extremes(images, kernel_size)
     if images.dtype in (torch.float16, torch.bfloat16):
         spread = high.float() - low.float()  # max and min are exact; their difference is not
     elif images.dtype.is_floating_point:
@@ -81,6 +71,35 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
         dtype = torch.get_default_dtype()
         spread = (high.to(dtype) - low.to(dtype)) / scale
     return spread.mean(dim=1, keepdim=True)
+
+
+def window_extremes(images: Tensor, kernel_size: int = 10) -> tuple[Tensor, Tensor]:
+    """Per channel, the maximum and the minimum of each ``kernel_size`` window (stride ``kernel_size``).
+
+    Args:
+        images: Tensor[B, C, H, W], floating or integer dtype.
+        kernel_size: window size and stride k, at least 1.
+
+    Returns:
+        (high, low), each Tensor[B, C, H // k, W // k] in the images' dtype (``uint16``
+        widened to ``int32``, losslessly: CPU has no max/min kernels for it);
+        differentiable for floating input.
+
+    Example:
+        >>> high, low = window_extremes(torch.arange(16.0).reshape(1, 1, 4, 4), 2)
+        >>> high[0, 0].tolist(), low[0, 0].tolist()
+        ([[5.0, 7.0], [13.0, 15.0]], [[0.0, 2.0], [8.0, 10.0]])
+    """
+    check_image_batch(images)
+    k = _check_kernel(kernel_size)
+    b, c = images.shape[:2]
+    h, w = check_poolable(images, k)
+    windows = images[:, :, : h * k, : w * k]
+    if windows.dtype == torch.uint16:
+        windows = windows.to(torch.int32)
+    windows = windows.reshape(b, c, h, k, w, k)
+    # Reduce the contiguous window axis first: cheaper than a joint reduction.
+    return windows.amax(dim=5).amax(dim=3), windows.amin(dim=5).amin(dim=3)
 
 
 def _check_kernel(kernel_size: int) -> int:
