@@ -43,6 +43,7 @@ from .._checks import DACInputError
 from ..datasets import collate_images
 from ._io import atomic_write
 from .distributed import Runtime, all_gather, all_reduce_sum, shard, sync_batchnorm
+from .folds import cannot_read, read_errors
 from .pipelines import DACFront, Pipeline
 
 __all__ = [
@@ -127,7 +128,7 @@ def _to(images: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Te
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    errors = [item["error"] for item in items if item.get("error")]
+    errors = read_errors(items)
     return {"error": errors} if errors else collate_images(items)
 
 
@@ -139,8 +140,7 @@ def _loader(dataset: Dataset, batches: list[list[int]], workers: int, seed: int 
     )
     for batch in loader:
         if "error" in batch:
-            more = f" (and {len(batch['error']) - 1} more in this batch)" if len(batch["error"]) > 1 else ""
-            raise DACInputError(f"data: cannot read {batch['error'][0]}{more}")
+            raise cannot_read(batch["error"])
         yield batch
 
 
@@ -353,11 +353,11 @@ def _front_outputs(model: Pipeline, dataset: Dataset, indices: np.ndarray, rt: R
 
     order = np.sort(indices)
     model.to(rt.device).eval()
-    rows: list[list[tuple[Tensor, int]]] = []
-    for batch in _loader(dataset, _eval_batches(rt, order, batch_size), workers):
-        crops = model.front(_to(batch["image"], rt.device)).to("cpu", torch.float16)
-        rows.append(list(zip(crops, batch["label"].tolist())))
-    items = _gather_batches(rt, rows, order.size, batch_size)
+
+    def rows(batch: dict[str, Any]) -> list[tuple[Tensor, int]]:
+        return list(zip(model.front(_to(batch["image"], rt.device)).to("cpu", torch.float16), batch["label"].tolist()))
+
+    items = _eval_rows(rows, dataset, order, rt=rt, batch_size=batch_size, workers=workers)
     return MemoryDataset([c for c, _ in items], [y for _, y in items], [], dtype=torch.float32), np.arange(order.size)
 
 
@@ -377,6 +377,14 @@ def _gather_batches(rt: Runtime, rows: list[list[Any]], total: int, batch_size: 
     batches = (total + batch_size - 1) // batch_size
     ordered = [parts[j % rt.world_size][j // rt.world_size] for j in range(batches)]
     return [row for batch in ordered for row in batch]
+
+
+def _eval_rows(rows: Callable[[dict[str, Any]], list[Any]], dataset: Dataset, indices: Sequence[int], *, rt: Runtime, batch_size: int, workers: int) -> list[Any]:
+    """``rows(batch)`` (one row per image) over ``dataset[indices]`` in :func:`_eval_batches`,
+    each process a share; every process gets all rows, in ``indices`` order."""
+    indices = [int(i) for i in indices]
+    done = [rows(batch) for batch in _loader(dataset, _eval_batches(rt, indices, batch_size), workers)]
+    return _gather_batches(rt, done, len(indices), batch_size)
 
 
 def _accuracy(model: Pipeline, dataset: Dataset, indices: Sequence[int], *, rt: Runtime, batch_size: int, fronted: bool, workers: int) -> float:
@@ -412,11 +420,12 @@ def predict(
     if not indices:
         return np.zeros((0, 0))
     model.to(rt.device).eval()
-    rows: list[list[np.ndarray]] = []
-    for batch in _loader(dataset, _eval_batches(rt, indices, batch_size), workers):
+
+    def rows(batch: dict[str, Any]) -> list[np.ndarray]:
         logits = model(_to(batch["image"], rt.device), fronted=fronted)
-        rows.append(list(torch.softmax(logits.double(), dim=1).cpu().numpy()))
-    return np.stack(_gather_batches(rt, rows, len(indices), batch_size))
+        return list(torch.softmax(logits.double(), dim=1).cpu().numpy())
+
+    return np.stack(_eval_rows(rows, dataset, indices, rt=rt, batch_size=batch_size, workers=workers))
 
 
 @torch.no_grad()
@@ -433,7 +442,6 @@ def precompute_front(
     if not model.front_is_fixed:
         raise DACInputError("model: its front learns or is random in training; its output cannot be cached")
     front = model.front.to(rt.device).eval()
-    rows: list[list[Tensor]] = []
-    for batch in _loader(dataset, _eval_batches(rt, range(len(dataset)), batch_size), workers):
-        rows.append(list(front(_to(batch["image"], rt.device)).to("cpu", dtype)))
-    return torch.stack(_gather_batches(rt, rows, len(dataset), batch_size))
+    rows = _eval_rows(lambda batch: list(front(_to(batch["image"], rt.device)).to("cpu", dtype)),
+                      dataset, range(len(dataset)), rt=rt, batch_size=batch_size, workers=workers)
+    return torch.stack(rows)

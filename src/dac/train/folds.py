@@ -129,8 +129,19 @@ def data_digest(dataset: ImageLabelDataset) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def read_errors(items: list[dict[str, Any]]) -> list[str]:
+    """The ``error`` of every item of a batch that could not be read (:class:`ReadableImages`)."""
+    return [item["error"] for item in items if item.get("error")]
+
+
+def cannot_read(errors: list[str]) -> DACInputError:
+    """The one-line error for a batch with unreadable items."""
+    more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+    return DACInputError(f"data: cannot read {errors[0]}{more}")
+
+
 def _as_list(batch: list) -> list | dict:
-    errors = [item["error"] for item in batch if item.get("error")]
+    errors = read_errors(batch)
     return {"error": errors} if errors else batch
 
 
@@ -153,9 +164,7 @@ def load_images(dataset: Dataset, indices: Sequence[int], rt: Runtime, *, worker
     images = []
     for batch in loader:
         if isinstance(batch, dict):
-            errors = batch["error"]
-            more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
-            raise DACInputError(f"data: cannot read {errors[0]}{more}")
+            raise cannot_read(batch["error"])
         images.extend(item["image"] for item in batch)
     return gather_shards(rt, images, len(indices))
 
