@@ -113,7 +113,7 @@ def run(count: int, height: int, width: int, batch_size: int, workers: int | str
         paths = sorted(Path(p) for p in truth)
         n = len(paths)
         chosen = default_workers("cpu") if workers == "auto" else int(workers)
-        threads = search_threads(chosen)
+        search = search_threads(chosen)
         names = ("decode", "layer_default", "layer_search", "crop")
         times: dict[str, list[float]] = {k: [] for k in names} | {f"{k}_cpu": [] for k in names}
         status = 0
@@ -121,7 +121,7 @@ def run(count: int, height: int, width: int, batch_size: int, workers: int | str
             decode_s, decode_cpu, images = _decode(paths)
             times["decode"].append(decode_s)
             times["decode_cpu"].append(decode_cpu)
-            for name, threads in (("layer_default", torch.get_num_threads()), ("layer_search", threads)):
+            for name, threads in (("layer_default", torch.get_num_threads()), ("layer_search", search)):
                 wall, cpu = _layer(images, batch_size, threads)
                 times[name].append(wall)
                 times[f"{name}_cpu"].append(cpu)
@@ -143,7 +143,7 @@ def run(count: int, height: int, width: int, batch_size: int, workers: int | str
     layer_cpu = ms["layer_default_cpu"] if ms["layer_default"] <= ms["layer_search"] else ms["layer_search_cpu"]
     return {
         "count": n, "image_size": [height, width], "batch_size": batch_size, "workers": workers,
-        "workers_used": chosen, "search_threads": threads, "repeats": repeats, "exit_status": status,
+        "workers_used": chosen, "search_threads": search, "repeats": repeats, "exit_status": status,
         "ms_per_image": {"decode": ms["decode"], "layer": layer_ms, "layer_default_threads": ms["layer_default"],
                          "layer_search_threads": ms["layer_search"], "crop": ms["crop"]},
         "images_per_s": {"decode": 1000 / ms["decode"], "layer": 1000 / layer_ms, "crop": 1000 / ms["crop"]},
