@@ -11,10 +11,15 @@ per-tooth boxes. Rows:
 * the paper's DAC (max–min map) with both gamma schedules (x2 per stage, the paper's
   text; x4, its Algorithm 1), at the paper's minimum width (2/3.5 of the image) and at
   the learned rows' minimum width;
-* DAC + a :class:`dac.saliency.SaliencyNet` trained through the box on 8, 32 and 128
-  labelled phantoms (seeds 6000.., disjoint from the held-out ones);
+* DAC + a :class:`dac.saliency.SaliencyNet` trained on 8, 32 and 128 labelled phantoms
+  (seeds 6000.., disjoint from the held-out ones): a mask warm start (the gate fitted to
+  the labelled regions as masks), then the box loss through the search; and, for
+  comparison, the warm start alone at 32 labels (no step through the box);
 * direct box regression (:class:`dac.localisation.BoxRegressor`): the same features,
-  labels, loss, batches and steps, a CNN with a box head.
+  labels, warm start (of its trunk and heat map), loss, batches and steps, a CNN with a
+  box head;
+* what a perfect gate would give (no training): DAC on the paper's map inside the true
+  region and 0 outside, with both schedules (the ceiling of the search itself).
 
 * with ``--cv DIR ...`` (folders of ``dac cv`` on phantoms, one per seed), the rows
   trained from the task loss alone, with no box labels: ``dac`` (the paper's map, for
@@ -53,9 +58,12 @@ ROWS = (
     {"name": "DAC + learned saliency, 8 labels", "kind": "saliency", "labels": 8},
     {"name": "DAC + learned saliency, 32 labels", "kind": "saliency", "labels": 32},
     {"name": "DAC + learned saliency, 128 labels", "kind": "saliency", "labels": 128},
+    {"name": "DAC + mask warm start only, 32 labels (no box steps)", "kind": "mask", "labels": 32},
     {"name": "box regression, 8 labels", "kind": "regression", "labels": 8},
     {"name": "box regression, 32 labels", "kind": "regression", "labels": 32},
     {"name": "box regression, 128 labels", "kind": "regression", "labels": 128},
+    {"name": "DAC, paper map inside the true region only, gamma x2", "kind": "oracle", "factor": 2.0},
+    {"name": "DAC, paper map inside the true region only, gamma x4", "kind": "oracle", "factor": 4.0},
 )
 TEST_SEED, TRAIN_SEED = 5000, 6000
 
@@ -83,8 +91,11 @@ def run_row(args: tuple) -> dict:
     row, opts = args
     warnings.filterwarnings("ignore")
     torch.set_num_threads(opts["threads"])
+    torch.manual_seed(opts["seed"])  # the initial weights: the same whichever rows run, in whichever order
     from dac import DACrop
-    from dac.localisation import BoxRegressor, aspect_box, fit_box_regressor, fit_saliency, localisation_scores, minimum_width
+    from dac.localisation import (
+        BoxRegressor, aspect_box, fit_box_regressor, fit_region_masks, fit_saliency, localisation_scores, minimum_width, region_masks,
+    )
     from dac.saliency import SaliencyNet
 
     height, width, k = opts["height"], opts["width"], opts["pool_size"]
@@ -94,16 +105,19 @@ def run_row(args: tuple) -> dict:
     rmin = row.get("rmin", opts["rmin"])
     factor = row.get("factor", opts["factor"])
     stages = row.get("stages", opts["stages"])
-    net = SaliencyNet(k, width=opts["net_width"]) if row["kind"] == "saliency" else None
+    net = SaliencyNet(k, width=opts["net_width"]) if row["kind"] in ("saliency", "mask") else None
     layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages)
-    fit = dict(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], coverage_weight=opts["coverage_weight"], margin=opts["margin"],
-               time_limit=opts["time_limit"], seed=opts["seed"])
+    fit = dict(steps=opts["steps"], mask_steps=opts["mask_steps"], batch_size=opts["batch_size"], lr=opts["lr"], mask_lr=opts["mask_lr"],
+               coverage_weight=opts["coverage_weight"], margin=opts["margin"], time_limit=opts["time_limit"], seed=opts["seed"])
     features = [it["features"].float() for it in train]
     regions = torch.stack([it["roi"] for it in train]) if train else None
     sizes = [(height, width)] * len(train)
     history = None
     if row["kind"] == "saliency":
         history = fit_saliency(net, features, regions, sizes, layer, **fit)
+    elif row["kind"] == "mask":
+        history = fit_region_masks(net, net.gate_logits, features, regions, sizes, k, inside=0.5, steps=opts["mask_steps"],
+                                   batch_size=opts["batch_size"], lr=opts["mask_lr"], seed=opts["seed"] + 1)
     elif row["kind"] == "regression":
         model = BoxRegressor(layer.aspect, k, width=opts["net_width"], min_width_fraction=2 * rmin)
         history = fit_box_regressor(model, features, regions, sizes, layer, **fit)
@@ -114,6 +128,9 @@ def run_row(args: tuple) -> dict:
             feats = torch.stack([it["features"].float() for it in test[start : start + 20]])
             if row["kind"] == "regression":
                 boxes.append(model(feats, grid))
+            elif row["kind"] == "oracle":  # what a perfect gate would give: the paper's map, 0 outside the region
+                truth = torch.stack([it["roi"] for it in test[start : start + 20]]).double()
+                boxes.append(layer.search(feats[:, :1] * region_masks(truth, feats.shape[-2:], k).float())[0])
             else:
                 boxes.append(layer.search(net.from_features(feats) if net is not None else feats[:, :1])[0])
     boxes = torch.cat(boxes)
@@ -128,6 +145,7 @@ def run_row(args: tuple) -> dict:
         "tooth_coverage": float(scores["tooth_coverage"].mean()),
         "all_teeth_inside": float(scores["all_teeth_inside"].float().mean()),
         "train_s": history.seconds if history else 0.0, "steps": history.steps if history else 0,
+        "mask_steps": (history.steps if row["kind"] == "mask" else history.mask_steps) if history else 0,
         "frozen_boxes": history.frozen if history else 0, "unconverged_boxes": history.unconverged if history else 0,
         "loss_every_10_steps": history.loss[::10] if history else [],
         "boxes": boxes.tolist(),
@@ -226,7 +244,8 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
     opts.update({
         "height": height, "width": width, "pool_size": args.pool_size, "test": args.test,
         "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
-        "steps": args.steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
+        "steps": args.steps, "mask_steps": args.mask_steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
+        "mask_lr": args.mask_lr,
         "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save,
     })
@@ -241,20 +260,24 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dac.localisation import FIT_DEFAULTS, LEARNED_DEFAULTS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", type=int, default=100, help="held-out phantoms (default 100)")
     parser.add_argument("--size", default="1536x2836", help="phantom HxW (default the paper's 1536x2836)")
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--output-size", default="200x370")
-    parser.add_argument("--rmin", type=float, default=0.2, help="learned rows' r_min_fraction (min width = 2 rmin W)")
-    parser.add_argument("--factor", type=float, default=2.0, help="learned rows' gamma factor per stage")
+    parser.add_argument("--rmin", type=float, default=LEARNED_DEFAULTS["r_min_fraction"], help="learned rows' r_min_fraction (min width = 2 rmin W)")
+    parser.add_argument("--factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], help="learned rows' gamma factor per stage")
     parser.add_argument("--stages", type=int, default=4, help="learned rows' stages (default 4, the paper's)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit (default 600)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--coverage-weight", type=float, default=16.0, help="weight of teeth cut off in the box loss")
-    parser.add_argument("--margin", type=float, default=0.0, help="target margin, image widths per side")
+    parser.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"], help="steps on the box loss")
+    parser.add_argument("--mask-steps", type=int, default=FIT_DEFAULTS["mask_steps"], help="steps of the mask warm start (0: none)")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit, warm start included (default 600)")
+    parser.add_argument("--batch-size", type=int, default=FIT_DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=float, default=FIT_DEFAULTS["lr"], help="learning rate of the box steps")
+    parser.add_argument("--mask-lr", type=float, default=FIT_DEFAULTS["mask_lr"], help="learning rate of the warm start")
+    parser.add_argument("--coverage-weight", type=float, default=FIT_DEFAULTS["coverage_weight"], help="weight of teeth cut off in the box loss")
+    parser.add_argument("--margin", type=float, default=FIT_DEFAULTS["margin"], help="target margin, image widths per side")
     parser.add_argument("--net-width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based), 'all' or 'none' (only --cv rows)")

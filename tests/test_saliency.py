@@ -11,9 +11,11 @@ from dac.localisation import (
     aspect_box,
     box_loss,
     fit_box_regressor,
+    fit_region_masks,
     fit_saliency,
     localisation_scores,
     minimum_width,
+    region_masks,
 )
 from dac.phantoms import make_phantom
 from dac.saliency import FEATURES, SaliencyNet, load_saliency, save_saliency, saliency_features
@@ -54,6 +56,15 @@ class TestSaliencyNet:
         torch.testing.assert_close(net(images), max_min_pool(images, 5))
         paper = DACrop(**SMALL).locate(images)
         torch.testing.assert_close(DACrop(**SMALL, saliency=net).locate(images), paper)
+
+    def test_gate_spans_zero_to_two(self):
+        net = SaliencyNet(pool_size=5)
+        images = textured_scene(1, 300, 555, dtype=torch.float32)
+        paper = max_min_pool(images, 5)
+        for bias, gate in ((50.0, 2.0), (-50.0, 0.0)):
+            with torch.no_grad():
+                net.gate.bias.fill_(bias)
+            torch.testing.assert_close(net(images), gate * paper)
 
     def test_gradient_of_the_boxes_matches_finite_differences(self):
         """d(loss on boxes) / d(parameters), through the implicit gradient of the box (float64)."""
@@ -184,10 +195,45 @@ class TestFitting:
             first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, batch_size=3, margin=margin).loss[0])
         assert first[1] < first[0]  # a wide start box is nearer a target grown by the margin
 
+    def test_region_masks_mark_the_pooled_pixels_whose_centre_is_inside(self):
+        gen = torch.Generator().manual_seed(0)
+        corners = torch.rand(5, 2, 2, generator=gen, dtype=torch.float64) * torch.tensor([60.0, 40.0], dtype=torch.float64)
+        regions = torch.cat((corners.amin(1), corners.amax(1)), -1)
+        masks = region_masks(regions, (8, 12), 5)
+        for b, (x1, y1, x2, y2) in enumerate(regions.tolist()):
+            for i in range(8):
+                for j in range(12):
+                    cx, cy = 5 * j + 2.5, 5 * i + 2.5
+                    assert masks[b, 0, i, j].item() == float(x1 <= cx < x2 and y1 <= cy < y2)
+
+    def test_mask_warm_start_makes_the_gate_dark_outside_the_region(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 46))
+        net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
+        history = fit_region_masks(net, net.gate_logits, features, regions, sizes, 4, inside=0.5, steps=60, seed=0)
+        assert history.steps == 60 and sum(history.loss[-5:]) < 0.7 * sum(history.loss[:5])
+        feats = torch.stack(features)
+        with torch.no_grad():
+            gate = net.from_features(feats) / feats[:, :1].clamp_min(1e-6)
+        inside = region_masks(regions.double(), feats.shape[-2:], 4).bool()
+        assert gate[inside].mean() > 0.7 and gate[~inside].mean() < 0.3, (gate[inside].mean(), gate[~inside].mean())
+
+    def test_fit_saliency_with_a_warm_start(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 44))
+        net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
+        layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
+        history = fit_saliency(net, features, regions, sizes, layer, steps=2, mask_steps=30, batch_size=4, seed=0)
+        assert history.mask_steps == 30 and len(history.mask_loss) == 30 and history.steps == 2
+        assert history.mask_loss[-1] < history.mask_loss[0]
+        assert not net.training
+        with pytest.raises(DACInputError, match="mask_steps"):
+            fit_saliency(net, features, regions, sizes, layer, steps=1, mask_steps=-1)
+
     def test_bad_training_input(self):
         net = SaliencyNet(pool_size=4)
         with pytest.raises(DACInputError, match="features, regions, image_sizes"):
             fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(2, 4), [(40, 40)], DACrop(pool_size=4, saliency=net))
+        with pytest.raises(DACInputError, match="steps"):  # before any warm-start step
+            fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(1, 4), [(40, 40)], DACrop(pool_size=4, saliency=net), steps=0, mask_steps=5)
 
 
 class TestCommandLine:
@@ -200,9 +246,10 @@ class TestCommandLine:
         from dac.localisation import load_dacrop
 
         small = ["--image-size", "192x354", "--pool-size", "4", "--size", "20x37"]
-        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--count", "3", "--steps", "2", "--quiet", *small]) == 0
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--count", "3", "--steps", "2", "--mask-steps", "3", "--quiet", *small]) == 0
         summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
-        assert summary["steps"] == 2 and summary["dacrop"]["r_min_fraction"] == 0.2
+        assert summary["steps"] == 2 and summary["mask_steps"] == 3
+        assert summary["dacrop"]["r_min_fraction"] == 0.2 and summary["dacrop"]["sharpness_factor"] == 4.0
         layer = load_dacrop(tmp_path / "fit" / "saliency.pt")
         assert isinstance(layer.saliency, SaliencyNet) and layer.pool_size == 4 and layer.output_size == (20, 37)
 

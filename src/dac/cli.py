@@ -75,6 +75,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .localisation import FIT_DEFAULTS, LEARNED_DEFAULTS
+
     parser = _Parser(prog="dac", description="Differentiable auto-cropping (DAC).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -142,19 +144,25 @@ def _parser() -> argparse.ArgumentParser:
         "OUT/fit.json. Exit status: 0 done, 1 interrupted, 2 usage error.",
     )
     fit.add_argument("--out", required=True, metavar="DIR", help="results folder")
-    fit.add_argument("--count", type=int, default=32, help="phantoms to train on (default 32; ignored with --data)")
+    fit.add_argument("--count", type=int, default=FIT_DEFAULTS["count"], help="phantoms to train on (default %(default)s; ignored with --data)")
     fit.add_argument("--data", metavar="CSV", help="labelled real images: path,x1,y1,x2,y2 per row")
     fit.add_argument("--image-size", type=_size, default=(1536, 2836), metavar="HxW", help="phantom size (default 1536x2836)")
     fit.add_argument("--size", type=_size, default=(200, 370), metavar="HxW", help="crop size: the box's aspect (default 200x370)")
     fit.add_argument("--pool-size", type=int, default=10, help="pooling window k (default 10)")
-    fit.add_argument("--min-width", type=float, default=0.4, metavar="FRACTION",
-                     help="narrowest box as a fraction of the image width (default 0.4)")
-    fit.add_argument("--sharpness-factor", type=float, default=2.0, metavar="F", help="schedule (default 2)")
-    fit.add_argument("--steps", type=int, default=400, help="Adam steps (default 400)")
+    fit.add_argument("--min-width", type=float, default=2 * LEARNED_DEFAULTS["r_min_fraction"], metavar="FRACTION",
+                     help="narrowest box as a fraction of the image width (default %(default)s)")
+    fit.add_argument("--sharpness-factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], metavar="F",
+                     help="gamma multiplier per stage (default %(default)s, the paper's Algorithm 1)")
+    fit.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"], help="Adam steps through the box (default %(default)s)")
+    fit.add_argument("--mask-steps", type=int, default=FIT_DEFAULTS["mask_steps"],
+                     help="steps of the mask warm start before them (default %(default)s; 0: none)")
     fit.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop training after this long")
-    fit.add_argument("--coverage-weight", type=float, default=16.0,
-                     help="weight of teeth (region) cut off by the box in the loss (default 16; lower: tighter "
+    fit.add_argument("--coverage-weight", type=float, default=FIT_DEFAULTS["coverage_weight"],
+                     help="weight of teeth (region) cut off by the box in the loss (default %(default)s; lower: tighter "
                      "boxes that cut more often)")
+    fit.add_argument("--margin", type=float, default=FIT_DEFAULTS["margin"], metavar="FRACTION",
+                     help="the target box is the region grown by this fraction of the image width per side "
+                     "(default %(default)s)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -317,13 +325,16 @@ def _fit_saliency(args: argparse.Namespace) -> int:
 
     check_int(args.count, "--count", 1)
     check_int(args.steps, "--steps", 1)
+    check_int(args.mask_steps, "--mask-steps", 0)
+    if not 0 <= args.margin < 0.5:
+        raise DACInputError(f"--margin: expected a fraction of the image width in [0, 0.5), got {args.margin:g}")
     check_out_dir(args.out, "--out")
     given = _search_options(args)
     summary = train_saliency(
         args.out, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
         output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
-        sharpness_factor=given["sharpness_factor"], steps=args.steps, time_limit=args.time_limit,
-        coverage_weight=args.coverage_weight, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
+        sharpness_factor=given["sharpness_factor"], steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit,
+        coverage_weight=args.coverage_weight, margin=args.margin, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
     )
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, loss "
           f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} -> {os.path.join(args.out, 'saliency.pt')}", file=sys.stderr)

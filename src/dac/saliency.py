@@ -10,7 +10,8 @@ the search and changes only the map it runs on:
   resolution, whose output *gates* the max–min map: ``S = maxmin * 2 sigmoid(g) * exp(scale)``.
   The last layer and the scale start at zero, so an untrained net gives exactly the
   paper's map and training starts at the paper's DAC. Trained through the box by
-  :func:`dac.localisation.fit_saliency` (from labelled boxes) or from a task loss.
+  :func:`dac.localisation.fit_saliency` (from labelled boxes, after an optional mask
+  warm start) or from a task loss.
 
 Convention: maps are Tensor[B, 1, H // k, W // k]; pooled pixel ``(i, j)`` covers
 input pixels ``[i k, (i + 1) k) x [j k, (j + 1) k)``.
@@ -99,8 +100,8 @@ def standardize_features(features: Tensor) -> Tensor:
 class SaliencyNet(nn.Module):
     """A learned saliency stage: window features -> CNN -> gate on the max–min map.
 
-    ``S = maxmin * 2 sigmoid(g(features)) * exp(log_scale)``, with ``g`` the
-    :func:`feature_trunk` on the per-image standardised features, a 1 x 1 convolution,
+    ``S = maxmin * 2 sigmoid(g(features)) * exp(log_scale)``, with ``g`` (:meth:`gate_logits`)
+    the :func:`feature_trunk` on the per-image standardised features, a 1 x 1 convolution,
     and bilinear upsampling back to the pooled resolution. The receptive field (630
     input pixels by default) is enough to tell a collimator edge or a marker from teeth.
     The gate can silence a region (0) or double it (2); the global scale matters
@@ -136,11 +137,16 @@ class SaliencyNet(nn.Module):
 
     def from_features(self, features: Tensor) -> Tensor:
         """The map from precomputed :func:`saliency_features` Tensor[B, 5, h, w]."""
+        logits = self.gate_logits(features)
+        return features[:, :1].to(logits) * 2 * torch.sigmoid(logits) * self.log_scale.exp()
+
+    def gate_logits(self, features: Tensor) -> Tensor:
+        """Logits ``g`` of the gate ``2 sigmoid(g)``, Tensor[B, 1, h, w], from features
+        Tensor[B, 5, h, w] (what :func:`dac.localisation.fit_region_masks` fits)."""
         if features.ndim != 4 or features.shape[1] != len(FEATURES):
             raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(features.shape)}")
         x = features.to(self.gate.weight.dtype)
-        logits = F.interpolate(self.gate(self.trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return x[:, :1] * 2 * torch.sigmoid(logits) * self.log_scale.exp()
+        return F.interpolate(self.gate(self.trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
         return f"pool_size={self.pool_size}"
