@@ -275,3 +275,11 @@ class TestCommandLine:
         code = main(["crop", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--saliency", str(tmp_path / "bad.pt")])
         assert code == 2 and "saliency" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+    @pytest.mark.parametrize("option, value", [("--margin", "0.7"), ("--margin", "-0.1"), ("--margin", "nan"), ("--mask-steps", "-1")])
+    def test_bad_fit_option_is_a_usage_error(self, tmp_path, capsys, option, value):
+        from dac.cli import main
+
+        code = main(["fit-saliency", "--out", str(tmp_path / "fit"), option, value, "--quiet"])
+        assert code == 2 and option in capsys.readouterr().err
+        assert not (tmp_path / "fit").exists()
