@@ -353,15 +353,19 @@ def fit_region_masks(
     for feats, target_regions, _ in _batches(features, regions, image_sizes, pool_size, steps, batch_size, seed, flip):
         out = logits(feats)
         target = inside * region_masks(target_regions, feats.shape[-2:], pool_size).to(out)
-        loss = F.binary_cross_entropy_with_logits(out, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.steps += 1
-        history.loss.append(float(loss.detach()))
+        _step(optimizer, schedule, F.binary_cross_entropy_with_logits(out, target), history)
     history.seconds = time.perf_counter() - began
     return history
+
+
+def _step(optimizer: torch.optim.Optimizer, schedule, loss: Tensor, history: FitHistory) -> None:
+    """One Adam step on ``loss`` and one of its learning-rate schedule, recorded in ``history``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    history.steps += 1
+    history.loss.append(float(loss.detach()))
 
 
 def _batches(
@@ -473,13 +477,7 @@ def _fit(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
             boxes, info = locate(feats, (int(grid[0, 0]), int(grid[0, 1])))
-        loss = box_loss(boxes, target_regions, targets, torch.full((len(feats),), float(width)), coverage_weight).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.steps += 1
-        history.loss.append(float(loss.detach()))
+        _step(optimizer, schedule, box_loss(boxes, target_regions, targets, torch.full((len(feats),), float(width)), coverage_weight).mean(), history)
         if info is not None:
             history.frozen += int(info.frozen.sum())
             history.unconverged += int((~(info.converged | info.frozen)).sum())
