@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ._checks import DACInputError, check_int, check_positive
 from .layer import DACrop
-from .saliency import SaliencyNet, feature_trunk, standardize_features
+from .saliency import SaliencyNet, feature_trunk, standardize_features, trunk_map
 
 __all__ = [
     "FIT_DEFAULTS",
@@ -202,8 +202,7 @@ class BoxRegressor(nn.Module):
     def heat_logits(self, features: Tensor) -> Tensor:
         """The heat map's logits upsampled to the features' size, Tensor[B, 1, h, w] (what
         the mask warm start fits)."""
-        x = features.to(self.heat.weight.dtype)
-        return F.interpolate(self.heat(self.trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return trunk_map(self.trunk, self.heat, features)
 
     def forward(self, features: Tensor, image_size: Sequence[int]) -> Tensor:
         """Boxes Tensor[B, 4] xyxy of images of ``image_size`` = (H, W) from their

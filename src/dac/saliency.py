@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from ._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch, check_int, check_poolable
 from .functional.pooling import max_min_pool, window_extremes
 
-__all__ = ["FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize_features"]
+__all__ = [
+    "FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize_features", "trunk_map",
+]
 
 #: The channels of :func:`saliency_features`, in order.
 FEATURES = ("max_min", "mean", "max", "min", "std")
@@ -97,6 +99,16 @@ def standardize_features(features: Tensor) -> Tensor:
     return (features - mean) / features.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
 
 
+def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor) -> Tensor:
+    """``head(trunk(standardised features))`` upsampled (bilinear) back to the features'
+    h x w: Tensor[B, 5, h, w] -> Tensor[B, 1, h, w], in ``head``'s dtype. The map both
+    learned localisers draw (:class:`SaliencyNet`'s gate logits, the box regressor's heat map)."""
+    if features.ndim != 4 or features.shape[1] != len(FEATURES):
+        raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(features.shape)}")
+    x = features.to(next(head.parameters()).dtype)
+    return F.interpolate(head(trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 class SaliencyNet(nn.Module):
     """A learned saliency stage: window features -> CNN -> gate on the max–min map.
 
@@ -143,10 +155,7 @@ class SaliencyNet(nn.Module):
     def gate_logits(self, features: Tensor) -> Tensor:
         """Logits ``g`` of the gate ``2 sigmoid(g)``, Tensor[B, 1, h, w], from features
         Tensor[B, 5, h, w] (what :func:`dac.localisation.fit_region_masks` fits)."""
-        if features.ndim != 4 or features.shape[1] != len(FEATURES):
-            raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(features.shape)}")
-        x = features.to(self.gate.weight.dtype)
-        return F.interpolate(self.gate(self.trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return trunk_map(self.trunk, self.gate, features)
 
     def extra_repr(self) -> str:
         return f"pool_size={self.pool_size}"
