@@ -116,6 +116,10 @@ class TestSaliencyNet:
             SaliencyNet(pool_size=0)
         with pytest.raises(DACInputError, match="features"):
             SaliencyNet().from_features(torch.rand(1, 3, 10, 10))
+        with pytest.raises(DACInputError, match="features"):  # the box regressor's heat map draws the same map
+            BoxRegressor(0.5).heat_logits(torch.rand(1, 3, 10, 10))
+        with pytest.raises(DACInputError, match="features"):
+            BoxRegressor(0.5)(torch.rand(3, 10, 10), (100, 100))
 
 
 class TestScores:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ._checks import DACInputError, check_int, check_positive
 from .layer import DACrop
-from .saliency import SaliencyNet, feature_trunk, standardize_features, trunk_map
+from .saliency import SaliencyNet, check_features, feature_trunk, standardize_features, trunk_map
 
 __all__ = [
     "FIT_DEFAULTS",
@@ -208,7 +208,7 @@ class BoxRegressor(nn.Module):
         """Boxes Tensor[B, 4] xyxy of images of ``image_size`` = (H, W) from their
         features Tensor[B, 5, H // k, W // k]."""
         height, width = float(image_size[0]), float(image_size[1])
-        x = features.to(self.heat.weight.dtype)
+        x = check_features(features).to(self.heat.weight.dtype)
         hidden = self.trunk(standardize_features(x))
         b, _, h, w = hidden.shape
         weights = torch.softmax(self.heat(hidden).flatten(1), dim=1).reshape(b, h, w)

@@ -36,7 +36,7 @@ from ._checks import INTEGER_IMAGE_SCALE, DACInputError, check_image_batch, chec
 from .functional.pooling import max_min_pool, window_extremes
 
 __all__ = [
-    "FEATURES", "SaliencyNet", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize_features", "trunk_map",
+    "FEATURES", "SaliencyNet", "check_features", "feature_trunk", "load_saliency", "save_saliency", "saliency_features", "standardize_features", "trunk_map",
 ]
 
 #: The channels of :func:`saliency_features`, in order.
@@ -103,10 +103,15 @@ def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor) -> Tensor:
     """``head(trunk(standardised features))`` upsampled (bilinear) back to the features'
     h x w: Tensor[B, 5, h, w] -> Tensor[B, 1, h, w], in ``head``'s dtype. The map both
     learned localisers draw (:class:`SaliencyNet`'s gate logits, the box regressor's heat map)."""
-    if features.ndim != 4 or features.shape[1] != len(FEATURES):
-        raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(features.shape)}")
-    x = features.to(next(head.parameters()).dtype)
+    x = check_features(features).to(next(head.parameters()).dtype)
     return F.interpolate(head(trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def check_features(features: Tensor) -> Tensor:
+    """``features`` if it is a Tensor[B, 5, h, w] of :func:`saliency_features`; else DACInputError."""
+    if not isinstance(features, Tensor) or features.ndim != 4 or features.shape[1] != len(FEATURES):
+        raise DACInputError(f"features: expected Tensor[B, {len(FEATURES)}, h, w], got {tuple(getattr(features, 'shape', ())) or type(features).__name__}")
+    return features
 
 
 class SaliencyNet(nn.Module):
