@@ -500,10 +500,12 @@ LEARNED_DEFAULTS = {"r_min_fraction": 0.2, "sharpness_factor": 4.0}
 
 #: How :func:`train_saliency` (``dac fit-saliency``) trains, unless asked otherwise:
 #: a mask warm start, then the box loss through the search (measured on phantoms in
-#: the README's "Localisation").
+#: the README's "Localisation"). The margin trades tightness for teeth kept: the
+#: target's own IoU with the region is 0.764 at 0.012 of the width (0.723 at 0.02),
+#: and it leaves ~34 px per side of a 2836-wide image for the boxes' scatter.
 FIT_DEFAULTS = {
-    "count": 32, "steps": 400, "mask_steps": 400, "batch_size": 8, "lr": 3e-3, "mask_lr": 1e-2,
-    "coverage_weight": 16.0, "margin": 0.02,
+    "count": 32, "steps": 600, "mask_steps": 400, "batch_size": 8, "lr": 3e-3, "mask_lr": 1e-2,
+    "coverage_weight": 16.0, "margin": 0.012,
 }
 
 
