@@ -7,6 +7,7 @@ import torch
 from dac import DACInputError, DACrop
 from dac.functional import max_min_pool
 from dac.localisation import (
+    FIT_DEFAULTS,
     BoxRegressor,
     aspect_box,
     box_loss,
@@ -165,7 +166,7 @@ class TestFitting:
         features, regions, sizes, _ = _phantom_set(range(40, 46))
         net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
         layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
-        history = fit_saliency(net, features, regions, sizes, layer, steps=20, batch_size=6, lr=1e-2, seed=0)
+        history = fit_saliency(net, features, regions, sizes, layer, steps=20, mask_steps=0, batch_size=6, lr=1e-2, coverage_weight=1.0, margin=0.0, seed=0)
         assert history.steps == 20 and len(history.loss) == 20
         first, last = sum(history.loss[:4]) / 4, sum(history.loss[-4:]) / 4
         assert last < 0.8 * first, (first, last)
@@ -178,7 +179,7 @@ class TestFitting:
         start = model(torch.stack(features[:1]), (192, 352))
         torch.testing.assert_close((start[0, 0] + start[0, 2]) / 2, torch.tensor(176.0))
         assert (start[0, 2] - start[0, 0]).item() >= minimum_width(layer, (192, 354)) - 1e-3
-        history = fit_box_regressor(model, features, regions, sizes, layer, steps=30, batch_size=6, lr=1e-2, seed=0)
+        history = fit_box_regressor(model, features, regions, sizes, layer, steps=30, mask_steps=0, batch_size=6, lr=1e-2, coverage_weight=1.0, margin=0.0, seed=0)
         assert sum(history.loss[-5:]) < sum(history.loss[:5])
 
     def test_coverage_weight_charges_teeth_cut_off_in_training(self):
@@ -187,8 +188,17 @@ class TestFitting:
         first = []
         for weight in (0.0, 50.0):
             model = BoxRegressor(layer.aspect, pool_size=4, width=4, dilations=(1,), min_width_fraction=0.1, init_width_fraction=0.3)
-            first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, batch_size=3, coverage_weight=weight).loss[0])
+            first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, mask_steps=0, batch_size=3, coverage_weight=weight).loss[0])
         assert first[1] > first[0] + 1.0  # a narrow start box cuts teeth off: the weight counts
+
+    def test_unset_options_are_those_of_the_command(self, monkeypatch):
+        # fit_saliency(...) and `dac fit-saliency` train alike: options left out come from FIT_DEFAULTS
+        features, regions, sizes, _ = _phantom_set(range(40, 43))
+        net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
+        monkeypatch.setitem(FIT_DEFAULTS, "mask_steps", 3)
+        monkeypatch.setitem(FIT_DEFAULTS, "steps", 2)
+        history = fit_saliency(net, features, regions, sizes, DACrop(output_size=(20, 37), pool_size=4, saliency=net))
+        assert (history.mask_steps, history.steps) == (3, 2)
 
     def test_margin_grows_the_target(self):
         features, regions, sizes, _ = _phantom_set(range(40, 43))
@@ -196,7 +206,7 @@ class TestFitting:
         first = []
         for margin in (0.0, 0.2):
             model = BoxRegressor(layer.aspect, pool_size=4, width=4, dilations=(1,), min_width_fraction=0.1, init_width_fraction=0.9)
-            first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, batch_size=3, margin=margin).loss[0])
+            first.append(fit_box_regressor(model, features, regions, sizes, layer, steps=1, mask_steps=0, batch_size=3, margin=margin).loss[0])
         assert first[1] < first[0]  # a wide start box is nearer a target grown by the margin
 
     def test_region_masks_mark_the_pooled_pixels_whose_centre_is_inside(self):

@@ -424,21 +424,22 @@ def _fit(
     image_sizes: Sequence[Sequence[int]],
     layer: DACrop,
     *,
-    steps: int = 300,
-    batch_size: int = 8,
-    lr: float = 3e-3,
-    mask_steps: int = 0,
-    mask_lr: float = 1e-2,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    mask_steps: int | None = None,
+    mask_lr: float | None = None,
     seed: int = 0,
     flip: bool = True,
-    coverage_weight: float = 1.0,
-    margin: float = 0.0,
+    coverage_weight: float | None = None,
+    margin: float | None = None,
     time_limit: float | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> FitHistory:
     """The training loop both fits share: an optional mask warm start, then Adam
     (cosine learning-rate decay over ``steps``) on :func:`box_loss`, batches of one
-    image size.
+    image size. Arguments left at None take their value from :data:`FIT_DEFAULTS`
+    (what ``dac fit-saliency`` uses), so the Python API and the command train alike.
 
     Args:
         mask_head: (logits, inside) the warm start fits (:func:`fit_region_masks`).
@@ -456,6 +457,10 @@ def _fit(
         time_limit: seconds for the whole fit, warm start included.
         callback: ``callback(step, loss)`` after each box step.
     """
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask_steps": mask_steps, "mask_lr": mask_lr,
+             "coverage_weight": coverage_weight, "margin": margin}
+    steps, batch_size, lr, mask_steps, mask_lr, coverage_weight, margin = (
+        FIT_DEFAULTS[name] if value is None else value for name, value in given.items())
     k = layer.pool_size
     check_int(mask_steps, "mask_steps", 0)
     batches = _batches(features, regions, image_sizes, k, steps, batch_size, seed, flip)  # checks the inputs first
