@@ -96,7 +96,8 @@ def run_row(args: tuple) -> dict:
     torch.manual_seed(opts["seed"])  # the initial weights: the same whichever rows run, in whichever order
     from dac import DACrop
     from dac.localisation import (
-        BoxRegressor, aspect_box, fit_box_regressor, fit_region_masks, fit_saliency, localisation_scores, minimum_width, region_masks,
+        BoxRegressor, aspect_box, fit_box_regressor, fit_region_masks, fit_saliency, localisation_scores, margin_target, minimum_width,
+        region_masks,
     )
     from dac.saliency import SaliencyNet
 
@@ -139,9 +140,7 @@ def run_row(args: tuple) -> dict:
     truth = torch.stack([it["roi"] for it in test])
     scores = localisation_scores(boxes, truth, [it["teeth"] for it in test])
     ceiling = aspect_box(truth, layer.aspect, torch.tensor([grid] * len(test)), minimum_width(layer, (height, width)))
-    # the training target: the best box around the region grown by the margin (what the box loss pulls towards)
-    grown = truth.double() + opts["margin"] * width * torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
-    target = aspect_box(grown, layer.aspect, torch.tensor([grid] * len(test)), minimum_width(layer, (height, width)))
+    target = margin_target(truth.double(), opts["margin"], layer, (height, width))  # what the box loss pulls towards
     result = {
         "row": row["name"], "kind": row["kind"], "labels": row.get("labels", 0), "sharpness_factor": factor, "stages": stages,
         "min_width_fraction": 2 * rmin,

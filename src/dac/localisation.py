@@ -46,6 +46,7 @@ __all__ = [
     "fit_saliency",
     "load_dacrop",
     "localisation_scores",
+    "margin_target",
     "minimum_width",
     "region_masks",
     "train_saliency",
@@ -297,6 +298,23 @@ def minimum_width(layer: DACrop, image_size: Sequence[int]) -> float:
     return 2 * k * min(w * layer.r_min_fraction, w / 2.0, h / (2.0 * layer.aspect))
 
 
+def margin_target(regions: Tensor, margin: float, layer: DACrop, image_size: Sequence[int]) -> Tensor:
+    """The boxes :func:`box_loss` pulls towards: the best box of ``layer``'s aspect and
+    minimum width (:func:`aspect_box`) around each region grown by ``margin`` image widths
+    per side, inside the part of the image the search covers (whole pooling windows).
+
+    Args:
+        regions: Tensor[B, 4] xyxy of images of ``image_size`` = (H, W).
+
+    Returns:
+        Tensor[B, 4] xyxy.
+    """
+    height, width, k = int(image_size[0]), int(image_size[1]), layer.pool_size
+    grid = torch.tensor([[height // k * k, width // k * k]], dtype=torch.float64, device=regions.device).expand(len(regions), 2)
+    pad = margin * float(width) * torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=regions.dtype, device=regions.device)
+    return aspect_box(regions + pad, layer.aspect, grid, minimum_width(layer, (height, width)))
+
+
 def region_masks(regions: Tensor, pooled_size: Sequence[int], pool_size: int) -> Tensor:
     """Tensor[B, 1, h, w]: 1 where a pooled pixel's centre lies inside the region, else 0.
 
@@ -475,12 +493,10 @@ def _fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     for step, (feats, target_regions, (height, width)) in enumerate(batches):
-        grid = torch.tensor([[k * feats.shape[-2], k * feats.shape[-1]]] * len(feats), dtype=torch.float64, device=feats.device)
-        pad = margin * float(width) * torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=target_regions.dtype, device=target_regions.device)
-        targets = aspect_box(target_regions + pad, layer.aspect, grid, minimum_width(layer, (height, width)))
+        targets = margin_target(target_regions, margin, layer, (height, width))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
-            boxes, info = locate(feats, (int(grid[0, 0]), int(grid[0, 1])))
+            boxes, info = locate(feats, (k * feats.shape[-2], k * feats.shape[-1]))
         _step(optimizer, schedule, box_loss(boxes, target_regions, targets, torch.full((len(feats),), float(width)), coverage_weight).mean(), history)
         if info is not None:
             history.frozen += int(info.frozen.sum())
