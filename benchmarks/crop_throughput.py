@@ -23,7 +23,8 @@ Reports ms per image (wall and CPU) and images/s of each (medians over the repea
 layer)`` (1 is the floor with enough cores), how many cores ``dac crop`` kept busy
 (its CPU seconds, workers included, over its wall seconds: the parts can overlap only as
 far as cores are free), the machine and its load average, and the mean IoU of the boxes
-against the phantoms' true regions.
+against the phantoms' true regions. Everything runs on the CPU (there is no
+``--device``: ``dac crop --device cuda`` is not measured here).
 """
 from __future__ import annotations
 
@@ -172,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep --inputs for the next run")
     parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's); dac crop's "
                         "search uses at most this many")
-    parser.add_argument("--device", default="cpu", help="only cpu is measured here")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.threads:
