@@ -96,7 +96,7 @@ def run_row(args: tuple) -> dict:
     torch.manual_seed(opts["seed"])  # the initial weights: the same whichever rows run, in whichever order
     from dac import DACrop
     from dac.localisation import (
-        BoxRegressor, aspect_box, fit_box_regressor, fit_region_masks, fit_saliency, localisation_scores, margin_target, minimum_width,
+        BoxRegressor, aspect_box, fit_box_regressor, fit_saliency, localisation_scores, margin_target, minimum_width,
         region_masks,
     )
     from dac.saliency import SaliencyNet
@@ -118,9 +118,8 @@ def run_row(args: tuple) -> dict:
     history = None
     if row["kind"] == "saliency":
         history = fit_saliency(net, features, regions, sizes, layer, **fit)
-    elif row["kind"] == "mask":
-        history = fit_region_masks(net, net.gate_logits, features, regions, sizes, k, inside=0.5, steps=opts["mask_steps"],
-                                   batch_size=opts["batch_size"], lr=opts["mask_lr"], seed=opts["seed"] + 1)
+    elif row["kind"] == "mask":  # the same fit, stopped after its warm start
+        history = fit_saliency(net, features, regions, sizes, layer, **(fit | {"steps": 0}))
     elif row["kind"] == "regression":
         model = BoxRegressor(layer.aspect, k, width=opts["net_width"], min_width_fraction=2 * rmin)
         history = fit_box_regressor(model, features, regions, sizes, layer, **fit)
@@ -150,7 +149,7 @@ def run_row(args: tuple) -> dict:
         "tooth_coverage": float(scores["tooth_coverage"].mean()),
         "all_teeth_inside": float(scores["all_teeth_inside"].float().mean()),
         "train_s": history.seconds if history else 0.0, "steps": history.steps if history else 0,
-        "mask_steps": (history.steps if row["kind"] == "mask" else history.mask_steps) if history else 0,
+        "mask_steps": history.mask_steps if history else 0,
         "frozen_boxes": history.frozen if history else 0, "unconverged_boxes": history.unconverged if history else 0,
         "loss_every_10_steps": history.loss[::10] if history else [],
         "boxes": boxes.tolist(),

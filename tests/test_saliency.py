@@ -242,12 +242,27 @@ class TestFitting:
         with pytest.raises(DACInputError, match="mask_steps"):
             fit_saliency(net, features, regions, sizes, layer, steps=1, mask_steps=-1)
 
+    def test_no_box_steps_is_the_warm_start_alone(self):
+        # steps=0 stops the fit after its warm start: the net fit_region_masks gives with the fit's own settings
+        features, regions, sizes, _ = _phantom_set(range(40, 43))
+        nets = []
+        for _ in range(2):
+            torch.manual_seed(3)
+            nets.append(SaliencyNet(pool_size=4, width=4, dilations=(1,)))
+        history = fit_saliency(nets[0], features, regions, sizes, DACrop(output_size=(20, 37), pool_size=4, saliency=nets[0]),
+                               steps=0, mask_steps=5, batch_size=2, mask_lr=1e-2, seed=4)
+        assert (history.steps, history.mask_steps, history.loss) == (0, 5, [])
+        fit_region_masks(nets[1], nets[1].gate_logits, features, regions, sizes, 4, inside=0.5, steps=5, batch_size=2, lr=1e-2, seed=5)
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(a, b)
+        assert any(p.abs().sum() > 0 for p in nets[0].gate.parameters())  # the warm start did move the gate
+
     def test_bad_training_input(self):
         net = SaliencyNet(pool_size=4)
         with pytest.raises(DACInputError, match="features, regions, image_sizes"):
             fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(2, 4), [(40, 40)], DACrop(pool_size=4, saliency=net))
         with pytest.raises(DACInputError, match="steps"):  # before any warm-start step
-            fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(1, 4), [(40, 40)], DACrop(pool_size=4, saliency=net), steps=0, mask_steps=5)
+            fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(1, 4), [(40, 40)], DACrop(pool_size=4, saliency=net), steps=-1, mask_steps=5)
 
 
 class TestCommandLine:
@@ -280,6 +295,17 @@ class TestCommandLine:
         boxes = torch.tensor([[float(r[c]) for c in ("x1", "y1", "x2", "y2")] for r in rows])
         reference = layer.locate([dio.read_image(images / f"p{s}.png") for s in range(2)])
         torch.testing.assert_close(boxes, reference.float(), atol=0.01, rtol=0)
+
+    def test_fit_saliency_with_no_box_steps(self, tmp_path, capsys):
+        import json
+
+        from dac.cli import main
+
+        small = ["--image-size", "192x354", "--pool-size", "4", "--size", "20x37", "--count", "2"]
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--steps", "0", "--mask-steps", "3", "--quiet", *small]) == 0
+        summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
+        assert (summary["steps"], summary["mask_steps"], summary["first_loss"], summary["last_loss"]) == (0, 3, None, None)
+        assert "3 warm-start steps only" in capsys.readouterr().err and (tmp_path / "fit" / "saliency.pt").is_file()
 
     def test_bad_saliency_file_is_a_usage_error(self, tmp_path, capsys):
         from dac.cli import main

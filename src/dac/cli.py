@@ -153,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="narrowest box as a fraction of the image width (default %(default)s)")
     fit.add_argument("--sharpness-factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], metavar="F",
                      help="gamma multiplier per stage (default %(default)s, the paper's Algorithm 1)")
-    fit.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"], help="Adam steps through the box (default %(default)s)")
+    fit.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"],
+                     help="Adam steps through the box (default %(default)s; 0: the warm start alone)")
     fit.add_argument("--mask-steps", type=int, default=FIT_DEFAULTS["mask_steps"],
                      help="steps of the mask warm start before them (default %(default)s; 0: none)")
     fit.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop training after this long")
@@ -324,7 +325,7 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     from .localisation import train_saliency
 
     check_int(args.count, "--count", 1)
-    check_int(args.steps, "--steps", 1)
+    check_int(args.steps, "--steps", 0)
     check_int(args.mask_steps, "--mask-steps", 0)
     if not 0 <= args.margin < 0.5:
         raise DACInputError(f"--margin: expected a fraction of the image width in [0, 0.5), got {args.margin:g}")
@@ -336,8 +337,9 @@ def _fit_saliency(args: argparse.Namespace) -> int:
         sharpness_factor=given["sharpness_factor"], steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit,
         coverage_weight=args.coverage_weight, margin=args.margin, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
     )
-    print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, loss "
-          f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} -> {os.path.join(args.out, 'saliency.pt')}", file=sys.stderr)
+    loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
+    print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "
+          f"{os.path.join(args.out, 'saliency.pt')}", file=sys.stderr)
     return 0
 
 

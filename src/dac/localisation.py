@@ -405,7 +405,7 @@ def _batches(
     n = len(features)
     if n == 0 or regions.shape != (n, 4) or len(image_sizes) != n:
         raise DACInputError(f"features, regions, image_sizes: expected N items each and regions Tensor[N, 4], got {n}, {tuple(regions.shape)}, {len(image_sizes)}")
-    check_int(steps, "steps", 1)
+    check_int(steps, "steps", 0)
     check_int(batch_size, "batch_size", 1)
     groups: dict[tuple, list[int]] = {}
     for i, (f, size) in enumerate(zip(features, image_sizes)):
@@ -461,7 +461,8 @@ def _fit(
 
     Args:
         mask_head: (logits, inside) the warm start fits (:func:`fit_region_masks`).
-        steps: Adam steps on the box loss (fewer if ``time_limit`` seconds run out first).
+        steps: Adam steps on the box loss (fewer if ``time_limit`` seconds run out first;
+            0: the warm start alone).
         batch_size: images per step.
         lr: Adam learning rate of the box steps.
         mask_steps: steps of the warm start (:func:`fit_region_masks`) before them; 0: none.
@@ -605,7 +606,8 @@ def train_saliency(
     settings = {"output_size": list(layer.output_size), "pool_size": pool_size, "r_min_fraction": r_min_fraction, "sharpness_factor": sharpness_factor}
     summary = {
         "source": source, "images": len(features), "mask_steps": history.mask_steps, "steps": history.steps, "seconds": round(history.seconds, 1),
-        "first_loss": history.loss[0], "last_loss": float(np.mean(history.loss[-10:])),
+        "first_loss": history.loss[0] if history.loss else None,
+        "last_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
         "frozen_boxes": history.frozen, "unconverged_boxes": history.unconverged, "dacrop": settings,
     }
     save_saliency(net, out / "saliency.pt", dacrop=json.dumps(settings), source=source)
