@@ -152,6 +152,7 @@ def run_row(args: tuple) -> dict:
         "mask_steps": history.mask_steps if history else 0,
         "frozen_boxes": history.frozen if history else 0, "unconverged_boxes": history.unconverged if history else 0,
         "loss_every_10_steps": history.loss[::10] if history else [],
+        "mask_loss_every_10_steps": history.mask_loss[::10] if history else [],
         "boxes": boxes.tolist(),
     }
     if net is not None and opts.get("save"):
