@@ -181,6 +181,25 @@ class TestFinishedWork:
         CROPPED.clear()
         assert run([path], out).ok == 1 and len(CROPPED) == 1
 
+    def test_file_that_now_fails_leaves_no_old_outputs(self, three: Path, tmp_path: Path):
+        # Its old crop and overlay would stay, unreferenced, looking current.
+        out = tmp_path / "out"
+        run([three], out, overlays=True)
+        row = next(r for r in read_table(out)[1] if r["path"].endswith("a.png"))
+        crop, overlay = out / row["crop"], out / "overlays" / Path(row["crop"]).name
+        assert crop.is_file() and overlay.is_file()
+        (three / "a.png").write_bytes(b"not an image any more")
+        assert run([three], out, overlays=True).failed == 1
+        assert not crop.exists() and not overlay.exists()
+        assert len(list((out / "crops").iterdir())) == len(list((out / "overlays").iterdir())) == 2
+
+    def test_rerun_without_overlays_removes_the_old_ones(self, three: Path, tmp_path: Path):
+        out = tmp_path / "out"
+        run([three], out, overlays=True)
+        assert len(list((out / "overlays").iterdir())) == 3
+        assert run([three], out, bits=16).ok == 3  # overlays showing the old boxes would stay
+        assert list((out / "overlays").iterdir()) == []
+
     def test_touched_file_is_not_recropped(self, three: Path, tmp_path: Path):
         out = tmp_path / "out"
         run([three], out)

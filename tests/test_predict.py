@@ -90,6 +90,20 @@ def test_predict_archive_end_to_end(trained: Path, tmp_path: Path, capsys, monke
     assert rows(out) == list(table.values())
 
 
+def test_file_that_now_fails_leaves_no_old_outputs(trained: Path, tmp_path: Path):
+    first, _ = phantoms(tmp_path / "new", 2)
+    out, predictor = tmp_path / "preds", Predictor.load(trained)
+    assert predict_archive([tmp_path / "new"], out, predictor, overlays=True, progress=False).ok == 2
+    crop = out / next(r["crop"] for r in rows(out) if r["path"] == str(first.resolve()))
+    overlay = out / "overlays" / crop.name
+    assert crop.is_file() and overlay.is_file()
+    first.write_bytes(b"no longer an image")
+    assert predict_archive([tmp_path / "new"], out, predictor, overlays=True, progress=False).failed == 1
+    assert not crop.exists() and not overlay.exists()  # old answers, for a file that has none now
+    assert predict_archive([tmp_path / "new"], out, predictor, progress=False).ok == 1
+    assert list((out / "overlays").iterdir()) == []  # without --overlays: no old overlay left
+
+
 def test_predictor_matches_the_trained_network(trained: Path):
     """The box search, crop and classifier give the probabilities of the network itself."""
     predictor = Predictor.load(trained)

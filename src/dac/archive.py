@@ -119,6 +119,7 @@ __all__ = [
     "crop_archive",
     "crop_settings",
     "default_workers",
+    "discard_outputs",
     "find_inputs",
     "module_settings",
     "output_name",
@@ -190,6 +191,10 @@ class ArchiveTask:
             thread; raising fails that file.
         outputs: columns naming files (relative to ``out``) a finished row needs.
         folders: sub-folders of ``out`` to create.
+        products: sub-folders of ``out`` where this kind of task, with any settings,
+            writes a file named :func:`output_name` of an input. When an input fails,
+            its files there are removed: what an earlier run made of it would
+            otherwise stay, unreferenced, looking current.
         check_header: optional ``header -> None`` that raises :class:`DACInputError`
             for a table this task cannot add to (e.g. columns of another model).
         name: the command, for messages (``"dac crop"``).
@@ -203,6 +208,7 @@ class ArchiveTask:
     write: Callable[[Path, str, torch.Tensor, Any], dict[str, str]]
     outputs: tuple[str, ...] = ()
     folders: tuple[str, ...] = ()
+    products: tuple[str, ...] = ()
     check_header: Callable[[list[str]], None] | None = None
     name: str = "dac"
 
@@ -960,6 +966,7 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
             else:
                 summary.failed += 1
                 summary.failures.append((row["path"], row["error"]))
+                discard_outputs(out, row["path"], task.products)
         bar.update(len(rows))
 
     batches = [list(range(i, min(i + batch_size, len(todo)))) for i in range(0, len(todo), batch_size)]
@@ -1145,6 +1152,7 @@ def crop_archive(
         write=functools.partial(_crop_write, bits=bits, overlays=bool(overlays)),
         outputs=("crop",),
         folders=("crops", "overlays") if overlays else ("crops",),
+        products=("crops", "overlays"),
         name="dac crop",
     )
     return run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers, device=device,
@@ -1172,6 +1180,16 @@ def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:
     return [(crops[k].cpu(), boxes[k].cpu(), float(info.cost[k]), int(info.iterations[k])) for k in range(len(crops))]
 
 
+def discard_outputs(out: Path, key: str, folders: Sequence[str]) -> None:
+    """Remove the files named :func:`output_name` of input ``key`` from ``out``'s
+    ``folders`` (those that exist; one that cannot be removed is left)."""
+    for folder in folders:
+        try:
+            (out / folder / output_name(key)).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, *, bits: int, overlays: bool) -> dict[str, str]:
     from . import io as dio
 
@@ -1180,6 +1198,8 @@ def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, *, bits
     dio.write_png(out / name, crop, bits=bits)
     if overlays:
         write_overlay(out / "overlays" / output_name(key), image, box)
+    else:
+        discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another box
     x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "cost": f"{cost:.6g}", "iterations": str(iterations), "crop": name}
 

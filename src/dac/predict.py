@@ -414,6 +414,7 @@ def predict_archive(
         write=functools.partial(_write, classes=classes, overlays=bool(overlays)),
         outputs=("crop",),
         folders=("crops", "overlays") if overlays else ("crops",),
+        products=("crops", "overlays"),
         check_header=functools.partial(_check_header, probability_fields=probability_fields),
         name="dac predict",
     )
@@ -439,6 +440,8 @@ def _write(out: Path, key: str, image: Tensor, result: tuple, *, classes: tuple[
     if overlays:
         archive.write_overlay(out / "overlays" / archive.output_name(key), image, box,
                               text=f"{classes[best]} ({float(probabilities[best]):.2f})")
+    else:
+        archive.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
     folder = os.path.basename(os.path.dirname(key))
     x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "predicted": classes[best], "crop": name,
