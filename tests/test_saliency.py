@@ -44,6 +44,15 @@ class TestFeatures:
                     ]
                     torch.testing.assert_close(f[b, :, i, j], torch.stack(expected))
 
+    def test_std_of_flat_windows_is_not_rounding_noise(self):
+        # E[x^2] - E[x]^2 in float32 gave 4e-4 for a constant 0.7 and 65x the truth for 60000/60001.
+        flat = saliency_features(torch.full((1, 1, 20, 20), 0.7), 10)[0, 4]
+        assert flat.abs().max() < 1e-6
+        alternating = torch.full((1, 1, 20, 20), 60000, dtype=torch.uint16)
+        alternating[..., ::2] = 60001
+        std = saliency_features(alternating, 10)[0, 4]
+        torch.testing.assert_close(std, torch.full_like(std, 0.5 / 65535), rtol=1e-2, atol=0)
+
     def test_uint8_equals_float_and_channel_0_is_max_min(self):
         x = torch.randint(0, 256, (1, 1, 40, 60), dtype=torch.uint8)
         torch.testing.assert_close(saliency_features(x, 10), saliency_features(x.float() / 255, 10))
@@ -140,6 +149,19 @@ class TestScores:
         assert s["tooth_coverage"].item() == pytest.approx(0.75)
         assert s["worst_tooth"].item() == pytest.approx(0.5) and not s["all_teeth_inside"].item()
 
+    def test_scores_of_mismatched_batches_are_refused(self):
+        boxes, regions = torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 20], [5, 5, 9, 9]]), torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 20]])
+        with pytest.raises(DACInputError, match="regions"):
+            localisation_scores(boxes, regions)
+        with pytest.raises(DACInputError, match="teeth"):
+            localisation_scores(boxes[:2], regions, [torch.tensor([[1.0, 1, 2, 2]])])
+
+    def test_an_image_without_teeth_keeps_them_all(self):
+        s = localisation_scores(torch.tensor([[0.0, 0, 10, 10]] * 2), torch.tensor([[0.0, 0, 10, 10]] * 2),
+                                [torch.zeros(0, 4), torch.tensor([[20.0, 20, 30, 30]])])
+        assert s["tooth_coverage"].tolist() == [1.0, 0.0] and s["worst_tooth"].tolist() == [1.0, 0.0]
+        assert s["all_teeth_inside"].tolist() == [True, False]
+
     def test_box_loss_charges_teeth_cut_off(self):
         region = torch.tensor([[100.0, 100, 200, 150]])
         target = aspect_box(region, 0.5, torch.tensor([[300, 400]]))
@@ -220,6 +242,16 @@ class TestFitting:
                     cx, cy = 5 * j + 2.5, 5 * i + 2.5
                     assert masks[b, 0, i, j].item() == float(x1 <= cx < x2 and y1 <= cy < y2)
 
+    def test_region_masks_of_a_mirrored_region_are_the_mirrored_masks(self):
+        # A region edge on a pooled pixel's centre (integer boxes, even k) counts half,
+        # so the mask of a mirrored image's region is the mirror of the mask.
+        regions = torch.tensor([[15.0, 5.0, 55.0, 25.0], [12.0, 0.0, 45.0, 30.0]], dtype=torch.float64)
+        masks = region_masks(regions, (4, 10), 10)
+        mirrored = torch.stack((100 - regions[:, 2], regions[:, 1], 100 - regions[:, 0], regions[:, 3]), -1)
+        torch.testing.assert_close(region_masks(mirrored, (4, 10), 10), masks.flip(-1))
+        assert masks[0, 0, 1].tolist() == [0, 0.5, 1, 1, 1, 0.5, 0, 0, 0, 0]
+        assert masks[0, 0, :, 3].tolist() == [0.5, 1, 0.5, 0]
+
     def test_mask_warm_start_makes_the_gate_dark_outside_the_region(self):
         features, regions, sizes, _ = _phantom_set(range(40, 46))
         net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
@@ -256,6 +288,36 @@ class TestFitting:
         for a, b in zip(nets[0].parameters(), nets[1].parameters()):
             torch.testing.assert_close(a, b)
         assert any(p.abs().sum() > 0 for p in nets[0].gate.parameters())  # the warm start did move the gate
+
+    def test_features_of_another_window_or_size_are_refused(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 42))  # k = 4
+        net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
+        with pytest.raises(DACInputError, match="features"):  # searched as if k were 10: boxes beyond the image
+            fit_saliency(SaliencyNet(pool_size=10), features, regions, sizes, DACrop(output_size=(20, 37), pool_size=10), steps=1, mask_steps=0)
+        with pytest.raises(DACInputError, match="features"):
+            fit_saliency(net, features, regions, [(354, 192)] * 2, DACrop(output_size=(20, 37), pool_size=4), steps=1, mask_steps=0)
+        with pytest.raises(DACInputError, match="pool_size"):
+            fit_saliency(SaliencyNet(pool_size=5), features, regions, sizes, DACrop(output_size=(20, 37), pool_size=4), steps=1)
+        layer = DACrop(output_size=(20, 37), pool_size=4)
+        with pytest.raises(DACInputError, match="aspect"):
+            fit_box_regressor(BoxRegressor(1.0, pool_size=4, width=4, dilations=(1,)), features, regions, sizes, layer, steps=1)
+        with pytest.raises(DACInputError, match="pool_size"):
+            fit_box_regressor(BoxRegressor(layer.aspect, pool_size=10, width=4, dilations=(1,)), features, regions, sizes, layer, steps=1)
+
+    @pytest.mark.parametrize("option, value", [("coverage_weight", float("nan")), ("coverage_weight", -1.0), ("margin", 0.5),
+                                               ("margin", float("nan")), ("time_limit", -1.0), ("time_limit", float("nan"))])
+    def test_bad_fit_options(self, option, value):
+        features, regions, sizes, _ = _phantom_set(range(40, 41))
+        net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
+        with pytest.raises(DACInputError, match=option):
+            fit_saliency(net, features, regions, sizes, DACrop(output_size=(20, 37), pool_size=4), steps=1, mask_steps=1, **{option: value})
+
+    def test_time_limit_covers_the_warm_start(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 42))
+        net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
+        history = fit_saliency(net, features, regions, sizes, DACrop(output_size=(20, 37), pool_size=4), steps=50, mask_steps=10_000,
+                               batch_size=2, time_limit=0.5)
+        assert history.mask_steps < 10_000 and history.steps == 0 and history.seconds < 5
 
     def test_bad_training_input(self):
         net = SaliencyNet(pool_size=4)
@@ -307,6 +369,46 @@ class TestCommandLine:
         assert (summary["steps"], summary["mask_steps"], summary["first_loss"], summary["last_loss"]) == (0, 3, None, None)
         assert "3 warm-start steps only" in capsys.readouterr().err and (tmp_path / "fit" / "saliency.pt").is_file()
 
+    @pytest.mark.parametrize("header", ["path,x,y,w,h", "image,y1,x1,y2,x2", "path,x1,y1,x2"])
+    def test_data_csv_with_other_columns_is_refused(self, tmp_path, capsys, header):
+        from dac import io as dio
+        from dac.cli import main
+
+        dio.write_png(tmp_path / "a.png", make_phantom(1, 96, 177).image)
+        (tmp_path / "boxes.csv").write_text(f"{header}\na.png,19,29,100,40\n")  # xywh read as xyxy would fit
+        code = main(["fit-saliency", "--out", str(tmp_path / "fit"), "--data", str(tmp_path / "boxes.csv"), "--quiet",
+                     "--pool-size", "4", "--size", "20x37", "--steps", "1", "--mask-steps", "1"])
+        assert code == 2 and "x1,y1,x2,y2" in capsys.readouterr().err and not (tmp_path / "fit").exists()
+
+    def test_load_dacrop_of_a_stage_saved_without_settings(self, tmp_path):
+        from dac.localisation import LEARNED_DEFAULTS, load_dacrop
+
+        save_saliency(SaliencyNet(4, width=4), tmp_path / "plain.pt")
+        with pytest.warns(UserWarning, match="no DACrop settings"):
+            layer = load_dacrop(tmp_path / "plain.pt")
+        assert layer.r_min_fraction == LEARNED_DEFAULTS["r_min_fraction"] and layer.pool_size == 4
+        assert layer.schedule.sharpness_factor == LEARNED_DEFAULTS["sharpness_factor"]
+
+    @pytest.mark.parametrize("stored", ["not json", "[1, 2]", '{"saliency": 1}', '{"pool_size": 4, "bogus": 1}'])
+    def test_load_dacrop_with_bad_settings_is_one_clear_error(self, tmp_path, stored):
+        from dac.localisation import load_dacrop
+
+        save_saliency(SaliencyNet(4, width=4), tmp_path / "bad.pt", dacrop=stored)
+        with pytest.raises(DACInputError, match="saliency"):
+            load_dacrop(tmp_path / "bad.pt")
+
+    def test_interrupted_fit_says_nothing_was_saved(self, tmp_path, capsys, monkeypatch):
+        import dac.localisation
+        from dac.cli import main
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(dac.localisation, "train_saliency", interrupted)
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert "resume" not in err and "nothing saved" in err
+
     def test_bad_saliency_file_is_a_usage_error(self, tmp_path, capsys):
         from dac.cli import main
 
@@ -316,7 +418,9 @@ class TestCommandLine:
         assert code == 2 and "saliency" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
 
-    @pytest.mark.parametrize("option, value", [("--margin", "0.7"), ("--margin", "-0.1"), ("--margin", "nan"), ("--mask-steps", "-1")])
+    @pytest.mark.parametrize("option, value", [("--margin", "0.7"), ("--margin", "-0.1"), ("--margin", "nan"), ("--mask-steps", "-1"),
+                                               ("--coverage-weight", "nan"), ("--coverage-weight", "-1"), ("--time-limit", "0"),
+                                               ("--time-limit", "nan")])
     def test_bad_fit_option_is_a_usage_error(self, tmp_path, capsys, option, value):
         from dac.cli import main
 

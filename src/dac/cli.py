@@ -8,6 +8,7 @@ Ctrl-C, or diverged in train/cv; the same command resumes it), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -210,8 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dac {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("crop", "predict", "fit-saliency", "train", "cv"):
+        if args.command in ("crop", "predict", "train", "cv"):
             print(f"dac {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+            return 1
+        if args.command == "fit-saliency":  # saliency.pt is written once, at the end
+            print("dac fit-saliency: interrupted; nothing saved (a new run trains from the start)", file=sys.stderr)
             return 1
         raise
     except RuntimeError as exc:
@@ -320,7 +324,7 @@ def _search_options(args: argparse.Namespace) -> dict:
 
 
 def _fit_saliency(args: argparse.Namespace) -> int:
-    from ._checks import check_int
+    from ._checks import check_int, check_positive
     from .archive import check_out_dir
     from .localisation import train_saliency
 
@@ -329,6 +333,10 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     check_int(args.mask_steps, "--mask-steps", 0)
     if not 0 <= args.margin < 0.5:
         raise DACInputError(f"--margin: expected a fraction of the image width in [0, 0.5), got {args.margin:g}")
+    if not (math.isfinite(args.coverage_weight) and args.coverage_weight >= 0):
+        raise DACInputError(f"--coverage-weight: expected a finite number >= 0, got {args.coverage_weight:g}")
+    if args.time_limit is not None:
+        check_positive(args.time_limit, "--time-limit")
     check_out_dir(args.out, "--out")
     given = _search_options(args)
     summary = train_saliency(

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ._checks import DACInputError, check_int, check_positive
 from .layer import DACrop
-from .saliency import SaliencyNet, check_features, feature_trunk, standardize_features, trunk_map
+from .saliency import FEATURES, SaliencyNet, check_features, feature_trunk, standardize_features, trunk_map
 
 __all__ = [
     "FIT_DEFAULTS",
@@ -94,7 +94,12 @@ def localisation_scores(boxes: Tensor, regions: Tensor, teeth: Sequence[Tensor] 
     Returns:
         ``iou`` Tensor[B]; with ``teeth`` also ``tooth_coverage`` (mean share of each
         tooth's area inside the box), ``worst_tooth`` (the smallest share) and
-        ``all_teeth_inside`` (bool), each Tensor[B].
+        ``all_teeth_inside`` (bool), each Tensor[B]. An image without teeth
+        (Tensor[0, 4]) keeps all of them: coverage 1, worst 1, all inside.
+
+    Raises:
+        DACInputError: ``boxes`` and ``regions`` are not both Tensor[B, 4], or ``teeth``
+            does not hold B items.
 
     Example:
         >>> s = localisation_scores(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]]),
@@ -104,13 +109,20 @@ def localisation_scores(boxes: Tensor, regions: Tensor, teeth: Sequence[Tensor] 
     """
     from torchvision.ops import box_iou
 
+    for value, name in ((boxes, "boxes"), (regions, "regions")):
+        if not isinstance(value, Tensor) or value.ndim != 2 or value.shape[-1] != 4 or len(value) != len(boxes):
+            raise DACInputError(f"{name}: expected Tensor[B, 4] with B = {len(boxes)} (as boxes), got {tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+    if teeth is not None and len(teeth) != len(boxes):
+        raise DACInputError(f"teeth: expected one Tensor[N, 4] per box ({len(boxes)}), got {len(teeth)}")
     boxes, regions = boxes.detach().double(), regions.detach().double()
     scores = {"iou": box_iou(boxes, regions).diagonal()}
     if teeth is not None:
         coverage, worst, every = [], [], []
         for box, tooth in zip(boxes, teeth):
-            tooth = tooth.double()
+            tooth = tooth.double().reshape(-1, 4).to(box.device)
             share = _overlap(tooth, box) / ((tooth[:, 2] - tooth[:, 0]) * (tooth[:, 3] - tooth[:, 1])).clamp_min(1e-9)
+            if not len(share):
+                share = box.new_ones(1)  # no teeth to cut off
             coverage.append(share.mean())
             worst.append(share.min())
             every.append(bool((share >= inside).all()))
@@ -265,6 +277,8 @@ def fit_saliency(
         :class:`FitHistory`.
     """
 
+    _check_pool_size(net, layer, "net")
+
     def locate(feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
         boxes, info = layer.search(net.from_features(feats))
         return boxes, info
@@ -285,10 +299,19 @@ def fit_box_regressor(
     and the same mask warm start (``mask_steps``; of its trunk and heat map, whose
     soft-argmax then starts at the centre of the mask)."""
 
+    _check_pool_size(model, layer, "model")
+    if not math.isclose(model.aspect, layer.aspect, rel_tol=1e-9):
+        raise DACInputError(f"model: its aspect {model.aspect:g} is not the layer's {layer.aspect:g} (the targets' aspect)")
+
     def locate(feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
         return model(feats, size), None
 
     return _fit(model, locate, (model.heat_logits, 1.0), features, regions, image_sizes, layer, **kwargs)
+
+
+def _check_pool_size(model: nn.Module, layer: DACrop, name: str) -> None:
+    if getattr(model, "pool_size", layer.pool_size) != layer.pool_size:
+        raise DACInputError(f"{name}: works on windows of pool_size {model.pool_size}, the layer on {layer.pool_size}")
 
 
 def minimum_width(layer: DACrop, image_size: Sequence[int]) -> float:
@@ -316,7 +339,9 @@ def margin_target(regions: Tensor, margin: float, layer: DACrop, image_size: Seq
 
 
 def region_masks(regions: Tensor, pooled_size: Sequence[int], pool_size: int) -> Tensor:
-    """Tensor[B, 1, h, w]: 1 where a pooled pixel's centre lies inside the region, else 0.
+    """Tensor[B, 1, h, w]: 1 where a pooled pixel's centre lies inside the region, else 0;
+    a centre on the region's edge counts half per axis (so the mask of a mirrored
+    region is the mirrored mask, whatever the ties).
 
     Pooled pixel ``(i, j)`` covers input pixels ``[i k, (i + 1) k) x [j k, (j + 1) k)``;
     its centre is ``((j + 1/2) k, (i + 1/2) k)``.
@@ -331,8 +356,12 @@ def region_masks(regions: Tensor, pooled_size: Sequence[int], pool_size: int) ->
     ys = (torch.arange(h, dtype=regions.dtype, device=regions.device) + 0.5) * k
     xs = (torch.arange(w, dtype=regions.dtype, device=regions.device) + 0.5) * k
     r = regions[:, :, None, None]
-    inside = (xs >= r[:, 0]) & (xs < r[:, 2]) & (ys[:, None] >= r[:, 1]) & (ys[:, None] < r[:, 3])
-    return inside.to(regions.dtype)[:, None]
+
+    def along(centres: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        strictly = ((centres > low) & (centres < high)).to(regions.dtype)
+        return torch.where((centres == low) | (centres == high), 0.5 * (low < high).to(regions.dtype), strictly)
+
+    return (along(xs, r[:, 0], r[:, 2]) * along(ys[:, None], r[:, 1], r[:, 3]))[:, None]
 
 
 def fit_region_masks(
@@ -349,6 +378,7 @@ def fit_region_masks(
     lr: float = 1e-2,
     seed: int = 0,
     flip: bool = True,
+    time_limit: float | None = None,
 ) -> FitHistory:
     """Fit ``sigmoid(logits(features))`` to the labelled regions as masks: the warm start.
 
@@ -361,7 +391,10 @@ def fit_region_masks(
         logits: features Tensor[b, 5, h, w] -> logits Tensor[b, 1, h, w].
         inside: the target inside the region (0.5 makes a :class:`SaliencyNet`'s gate
             ``2 sigmoid`` equal 1 there: the paper's map inside, dark outside).
+        time_limit: stop after the step that passes this many seconds (None: no limit).
     """
+    if time_limit is not None:
+        check_positive(time_limit, "time_limit")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     history = FitHistory()
@@ -371,6 +404,8 @@ def fit_region_masks(
         out = logits(feats)
         target = inside * region_masks(target_regions, feats.shape[-2:], pool_size).to(out)
         _step(optimizer, schedule, F.binary_cross_entropy_with_logits(out, target), history)
+        if time_limit is not None and time.perf_counter() - began > time_limit:
+            break
     history.seconds = time.perf_counter() - began
     return history
 
@@ -409,6 +444,10 @@ def _batches(
     check_int(batch_size, "batch_size", 1)
     groups: dict[tuple, list[int]] = {}
     for i, (f, size) in enumerate(zip(features, image_sizes)):
+        expected = (len(FEATURES), int(size[0]) // pool_size, int(size[1]) // pool_size)
+        if not isinstance(f, Tensor) or tuple(f.shape) != expected:
+            raise DACInputError(f"features[{i}]: expected Tensor{list(expected)} (saliency_features of an image of (H, W) = "
+                                f"{tuple(int(v) for v in size)} at the layer's pool_size {pool_size}), got {tuple(getattr(f, 'shape', ())) or type(f).__name__}")
         groups.setdefault((tuple(f.shape), tuple(int(s) for s in size)), []).append(i)
     return _draw(features, regions, groups, pool_size, steps, batch_size, seed, flip)
 
@@ -473,7 +512,8 @@ def _fit(
         margin: the target is the best box of the aspect around the region grown by
             ``margin`` image widths on every side (room for the boxes' scatter, so
             that teeth near the region's edge stay inside).
-        time_limit: seconds for the whole fit, warm start included.
+        time_limit: seconds for the whole fit, warm start included: each phase stops
+            after the step that passes it (no box step starts after it).
         callback: ``callback(step, loss)`` after each box step.
     """
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask_steps": mask_steps, "mask_lr": mask_lr,
@@ -482,18 +522,30 @@ def _fit(
         FIT_DEFAULTS[name] if value is None else value for name, value in given.items())
     k = layer.pool_size
     check_int(mask_steps, "mask_steps", 0)
+    if not (math.isfinite(float(coverage_weight)) and coverage_weight >= 0):
+        raise DACInputError(f"coverage_weight: expected a finite number >= 0, got {coverage_weight!r}")
+    if not 0 <= float(margin) < 0.5:
+        raise DACInputError(f"margin: expected a fraction of the image width in [0, 0.5), got {margin!r}")
+    if time_limit is not None:
+        check_positive(time_limit, "time_limit")
     batches = _batches(features, regions, image_sizes, k, steps, batch_size, seed, flip)  # checks the inputs first
     history = FitHistory()
     began = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return time_limit is not None and time.perf_counter() - began > time_limit
+
     if mask_steps:
         logits, inside = mask_head
         warm = fit_region_masks(model, logits, features, regions, image_sizes, k, inside=inside, steps=mask_steps,
-                                batch_size=batch_size, lr=mask_lr, seed=seed + 1, flip=flip)
+                                batch_size=batch_size, lr=mask_lr, seed=seed + 1, flip=flip, time_limit=time_limit)
         history.mask_steps, history.mask_loss = warm.steps, warm.loss
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     for step, (feats, target_regions, (height, width)) in enumerate(batches):
+        if out_of_time():  # the warm start may have used it all
+            break
         targets = margin_target(target_regions, margin, layer, (height, width))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
@@ -504,8 +556,6 @@ def _fit(
             history.unconverged += int((~(info.converged | info.frozen)).sum())
         if callback:
             callback(step, history.loss[-1])
-        if time_limit is not None and time.perf_counter() - began > time_limit:
-            break
     history.seconds = time.perf_counter() - began
     model.eval()
     return history
@@ -618,17 +668,35 @@ def train_saliency(
 def load_dacrop(path: str | Path, **overrides) -> DACrop:
     """The ``DACrop`` a saved saliency stage was trained with, using it (eval mode).
 
+    The settings are those :func:`train_saliency` stores with the stage. A stage saved
+    without them (:func:`~dac.saliency.save_saliency` with no ``dacrop``) gets
+    :data:`LEARNED_DEFAULTS` and ``DACrop``'s other defaults, with a warning.
     ``overrides`` replace stored settings or add others (``backward_mode``, ...).
+
+    Raises:
+        DACInputError: not a saved stage, or its stored settings are not a ``DACrop``'s.
     """
     from .saliency import load_saliency
 
     net = load_saliency(path)
     meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
-    settings = json.loads(meta.get("dacrop", "{}")) | overrides
+    if "dacrop" not in meta:
+        warnings.warn(f"saliency: {str(path)!r} holds no DACrop settings; using LEARNED_DEFAULTS {LEARNED_DEFAULTS} "
+                      "(store them: save_saliency(net, path, dacrop=json.dumps(settings)))", UserWarning, stacklevel=2)
+    try:
+        stored = json.loads(meta.get("dacrop", json.dumps(LEARNED_DEFAULTS)))
+    except ValueError as exc:
+        raise DACInputError(f"saliency: {str(path)!r} stores DACrop settings that are not JSON ({exc})") from None
+    if not isinstance(stored, dict) or "saliency" in stored:
+        raise DACInputError(f"saliency: {str(path)!r} stores DACrop settings that are not a dict of DACrop arguments: {stored!r}")
+    settings = stored | overrides
     if int(settings.get("pool_size", net.pool_size)) != net.pool_size:
-        raise DACInputError(f"pool_size: the saliency stage {path!r} works on windows of {net.pool_size}, not {settings['pool_size']}")
+        raise DACInputError(f"pool_size: the saliency stage {str(path)!r} works on windows of {net.pool_size}, not {settings['pool_size']}")
     settings["pool_size"] = net.pool_size
-    return DACrop(saliency=net, **settings)
+    try:
+        return DACrop(saliency=net, **settings)
+    except TypeError as exc:  # an argument DACrop does not have (bad values raise DACInputError naming it)
+        raise DACInputError(f"saliency: {str(path)!r} with {sorted(settings)}: {exc}") from None
 
 
 def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
@@ -642,7 +710,11 @@ def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         for line, row in enumerate(csv.reader(handle), start=1):
             cells = [c.strip() for c in row]
-            if not any(cells) or (line == 1 and cells and cells[0].lower() in ("path", "file", "image")):
+            if not any(cells):
+                continue
+            if line == 1 and cells and cells[0].lower() in ("path", "file", "image"):
+                if [c.lower() for c in cells[1:]] != ["x1", "y1", "x2", "y2"]:  # xywh, y first...: not read as xyxy
+                    raise DACInputError(f"data: {str(csv_path)!r}: the header {row!r} names other columns; expected path,x1,y1,x2,y2 (xyxy, input pixels)")
                 continue
             if len(cells) != 5:
                 raise DACInputError(f"data: {str(csv_path)!r} line {line}: expected path,x1,y1,x2,y2, got {row!r}")
