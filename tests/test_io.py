@@ -95,27 +95,6 @@ class TestReadImage:
         assert image.dtype == torch.uint16 and image.shape == (1, 9, 11)
         assert np.array_equal(image[0].numpy(), deep)
 
-    def test_12_bit_data_reads_alike_in_16_and_32_bit_files(self, tmp_path):
-        # The same 12-bit scan exported as a 16-bit PNG (the common way: PNG has no 12
-        # bits), a 16-bit TIFF and a 32-bit TIFF: one scale for all, by the bits it holds.
-        data = RNG.integers(0, 4096, (30, 40)).astype(np.uint16)
-        data[0, 0] = 4095
-        png, png_how = read_image(save(tmp_path, "d.png", Image.fromarray(data)), return_intensity=True)
-        tif16 = read_image(save(tmp_path, "d16.tif", Image.fromarray(data)))
-        tif32 = read_image(save(tmp_path, "d32.tif", Image.fromarray(data.astype(np.int32))))
-        assert png.dtype == tif16.dtype == torch.uint16 and png_how == "16-bit as 12 bits"
-        assert torch.equal(png, tif16)
-        assert torch.allclose(to_unit_float(png), tif32, atol=0.5 / 65535)
-        assert torch.equal(png, torch.from_numpy(np.round(data * (65535 / 4095)).astype(np.uint16))[None])
-
-    @pytest.mark.parametrize("largest, bits", [(200, 8), (1023, 10), (1024, 12), (16383, 14), (16384, 16), (65535, 16)])
-    def test_16bit_scale_rule(self, tmp_path, largest, bits):
-        data = np.array([[0, largest // 2, largest]], dtype=np.uint16)
-        image, how = read_image(save(tmp_path, "d.png", Image.fromarray(data)), return_intensity=True)
-        expected = np.round(data * (65535 / (2**bits - 1))).astype(np.uint16)
-        assert np.array_equal(image[0].numpy(), expected)
-        assert how == ("16-bit" if bits == 16 else f"16-bit as {bits} bits")
-
     def test_tiff_float32_not_clipped(self, tmp_path):
         values = np.linspace(-0.5, 1.5, 6 * 7, dtype=np.float32).reshape(6, 7)
         image = read_image(save(tmp_path, "f.tif", Image.fromarray(values)))
@@ -468,10 +447,8 @@ class TestDicomIntensity:
         assert torch.isfinite(image).all() and "percentiles 1-99 equal" in how
 
     def test_other_files_say_their_bits(self, tmp_path):
-        write_png(tmp_path / "a.png", torch.tensor([[[0, 65535]]], dtype=torch.uint16), bits=16)
+        write_png(tmp_path / "a.png", torch.zeros(1, 4, 4, dtype=torch.uint16), bits=16)
         assert read_image(tmp_path / "a.png", return_intensity=True)[1] == "16-bit"
-        write_png(tmp_path / "z.png", torch.zeros(1, 4, 4, dtype=torch.uint16), bits=16)
-        assert read_image(tmp_path / "z.png", return_intensity=True)[1] == "16-bit as 8 bits"
         assert read_image(bundled("SC_rgb_small_odd.dcm"), return_intensity=True)[1] == "DICOM colour 8-bit"
 
     @pytest.mark.parametrize("kwargs, match", [({"dicom": "voi"}, "dicom"), ({"percentiles": (50, 10)}, "percentiles"),

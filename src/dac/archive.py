@@ -140,7 +140,7 @@ ARCHIVE_FIELDS = (("path", "status", "error", "width", "height"), ("intensity", 
 CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "crop") + ARCHIVE_FIELDS[1]
 #: Version of how an input becomes a crop (reading, scaling, writing): part of every
 #: settings key, so a change here crops archives again.
-ARCHIVE_FORMAT = 4
+ARCHIVE_FORMAT = 3
 _NOT_SETTINGS = frozenset({"last_info"})  # what a layer keeps of its last call
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _LOCK_WAIT_S = 120.0  # longest wait for another process's merge into the table

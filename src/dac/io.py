@@ -51,7 +51,7 @@ _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _LUMA = (0.299, 0.587, 0.114)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-#: Bit depths a 16- or 32-bit integer image is scaled by: the smallest that holds its values.
+#: Bit depths a 32-bit integer image is scaled by: the smallest that holds its values.
 INTEGER_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 #: How a monochrome DICOM image's values become [0, 1] (``read_image(dicom=...)``):
 #: the file's VOI LUT or window (a viewer's default), the range its stored bits allow,
@@ -98,14 +98,8 @@ def read_image(
     * 8-bit files (gray, RGB, palette, with alpha, CMYK, 1-bit): ``torch.uint8``, C = 1
       for gray and 1-bit files, C = 3 otherwise (palettes expand to RGB, alpha is
       dropped without compositing, CMYK and YCbCr are converted to RGB by Pillow).
-    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1, scaled by the bits the image holds
-      (the rule of 32-bit files below): values are multiplied by ``65535 / (2**n - 1)``
-      and rounded, ``n`` the smallest of 8, 10, 12, 14, 16 that holds the largest value,
-      so 12-bit data exported as a 16-bit PNG (values up to 4095) spans the uint16 range
-      and gives the box its 8-bit or 32-bit export gives, not a map 16 times fainter
-      (the DAC cost depends on the intensity scale). An image that uses all 16 bits
-      comes back as stored. Pillow reads 16-bit-per-channel *colour* PNG/TIFF as 8-bit
-      RGB, so those come back as ``torch.uint8``.
+    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1. Pillow reads 16-bit-per-channel
+      *colour* PNG/TIFF as 8-bit RGB, so those come back as ``torch.uint8``.
     * 32-bit integer TIFF (Pillow mode ``"I"``): ``torch.float32`` in [0, 1], C = 1,
       scaled by the bits the image holds: values are divided by ``2**n - 1`` where ``n``
       is the smallest of :data:`INTEGER_BIT_DEPTHS` (8, 10, 12, 14, 16, 24, 32) that
@@ -160,7 +154,7 @@ def read_image(
             [0, 1] (other files are not affected).
         percentiles: (low, high), 0 <= low < high <= 100, for ``dicom="percentiles"``.
         return_intensity: also return a short text saying how the values were
-            scaled, e.g. ``"8-bit"``, ``"16-bit as 12 bits"``, ``"32-bit integer as 12 bits"``, ``"DICOM window
+            scaled, e.g. ``"8-bit"``, ``"32-bit integer as 12 bits"``, ``"DICOM window
             600/1600 (center/width, LINEAR)"``, ``"DICOM stored range -2048..2047 (no
             window in file)"``, ``"DICOM percentiles 1-99: 12..3400"``.
 
@@ -276,8 +270,7 @@ def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
     pixels = np.array(image)  # a writable copy, native byte order below
     intensity = "8-bit"
     if image.mode in _UINT16_MODES:
-        pixels, bits = _uint16_by_bits(pixels.astype(np.uint16))
-        intensity = "16-bit" if bits == 16 else f"16-bit as {bits} bits"
+        pixels, intensity = pixels.astype(np.uint16), "16-bit"
     elif image.mode == "I":
         pixels, bits = _int32_to_unit(pixels.astype(np.int32), unsigned=_is_unsigned_tiff(image))
         intensity = f"32-bit integer as {bits} bits"
@@ -299,15 +292,6 @@ def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:
     if gray and image.mode not in _GRAY_MODES and image.mode != "RGB":
         image = image.convert("RGB")  # CMYK, RGBA...: to RGB first, then luma
     return image.convert(target)
-
-
-def _uint16_by_bits(pixels: np.ndarray) -> tuple[np.ndarray, int]:
-    """16-bit pixels scaled to the full uint16 range by the bits they hold (see read_image), and those bits."""
-    largest = int(pixels.max()) if pixels.size else 0
-    bits = next(b for b in INTEGER_BIT_DEPTHS if largest <= 2**b - 1)
-    if bits == 16:
-        return pixels, bits
-    return np.round(pixels * (65535.0 / (2**bits - 1))).astype(np.uint16), bits  # a factor >= 1: no two values merge
 
 
 def _int32_to_unit(pixels: np.ndarray, unsigned: bool) -> tuple[np.ndarray, int]:
