@@ -497,3 +497,15 @@ class TestBatches:
         time.sleep(0.2)
         assert len(read) <= 4  # the batch handed out, 2 ahead, one being read
         assert [b for b in ahead] == [[i] for i in range(1, 10)] and sorted(read) == list(range(10))
+
+
+def test_float_tiff_outside_the_unit_range_fails_with_its_reason(tmp_path: Path):
+    # A float TIFF of 0..255 (a missing / 255) clipped to [0, 1] would crop a white image without a word.
+    pixels = np.random.default_rng(0).random((40, 60)).astype(np.float32)
+    Image.fromarray(pixels * 255).save(tmp_path / "raw.tif")
+    Image.fromarray(pixels).save(tmp_path / "unit.tif")
+    summary = run([tmp_path / "raw.tif", tmp_path / "unit.tif"], tmp_path / "out")
+    assert (summary.ok, summary.failed) == (1, 1)
+    rows = {Path(r["path"]).name: r for r in read_table(tmp_path / "out")[1]}
+    assert rows["unit.tif"]["status"] == "ok" and rows["raw.tif"]["status"] == "failed"
+    assert "[0, 1]" in rows["raw.tif"]["error"] and "255" in rows["raw.tif"]["error"]

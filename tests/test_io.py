@@ -438,6 +438,29 @@ class TestDicomIntensity:
         assert how.startswith("DICOM stored range -33792..31743 (window in file not usable: ")
         assert torch.equal(image, read_image(tmp_path / "zero.dcm", dicom="range"))
 
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    def test_float_pixels_that_are_not_finite_fail_the_file(self, tmp_path, bad):
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        values = np.linspace(0, 100, 64, dtype=np.float32).reshape(8, 8)
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 8, 8, 1, "MONOCHROME2", 32
+        ds.FloatPixelData = values.tobytes()
+        ds.save_as(tmp_path / "good.dcm", enforce_file_format=True)
+        image = read_image(tmp_path / "good.dcm", dicom="range")
+        assert torch.isfinite(image).all() and image.max() == 1.0
+        values[3, 4] = bad  # one pixel made every other one NaN (scaled by a NaN range)
+        ds.FloatPixelData = values.tobytes()
+        ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+        for mode in ("window", "range", "percentiles"):
+            with pytest.raises(ImageReadError, match="1 NaN or infinite"):
+                read_image(tmp_path / "bad.dcm", dicom=mode)
+
     def test_constant_image_percentiles_fall_back(self, tmp_path):
         ds = pydicom.dcmread(bundled("CT_small.dcm"))
         arr = np.full(ds.pixel_array.shape, 500, dtype=np.int16)
@@ -550,6 +573,13 @@ class TestWritePng:
         write_png(tmp_path / "o.png", image)
         back = read_image(tmp_path / "o.png")
         assert back.dtype == torch.uint8 and torch.equal(back, image)
+
+    def test_dark_16bit_image_reads_back_as_written(self, tmp_path):
+        # 16-bit files are scaled by their type: a dark crop written at 16 bits is not
+        # stretched when read again (guessing the bits from the largest value would).
+        dark = torch.tensor([[[0, 1000, 4000]]], dtype=torch.uint16)
+        write_png(tmp_path / "d.png", dark, bits=16)
+        assert torch.equal(read_image(tmp_path / "d.png"), dark)
 
     def test_uint16_round_trip_exact(self, tmp_path):
         image = torch.from_numpy(RNG.integers(0, 65536, (1, 31, 45), dtype=np.uint16))

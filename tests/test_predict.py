@@ -104,6 +104,15 @@ def test_file_that_now_fails_leaves_no_old_outputs(trained: Path, tmp_path: Path
     assert list((out / "overlays").iterdir()) == []  # without --overlays: no old overlay left
 
 
+def test_float_tiff_of_0_to_255_fails_with_its_reason(trained: Path, tmp_path: Path):
+    from PIL import Image
+
+    image = make_phantom(7, 96, 177).image[0].float().numpy()
+    Image.fromarray(image).save(tmp_path / "raw.tif")  # a forgotten / 255: clipped, it predicted on a white image
+    summary = predict_archive([tmp_path / "raw.tif"], tmp_path / "preds", Predictor.load(trained), progress=False)
+    assert summary.failed == 1 and "[0, 1]" in rows(tmp_path / "preds")[0]["error"]
+
+
 def test_predictor_matches_the_trained_network(trained: Path):
     """The box search, crop and classifier give the probabilities of the network itself."""
     predictor = Predictor.load(trained)

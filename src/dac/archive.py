@@ -104,7 +104,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ._checks import DACInputError, check_device, check_int
+from ._checks import DACInputError, check_device, check_image_batch, check_int, check_unit_range
 from ._files import atomic_write, write_json
 from .layer import DACrop
 
@@ -140,7 +140,7 @@ ARCHIVE_FIELDS = (("path", "status", "error", "width", "height"), ("intensity", 
 CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "crop") + ARCHIVE_FIELDS[1]
 #: Version of how an input becomes a crop (reading, scaling, writing): part of every
 #: settings key, so a change here crops archives again.
-ARCHIVE_FORMAT = 3
+ARCHIVE_FORMAT = 4
 _NOT_SETTINGS = frozenset({"last_info"})  # what a layer keeps of its last call
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _LOCK_WAIT_S = 120.0  # longest wait for another process's merge into the table
@@ -1163,13 +1163,21 @@ def read_for_archive(path: str, *, gray: bool = False, gray8: bool = False, dico
                      percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[torch.Tensor, str]:
     """Read one input as the archive commands do: ``(image, intensity)``.
 
-    Integer images stay integer (a quarter of the memory of floats); floating ones are
-    checked (NaN fails the file) and clipped to [0, 1], the range ``DACrop`` expects;
+    Integer images stay integer (a quarter of the memory of floats); floating ones
+    (float TIFF) must lie in [0, 1], the range ``DACrop`` expects, within the layer's
+    slack of 0.05, and are clipped to it: NaN, or values in 0..255 from a missing
+    ``/ 255``, fail the file (clipped, they would crop a white image without a word);
     with ``gray8`` every image becomes 8-bit gray (:func:`dac.io.to_gray8`).
     """
     from . import io as dio
 
     image, intensity = dio.read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
+    if image.dtype.is_floating_point:
+        try:
+            check_image_batch(image[None])
+            check_unit_range(image)
+        except DACInputError as exc:
+            raise dio.ImageReadError(path, str(exc).replace("images: ", "", 1)) from None
     if gray8:
         return dio.to_gray8(image), intensity
     return (dio.to_unit_float(image) if image.dtype.is_floating_point else image), intensity

@@ -366,6 +366,9 @@ def _read_dicom(path: str, gray: bool, mode: str, percentiles: tuple[float, floa
             raise
         except Exception as err:  # a broken Modality LUT Sequence
             raise ImageReadError(path, f"DICOM modality LUT cannot be applied: {_one_line(err)}") from err
+        finite = np.isfinite(values)
+        if not finite.all():  # float pixel data: one NaN would make every scaled pixel NaN
+            raise ImageReadError(path, f"DICOM pixel data holds {int((~finite).sum())} NaN or infinite values")
         unit, intensity = None, ""
         if mode == "window":
             unit, intensity = _dicom_window(values, ds)

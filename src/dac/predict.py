@@ -399,6 +399,7 @@ def predict_archive(
               + ("label", "crop") + archive.ARCHIVE_FIELDS[1])
     settings = {
         "format": PREDICT_FORMAT,
+        "archive_format": archive.ARCHIVE_FORMAT,  # how a file is read: a change there predicts again
         "predictor": predictor.settings,
         "overlays": bool(overlays),
         "any_size": bool(any_size),
