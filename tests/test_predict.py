@@ -104,6 +104,22 @@ def test_file_that_now_fails_leaves_no_old_outputs(trained: Path, tmp_path: Path
     assert list((out / "overlays").iterdir()) == []  # without --overlays: no old overlay left
 
 
+def test_labels_of_class_folders_made_of_links(trained: Path, tmp_path: Path):
+    # A test split as links into one store (a common way to make folds): the label is the
+    # folder the link sits in, as training's ImageFolderDataset reads it, not the store's.
+    (tmp_path / "store").mkdir()
+    for i in range(3):
+        path = tmp_path / "store" / f"s{i}.png"
+        dio.write_png(path, make_phantom(1000 + i, 96, 177).image)
+        link = tmp_path / "split" / CLASS_NAMES[i % 5] / f"x{i}.png"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    summary = predict_archive([tmp_path / "split"], tmp_path / "preds", Predictor.load(trained), progress=False)
+    assert summary.ok == 3
+    labels = sorted(r["label"] for r in rows(tmp_path / "preds"))
+    assert labels == sorted(CLASS_NAMES[i % 5] for i in range(3))
+
+
 def test_float_tiff_of_0_to_255_fails_with_its_reason(trained: Path, tmp_path: Path):
     from PIL import Image
 

@@ -167,6 +167,7 @@ class Found:
 
     key: str  #: absolute path with links resolved (the link itself where it leads nowhere)
     problem: str = ""  #: why it cannot be read, where the search already knows (else "")
+    found: str = ""  #: the path where the search met it, links not resolved (its folder may be a class name)
 
 
 @dataclass
@@ -186,7 +187,8 @@ class ArchiveTask:
         compute: a list of same-size images (one Tensor[b, C, H, W]) -> one result per
             image. Runs in the main process under ``torch.no_grad()``; when it raises,
             each image is computed alone so that only the bad ones fail.
-        write: ``(out, key, image, result) -> cells``: writes the input's output files
+        write: ``(out, key, image, result, found) -> cells``: writes the input's output
+            files (``found``: :attr:`Found.found`, the path as the search met it)
             under ``out`` (atomically) and returns its columns. Runs in the writer
             thread; raising fails that file.
         outputs: columns naming files (relative to ``out``) a finished row needs.
@@ -205,7 +207,7 @@ class ArchiveTask:
     settings: dict
     read: Callable[[str], tuple[torch.Tensor, str]]
     compute: Callable[[torch.Tensor], list[Any]]
-    write: Callable[[Path, str, torch.Tensor, Any], dict[str, str]]
+    write: Callable[[Path, str, torch.Tensor, Any, str], dict[str, str]]
     outputs: tuple[str, ...] = ()
     folders: tuple[str, ...] = ()
     products: tuple[str, ...] = ()
@@ -258,7 +260,7 @@ def find_inputs(
     def add(path: str, problem: str = "") -> None:
         key = _resolved(path)
         if not _inside(key, skip):
-            found.setdefault(key, Found(key, problem))
+            found.setdefault(key, Found(key, problem, os.path.abspath(path)))
 
     def looks_like_image(path: str) -> bool:
         return os.path.splitext(path)[1].lower() in suffixes
@@ -992,7 +994,7 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
         for items in loader:
             failed = []
             for i, image, reason, file_stat, digest, intensity in items:
-                row = {"path": todo[i].key, "file_stat": file_stat, "sha256": digest, "intensity": intensity,
+                row = {"path": todo[i].key, "found": todo[i].found or todo[i].key, "file_stat": file_stat, "sha256": digest, "intensity": intensity,
                        "settings": key}
                 if image is None:
                     failed.append(row | {"status": "failed", "error": _one_line(reason)})
@@ -1073,7 +1075,7 @@ def _write_rows(task: ArchiveTask, out: Path, rows: list[dict], images: list, re
             done.append(row | {"status": "failed", "error": _one_line(result.reason)})
             continue
         try:
-            cells = task.write(out, row["path"], image, result)
+            cells = task.write(out, row["path"], image, result, row["found"])
         except Exception as exc:  # noqa: BLE001 - recorded in the table
             done.append(row | {"status": "failed", "error": _one_line(f"could not write output: {exc}")})
             continue
@@ -1198,7 +1200,7 @@ def discard_outputs(out: Path, key: str, folders: Sequence[str]) -> None:
             pass
 
 
-def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, *, bits: int, overlays: bool) -> dict[str, str]:
+def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, found: str, *, bits: int, overlays: bool) -> dict[str, str]:
     from . import io as dio
 
     crop, box, cost, iterations = result

@@ -431,7 +431,7 @@ def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor,
     return [(result.probabilities[k], result.boxes[k], result.crops[k]) for k in range(len(images))]
 
 
-def _write(out: Path, key: str, image: Tensor, result: tuple, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
+def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
     from . import io as dio
 
     probabilities, box, crop = result
@@ -443,7 +443,7 @@ def _write(out: Path, key: str, image: Tensor, result: tuple, *, classes: tuple[
                               text=f"{classes[best]} ({float(probabilities[best]):.2f})")
     else:
         archive.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
-    folder = os.path.basename(os.path.dirname(key))
+    folder = os.path.basename(os.path.dirname(found))  # the class folder as the user laid it out (links not followed)
     x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "predicted": classes[best], "crop": name,
             "label": folder if folder in classes else "",
