@@ -317,7 +317,7 @@ class TestFitting:
         net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
         history = fit_saliency(net, features, regions, sizes, DACrop(output_size=(20, 37), pool_size=4), steps=50, mask_steps=10_000,
                                batch_size=2, time_limit=0.5)
-        assert history.mask_steps < 10_000 and history.steps == 0 and history.seconds < 5
+        assert history.mask_steps < 10_000 and history.steps == 0  # all 10 000 would take minutes
 
     def test_bad_training_input(self):
         net = SaliencyNet(pool_size=4)
