@@ -104,7 +104,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ._checks import DACInputError, check_device, check_image_batch, check_int, check_unit_range
+from ._checks import DACInputError, check_device, check_int, check_unit_range
 from ._files import atomic_write, write_json
 from .layer import DACrop
 
@@ -1174,15 +1174,14 @@ def read_for_archive(path: str, *, gray: bool = False, gray8: bool = False, dico
     from . import io as dio
 
     image, intensity = dio.read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
-    if image.dtype.is_floating_point:
-        try:
-            check_image_batch(image[None])
-            check_unit_range(image)
-        except DACInputError as exc:
-            raise dio.ImageReadError(path, str(exc).replace("images: ", "", 1)) from None
-    if gray8:
-        return dio.to_gray8(image), intensity
-    return (dio.to_unit_float(image) if image.dtype.is_floating_point else image), intensity
+    try:
+        if image.dtype.is_floating_point:
+            check_unit_range(image, "image")  # NaN passes here; to_unit_float / to_gray8 refuse it
+        if gray8:
+            return dio.to_gray8(image), intensity
+        return (dio.to_unit_float(image) if image.dtype.is_floating_point else image), intensity
+    except DACInputError as exc:  # values that cannot be taken as they are: the file's reason
+        raise dio.ImageReadError(path, str(exc).removeprefix("image: ")) from None
 
 
 def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:

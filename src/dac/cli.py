@@ -8,7 +8,6 @@ Ctrl-C, or diverged in train/cv; the same command resumes it), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -324,19 +323,14 @@ def _search_options(args: argparse.Namespace) -> dict:
 
 
 def _fit_saliency(args: argparse.Namespace) -> int:
-    from ._checks import check_int, check_positive
+    from ._checks import check_int
     from .archive import check_out_dir
-    from .localisation import train_saliency
+    from .localisation import check_fit_options, train_saliency
 
     check_int(args.count, "--count", 1)
     check_int(args.steps, "--steps", 0)
     check_int(args.mask_steps, "--mask-steps", 0)
-    if not 0 <= args.margin < 0.5:
-        raise DACInputError(f"--margin: expected a fraction of the image width in [0, 0.5), got {args.margin:g}")
-    if not (math.isfinite(args.coverage_weight) and args.coverage_weight >= 0):
-        raise DACInputError(f"--coverage-weight: expected a finite number >= 0, got {args.coverage_weight:g}")
-    if args.time_limit is not None:
-        check_positive(args.time_limit, "--time-limit")
+    check_fit_options(args.coverage_weight, args.margin, args.time_limit, flags=True)  # before any phantom is drawn
     check_out_dir(args.out, "--out")
     given = _search_options(args)
     summary = train_saliency(

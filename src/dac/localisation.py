@@ -41,6 +41,7 @@ __all__ = [
     "FitHistory",
     "aspect_box",
     "box_loss",
+    "check_fit_options",
     "fit_box_regressor",
     "fit_region_masks",
     "fit_saliency",
@@ -393,8 +394,7 @@ def fit_region_masks(
             ``2 sigmoid`` equal 1 there: the paper's map inside, dark outside).
         time_limit: stop after the step that passes this many seconds (None: no limit).
     """
-    if time_limit is not None:
-        check_positive(time_limit, "time_limit")
+    out_of_time = _deadline(time_limit)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     history = FitHistory()
@@ -404,10 +404,34 @@ def fit_region_masks(
         out = logits(feats)
         target = inside * region_masks(target_regions, feats.shape[-2:], pool_size).to(out)
         _step(optimizer, schedule, F.binary_cross_entropy_with_logits(out, target), history)
-        if time_limit is not None and time.perf_counter() - began > time_limit:
+        if out_of_time():
             break
     history.seconds = time.perf_counter() - began
     return history
+
+
+def _deadline(time_limit: float | None) -> Callable[[], bool]:
+    """``out_of_time()``: whether ``time_limit`` seconds (checked: > 0, or None for no
+    limit) have passed since this call."""
+    if time_limit is None:
+        return lambda: False
+    limit, began = check_positive(time_limit, "time_limit"), time.perf_counter()
+    return lambda: time.perf_counter() - began > limit
+
+
+def check_fit_options(coverage_weight: float, margin: float, time_limit: float | None, *, flags: bool = False) -> None:
+    """Raise :class:`DACInputError` for a coverage weight that is not a finite number >= 0,
+    a margin outside [0, 0.5) or a time limit that is not > 0 (None: no limit); ``flags``
+    names them as ``dac fit-saliency``'s options."""
+    def name(argument: str) -> str:
+        return "--" + argument.replace("_", "-") if flags else argument
+
+    if not (math.isfinite(float(coverage_weight)) and coverage_weight >= 0):
+        raise DACInputError(f"{name('coverage_weight')}: expected a finite number >= 0, got {coverage_weight!r}")
+    if not 0 <= float(margin) < 0.5:
+        raise DACInputError(f"{name('margin')}: expected a fraction of the image width in [0, 0.5), got {margin!r}")
+    if time_limit is not None:
+        check_positive(time_limit, name("time_limit"))
 
 
 def _step(optimizer: torch.optim.Optimizer, schedule, loss: Tensor, history: FitHistory) -> None:
@@ -522,19 +546,11 @@ def _fit(
         FIT_DEFAULTS[name] if value is None else value for name, value in given.items())
     k = layer.pool_size
     check_int(mask_steps, "mask_steps", 0)
-    if not (math.isfinite(float(coverage_weight)) and coverage_weight >= 0):
-        raise DACInputError(f"coverage_weight: expected a finite number >= 0, got {coverage_weight!r}")
-    if not 0 <= float(margin) < 0.5:
-        raise DACInputError(f"margin: expected a fraction of the image width in [0, 0.5), got {margin!r}")
-    if time_limit is not None:
-        check_positive(time_limit, "time_limit")
+    check_fit_options(coverage_weight, margin, time_limit)
     batches = _batches(features, regions, image_sizes, k, steps, batch_size, seed, flip)  # checks the inputs first
     history = FitHistory()
     began = time.perf_counter()
-
-    def out_of_time() -> bool:
-        return time_limit is not None and time.perf_counter() - began > time_limit
-
+    out_of_time = _deadline(time_limit)
     if mask_steps:
         logits, inside = mask_head
         warm = fit_region_masks(model, logits, features, regions, image_sizes, k, inside=inside, steps=mask_steps,
