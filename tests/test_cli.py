@@ -200,6 +200,35 @@ def test_settings_changed_on_the_command_line_recrop(tmp_path: Path):
     assert len(rows) == 1 and Image.open(out / rows[0]["crop"]).size == (37, 24)
 
 
+def test_a_saliency_stage_added_on_the_command_line_recrops(tmp_path: Path, capsys):
+    from dac.saliency import SaliencyNet, save_saliency
+
+    for i in range(3):
+        write_scene(tmp_path / "in" / f"scan{i}.png", i)
+    net = SaliencyNet(pool_size=5)
+    with torch.no_grad():
+        net.gate.bias.fill_(1.0)  # gate 2 sigmoid(1) = 1.46 everywhere: not the paper's map
+    stage = tmp_path / "saliency.pt"
+    save_saliency(net, stage, dacrop=json.dumps({"output_size": [20, 37], "pool_size": 5}))
+    args = ["crop", str(tmp_path / "in"), "--out", str(tmp_path / "o"), *SMALL]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "3 cropped, 0 already done" in capsys.readouterr().err
+    plain = {r["path"]: r for r in read_rows(tmp_path / "o")}
+    assert main([*args, "--saliency", str(stage)]) == 0
+    assert "3 cropped, 0 already done" in capsys.readouterr().err  # not "already done": another map
+    rows = read_rows(tmp_path / "o")
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["settings"] != plain[r["path"]]["settings"] for r in rows)
+    assert all(abs(float(r["x2"]) - float(plain[r["path"]]["x2"])) > 0.01 for r in rows)  # searched on its map (~0.2 px off)
+    recorded = json.loads((tmp_path / "o" / "settings.json").read_text())[rows[0]["settings"]]
+    assert recorded["layer"]["module saliency"]["class"] == "dac.saliency.SaliencyNet"
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "crops").iterdir()}
+    assert main([*args, "--saliency", str(stage)]) == 0  # the same stage again: nothing to do
+    assert "0 cropped, 3 already done" in capsys.readouterr().err
+    assert read_rows(tmp_path / "o") == rows
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "crops").iterdir()} == written
+
+
 def test_two_processes_under_torchrun_crop_each_file_once(tmp_path: Path):
     for i in range(5):
         write_scene(tmp_path / "in" / f"scan{i}.png", i, size=(96, 177))

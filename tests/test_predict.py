@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,3 +273,34 @@ def test_shards_merge_into_one_table(trained: Path, tmp_path: Path):
     assert (first.total, second.total) == (3, 2) and first.ok + second.ok == 5
     assert sorted(Path(r["path"]).name for r in rows(out)) == sorted(p.name for p in paths)
     assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).skipped == 5
+
+
+def test_two_processes_under_torchrun_predict_each_file_once(trained: Path, tmp_path: Path):
+    paths = phantoms(tmp_path / "new", 5)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "dac.cli", "predict", str(trained / "dac"), str(tmp_path / "new"), "--out", str(out),
+               "--workers", "0", "--no-progress"]
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shares = re.findall(r"dac predict: (\d+) inputs \(shard (\d)/2 of 5\), (\d+) predicted", first.stderr)
+    assert sorted((s[1], int(s[0]), int(s[2])) for s in shares) == [("0", 3, 3), ("1", 2, 2)]  # each file once
+    table = rows(out)
+    assert sorted(Path(r["path"]).name for r in table) == sorted(p.name for p in paths)  # one row per input
+    assert len({r["path"] for r in table}) == 5 and all(r["status"] == "ok" for r in table)
+    assert len(list((out / "crops").iterdir())) == 5 and not list(out.glob(".*journal*"))
+    # The same answers as one process gives.
+    alone = predict_archive([tmp_path / "new"], tmp_path / "alone", Predictor.load(trained / "dac"), workers=0, progress=False)
+    assert alone.ok == 5
+    expected = {r["path"]: r for r in rows(tmp_path / "alone")}
+    for r in table:
+        assert r["predicted"] == expected[r["path"]]["predicted"]
+        for c in CLASS_NAMES:
+            assert float(r[f"prob_{c}"]) == pytest.approx(float(expected[r["path"]][f"prob_{c}"]), abs=1e-5)
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(re.findall(r"shard \d/2 of 5\), 0 predicted, (\d) already done", again.stderr)) == ["2", "3"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()} == written
+    assert rows(out) == table

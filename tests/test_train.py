@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -744,13 +746,19 @@ class TestCLI:
         assert main(args) == 0  # finished: nothing retrained
         assert (tmp_path / "out" / "dac" / "checkpoint.pt").stat().st_mtime_ns == stamp
 
-    def test_changed_data_is_refused_not_mixed(self, tmp_path, capsys):
+    @pytest.fixture
+    def finished_run(self, tmp_path):
+        """(data folder, argv) of a finished dac train of the cheapest pipeline on 12 class-folder images."""
         data = tmp_path / "images"
         write_class_folders(data)
         config = tmp_path / "tiny.yaml"
         config.write_text(json.dumps({**TINY, "pipelines": {"resize": TINY["pipelines"]["resize"]}}))
         args = ["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"]
         assert main(args) == 0
+        return data, args
+
+    def test_changed_data_is_refused_not_mixed(self, finished_run, capsys):
+        data, args = finished_run
         moved = sorted((data / "few").iterdir())[0]
         moved.rename(data / "many" / moved.name)  # one image relabelled
         capsys.readouterr()
@@ -759,6 +767,34 @@ class TestCLI:
         assert "other data" in err and len(err.strip().splitlines()) == 1
         (data / "many" / moved.name).rename(moved)  # restored: the finished run is recognised again
         assert main(args) == 0
+
+    def test_added_or_removed_images_are_refused_like_a_relabelled_one(self, finished_run, capsys):
+        data, args = finished_run
+        checkpoint = Path(args[args.index("--out") + 1]) / "resize" / "checkpoint.pt"
+        stamp = checkpoint.stat().st_mtime_ns
+        first, second = sorted((data / "few").iterdir())[:2]
+        victim = sorted((data / "none").iterdir())[0]
+        relabelled, added, aside = data / "many" / first.name, data / "many" / "added.png", data.parent / victim.name
+        changes = {  # (make the change, undo it)
+            "relabelled": (lambda: first.rename(relabelled), lambda: relabelled.rename(first)),
+            "added": (lambda: shutil.copy(second, added), added.unlink),  # a 13th image, in an existing class
+            "removed": (lambda: victim.rename(aside), lambda: aside.rename(victim)),  # out of --data: 11 images
+        }
+        errors = {}
+        for name, (change, undo) in changes.items():
+            change()
+            capsys.readouterr()
+            assert main(args) == 2, name
+            errors[name] = capsys.readouterr().err
+            undo()
+            assert main(args) == 0, name  # restored: the finished run is recognised again
+        for name, err in errors.items():
+            assert "other data" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert "the data now has 13 images" in errors["added"] and "the data now has 11 images" in errors["removed"]
+        # One refusal, whatever changed: the messages differ in the new count and digest only.
+        same = {re.sub(r"now has \d+ images, digest \w+", "now has N images, digest D", e) for e in errors.values()}
+        assert len(same) == 1, errors
+        assert checkpoint.stat().st_mtime_ns == stamp  # nothing was trained on the changed data
 
     @pytest.mark.parametrize("cached", [True, False])
     def test_a_corrupt_image_is_a_usage_error_naming_it(self, tmp_path, capsys, cached):
