@@ -58,8 +58,8 @@ class DACrop(nn.Module):
             the found box), ``"unroll"`` (backprop through every ascent step),
             ``"truncated"`` (through the last ``backward_num_iterations`` steps) or
             ``"dlm"`` (Theseus' direct loss minimisation). Only ``"unroll"`` and
-            ``"truncated"`` have second derivatives; the others raise on
-            ``create_graph=True``.
+            ``"truncated"`` (with ``backward_num_iterations`` >= 2) have second
+            derivatives; the others raise on ``create_graph=True``.
         saliency: a module mapping the images (as given to the layer: integer or
             floating Tensor[B, C, H, W]) to a non-negative map Tensor[B, 1, H // k,
             W // k] in the paper's units (the max–min range of [0, 1] images), e.g.
@@ -269,6 +269,10 @@ class DACrop(nn.Module):
             if self.backward_mode in ("implicit", "dlm") and theta.requires_grad:
                 theta = _FirstOrderOnly.apply(theta, self.backward_mode)
                 self._warn_if_inexact(info, batch)
+            elif self.backward_mode == "truncated" and self.backward_num_iterations < 2 and theta.requires_grad:
+                # One Newton step at the converged box has zero Jacobian in theta: its first
+                # derivative is exact, its second misses how the start moves (46 % off).
+                theta = _FirstOrderOnly.apply(theta, "truncated with backward_num_iterations=1")
             return theta_to_boxes(theta, r_min, self.aspect, self.pool_size), info
 
     def _warn_if_inexact(self, info: DACSolverInfo, batch: int) -> None:
@@ -310,7 +314,8 @@ class _FirstOrderOnly(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"DACrop: backward_mode={ctx.mode!r} gives exact first derivatives only; "
-                "for second derivatives (create_graph=True) use backward_mode='unroll' or 'truncated'"
+                "for second derivatives (create_graph=True) use backward_mode='unroll' or 'truncated' "
+                "(backward_num_iterations >= 2)"
             )
         return grad, None
 
