@@ -700,15 +700,25 @@ class TestCrossValidation:
             assert summary[name]["macro_auc_mean"] == pytest.approx(reference[name]["macro_auc_mean"])
 
 
-    def test_a_subset_run_keeps_the_other_pipelines_in_the_report(self, tmp_path):
+    def test_a_subset_run_keeps_the_other_pipelines_in_the_report(self, tmp_path, monkeypatch):
+        from dac.train import report
+
         config = tiny_config(resize=TINY["pipelines"]["resize"], dac=TINY["pipelines"]["dac"])
         out = tmp_path / "cv"
         run_cv(config, out, pipelines=["resize"], verbose=False, figures=False)
-        summary = run_cv(config, out, pipelines=["dac"], verbose=False, figures=False)
+        drawn = {}  # figure -> the pipelines it was drawn with (each figure still drawn by matplotlib)
+        for name in ("_plot_confusions", "_plot_roc", "_plot_auc_per_class", "_plot_macro_auc"):
+            def spy(path, data, *rest, _draw=getattr(report, name)):
+                drawn[Path(path).name] = list(data)
+                return _draw(path, data, *rest)
+            monkeypatch.setattr(report, name, spy)
+        summary = run_cv(config, out, pipelines=["dac"], verbose=False)
         saved = json.loads((out / "summary.json").read_text())
         assert list(saved) == list(summary) == ["resize", "dac"]
         assert "resize (whole image)" in (out / "summary.md").read_text()
         assert {line.split(",")[0] for line in (out / "folds.csv").read_text().splitlines()[1:]} == {"resize", "dac"}
+        assert drawn == {f: ["resize", "dac"] for f in ("confusion.png", "roc.png", "auc_per_class.png", "macro_auc.png")}
+        assert all((out / "figures" / f).stat().st_size > 0 for f in drawn)
 
     def test_missing_packages_stop_the_run_before_any_work(self, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
