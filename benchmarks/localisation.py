@@ -108,7 +108,7 @@ def run_row(args: tuple) -> dict:
     rmin = row.get("rmin", opts["rmin"])
     factor = row.get("factor", opts["factor"])
     stages = row.get("stages", opts["stages"])
-    net = SaliencyNet(k, width=opts["net_width"]) if row["kind"] in ("saliency", "mask") else None
+    net = SaliencyNet(k, width=opts["net_width"], members=opts["members"]) if row["kind"] in ("saliency", "mask") else None
     layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages)
     fit = dict(steps=opts["steps"], mask_steps=opts["mask_steps"], batch_size=opts["batch_size"], lr=opts["lr"], mask_lr=opts["mask_lr"],
                coverage_weight=opts["coverage_weight"], margin=opts["margin"], time_limit=opts["time_limit"], seed=opts["seed"])
@@ -141,7 +141,7 @@ def run_row(args: tuple) -> dict:
     ceiling = aspect_box(truth, layer.aspect, torch.tensor([grid] * len(test)), minimum_width(layer, (height, width)))
     target = margin_target(truth.double(), opts["margin"], layer, (height, width))  # what the box loss pulls towards
     result = {
-        "row": row["name"], "kind": row["kind"], "labels": row.get("labels", 0), "sharpness_factor": factor, "stages": stages,
+        "row": row["name"] + (f", {opts['members']} members" if net is not None and opts["members"] > 1 else ""), "kind": row["kind"], "labels": row.get("labels", 0), "sharpness_factor": factor, "stages": stages,
         "min_width_fraction": 2 * rmin,
         "iou": float(scores["iou"].mean()), "iou_std": float(scores["iou"].std()),
         "ceiling": float(localisation_scores(ceiling, truth)["iou"].mean()),
@@ -251,7 +251,7 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
         "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
         "steps": args.steps, "mask_steps": args.mask_steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
         "mask_lr": args.mask_lr,
-        "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "seed": args.seed, "threads": args.threads,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save,
     })
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coverage-weight", type=float, default=FIT_DEFAULTS["coverage_weight"], help="weight of teeth cut off in the box loss")
     parser.add_argument("--margin", type=float, default=FIT_DEFAULTS["margin"], help="target margin, image widths per side")
     parser.add_argument("--net-width", type=int, default=16)
+    parser.add_argument("--members", type=int, default=FIT_DEFAULTS["members"], help="gates of the learned saliency, trained side by side and averaged")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based), 'all' or 'none' (only --cv rows)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (processes)")

@@ -76,10 +76,11 @@ class TestSaliencyNet:
                 net.gate.bias.fill_(bias)
             torch.testing.assert_close(net(images), gate * paper)
 
-    def test_gradient_of_the_boxes_matches_finite_differences(self):
+    @pytest.mark.parametrize("members", [1, 2])
+    def test_gradient_of_the_boxes_matches_finite_differences(self, members):
         """d(loss on boxes) / d(parameters), through the implicit gradient of the box (float64)."""
         torch.manual_seed(0)
-        net = SaliencyNet(pool_size=5, width=4, dilations=(1, 2)).double()
+        net = SaliencyNet(pool_size=5, width=4, dilations=(1, 2), members=members).double()
         with torch.no_grad():  # a gate that depends on the parameters (zero-initialised otherwise)
             net.gate.weight.normal_(0, 0.5)
             net.gate.bias.fill_(0.1)
@@ -91,7 +92,7 @@ class TestSaliencyNet:
         gen = torch.Generator().manual_seed(3)
         direction = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
         analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
-        eps = 1e-7  # the trunk's ReLUs are kinks: a small step, as for max pooling
+        eps = 1e-8  # the trunk's ReLUs are kinks: a small step, as for max pooling (the FD error falls with it: 3e-5 at 1e-6)
         base = [p.detach().clone() for p in params]
         values = []
         for sign in (1, -1):
@@ -121,9 +122,47 @@ class TestSaliencyNet:
         with pytest.raises(DACInputError, match="no such file"):
             load_saliency(tmp_path / "missing.pt")
 
+    def test_members_are_independent_gates_averaged(self):
+        torch.manual_seed(0)
+        pair = SaliencyNet(pool_size=5, width=4, dilations=(1, 2), members=2)
+        images = textured_scene(2, 300, 555, dtype=torch.float32)
+        torch.testing.assert_close(pair(images), max_min_pool(images, 5))  # untrained: the paper's map
+        singles = [SaliencyNet(pool_size=5, width=4, dilations=(1, 2)) for _ in range(2)]
+        with torch.no_grad():
+            pair.gate.weight.normal_(0, 0.5)
+            pair.gate.bias.copy_(torch.tensor([0.3, -0.2]))
+            pair.log_scale.fill_(0.1)
+            for m, single in enumerate(singles):  # member m's slices of the grouped weights
+                for grouped, alone in zip(list(pair.trunk) + [pair.gate], list(single.trunk) + [single.gate]):
+                    if isinstance(grouped, torch.nn.Conv2d):
+                        n = alone.out_channels
+                        alone.weight.copy_(grouped.weight[m * n : (m + 1) * n])
+                        alone.bias.copy_(grouped.bias[m * n : (m + 1) * n])
+                single.log_scale.copy_(pair.log_scale)
+        features = saliency_features(images, 5)
+        own = torch.cat([single.gate_logits(features) for single in singles], dim=1)
+        torch.testing.assert_close(pair.member_logits(features), own)
+        torch.testing.assert_close(pair.gate_logits(features), own.mean(dim=1, keepdim=True))
+        torch.testing.assert_close(pair.member_maps(features)[:, 1:], singles[1].from_features(features))
+        pair.member_maps(features)[:, 0].sum().backward()  # member 0's map leaves member 1's weights alone
+        assert pair.gate.weight.grad[1].abs().sum() == 0 and pair.gate.weight.grad[0].abs().sum() > 0
+        assert pair.trunk[0].weight.grad[4:].abs().sum() == 0 and pair.trunk[0].weight.grad[:4].abs().sum() > 0
+
+    def test_members_are_saved(self, tmp_path):
+        net = SaliencyNet(pool_size=5, width=4, members=3)
+        with torch.no_grad():
+            net.gate.weight.normal_()
+        save_saliency(net, tmp_path / "s.pt")
+        again = load_saliency(tmp_path / "s.pt")
+        assert again.members == 3
+        x = torch.rand(1, 1, 60, 90)
+        torch.testing.assert_close(again(x), net(x))
+
     def test_bad_arguments(self):
         with pytest.raises(DACInputError, match="pool_size"):
             SaliencyNet(pool_size=0)
+        with pytest.raises(DACInputError, match="members"):
+            SaliencyNet(members=0)
         with pytest.raises(DACInputError, match="features"):
             SaliencyNet().from_features(torch.rand(1, 3, 10, 10))
         with pytest.raises(DACInputError, match="features"):  # the box regressor's heat map draws the same map
@@ -193,6 +232,17 @@ class TestFitting:
         first, last = sum(history.loss[:4]) / 4, sum(history.loss[-4:]) / 4
         assert last < 0.8 * first, (first, last)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+    def test_each_member_trains_on_its_own_boxes(self):
+        features, regions, sizes, _ = _phantom_set(range(40, 46))
+        torch.manual_seed(0)
+        net = SaliencyNet(pool_size=4, width=4, dilations=(1, 2), members=2)
+        layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
+        start = net.gate.weight.detach().clone()
+        history = fit_saliency(net, features, regions, sizes, layer, steps=6, mask_steps=3, batch_size=3, lr=1e-2, margin=0.0, seed=0)
+        assert history.steps == 6 and history.mask_steps == 3
+        assert all((net.gate.weight[m] - start[m]).abs().sum() > 0 for m in range(2))  # both members trained
+        assert net.member_maps(features[0][None]).shape == (1, 2, *features[0].shape[-2:])
 
     def test_box_regressor_starts_centred_and_trains(self):
         features, regions, sizes, _ = _phantom_set(range(40, 46))
@@ -358,6 +408,22 @@ class TestCommandLine:
         reference = layer.locate([dio.read_image(images / f"p{s}.png") for s in range(2)])
         torch.testing.assert_close(boxes, reference.float(), atol=0.01, rtol=0)
 
+    def test_labelled_images_give_the_features_a_crop_searches(self, tmp_path):
+        from PIL import Image
+
+        from dac import io as dio
+        from dac.localisation import _labelled_images
+
+        colour = torch.rand(3, 40, 60, generator=torch.Generator().manual_seed(0))
+        colour[0] *= 0.3  # channels that differ: the luma and the channels' mean differ
+        Image.fromarray((colour * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "c.png")
+        (tmp_path / "boxes.csv").write_text("path,x1,y1,x2,y2\nc.png,5,5,30,20\n")
+        features, regions, sizes = _labelled_images(tmp_path / "boxes.csv", 5)
+        in_use = saliency_features(dio.read_image(tmp_path / "c.png")[None], 5)[0]  # what dac crop --saliency computes
+        assert dio.read_image(tmp_path / "c.png").shape[0] == 3
+        torch.testing.assert_close(features[0], in_use)
+        assert sizes == [(40, 60)] and regions[0].tolist() == [5, 5, 30, 20]
+
     def test_fit_saliency_with_no_box_steps(self, tmp_path, capsys):
         import json
 
@@ -368,6 +434,21 @@ class TestCommandLine:
         summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
         assert (summary["steps"], summary["mask_steps"], summary["first_loss"], summary["last_loss"]) == (0, 3, None, None)
         assert "3 warm-start steps only" in capsys.readouterr().err and (tmp_path / "fit" / "saliency.pt").is_file()
+
+    def test_a_trained_stage_is_not_overwritten_without_asking(self, tmp_path, capsys):
+        from dac.cli import main
+
+        small = ["--image-size", "192x354", "--pool-size", "4", "--size", "20x37", "--count", "2", "--steps", "0", "--mask-steps", "2", "--quiet"]
+        out = tmp_path / "fit"
+        assert main(["fit-saliency", "--out", str(out), *small]) == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        capsys.readouterr()
+        assert main(["fit-saliency", "--out", str(out), *small, "--seed", "1"]) == 2  # minutes of training kept
+        err = capsys.readouterr().err
+        assert "--out" in err and "saliency.pt" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert main(["fit-saliency", "--out", str(out), *small, "--seed", "1", "--overwrite"]) == 0
+        assert (out / "saliency.pt").read_bytes() != before["saliency.pt"]
 
     @pytest.mark.parametrize("header", ["path,x,y,w,h", "image,y1,x1,y2,x2", "path,x1,y1,x2"])
     def test_data_csv_with_other_columns_is_refused(self, tmp_path, capsys, header):

@@ -153,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="narrowest box as a fraction of the image width (default %(default)s)")
     fit.add_argument("--sharpness-factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], metavar="F",
                      help="gamma multiplier per stage (default %(default)s, the paper's Algorithm 1)")
+    fit.add_argument("--members", type=int, default=FIT_DEFAULTS["members"],
+                     help="gates trained side by side and averaged: their boxes scatter less (default %(default)s)")
     fit.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"],
                      help="Adam steps through the box (default %(default)s; 0: the warm start alone)")
     fit.add_argument("--mask-steps", type=int, default=FIT_DEFAULTS["mask_steps"],
@@ -165,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the target box is the region grown by this fraction of the image width per side "
                      "(default %(default)s)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--overwrite", action="store_true", help="replace OUT/saliency.pt if OUT holds one (default: refuse)")
     fit.add_argument("--quiet", action="store_true", help="no progress lines")
 
     demo = sub.add_parser(
@@ -325,19 +328,21 @@ def _search_options(args: argparse.Namespace) -> dict:
 def _fit_saliency(args: argparse.Namespace) -> int:
     from ._checks import check_int
     from .archive import check_out_dir
-    from .localisation import check_fit_options, train_saliency
+    from .localisation import check_fit_options, check_fit_out, train_saliency
 
     check_int(args.count, "--count", 1)
+    check_int(args.members, "--members", 1)
     check_int(args.steps, "--steps", 0)
     check_int(args.mask_steps, "--mask-steps", 0)
     check_fit_options(args.coverage_weight, args.margin, args.time_limit, flags=True)  # before any phantom is drawn
     check_out_dir(args.out, "--out")
+    check_fit_out(args.out, args.overwrite, flags=True)
     given = _search_options(args)
     summary = train_saliency(
         args.out, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
         output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
-        sharpness_factor=given["sharpness_factor"], steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit,
-        coverage_weight=args.coverage_weight, margin=args.margin, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
+        sharpness_factor=given["sharpness_factor"], members=args.members, steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit,
+        coverage_weight=args.coverage_weight, margin=args.margin, overwrite=args.overwrite, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
     )
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "

@@ -42,6 +42,7 @@ __all__ = [
     "aspect_box",
     "box_loss",
     "check_fit_options",
+    "check_fit_out",
     "fit_box_regressor",
     "fit_region_masks",
     "fit_saliency",
@@ -223,7 +224,7 @@ class BoxRegressor(nn.Module):
         features Tensor[B, 5, H // k, W // k]."""
         height, width = float(image_size[0]), float(image_size[1])
         x = check_features(features).to(self.heat.weight.dtype)
-        hidden = self.trunk(standardize_features(x))
+        hidden = self.trunk(standardize_features(x).contiguous(memory_format=torch.channels_last))
         b, _, h, w = hidden.shape
         weights = torch.softmax(self.heat(hidden).flatten(1), dim=1).reshape(b, h, w)
         k = self.pool_size * x.shape[-1] / w, self.pool_size * x.shape[-2] / h  # input pixels per trunk pixel
@@ -257,8 +258,10 @@ def fit_saliency(
     cached features, searches it with ``layer.search`` (whose ``saliency`` should be
     ``net``, so the layer's minimum width and aspect are the ones used later), and
     takes an Adam step on :func:`box_loss`; the gradient reaches ``net`` through the
-    box (the layer's backward mode; implicit by default). Frozen boxes (no strict
-    maximum) give no gradient; they and unconverged boxes are counted.
+    box (the layer's backward mode; implicit by default). A net of several members
+    trains each on the boxes of its own map (:meth:`~dac.saliency.SaliencyNet.member_maps`,
+    all searched at once; the loss is their mean). Frozen boxes (no strict maximum)
+    give no gradient; they and unconverged boxes are counted (per member).
 
     With ``mask_steps`` > 0 the gate is first fitted to the labelled regions as masks
     (:func:`fit_region_masks`: gate 1 inside, 0 outside), which starts the box
@@ -281,10 +284,10 @@ def fit_saliency(
     _check_pool_size(net, layer, "net")
 
     def locate(feats: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-        boxes, info = layer.search(net.from_features(feats))
-        return boxes, info
+        maps = net.member_maps(feats)  # [b, members, h, w] -> one search of members x b maps, member-major
+        return layer.search(maps.transpose(0, 1).reshape(-1, 1, *maps.shape[-2:]))
 
-    return _fit(net, locate, (net.gate_logits, 0.5), features, regions, image_sizes, layer, **kwargs)
+    return _fit(net, locate, (net.member_logits, 0.5), features, regions, image_sizes, layer, **kwargs)
 
 
 def fit_box_regressor(
@@ -389,7 +392,8 @@ def fit_region_masks(
 
     Args:
         model: owns the parameters ``logits`` uses (trained in place).
-        logits: features Tensor[b, 5, h, w] -> logits Tensor[b, 1, h, w].
+        logits: features Tensor[b, 5, h, w] -> logits Tensor[b, m, h, w] (each of the
+            m maps fitted to the same masks).
         inside: the target inside the region (0.5 makes a :class:`SaliencyNet`'s gate
             ``2 sigmoid`` equal 1 there: the paper's map inside, dark outside).
         time_limit: stop after the step that passes this many seconds (None: no limit).
@@ -402,7 +406,7 @@ def fit_region_masks(
     model.train()
     for feats, target_regions, _ in _batches(features, regions, image_sizes, pool_size, steps, batch_size, seed, flip):
         out = logits(feats)
-        target = inside * region_masks(target_regions, feats.shape[-2:], pool_size).to(out)
+        target = inside * region_masks(target_regions, feats.shape[-2:], pool_size).to(out).expand_as(out)
         _step(optimizer, schedule, F.binary_cross_entropy_with_logits(out, target), history)
         if out_of_time():
             break
@@ -432,6 +436,17 @@ def check_fit_options(coverage_weight: float, margin: float, time_limit: float |
         raise DACInputError(f"{name('margin')}: expected a fraction of the image width in [0, 0.5), got {margin!r}")
     if time_limit is not None:
         check_positive(time_limit, name("time_limit"))
+
+
+def check_fit_out(out_dir: str | Path, overwrite: bool, *, flags: bool = False) -> None:
+    """Raise :class:`DACInputError` if ``out_dir`` already holds a ``saliency.pt`` and
+    ``overwrite`` is False: a trained stage (minutes of training) is never replaced
+    without asking. ``flags`` names ``dac fit-saliency``'s options."""
+    stage = Path(out_dir) / "saliency.pt"
+    if not overwrite and (stage.exists() or stage.is_symlink()):
+        out, again = ("--out", "--overwrite") if flags else ("out_dir", "overwrite=True")
+        raise DACInputError(f"{out}: {str(out_dir)!r} already holds saliency.pt (a trained stage); "
+                            f"choose another folder, or {again} to replace it")
 
 
 def _step(optimizer: torch.optim.Optimizer, schedule, loss: Tensor, history: FitHistory) -> None:
@@ -562,11 +577,13 @@ def _fit(
     for step, (feats, target_regions, (height, width)) in enumerate(batches):
         if out_of_time():  # the warm start may have used it all
             break
-        targets = margin_target(target_regions, margin, layer, (height, width))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
             boxes, info = locate(feats, (k * feats.shape[-2], k * feats.shape[-1]))
-        _step(optimizer, schedule, box_loss(boxes, target_regions, targets, torch.full((len(feats),), float(width)), coverage_weight).mean(), history)
+        copies = len(boxes) // len(feats)  # boxes of several members: member-major copies of the batch
+        target_regions = target_regions.repeat(copies, 1)
+        targets = margin_target(target_regions, margin, layer, (height, width))
+        _step(optimizer, schedule, box_loss(boxes, target_regions, targets, torch.full((len(boxes),), float(width)), coverage_weight).mean(), history)
         if info is not None:
             history.frozen += int(info.frozen.sum())
             history.unconverged += int((~(info.converged | info.frozen)).sum())
@@ -592,7 +609,7 @@ LEARNED_DEFAULTS = {"r_min_fraction": 0.2, "sharpness_factor": 4.0}
 #: target's own IoU with the region is 0.764 at 0.012 of the width (0.723 at 0.02),
 #: and it leaves ~34 px per side of a 2836-wide image for the boxes' scatter.
 FIT_DEFAULTS = {
-    "count": 32, "steps": 600, "mask_steps": 400, "batch_size": 8, "lr": 3e-3, "mask_lr": 1e-2,
+    "count": 32, "members": 1, "steps": 600, "mask_steps": 400, "batch_size": 8, "lr": 3e-3, "mask_lr": 1e-2,
     "coverage_weight": 16.0, "margin": 0.012,
 }
 
@@ -609,6 +626,7 @@ def train_saliency(
     r_min_fraction: float = LEARNED_DEFAULTS["r_min_fraction"],
     sharpness_factor: float = LEARNED_DEFAULTS["sharpness_factor"],
     width: int = 16,
+    members: int = FIT_DEFAULTS["members"],
     steps: int = FIT_DEFAULTS["steps"],
     mask_steps: int = FIT_DEFAULTS["mask_steps"],
     time_limit: float | None = None,
@@ -617,6 +635,7 @@ def train_saliency(
     mask_lr: float = FIT_DEFAULTS["mask_lr"],
     coverage_weight: float = FIT_DEFAULTS["coverage_weight"],
     margin: float = FIT_DEFAULTS["margin"],
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train a :class:`~dac.saliency.SaliencyNet` from labelled boxes and save it:
@@ -632,9 +651,12 @@ def train_saliency(
         image_size: (H, W) of the phantoms.
         output_size, pool_size, r_min_fraction, sharpness_factor: the ``DACrop`` the
             stage is trained with, stored with it and used again by :func:`load_dacrop`.
-        width: the net's hidden channels.
+        width: the net's hidden channels (per member).
+        members: gates trained side by side and averaged (:class:`~dac.saliency.SaliencyNet`).
         steps, mask_steps, time_limit, batch_size, lr, mask_lr, coverage_weight, margin:
             of :func:`fit_saliency`.
+        overwrite: replace a ``saliency.pt`` already in ``out_dir`` (else DACInputError,
+            before any work).
         log: called with progress lines.
 
     Returns:
@@ -644,8 +666,9 @@ def train_saliency(
     from .saliency import save_saliency, saliency_features
 
     out = Path(out_dir)
+    check_fit_out(out, overwrite)
     say = log or (lambda message: None)
-    net = SaliencyNet(pool_size=pool_size, width=width)
+    net = SaliencyNet(pool_size=pool_size, width=width, members=members)
     layer = DACrop(output_size, pool_size, saliency=net, r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
     if data is None:
         from .phantoms import make_phantom
@@ -671,7 +694,7 @@ def train_saliency(
     )
     settings = {"output_size": list(layer.output_size), "pool_size": pool_size, "r_min_fraction": r_min_fraction, "sharpness_factor": sharpness_factor}
     summary = {
-        "source": source, "images": len(features), "mask_steps": history.mask_steps, "steps": history.steps, "seconds": round(history.seconds, 1),
+        "source": source, "images": len(features), "members": net.members, "mask_steps": history.mask_steps, "steps": history.steps, "seconds": round(history.seconds, 1),
         "first_loss": history.loss[0] if history.loss else None,
         "last_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
         "frozen_boxes": history.frozen, "unconverged_boxes": history.unconverged, "dacrop": settings,
@@ -737,7 +760,7 @@ def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list
             file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
             try:
                 box = [float(v) for v in cells[1:]]
-                image = read_image(file, gray=True)
+                image = read_image(file)  # colour stays colour, as dac crop reads it: the features it will search
             except ValueError:
                 raise DACInputError(f"data: {str(csv_path)!r} line {line}: the box {cells[1:]} is not four numbers") from None
             except ImageReadError as err:

@@ -80,20 +80,25 @@ def saliency_features(images: Tensor, pool_size: int = 10) -> Tensor:
     return torch.cat((spread, rest), dim=1)
 
 
-def feature_trunk(width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8)) -> nn.Sequential:
+def feature_trunk(width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8), groups: int = 1) -> nn.Sequential:
     """The CNN both learned localisers use on standardised features (:func:`standardize_features`).
 
     A stride-2 3 x 3 convolution (half the pooled resolution, a quarter of the work),
     then one 3 x 3 convolution per entry of ``dilations``, ReLU after each; receptive
     field ``3 + 4 sum(dilations)`` pooled pixels (63 by default: 630 input pixels at
-    k = 10). Tensor[B, 5, h, w] -> Tensor[B, width, ceil(h / 2), ceil(w / 2)].
+    k = 10). Tensor[B, 5 groups, h, w] -> Tensor[B, width groups, ceil(h / 2), ceil(w / 2)]:
+    ``groups`` independent trunks side by side (grouped convolutions, called on the
+    features repeated ``groups`` times; :func:`trunk_map` runs them a group at a time).
+    Weights are channels-last, which :func:`trunk_map` feeds (~1.4x faster on CPU).
     """
     width = check_int(width, "width", 1)
+    groups = check_int(groups, "groups", 1)
     dilations = tuple(check_int(d, "dilations", 1) for d in dilations)
-    layers: list[nn.Module] = [nn.Conv2d(len(FEATURES), width, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+    channels = width * groups
+    layers: list[nn.Module] = [nn.Conv2d(len(FEATURES) * groups, channels, 3, stride=2, padding=1, groups=groups), nn.ReLU(inplace=True)]
     for d in dilations:
-        layers += [nn.Conv2d(width, width, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
+        layers += [nn.Conv2d(channels, channels, 3, padding=d, dilation=d, groups=groups), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
 
 def standardize_features(features: Tensor) -> Tensor:
@@ -102,12 +107,34 @@ def standardize_features(features: Tensor) -> Tensor:
     return (features - mean) / features.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
 
 
-def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor) -> Tensor:
+def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor, copies: int = 1) -> Tensor:
     """``head(trunk(standardised features))`` upsampled (bilinear) back to the features'
-    h x w: Tensor[B, 5, h, w] -> Tensor[B, 1, h, w], in ``head``'s dtype. The map both
-    learned localisers draw (:class:`SaliencyNet`'s gate logits, the box regressor's heat map)."""
+    h x w: Tensor[B, 5, h, w] -> Tensor[B, O, h, w] (O: ``head``'s outputs), in ``head``'s
+    dtype. The map both learned localisers draw (:class:`SaliencyNet`'s gate logits, the
+    box regressor's heat map). ``copies``: the groups of a grouped trunk and head
+    (:func:`feature_trunk`), each fed the features; their outputs side by side."""
     x = check_features(features).to(next(head.parameters()).dtype)
-    return F.interpolate(head(trunk(standardize_features(x))), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    z = standardize_features(x).contiguous(memory_format=torch.channels_last)
+    out = head(trunk(z)) if copies == 1 else _by_group([*trunk, head], z, copies)
+    return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False).contiguous()
+
+
+def _by_group(layers: Sequence[nn.Module], z: Tensor, groups: int) -> Tensor:
+    """``layers`` (grouped convolutions and activations) applied to ``z`` repeated ``groups``
+    times, one group at a time: the same numbers as the grouped convolutions, 1.25x
+    faster on CPU (grouped convolutions have no fast path there), and no repeated input."""
+    outs = []
+    for g in range(groups):
+        h = z
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                n = layer.out_channels // groups
+                h = F.conv2d(h, layer.weight[g * n : (g + 1) * n], layer.bias[g * n : (g + 1) * n],
+                             layer.stride, layer.padding, layer.dilation)
+            else:
+                h = layer(h)
+        outs.append(h)
+    return torch.cat(outs, dim=1)
 
 
 def check_features(features: Tensor) -> Tensor:
@@ -128,10 +155,19 @@ class SaliencyNet(nn.Module):
     because the "+1" of eq. 3 makes the optimum depend on the map's scale. The last
     convolution and the scale start at zero: an untrained net *is* the paper's map.
 
+    With ``members`` > 1 the net is that many independently initialised gates side by
+    side (grouped convolutions), and ``g`` is the mean of their logits: an ensemble,
+    whose boxes scatter less than one member's. :func:`dac.localisation.fit_saliency`
+    trains each member by the boxes found on its own map (:meth:`member_maps`), all
+    members' maps searched in one batch: a training step of two members takes ~1.4x
+    one member's (batch 8 at the paper's size, 2 CPU threads: the search, most of a
+    step, costs little more for twice the maps; the nets cost twice).
+
     Args:
         pool_size: the window k (must equal ``DACrop``'s ``pool_size``).
-        width: channels of the hidden layers.
+        width: channels of each member's hidden layers.
         dilations: of the trunk's 3 x 3 convolutions after the first.
+        members: gates averaged (1: a single net).
 
     Example:
         >>> from dac import DACrop
@@ -140,13 +176,14 @@ class SaliencyNet(nn.Module):
         torch.Size([1, 1, 20, 37])
     """
 
-    def __init__(self, pool_size: int = 10, width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8)) -> None:
+    def __init__(self, pool_size: int = 10, width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8), members: int = 1) -> None:
         super().__init__()
         self.pool_size = check_int(pool_size, "pool_size", 1)
-        self.trunk = feature_trunk(width, dilations)
+        self.members = check_int(members, "members", 1)
+        self.trunk = feature_trunk(width, dilations, groups=self.members)
         self.width = width
         self.dilations = tuple(int(d) for d in dilations)
-        self.gate = nn.Conv2d(width, 1, 1)
+        self.gate = nn.Conv2d(width * self.members, self.members, 1, groups=self.members)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self.log_scale = nn.Parameter(torch.zeros(()))
@@ -157,20 +194,31 @@ class SaliencyNet(nn.Module):
 
     def from_features(self, features: Tensor) -> Tensor:
         """The map from precomputed :func:`saliency_features` Tensor[B, 5, h, w]."""
-        logits = self.gate_logits(features)
-        return features[:, :1].to(logits) * 2 * torch.sigmoid(logits) * self.log_scale.exp()
+        return self._gated(features, self.gate_logits(features))
+
+    def member_maps(self, features: Tensor) -> Tensor:
+        """Each member's own map, Tensor[B, members, h, w] (what training searches)."""
+        return self._gated(features, self.member_logits(features))
 
     def gate_logits(self, features: Tensor) -> Tensor:
         """Logits ``g`` of the gate ``2 sigmoid(g)``, Tensor[B, 1, h, w], from features
-        Tensor[B, 5, h, w] (what :func:`dac.localisation.fit_region_masks` fits)."""
-        return trunk_map(self.trunk, self.gate, features)
+        Tensor[B, 5, h, w]: the mean of the members' logits."""
+        return self.member_logits(features).mean(dim=1, keepdim=True)
+
+    def member_logits(self, features: Tensor) -> Tensor:
+        """Each member's gate logits, Tensor[B, members, h, w] (what
+        :func:`dac.localisation.fit_region_masks` fits)."""
+        return trunk_map(self.trunk, self.gate, features, self.members)
+
+    def _gated(self, features: Tensor, logits: Tensor) -> Tensor:
+        return features[:, :1].to(logits) * 2 * torch.sigmoid(logits) * self.log_scale.exp()
 
     def extra_repr(self) -> str:
-        return f"pool_size={self.pool_size}"
+        return f"pool_size={self.pool_size}" + (f", members={self.members}" if self.members > 1 else "")
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (what :func:`save_saliency` stores)."""
-        return {"pool_size": self.pool_size, "width": self.width, "dilations": list(self.dilations)}
+        return {"pool_size": self.pool_size, "width": self.width, "dilations": list(self.dilations), "members": self.members}
 
 
 def save_saliency(net: SaliencyNet, path: str | Path, **meta: Any) -> None:
