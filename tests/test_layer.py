@@ -73,8 +73,12 @@ class TestShapesAndConventions:
         boxes = layer.locate([a, b, a])
         crops = layer([a, b, a])
         assert crops.shape == (3, 1, 20, 37)
-        torch.testing.assert_close(boxes[0], boxes[2])
-        torch.testing.assert_close(boxes[1], layer.locate(b[None])[0])
+        # The same image elsewhere in a batch: equal to float32 rounding, not bitwise (BLAS
+        # and vectorised kernels sum each image in an order set by its memory alignment:
+        # 1e-4 px here); different images are pixels apart.
+        torch.testing.assert_close(boxes[0], boxes[2], rtol=0, atol=1e-3)
+        torch.testing.assert_close(boxes[1], layer.locate(b[None])[0], rtol=0, atol=1e-3)
+        assert (boxes[0] - boxes[1]).abs().max() > 1
         same_crops, same_boxes, info = layer([a, b, a], return_boxes=True)
         torch.testing.assert_close(same_crops, crops)
         torch.testing.assert_close(same_boxes, boxes)
