@@ -424,6 +424,18 @@ class TestCommandLine:
         torch.testing.assert_close(features[0], in_use)
         assert sizes == [(40, 60)] and regions[0].tolist() == [5, 5, 30, 20]
 
+    def test_labelled_float_image_of_0_to_255_is_refused_as_dac_crop_refuses_it(self, tmp_path):
+        import numpy as np
+        from PIL import Image
+
+        from dac.localisation import _labelled_images
+
+        pixels = np.random.default_rng(0).random((40, 60)).astype(np.float32)
+        Image.fromarray(pixels * 255).save(tmp_path / "raw.tif")  # a forgotten / 255: clipped, it trains on white
+        (tmp_path / "boxes.csv").write_text("raw.tif,5,5,30,20\n")
+        with pytest.raises(DACInputError, match=r"line 1: .*\[0, 1\]"):
+            _labelled_images(tmp_path / "boxes.csv", 5)
+
     def test_fit_saliency_with_no_box_steps(self, tmp_path, capsys):
         import json
 

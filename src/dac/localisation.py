@@ -739,8 +739,11 @@ def load_dacrop(path: str | Path, **overrides) -> DACrop:
 
 
 def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
-    """Features, regions and sizes of the images a ``path,x1,y1,x2,y2`` CSV lists."""
-    from .io import ImageReadError, read_image
+    """Features, regions and sizes of the images a ``path,x1,y1,x2,y2`` CSV lists, read
+    as ``dac crop`` reads them (:func:`dac.archive.read_for_archive`): the features the
+    stage will search."""
+    from .archive import read_for_archive
+    from .io import ImageReadError
     from .saliency import saliency_features
 
     if not csv_path.is_file():
@@ -760,7 +763,7 @@ def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list
             file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
             try:
                 box = [float(v) for v in cells[1:]]
-                image = read_image(file)  # colour stays colour, as dac crop reads it: the features it will search
+                image, _ = read_for_archive(str(file))
             except ValueError:
                 raise DACInputError(f"data: {str(csv_path)!r} line {line}: the box {cells[1:]} is not four numbers") from None
             except ImageReadError as err:
@@ -768,8 +771,6 @@ def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list
             height, width = image.shape[-2:]
             if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
                 raise DACInputError(f"data: {str(csv_path)!r} line {line}: box {box} is not xyxy inside the {width}x{height} image")
-            if image.dtype.is_floating_point:
-                image = image.clamp(0, 1)
             features.append(saliency_features(image[None], pool_size)[0])
             regions.append(torch.tensor(box, dtype=torch.float32))
             sizes.append((height, width))
