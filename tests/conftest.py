@@ -1,6 +1,10 @@
 """Shared test data: small generated scenes, made in the tests (nothing stored)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -39,3 +43,11 @@ def smooth_direction(shape: tuple[int, ...], seed: int = 4) -> torch.Tensor:
 def scene() -> torch.Tensor:
     """Two float64 300 x 555 scenes whose best boxes are interior (no bound held)."""
     return textured_scene(2, 300, 555)
+
+
+def torchrun_dac(*args: str) -> str:
+    """``dac ARGS`` under torchrun with 2 processes on this machine; its stderr (asserts exit 0)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dac.cli", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr

@@ -7,7 +7,6 @@ import json
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import tomllib
 import warnings
@@ -21,7 +20,7 @@ from PIL import Image
 import dac.archive as archive
 from dac.cli import main
 
-from conftest import textured_scene
+from conftest import textured_scene, torchrun_dac
 
 SMALL = ["--size", "20x37", "--pool-size", "5", "--no-progress"]
 
@@ -233,22 +232,15 @@ def test_two_processes_under_torchrun_crop_each_file_once(tmp_path: Path):
     for i in range(5):
         write_scene(tmp_path / "in" / f"scan{i}.png", i, size=(96, 177))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "dac.cli", "crop", str(tmp_path / "in"), "--out", str(out), "--workers", "0",
-               "--size", "20x37", "--pool-size", "4", "--no-progress"]
-    env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    shares = re.findall(r"dac crop: (\d+) inputs \(shard (\d)/2 of 5\), (\d+) cropped", first.stderr)
+    args = ["crop", str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--size", "20x37", "--pool-size", "4", "--no-progress"]
+    shares = re.findall(r"dac crop: (\d+) inputs \(shard (\d)/2 of 5\), (\d+) cropped", torchrun_dac(*args))
     assert sorted((s[1], int(s[0]), int(s[2])) for s in shares) == [("0", 3, 3), ("1", 2, 2)]  # each crop once
     rows = read_rows(out)
     assert sorted(Path(r["path"]).name for r in rows) == [f"scan{i}.png" for i in range(5)]  # one row per input
     assert all(r["status"] == "ok" and (out / r["crop"]).is_file() for r in rows)
     assert len(list((out / "crops").iterdir())) == 5 and not list(out.glob(".boxes-journal*"))
     written = {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()}
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert sorted(re.findall(r"shard \d/2 of 5\), 0 cropped, (\d) already done", again.stderr)) == ["2", "3"]
+    assert sorted(re.findall(r"shard \d/2 of 5\), 0 cropped, (\d) already done", torchrun_dac(*args))) == ["2", "3"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()} == written
     assert read_rows(out) == rows
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,8 @@ from dac.cli import main
 from dac.phantoms import CLASS_NAMES, make_phantom
 from dac.predict import Predictor, predict_archive
 from dac.train import PipelineConfig, build_pipeline, config_from_dict, load_checkpoint, save_checkpoint, train_pipeline
+
+from conftest import torchrun_dac
 
 TINY = {
     "seed": 0,
@@ -278,13 +277,8 @@ def test_shards_merge_into_one_table(trained: Path, tmp_path: Path):
 def test_two_processes_under_torchrun_predict_each_file_once(trained: Path, tmp_path: Path):
     paths = phantoms(tmp_path / "new", 5)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "dac.cli", "predict", str(trained / "dac"), str(tmp_path / "new"), "--out", str(out),
-               "--workers", "0", "--no-progress"]
-    env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    shares = re.findall(r"dac predict: (\d+) inputs \(shard (\d)/2 of 5\), (\d+) predicted", first.stderr)
+    args = ["predict", str(trained / "dac"), str(tmp_path / "new"), "--out", str(out), "--workers", "0", "--no-progress"]
+    shares = re.findall(r"dac predict: (\d+) inputs \(shard (\d)/2 of 5\), (\d+) predicted", torchrun_dac(*args))
     assert sorted((s[1], int(s[0]), int(s[2])) for s in shares) == [("0", 3, 3), ("1", 2, 2)]  # each file once
     table = rows(out)
     assert sorted(Path(r["path"]).name for r in table) == sorted(p.name for p in paths)  # one row per input
@@ -299,8 +293,6 @@ def test_two_processes_under_torchrun_predict_each_file_once(trained: Path, tmp_
         for c in CLASS_NAMES:
             assert float(r[f"prob_{c}"]) == pytest.approx(float(expected[r["path"]][f"prob_{c}"]), abs=1e-5)
     written = {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()}
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert sorted(re.findall(r"shard \d/2 of 5\), 0 predicted, (\d) already done", again.stderr)) == ["2", "3"]
+    assert sorted(re.findall(r"shard \d/2 of 5\), 0 predicted, (\d) already done", torchrun_dac(*args))) == ["2", "3"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()} == written
     assert rows(out) == table
