@@ -44,10 +44,15 @@ def edge_profiles(coords: Tensor, low: Tensor, high: Tensor, sharpness: Tensor, 
     """One axis of the soft rectangle and its derivatives in its two edges.
 
     ``p(x) = a(x) b(x)``, ``a = sigmoid(g (x - low))``, ``b = sigmoid(g (high - x))``.
+    With ``a' = 1 - a`` and ``b' = 1 - b`` (each a sigmoid of its own, no
+    cancellation), every row is ``p`` times a factor: ``d/dlow = -g a'``,
+    ``d/dhigh = g b'``, ``d2/dlow2 = -g^2 a' tanh(t_a / 2)``, ``d2/dlow dhigh =
+    -g^2 a' b'``, ``d2/dhigh2 = -g^2 b' tanh(t_b / 2)``.
 
     Args:
-        coords: Tensor[n] pixel coordinates ``0 .. n-1``.
-        low, high: Tensor[B] edge positions.
+        coords: Tensor[n] pixel coordinates.
+        low, high: Tensor[B] edge positions, or Tensor[B, n], one per coordinate
+            (both axes of a box in one call: x coordinates then y coordinates).
         sharpness: Tensor[B] or scalar tensor, g > 0.
         order: 0 -> [p]; 1 -> [p, p_low, p_high];
             2 -> [p, p_low, p_high, p_low_low, p_low_high, p_high_high].
@@ -55,26 +60,28 @@ def edge_profiles(coords: Tensor, low: Tensor, high: Tensor, sharpness: Tensor, 
     Returns:
         Tensor[B, 1 | 3 | 6, n].
     """
-    g = sharpness.reshape(-1, 1)
-    t_a = g * (coords - low[:, None])
-    t_b = g * (high[:, None] - coords)
-    a, b = torch.sigmoid(t_a), torch.sigmoid(t_b)
-    p = a * b
+    g = sharpness.reshape(-1, 1, 1)
+    low = low[:, None] if low.dim() == 1 else low
+    high = high[:, None] if high.dim() == 1 else high
+    return _profiles(torch.stack((coords - low, high - coords), dim=1) * g, g, order)
+
+
+def _profiles(t: Tensor, g: Tensor, order: int) -> Tensor:
+    """:func:`edge_profiles` from ``t`` = Tensor[B, 2, n] = (g (x - low), g (high - x))."""
     if order == 0:
-        return p[:, None]
-    # a(1-a) without cancellation: sigmoid(t) sigmoid(-t).
-    da = a * torch.sigmoid(-t_a)
-    db = b * torch.sigmoid(-t_b)
-    a_low = -g * da  # d a / d low
-    b_high = g * db  # d b / d high
+        s = torch.sigmoid(t)
+        return (s[:, 0] * s[:, 1])[:, None]
+    s = torch.sigmoid(torch.cat((t, -t), dim=1))  # a, b, a', b'
+    p = (s[:, 0] * s[:, 1])[:, None]
+    first = s[:, 2:] * g
+    first[:, 0].neg_()  # -g a', g b'
     if order == 1:
-        return torch.stack((p, a_low * b, a * b_high), dim=1)
-    # d^2 sigmoid(t)/dt^2 = s(1-s)(1-2s) = -s(1-s) tanh(t/2)
-    a_low_low = -(g * g) * da * torch.tanh(t_a / 2)
-    b_high_high = -(g * g) * db * torch.tanh(t_b / 2)
-    return torch.stack(
-        (p, a_low * b, a * b_high, a_low_low * b, a_low * b_high, a * b_high_high), dim=1
-    )
+        return p * torch.cat((torch.ones_like(p), first), dim=1)
+    curl = torch.tanh(0.5 * t) * g
+    curl[:, 1].neg_()  # g tanh(t_a / 2), -g tanh(t_b / 2)
+    second = first * curl
+    cross = first[:, :1] * first[:, 1:]
+    return p * torch.cat((torch.ones_like(p), first, second[:, :1], cross, second[:, 1:]), dim=1)
 
 
 def soft_rectangle(

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cost import _cost_derivatives
+from .cost import CostGrid, _cost_derivatives
 
 __all__ = ["active_set", "shift_into_image", "stationarity_residual", "Stationarity"]
 
 
 def r_upper(h: int, w: int, r_min: Tensor, aspect: float) -> Tensor:
     """Largest r for which the box fits the h x w grid (>= 0 when r_min fits)."""
-    return (torch.minimum(torch.full_like(r_min, w / 2.0), torch.full_like(r_min, h / (2.0 * aspect))) - r_min).clamp_min(0.0)
+    return (min(w / 2.0, h / (2.0 * aspect)) - r_min).clamp_min(0.0)
 
 
 def centre_bounds(theta: Tensor, h: int, w: int, r_min: Tensor, aspect: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -63,10 +63,10 @@ def shift_into_image(
     """
     r = theta[:, 2].abs() if reflect else theta[:, 2].clamp_min(0.0)
     r = torch.minimum(r, r_upper(h, w, r_min, aspect))
-    shifted_r = torch.stack((theta[:, 0], theta[:, 1], r), dim=-1)
-    x_lo, x_hi, y_lo, y_hi = centre_bounds(shifted_r, h, w, r_min, aspect)
-    x_c = torch.minimum(torch.maximum(theta[:, 0], x_lo), x_hi)
-    y_c = torch.minimum(torch.maximum(theta[:, 1], y_lo), y_hi)
+    r_total = r_min + r
+    half_h = aspect * r_total  # the bounds of centre_bounds, written out: this runs every step
+    x_c = torch.minimum(torch.maximum(theta[:, 0], r_total - 0.5), (w - 0.5) - r_total)
+    y_c = torch.minimum(torch.maximum(theta[:, 1], half_h - 0.5), (h - 0.5) - half_h)
     return torch.stack((x_c, y_c, r), dim=-1)
 
 
@@ -139,6 +139,8 @@ def stationarity_residual(
     sharpness: Tensor,
     freeze: bool = True,
     active: Tensor | None = None,
+    grid: CostGrid | None = None,
+    total: Tensor | None = None,
 ) -> Stationarity:
     """F(theta; S) and dF/dtheta (see module doc). Unchecked: callers validate.
 
@@ -152,9 +154,11 @@ def stationarity_residual(
             at ``theta``. Derivatives taken at a point *near* the solution (Theseus'
             DLM perturbs the box) need the solution's active set: a bound released
             or a box frozen there would change the system discontinuously.
+        grid, total: the map's :func:`~dac.functional.cost.cost_grid` and
+            ``saliency.sum((1, 2))``, for a caller that evaluates one map many times.
     """
     _, h, w = saliency.shape
-    f, grad, hess = _cost_derivatives(theta, saliency, r_min, aspect, sharpness, order=2)
+    f, grad, hess = _cost_derivatives(theta, saliency, r_min, aspect, sharpness, 2, grid, total)
     with torch.no_grad():
         if active is None:
             held = held_bounds(theta, grad, h, w, r_min, aspect)

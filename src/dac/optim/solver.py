@@ -27,13 +27,14 @@ import theseus as th
 import torch
 from torch import Tensor
 
-from ..functional.cost import _cost_derivatives
+from ..functional.cost import CostGrid, _cost_derivatives, cost_grid
 from ..functional.stationarity import active_set, shift_into_image, stationarity_residual
 from .cost_function import DACCost
 
 __all__ = ["AscentSchedule", "DACSolverInfo", "StagedAscent", "build_objective"]
 
 _Status = th.NonlinearOptimizerStatus
+_MapSums = tuple[CostGrid, Tensor]  # (cost_grid of the map, its total saliency), built once per search
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,15 @@ class StagedAscent(th.NonlinearLeastSquares):
         return self.linear_solver.solve()
 
     # ------------------------------------------------------------------ steps
-    def _ascent_step(self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float) -> Tensor:
-        _, grad, _ = _cost_derivatives(theta, saliency, r_min, self.cost.aspect, gamma, order=1)
+    def _ascent_step(
+        self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float, sums: _MapSums
+    ) -> Tensor:
+        _, grad, _ = _cost_derivatives(theta, saliency, r_min, self.cost.aspect, gamma, 1, *sums)
         step = (eta * grad).clamp(-self.schedule.max_step, self.schedule.max_step)
         return shift_into_image(theta + step, saliency.shape[1], saliency.shape[2], r_min, self.cost.aspect)
 
     def _polish_step(
-        self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float
+        self, theta: Tensor, saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float, sums: _MapSums
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One guarded, backtracking Newton step on the stationarity residual.
 
@@ -182,7 +185,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         """
         h, w = saliency.shape[1:]
         aspect = self.cost.aspect
-        st = stationarity_residual(theta, saliency, r_min, aspect, gamma, freeze=False)
+        st = stationarity_residual(theta, saliency, r_min, aspect, gamma, freeze=False, grid=sums[0], total=sums[1])
         eps = torch.finfo(theta.dtype).eps
         with torch.no_grad():
             shift = torch.where(st.frozen, st.curvature + 1e-2 * st.scale, torch.zeros_like(st.scale))
@@ -202,7 +205,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         for length in (1.0, 0.5, 0.25, 0.125):
             trial = shift_into_image(theta + length * delta, h, w, r_min, aspect, reflect=False)
             with torch.no_grad():
-                f_trial, _, _ = _cost_derivatives(trial, saliency, r_min, aspect, gamma, order=0)
+                f_trial, _, _ = _cost_derivatives(trial, saliency, r_min, aspect, gamma, 0, *sums)
                 accept = pending & (f_trial >= st.cost - slack)
                 if length == 1.0:
                     moved = (trial - theta).abs().amax(-1)
@@ -244,6 +247,8 @@ class StagedAscent(th.NonlinearLeastSquares):
         saliency = raw.reshape(raw.shape[0], raw.shape[-2], raw.shape[-1]).expand(batch, -1, -1)
         r_min = cost.r_min.tensor.reshape(-1).expand(batch)
         gamma_final = cost.sharpness.tensor.reshape(-1).expand(batch)
+        # What every evaluation on this map shares, computed once (differentiable in S).
+        sums = (cost_grid(saliency.shape[1], saliency.shape[2], cost.aspect, theta), saliency.sum(dim=(1, 2)))
 
         stage_thetas = [theta.detach()]
         iterations = torch.zeros(batch, dtype=torch.long, device=theta.device)
@@ -258,12 +263,12 @@ class StagedAscent(th.NonlinearLeastSquares):
                     stage = step // sched.steps_per_stage
                     gamma = gamma_final * sched.sharpness_factor ** (stage - sched.stages + 1)
                     eta = sched.step_size * sched.step_factor**stage
-                    theta = self._ascent_step(theta, saliency, r_min, gamma, eta)
+                    theta = self._ascent_step(theta, saliency, r_min, gamma, eta, sums)
                     iterations += 1
                     if (step + 1) % sched.steps_per_stage == 0:
                         stage_thetas.append(theta.detach())
                 else:
-                    new_theta, done, frozen = self._polish_step(theta, saliency, r_min, gamma_final, eta)
+                    new_theta, done, frozen = self._polish_step(theta, saliency, r_min, gamma_final, eta, sums)
                     # Converged boxes stay put, except in differentiated steps, where
                     # the (zero-length) Newton step carries the derivative.
                     keep = converged if not differentiated else torch.zeros_like(converged)
