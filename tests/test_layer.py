@@ -440,6 +440,28 @@ class TestPrecision:
         torch.testing.assert_close(boxes, reference, rtol=0, atol=1e-3)
 
 
+    def test_float32_polish_converges_where_its_cost_cannot_tell_the_steps_apart(self):
+        # A 153 x 283 map (a phantom's max-min map, gated by smooth noise, as a learned
+        # stage does) whose float32 cost carries rounding noise (~2e-5 of f, sums over
+        # 43k pixels) larger than the last Newton steps' gain: the polish's f test used to
+        # reject them, fall back to 0.5 px ascent steps and cycle for all its 50 steps.
+        from dac.phantoms import make_phantom
+        from dac.saliency import saliency_features
+
+        image = make_phantom(5021, 768, 1418).image[None]
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(40, 1, 153, 283, generator=g)[21:22]
+        gate = 2 * torch.sigmoid(torch.nn.functional.avg_pool2d(noise, 9, 1, 4) * 20)
+        saliency = saliency_features(image, 5)[:, :1] * gate
+        layer = DACrop((200, 370), 5, r_min_fraction=0.2, sharpness_factor=4.0)
+        with torch.no_grad():
+            theta32, info = layer.search(saliency)
+            theta64, info64 = layer.search(saliency.double())
+        assert bool(info64.converged.all())
+        assert bool(info.converged.all()) and int(info.iterations.max()) < layer.schedule.total_steps
+        torch.testing.assert_close(theta32.double(), theta64, rtol=0, atol=0.05)
+
+
 class TestSecondDerivatives:
     @pytest.mark.parametrize("mode,extra", [("implicit", {}), ("dlm", {}), ("truncated", {"backward_num_iterations": 1})],
                              ids=["implicit", "dlm", "truncated one step"])
