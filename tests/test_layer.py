@@ -439,7 +439,6 @@ class TestPrecision:
         reference = DACrop(**SMALL).locate(low.float())  # the same pixels, widened by the caller
         torch.testing.assert_close(boxes, reference, rtol=0, atol=1e-3)
 
-
     def test_float32_polish_converges_where_its_cost_cannot_tell_the_steps_apart(self):
         # A 153 x 283 map (a phantom's max-min map, gated by smooth noise, as a learned
         # stage does) whose float32 cost carries rounding noise (~2e-5 of f, sums over

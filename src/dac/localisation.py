@@ -581,8 +581,8 @@ def _fit(
             warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
             boxes, info = locate(feats, (k * feats.shape[-2], k * feats.shape[-1]))
         copies = len(boxes) // len(feats)  # boxes of several members: member-major copies of the batch
+        targets = margin_target(target_regions, margin, layer, (height, width)).repeat(copies, 1)
         target_regions = target_regions.repeat(copies, 1)
-        targets = margin_target(target_regions, margin, layer, (height, width))
         _step(optimizer, schedule, box_loss(boxes, target_regions, targets, torch.full((len(boxes),), float(width)), coverage_weight).mean(), history)
         if info is not None:
             history.frozen += int(info.frozen.sum())

@@ -41,7 +41,11 @@ def r_upper(h: int, w: int, r_min: Tensor, aspect: float) -> Tensor:
 
 def centre_bounds(theta: Tensor, h: int, w: int, r_min: Tensor, aspect: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_lo, x_hi, y_lo, y_hi): the range of (x_c, y_c) that keeps the box inside."""
-    r_total = r_min + theta[:, 2]
+    return _centre_range(r_min + theta[:, 2], h, w, aspect)
+
+
+def _centre_range(r_total: Tensor, h: int, w: int, aspect: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`centre_bounds` of half-width ``r_total`` = r_min + r, Tensor[B]."""
     half_h = aspect * r_total
     return r_total - 0.5, w - 0.5 - r_total, half_h - 0.5, h - 0.5 - half_h
 
@@ -63,10 +67,9 @@ def shift_into_image(
     """
     r = theta[:, 2].abs() if reflect else theta[:, 2].clamp_min(0.0)
     r = torch.minimum(r, r_upper(h, w, r_min, aspect))
-    r_total = r_min + r
-    half_h = aspect * r_total  # the bounds of centre_bounds, written out: this runs every step
-    x_c = torch.minimum(torch.maximum(theta[:, 0], r_total - 0.5), (w - 0.5) - r_total)
-    y_c = torch.minimum(torch.maximum(theta[:, 1], half_h - 0.5), (h - 0.5) - half_h)
+    x_lo, x_hi, y_lo, y_hi = _centre_range(r_min + r, h, w, aspect)
+    x_c = torch.minimum(torch.maximum(theta[:, 0], x_lo), x_hi)
+    y_c = torch.minimum(torch.maximum(theta[:, 1], y_lo), y_hi)
     return torch.stack((x_c, y_c, r), dim=-1)
 
 
