@@ -96,8 +96,8 @@ def run_row(args: tuple) -> dict:
     torch.manual_seed(opts["seed"])  # the initial weights: the same whichever rows run, in whichever order
     from dac import DACrop
     from dac.localisation import (
-        BoxRegressor, aspect_box, fit_box_regressor, fit_saliency, localisation_scores, margin_target, minimum_width,
-        region_masks,
+        BoxRegressor, aspect_box, fit_box_regressor, fit_saliency, labelled_fit, localisation_scores, margin_target,
+        minimum_width, region_masks,
     )
     from dac.saliency import SaliencyNet
 
@@ -155,6 +155,8 @@ def run_row(args: tuple) -> dict:
         "mask_loss_every_10_steps": history.mask_loss[::10] if history else [],
         "boxes": boxes.tolist(),
     }
+    if net is not None and train:  # how the boxes fit the labels trained on (what fit.json reports)
+        result.update(labelled_fit(net, layer, features, regions))
     if net is not None and opts.get("save"):
         from dac.saliency import save_saliency
 

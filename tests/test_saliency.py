@@ -393,6 +393,16 @@ class TestCommandLine:
         assert summary["dacrop"]["r_min_fraction"] == 0.2 and summary["dacrop"]["sharpness_factor"] == 4.0
         layer = load_dacrop(tmp_path / "fit" / "saliency.pt")
         assert isinstance(layer.saliency, SaliencyNet) and layer.pool_size == 4 and layer.output_size == (20, 37)
+        # The summary says how the saved stage's boxes fit its own labelled phantoms.
+        from dac.localisation import localisation_scores
+
+        trained_on = [make_phantom(i, 192, 354) for i in range(3)]  # --seed 0: phantoms 0, 1, 2
+        rois = torch.stack([p.roi for p in trained_on])
+        scores = localisation_scores(layer.locate([p.image for p in trained_on]), rois, [r[None] for r in rois])
+        assert summary["labelled_iou"] == pytest.approx(float(scores["iou"].mean()), abs=1e-4)
+        assert summary["labelled_region_kept"] == pytest.approx(float(scores["tooth_coverage"].mean()), abs=1e-4)
+        assert summary["labelled_region_inside"] == float(scores["all_teeth_inside"].float().mean())
+        assert "on its 3 labelled images: mean IoU" in capsys.readouterr().err
 
         images = tmp_path / "in"
         images.mkdir()
@@ -520,3 +530,23 @@ class TestCommandLine:
         code = main(["fit-saliency", "--out", str(tmp_path / "fit"), option, value, "--quiet"])
         assert code == 2 and option in capsys.readouterr().err
         assert not (tmp_path / "fit").exists()
+
+
+def test_labelled_fit_searches_each_size_and_names_bad_regions():
+    from dac.localisation import labelled_fit, localisation_scores
+
+    net = SaliencyNet(pool_size=4)  # untrained: the paper's map
+    layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net)
+    phantoms = [make_phantom(10, 192, 354), make_phantom(11, 160, 300), make_phantom(12, 192, 354)]
+    features = [saliency_features(p.image[None], 4)[0] for p in phantoms]
+    rois = torch.stack([p.roi for p in phantoms])
+    fit = labelled_fit(net, layer, features, rois)
+    alone = torch.cat([layer.locate(p.image[None]) for p in phantoms])
+    scores = localisation_scores(alone, rois, [r[None] for r in rois])
+    assert fit["labelled_iou"] == pytest.approx(float(scores["iou"].mean()), abs=1e-5)
+    assert fit["labelled_region_kept"] == pytest.approx(float(scores["tooth_coverage"].mean()), abs=1e-5)
+    far = rois.clone()
+    far[:, [0, 2]] = torch.tensor([0.0, 1.0])  # a 1-pixel sliver: its IoU with any box this wide is near 0
+    assert labelled_fit(net, layer, features, far)["labelled_iou"] < 0.01
+    with pytest.raises(DACInputError, match="regions"):
+        labelled_fit(net, layer, features, rois[:2])

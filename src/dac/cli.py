@@ -347,6 +347,8 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "
           f"{os.path.join(args.out, 'saliency.pt')}", file=sys.stderr)
+    print(f"dac fit-saliency: on its {summary['images']} labelled images: mean IoU {summary['labelled_iou']:.3f}, "
+          f"labelled region inside the box in {100 * summary['labelled_region_inside']:.0f} %", file=sys.stderr)
     return 0
 
 

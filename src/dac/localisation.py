@@ -46,6 +46,7 @@ __all__ = [
     "fit_box_regressor",
     "fit_region_masks",
     "fit_saliency",
+    "labelled_fit",
     "load_dacrop",
     "localisation_scores",
     "margin_target",
@@ -138,6 +139,51 @@ def _overlap(boxes: Tensor, box: Tensor) -> Tensor:
     width = (torch.minimum(boxes[:, 2], box[2]) - torch.maximum(boxes[:, 0], box[0])).clamp_min(0)
     height = (torch.minimum(boxes[:, 3], box[3]) - torch.maximum(boxes[:, 1], box[1])).clamp_min(0)
     return width * height
+
+
+def labelled_fit(net: nn.Module, layer: DACrop, features: Sequence[Tensor], regions: Tensor, batch_size: int = 16) -> dict[str, float]:
+    """How a trained saliency stage's boxes fit the labelled regions it was trained on.
+
+    The stage's map of each image (from its cached features) is searched by ``layer``
+    as in use, and the boxes are compared with the labels: a fit that went wrong (a
+    training loss that stayed high, boxes cutting the regions) shows here, not only
+    on held-out images that a user may not have.
+
+    Args:
+        net: the stage (its ``from_features`` gives the map).
+        features: per image Tensor[5, h, w] (sizes may differ).
+        regions: Tensor[N, 4] xyxy, the labelled regions (input pixels).
+        batch_size: maps searched at once.
+
+    Raises:
+        DACInputError: ``regions`` is not one Tensor[4] row per image.
+
+    Returns:
+        ``labelled_iou`` (mean IoU of box and region), ``labelled_region_kept`` (mean
+        share of the region's area inside the box) and ``labelled_region_inside`` (share
+        of images with at least 99 % of the region inside).
+    """
+    from ._batching import by_size
+
+    def boxes_of(group: Tensor) -> Tensor:
+        found = []
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+            for start in range(0, len(group), batch_size):
+                found.append(layer.search(net.from_features(group[start : start + batch_size]))[0])
+        return torch.cat(found)
+
+    if not isinstance(regions, Tensor) or tuple(regions.shape) != (len(features), 4):
+        got = tuple(regions.shape) if isinstance(regions, Tensor) else type(regions).__name__
+        raise DACInputError(f"regions: expected Tensor[{len(features)}, 4] (one per image), got {got}")
+    boxes = by_size(list(features), boxes_of)
+    regions = regions.to(boxes.device)
+    scores = localisation_scores(boxes, regions, [region[None] for region in regions])
+    return {
+        "labelled_iou": float(scores["iou"].mean()),
+        "labelled_region_kept": float(scores["tooth_coverage"].mean()),
+        "labelled_region_inside": float(scores["all_teeth_inside"].float().mean()),
+    }
 
 
 def box_loss(boxes: Tensor, regions: Tensor, targets: Tensor, widths: Tensor, coverage_weight: float = 1.0) -> Tensor:
@@ -660,7 +706,8 @@ def train_saliency(
         log: called with progress lines.
 
     Returns:
-        The summary written to ``fit.json``.
+        The summary written to ``fit.json``, with how the trained stage's boxes fit its
+        own labelled regions (:func:`labelled_fit`).
     """
     from ._files import write_json
     from .saliency import save_saliency, saliency_features
@@ -697,7 +744,8 @@ def train_saliency(
         "source": source, "images": len(features), "members": net.members, "mask_steps": history.mask_steps, "steps": history.steps, "seconds": round(history.seconds, 1),
         "first_loss": history.loss[0] if history.loss else None,
         "last_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
-        "frozen_boxes": history.frozen, "unconverged_boxes": history.unconverged, "dacrop": settings,
+        "frozen_boxes": history.frozen, "unconverged_boxes": history.unconverged,
+        **labelled_fit(net, layer, features, torch.stack(regions)), "dacrop": settings,
     }
     save_saliency(net, out / "saliency.pt", dacrop=json.dumps(settings), source=source)
     write_json(out / "fit.json", summary)
