@@ -286,6 +286,15 @@ class DACrop(nn.Module):
             )
 
 
+@contextlib.contextmanager
+def quiet_unconverged():
+    """Silence :class:`DACrop`'s warning about boxes that did not reach a stationary
+    point, for callers that count those boxes themselves (``info.converged``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+        yield
+
+
 def _check_map(saliency: Tensor) -> None:
     if not saliency.dtype.is_floating_point:
         raise DACInputError(f"saliency: expected a floating map, got {saliency.dtype}")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import DACInputError, check_int, check_positive
-from .layer import DACrop
+from .layer import DACrop, quiet_unconverged
 from .saliency import FEATURES, SaliencyNet, check_features, feature_trunk, standardize_features, trunk_map
 
 __all__ = [
@@ -167,8 +167,7 @@ def labelled_fit(net: nn.Module, layer: DACrop, features: Sequence[Tensor], regi
 
     def boxes_of(group: Tensor) -> Tensor:
         found = []
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+        with torch.no_grad(), quiet_unconverged():
             for start in range(0, len(group), batch_size):
                 found.append(layer.search(net.from_features(group[start : start + batch_size]))[0])
         return torch.cat(found)
@@ -623,8 +622,7 @@ def _fit(
     for step, (feats, target_regions, (height, width)) in enumerate(batches):
         if out_of_time():  # the warm start may have used it all
             break
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+        with quiet_unconverged():
             boxes, info = locate(feats, (k * feats.shape[-2], k * feats.shape[-1]))
         copies = len(boxes) // len(feats)  # boxes of several members: member-major copies of the batch
         targets = margin_target(target_regions, margin, layer, (height, width)).repeat(copies, 1)
@@ -733,9 +731,10 @@ def train_saliency(
     else:
         features, regions, sizes = _labelled_images(Path(data), pool_size)
         source = f"{len(features)} images from {data}"
+    regions = torch.stack(regions)
     say(f"training on {source}" + (f": {mask_steps} mask warm-start steps, then" if mask_steps else ":") + f" {steps} steps through the box")
     history = fit_saliency(
-        net, features, torch.stack(regions), sizes, layer, steps=steps, mask_steps=mask_steps, time_limit=time_limit,
+        net, features, regions, sizes, layer, steps=steps, mask_steps=mask_steps, time_limit=time_limit,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, seed=seed, coverage_weight=coverage_weight, margin=margin,
         callback=lambda step, loss: say(f"step {step + 1}/{steps}: loss {loss:.4f}") if (step + 1) % 20 == 0 else None,
     )
@@ -745,7 +744,7 @@ def train_saliency(
         "first_loss": history.loss[0] if history.loss else None,
         "last_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
         "frozen_boxes": history.frozen, "unconverged_boxes": history.unconverged,
-        **labelled_fit(net, layer, features, torch.stack(regions)), "dacrop": settings,
+        **labelled_fit(net, layer, features, regions), "dacrop": settings,
     }
     save_saliency(net, out / "saliency.pt", dacrop=json.dumps(settings), source=source)
     write_json(out / "fit.json", summary)

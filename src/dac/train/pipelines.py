@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +35,7 @@ from .._batching import Images, by_size
 from .._checks import DACInputError, check_size
 from ..functional.crop import crop_resize
 from ..functional.pooling import to_unit_range
-from ..layer import DACrop
+from ..layer import DACrop, quiet_unconverged
 from ..saliency import SaliencyNet
 from .augment import BatchAugment, augmentation, max_inside_rotation, roi_rotation_crop
 from .config import PipelineConfig
@@ -151,8 +150,7 @@ class DACFront(nn.Module):
         return by_size(images, self._boxes)
 
     def _boxes(self, images: Tensor) -> Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
+        with quiet_unconverged():
             boxes, info = self.crop.locate(images, return_info=True)
         self.boxes_total += int(boxes.shape[0])
         self.boxes_unconverged += int((~(info.converged | info.frozen)).sum())
