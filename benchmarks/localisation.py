@@ -111,7 +111,8 @@ def run_row(args: tuple) -> dict:
     net = SaliencyNet(k, width=opts["net_width"], members=opts["members"]) if row["kind"] in ("saliency", "mask") else None
     layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages)
     fit = dict(steps=opts["steps"], mask_steps=opts["mask_steps"], batch_size=opts["batch_size"], lr=opts["lr"], mask_lr=opts["mask_lr"],
-               coverage_weight=opts["coverage_weight"], margin=opts["margin"], time_limit=opts["time_limit"], seed=opts["seed"])
+               coverage_weight=opts["coverage_weight"], margin=opts["margin"], stretch=opts["stretch"], shift=opts["shift"],
+               time_limit=opts["time_limit"], seed=opts["seed"])
     features = [it["features"].float() for it in train]
     regions = torch.stack([it["roi"] for it in train]) if train else None
     sizes = [(height, width)] * len(train)
@@ -151,6 +152,7 @@ def run_row(args: tuple) -> dict:
         "train_s": history.seconds if history else 0.0, "steps": history.steps if history else 0,
         "mask_steps": history.mask_steps if history else 0,
         "frozen_boxes": history.frozen if history else 0, "unconverged_boxes": history.unconverged if history else 0,
+        "clipped_steps": history.clipped if history else 0,
         "loss_every_10_steps": history.loss[::10] if history else [],
         "mask_loss_every_10_steps": history.mask_loss[::10] if history else [],
         "boxes": boxes.tolist(),
@@ -218,7 +220,7 @@ def figure(path: str, results: list[dict], opts: dict) -> None:
         return
     from dac.phantoms import make_phantom
 
-    shown = [r for r in results if r["row"] in (ROWS[0]["name"], "DAC + learned saliency, 32 labels", "box regression, 32 labels")]
+    shown = [r for r in results if r["row"] == ROWS[0]["name"] or (r["kind"] in ("saliency", "regression") and r["labels"] == 32)]
     count = opts["figure_count"]
     fig, axes = plt.subplots(count, 1, figsize=(8, 2.6 * count), constrained_layout=True)
     colours = ("tab:red", "tab:blue", "tab:orange")
@@ -246,14 +248,16 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
     with ProcessPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         items = list(pool.map(phantom_item, [(s, height, width, args.pool_size, args.cache) for s in seeds], chunksize=4))
     data = Path(args.cache) / f"set-{height}x{width}-k{args.pool_size}-{args.test}-{labels}.pt"
-    torch.save(items, data)
+    tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")  # whole or not at all: another run may be reading it
+    torch.save(items, tmp)
+    os.replace(tmp, data)
     print(f"{len(items)} phantoms ready in {time.perf_counter() - began:.0f} s", flush=True)
     opts.update({
         "height": height, "width": width, "pool_size": args.pool_size, "test": args.test,
         "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
         "steps": args.steps, "mask_steps": args.mask_steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
         "mask_lr": args.mask_lr,
-        "coverage_weight": args.coverage_weight, "margin": args.margin, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save,
     })
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -285,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-lr", type=float, default=FIT_DEFAULTS["mask_lr"], help="learning rate of the warm start")
     parser.add_argument("--coverage-weight", type=float, default=FIT_DEFAULTS["coverage_weight"], help="weight of teeth cut off in the box loss")
     parser.add_argument("--margin", type=float, default=FIT_DEFAULTS["margin"], help="target margin, image widths per side")
+    parser.add_argument("--stretch", type=float, default=FIT_DEFAULTS["stretch"], help="augmentation: left-right stretch range (0: none)")
+    parser.add_argument("--shift", type=float, default=FIT_DEFAULTS["shift"], help="augmentation: largest move, image widths (0: none)")
     parser.add_argument("--net-width", type=int, default=16)
     parser.add_argument("--members", type=int, default=FIT_DEFAULTS["members"], help="gates of the learned saliency, trained side by side and averaged")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,7 @@
 """dac.saliency and dac.localisation: features, the learned stage, training through the box."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from dac import DACInputError, DACrop
 from dac.functional import max_min_pool
 from dac.localisation import (
     FIT_DEFAULTS,
+    _stretch_and_shift,
     BoxRegressor,
     aspect_box,
     box_loss,
@@ -227,7 +229,8 @@ class TestFitting:
         features, regions, sizes, _ = _phantom_set(range(40, 46))
         net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
         layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
-        history = fit_saliency(net, features, regions, sizes, layer, steps=20, mask_steps=0, batch_size=6, lr=1e-2, coverage_weight=1.0, margin=0.0, seed=0)
+        history = fit_saliency(net, features, regions, sizes, layer, steps=20, mask_steps=0, batch_size=6, lr=1e-2, coverage_weight=1.0, margin=0.0,
+                               stretch=0.0, shift=0.0, seed=0)  # the same 6 images each step: the fit alone
         assert history.steps == 20 and len(history.loss) == 20
         first, last = sum(history.loss[:4]) / 4, sum(history.loss[-4:]) / 4
         assert last < 0.8 * first, (first, last)
@@ -302,6 +305,63 @@ class TestFitting:
         assert masks[0, 0, 1].tolist() == [0, 0.5, 1, 1, 1, 0.5, 0, 0, 0, 0]
         assert masks[0, 0, :, 3].tolist() == [0.5, 1, 0.5, 0]
 
+    def test_stretch_and_shift_move_features_and_regions_alike(self):
+        # Features that are the region's own mask: after the augmentation the mask must lie on the
+        # moved region: rows exactly (whole-pixel moves), columns but for the column at each edge
+        # (each new column takes the old column under its centre).
+        gen = torch.Generator().manual_seed(0)
+        k, h, w, b = 10, 30, 60, 64
+        x1 = 10 + torch.rand(b, generator=gen, dtype=torch.float64) * 280
+        y1 = 10 + torch.rand(b, generator=gen, dtype=torch.float64) * 130
+        regions = torch.stack((x1, y1, x1 + 150 + torch.rand(b, generator=gen, dtype=torch.float64) * 150,
+                               y1 + 50 + torch.rand(b, generator=gen, dtype=torch.float64) * 100), -1)  # on the grid
+        regions[0] = torch.tensor([0.0, 0.0, 600.0, 300.0])  # the whole grid: nowhere to go
+        regions[1] = torch.tensor([5.0, 100.0, 300.0, 200.0])  # in the first column: moves in y only
+        regions[2] = torch.tensor([40.0, 20.0, 590.0, 295.0])  # would leave the grid if stretched much
+        features = region_masks(regions, (h, w), k).expand(b, 5, h, w).clone()
+        moved, moved_regions = _stretch_and_shift(features, regions, k, np.random.default_rng(1), 0.3, 0.1)
+        assert moved.shape == features.shape and moved_regions.dtype == torch.float64
+        expected = region_masks(moved_regions, (h, w), k)
+        assert torch.equal(moved[:, 1:], moved[:, :1].expand(b, 4, h, w))  # every channel moved alike
+        wrong = (moved[:, :1] != expected)[:, 0]
+        centres = torch.arange(w, dtype=torch.float64) + 0.5
+        near_an_edge = torch.minimum((centres - moved_regions[:, :1] / k).abs(), (centres - moved_regions[:, 2:3] / k).abs()) <= 1
+        assert not (wrong & ~near_an_edge[:, None, :]).any()
+        # on the grid; heights kept, widths stretched by [0.7, 1.3] (less where cut at the grid); moves up to 0.1 w = 6 pooled px
+        assert (moved_regions[:, :2] >= 0).all() and (moved_regions[:, 2] <= k * w).all() and (moved_regions[:, 3] <= k * h).all()
+        torch.testing.assert_close(moved_regions[:, 3] - moved_regions[:, 1], regions[:, 3] - regions[:, 1])
+        ratio = (moved_regions[:, 2] - moved_regions[:, 0]) / (regions[:, 2] - regions[:, 0])
+        assert (ratio <= 1.3 + 1e-9).all() and (ratio >= 0.7 - 1e-9).all() and ratio.max() > 1.2 and ratio.min() < 0.8
+        dy = (moved_regions[:, 1] - regions[:, 1]) / k
+        torch.testing.assert_close(dy, dy.round())
+        assert dy.abs().max().round() == 6 and (dy > 0).any() and (dy < 0).any()
+        torch.testing.assert_close(moved_regions[0], regions[0])
+        torch.testing.assert_close(moved_regions[1, 0::2], regions[1, 0::2])
+        assert moved_regions[1, 1] != regions[1, 1] and ratio[2] <= 28.5 / 27.5 + 1e-9  # room to the right edge: 28.5 of 27.5 pooled px
+        # nothing asked, nothing moved
+        same, same_regions = _stretch_and_shift(features, regions, k, np.random.default_rng(1), 0.0, 0.0)
+        assert torch.equal(same, features)
+        torch.testing.assert_close(same_regions, regions, rtol=1e-15, atol=1e-12)
+
+    def test_box_steps_clip_the_gradient_norm_and_count_it(self):
+        # One box on a flat ridge has a huge implicit gradient; the step is scaled to clip_norm.
+        from dac.localisation import FitHistory, _step
+
+        weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        history = FitHistory()
+        _step(optimizer, schedule, (torch.tensor([30.0, -40.0, 0.0, 0.0], dtype=torch.float64) * weight).sum(), history, clip_norm=1.0)
+        torch.testing.assert_close(weight.detach(), torch.tensor([-0.6, 0.8, 0.0, 0.0], dtype=torch.float64))  # norm 50 -> 1
+        _step(optimizer, schedule, (torch.tensor([0.3, 0.0, 0.0, 0.0], dtype=torch.float64) * weight).sum(), history, clip_norm=1.0)
+        torch.testing.assert_close(weight.detach(), torch.tensor([-0.9, 0.8, 0.0, 0.0], dtype=torch.float64))  # below: untouched
+        assert (history.steps, history.clipped) == (2, 1)
+        features, regions, sizes, _ = _phantom_set(range(40, 43))
+        net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
+        layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
+        fitted = fit_saliency(net, features, regions, sizes, layer, steps=3, mask_steps=2, batch_size=3, clip_norm=1e-9, seed=0)
+        assert (fitted.steps, fitted.clipped) == (3, 3)  # box steps only: the warm start is not clipped
+
     def test_mask_warm_start_makes_the_gate_dark_outside_the_region(self):
         features, regions, sizes, _ = _phantom_set(range(40, 46))
         net = SaliencyNet(pool_size=4, width=8, dilations=(1, 2, 4))
@@ -355,7 +415,9 @@ class TestFitting:
             fit_box_regressor(BoxRegressor(layer.aspect, pool_size=10, width=4, dilations=(1,)), features, regions, sizes, layer, steps=1)
 
     @pytest.mark.parametrize("option, value", [("coverage_weight", float("nan")), ("coverage_weight", -1.0), ("margin", 0.5),
-                                               ("margin", float("nan")), ("time_limit", -1.0), ("time_limit", float("nan"))])
+                                               ("margin", float("nan")), ("time_limit", -1.0), ("time_limit", float("nan")),
+                                               ("stretch", 0.5), ("stretch", -0.1), ("shift", float("nan")), ("shift", 0.6),
+                                               ("clip_norm", 0.0), ("clip_norm", float("nan"))])
     def test_bad_fit_options(self, option, value):
         features, regions, sizes, _ = _phantom_set(range(40, 41))
         net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
@@ -523,7 +585,7 @@ class TestCommandLine:
 
     @pytest.mark.parametrize("option, value", [("--margin", "0.7"), ("--margin", "-0.1"), ("--margin", "nan"), ("--mask-steps", "-1"),
                                                ("--coverage-weight", "nan"), ("--coverage-weight", "-1"), ("--time-limit", "0"),
-                                               ("--time-limit", "nan")])
+                                               ("--time-limit", "nan"), ("--stretch", "0.5"), ("--shift", "-0.01")])
     def test_bad_fit_option_is_a_usage_error(self, tmp_path, capsys, option, value):
         from dac.cli import main
 
