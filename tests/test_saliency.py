@@ -324,13 +324,14 @@ class TestFitting:
         expected = region_masks(moved_regions, (h, w), k)
         assert torch.equal(moved[:, 1:], moved[:, :1].expand(b, 4, h, w))  # every channel moved alike
         wrong = (moved[:, :1] != expected)[:, 0]
+        # a column's centre and the old column it takes differ by at most half an old column: s / 2 new ones
+        ratio = (moved_regions[:, 2] - moved_regions[:, 0]) / (regions[:, 2] - regions[:, 0])
         centres = torch.arange(w, dtype=torch.float64) + 0.5
-        near_an_edge = torch.minimum((centres - moved_regions[:, :1] / k).abs(), (centres - moved_regions[:, 2:3] / k).abs()) <= 1
-        assert not (wrong & ~near_an_edge[:, None, :]).any()
+        to_an_edge = torch.minimum((centres - moved_regions[:, :1] / k).abs(), (centres - moved_regions[:, 2:3] / k).abs())
+        assert not (wrong & ~(to_an_edge <= 0.5 * ratio[:, None] + 1e-9)[:, None, :]).any()
         # on the grid; heights kept, widths stretched by [0.7, 1.3] (less where cut at the grid); moves up to 0.1 w = 6 pooled px
         assert (moved_regions[:, :2] >= 0).all() and (moved_regions[:, 2] <= k * w).all() and (moved_regions[:, 3] <= k * h).all()
         torch.testing.assert_close(moved_regions[:, 3] - moved_regions[:, 1], regions[:, 3] - regions[:, 1])
-        ratio = (moved_regions[:, 2] - moved_regions[:, 0]) / (regions[:, 2] - regions[:, 0])
         assert (ratio <= 1.3 + 1e-9).all() and (ratio >= 0.7 - 1e-9).all() and ratio.max() > 1.2 and ratio.min() < 0.8
         dy = (moved_regions[:, 1] - regions[:, 1]) / k
         torch.testing.assert_close(dy, dy.round())
@@ -343,7 +344,7 @@ class TestFitting:
         assert torch.equal(same, features)
         torch.testing.assert_close(same_regions, regions, rtol=1e-15, atol=1e-12)
 
-    def test_box_steps_clip_the_gradient_norm_and_count_it(self):
+    def test_box_steps_clip_the_gradient_norm_and_count_it(self, monkeypatch):
         # One box on a flat ridge has a huge implicit gradient; the step is scaled to clip_norm.
         from dac.localisation import FitHistory, _step
 
@@ -359,8 +360,15 @@ class TestFitting:
         features, regions, sizes, _ = _phantom_set(range(40, 43))
         net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
         layer = DACrop(output_size=(20, 37), pool_size=4, saliency=net, steps_per_stage=20)
+        calls = []
+
+        def recorded(*args, **kwargs):
+            calls.append(args[4] if len(args) > 4 else kwargs.get("clip_norm"))
+            return _step(*args, **kwargs)
+
+        monkeypatch.setattr("dac.localisation._step", recorded)
         fitted = fit_saliency(net, features, regions, sizes, layer, steps=3, mask_steps=2, batch_size=3, clip_norm=1e-9, seed=0)
-        assert (fitted.steps, fitted.clipped) == (3, 3)  # box steps only: the warm start is not clipped
+        assert (fitted.steps, fitted.clipped) == (3, 3) and calls == [None, None, 1e-9, 1e-9, 1e-9]  # the warm start is not clipped
 
     def test_mask_warm_start_makes_the_gate_dark_outside_the_region(self):
         features, regions, sizes, _ = _phantom_set(range(40, 46))
@@ -417,7 +425,8 @@ class TestFitting:
     @pytest.mark.parametrize("option, value", [("coverage_weight", float("nan")), ("coverage_weight", -1.0), ("margin", 0.5),
                                                ("margin", float("nan")), ("time_limit", -1.0), ("time_limit", float("nan")),
                                                ("stretch", 0.5), ("stretch", -0.1), ("shift", float("nan")), ("shift", 0.6),
-                                               ("clip_norm", 0.0), ("clip_norm", float("nan"))])
+                                               ("clip_norm", 0.0), ("clip_norm", float("nan")), ("stretch", "0.1"), ("shift", True),
+                                               ("clip_norm", "1")])
     def test_bad_fit_options(self, option, value):
         features, regions, sizes, _ = _phantom_set(range(40, 41))
         net = SaliencyNet(pool_size=4, width=4, dilations=(1,))
@@ -437,6 +446,9 @@ class TestFitting:
             fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(2, 4), [(40, 40)], DACrop(pool_size=4, saliency=net))
         with pytest.raises(DACInputError, match="steps"):  # before any warm-start step
             fit_saliency(net, [torch.rand(5, 10, 10)], torch.rand(1, 4), [(40, 40)], DACrop(pool_size=4, saliency=net), steps=-1, mask_steps=5)
+        for inverted in ([30.0, 5.0, 10.0, 20.0], [5.0, 20.0, 30.0, 20.0], [5.0, 5.0, float("nan"), 20.0]):  # stretched, it would leave the grid
+            with pytest.raises(DACInputError, match="regions"):
+                fit_saliency(net, [torch.rand(5, 10, 10)], torch.tensor([inverted]), [(40, 40)], DACrop(pool_size=4, saliency=net), steps=1, mask_steps=1)
 
 
 class TestCommandLine:
@@ -585,7 +597,7 @@ class TestCommandLine:
 
     @pytest.mark.parametrize("option, value", [("--margin", "0.7"), ("--margin", "-0.1"), ("--margin", "nan"), ("--mask-steps", "-1"),
                                                ("--coverage-weight", "nan"), ("--coverage-weight", "-1"), ("--time-limit", "0"),
-                                               ("--time-limit", "nan"), ("--stretch", "0.5"), ("--shift", "-0.01")])
+                                               ("--time-limit", "nan"), ("--stretch", "0.5"), ("--shift", "-0.01"), ("--clip-norm", "0")])
     def test_bad_fit_option_is_a_usage_error(self, tmp_path, capsys, option, value):
         from dac.cli import main
 

@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--shift", type=float, default=FIT_DEFAULTS["shift"], metavar="FRACTION",
                      help="augmentation: then move it by up to this fraction of the image width in x and y "
                      "(default %(default)s; 0: not)")
+    fit.add_argument("--clip-norm", type=float, default=FIT_DEFAULTS["clip_norm"], metavar="NORM",
+                     help="largest gradient norm of a step through the box (default %(default)s; inf: no clipping): "
+                     "a box on a nearly flat ridge of the cost has a huge implicit gradient")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--overwrite", action="store_true", help="replace OUT/saliency.pt if OUT holds one (default: refuse)")
     fit.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -340,7 +343,7 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     check_int(args.members, "--members", 1)
     check_int(args.steps, "--steps", 0)
     check_int(args.mask_steps, "--mask-steps", 0)
-    check_fit_options(args.coverage_weight, args.margin, args.time_limit, stretch=args.stretch, shift=args.shift, flags=True)  # before any phantom is drawn
+    check_fit_options(args.coverage_weight, args.margin, args.time_limit, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, flags=True)  # before any phantom is drawn
     check_out_dir(args.out, "--out")
     check_fit_out(args.out, args.overwrite, flags=True)
     given = _search_options(args)
@@ -348,7 +351,7 @@ def _fit_saliency(args: argparse.Namespace) -> int:
         args.out, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
         output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
         sharpness_factor=given["sharpness_factor"], members=args.members, steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit,
-        coverage_weight=args.coverage_weight, margin=args.margin, stretch=args.stretch, shift=args.shift, overwrite=args.overwrite, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
+        coverage_weight=args.coverage_weight, margin=args.margin, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, overwrite=args.overwrite, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
     )
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "

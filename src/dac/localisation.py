@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import time
 import warnings
 from pathlib import Path
@@ -449,8 +450,7 @@ def fit_region_masks(
         time_limit: stop after the step that passes this many seconds (None: no limit).
     """
     stretch, shift = (FIT_DEFAULTS[name] if value is None else value for name, value in (("stretch", stretch), ("shift", shift)))
-    _check_fraction(stretch, "stretch")
-    _check_fraction(shift, "shift")
+    check_fit_options(0.0, 0.0, None, stretch=stretch, shift=shift)
     batches = _batches(features, regions, image_sizes, pool_size, steps, batch_size, seed, flip, stretch, shift)
     out_of_time = _deadline(time_limit)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -478,24 +478,32 @@ def _deadline(time_limit: float | None) -> Callable[[], bool]:
 
 
 def check_fit_options(coverage_weight: float, margin: float, time_limit: float | None, *, stretch: float = 0.0,
-                      shift: float = 0.0, flags: bool = False) -> None:
+                      shift: float = 0.0, clip_norm: float = math.inf, flags: bool = False) -> None:
     """Raise :class:`DACInputError` for a coverage weight that is not a finite number >= 0,
-    a margin, stretch or shift outside [0, 0.5) or a time limit that is not > 0 (None: no
-    limit); ``flags`` names them as ``dac fit-saliency``'s options."""
+    a margin, stretch or shift that is not a number in [0, 0.5), a gradient clip that is
+    not a number > 0 (inf: none) or a time limit that is not > 0 (None: no limit);
+    ``flags`` names them as ``dac fit-saliency``'s options."""
     def name(argument: str) -> str:
         return "--" + argument.replace("_", "-") if flags else argument
 
     if not (math.isfinite(float(coverage_weight)) and coverage_weight >= 0):
         raise DACInputError(f"{name('coverage_weight')}: expected a finite number >= 0, got {coverage_weight!r}")
-    for argument, value in (("margin", margin), ("stretch", stretch), ("shift", shift)):
-        _check_fraction(value, name(argument))
+    _check_fraction(margin, name("margin"))
+    _check_fraction(stretch, name("stretch"), "a fraction (the largest relative change of the width)")
+    _check_fraction(shift, name("shift"))
+    _check_clip_norm(clip_norm, name("clip_norm"))
     if time_limit is not None:
         check_positive(time_limit, name("time_limit"))
 
 
-def _check_fraction(value: float, name: str) -> None:
-    if not 0 <= float(value) < 0.5:
-        raise DACInputError(f"{name}: expected a fraction of the image width in [0, 0.5), got {value!r}")
+def _check_fraction(value: float, name: str, what: str = "a fraction of the image width") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 0.5:
+        raise DACInputError(f"{name}: expected {what} in [0, 0.5), got {value!r}")
+
+
+def _check_clip_norm(value: float, name: str = "clip_norm") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise DACInputError(f"{name}: expected a number > 0 (inf: no clipping), got {value!r}")
 
 
 def check_fit_out(out_dir: str | Path, overwrite: bool, *, flags: bool = False) -> None:
@@ -556,6 +564,8 @@ def _batches(
             raise DACInputError(f"features[{i}]: expected Tensor{list(expected)} (saliency_features of an image of (H, W) = "
                                 f"{tuple(int(v) for v in size)} at the layer's pool_size {pool_size}), got {tuple(getattr(f, 'shape', ())) or type(f).__name__}")
         groups.setdefault((tuple(f.shape), tuple(int(s) for s in size)), []).append(i)
+    if not (torch.isfinite(regions).all() and (regions[:, 2:] > regions[:, :2]).all()):
+        raise DACInputError("regions: expected finite xyxy boxes with x1 < x2 and y1 < y2")
     return _draw(features, regions, groups, pool_size, steps, batch_size, seed, flip, stretch, shift)
 
 
@@ -589,9 +599,9 @@ def _stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: n
     arch elsewhere in the frame, new layouts from few labels.
 
     The features are resampled column by column (each new column takes the old column
-    under its centre; beyond the grid the edge column repeats), so every window keeps
-    the statistics of a window of the image; rows move by whole pixels. The image size
-    is kept. The labels stay true: a stretch is capped where the region would leave the
+    under its centre, so some columns repeat or drop out, and beyond the grid the edge
+    column or row repeats): every window's features are those of some window of the
+    image, not averaged; rows move by whole pixels. The image size is kept. The labels stay true: a stretch is capped where the region would leave the
     grid, a move stops at the grid's edge, and an image whose region reaches into the
     grid's first or last column (row) is neither stretched nor moved along x (y), as
     the repeated edge would be region that its label leaves out.
@@ -617,7 +627,7 @@ def _stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: n
         drawn = torch.as_tensor(1 + rng.uniform(-stretch, stretch, b), dtype=torch.float64, device=device)[:, None]
         room = torch.minimum(centre / (centre - x[:, :1]), (w - centre) / (x[:, 1:] - centre))  # the widest that stays on the grid
         scale = torch.where(free_x[:, None], torch.minimum(drawn, room), scale)
-        x = (x - centre) * scale + centre
+        x = ((x - centre) * scale + centre).clamp(0, w)  # on the grid (rounding at the cap)
     dx = torch.zeros(b, dtype=torch.float64, device=device)
     dy = torch.zeros_like(dx)
     reach = int(round(shift * w))
@@ -701,9 +711,7 @@ def _fit(
         FIT_DEFAULTS[name] if value is None else value for name, value in given.items())
     k = layer.pool_size
     check_int(mask_steps, "mask_steps", 0)
-    if not float(clip_norm) > 0:  # math.inf: no clipping
-        raise DACInputError(f"clip_norm: expected a number > 0 (math.inf: no clipping), got {clip_norm!r}")
-    check_fit_options(coverage_weight, margin, time_limit, stretch=stretch, shift=shift)
+    check_fit_options(coverage_weight, margin, time_limit, stretch=stretch, shift=shift, clip_norm=clip_norm)
     batches = _batches(features, regions, image_sizes, k, steps, batch_size, seed, flip, stretch, shift)  # checks the inputs first
     history = FitHistory()
     began = time.perf_counter()
@@ -783,6 +791,7 @@ def train_saliency(
     margin: float = FIT_DEFAULTS["margin"],
     stretch: float = FIT_DEFAULTS["stretch"],
     shift: float = FIT_DEFAULTS["shift"],
+    clip_norm: float = FIT_DEFAULTS["clip_norm"],
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -801,8 +810,8 @@ def train_saliency(
             stage is trained with, stored with it and used again by :func:`load_dacrop`.
         width: the net's hidden channels (per member).
         members: gates trained side by side and averaged (:class:`~dac.saliency.SaliencyNet`).
-        steps, mask_steps, time_limit, batch_size, lr, mask_lr, coverage_weight, margin, stretch, shift:
-            of :func:`fit_saliency`.
+        steps, mask_steps, time_limit, batch_size, lr, mask_lr, coverage_weight, margin, stretch, shift,
+            clip_norm: of :func:`fit_saliency` (checked before any work).
         overwrite: replace a ``saliency.pt`` already in ``out_dir`` (else DACInputError,
             before any work).
         log: called with progress lines.
@@ -816,6 +825,7 @@ def train_saliency(
 
     out = Path(out_dir)
     check_fit_out(out, overwrite)
+    check_fit_options(coverage_weight, margin, time_limit, stretch=stretch, shift=shift, clip_norm=clip_norm)
     say = log or (lambda message: None)
     net = SaliencyNet(pool_size=pool_size, width=width, members=members)
     layer = DACrop(output_size, pool_size, saliency=net, r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
@@ -840,7 +850,7 @@ def train_saliency(
     history = fit_saliency(
         net, features, regions, sizes, layer, steps=steps, mask_steps=mask_steps, time_limit=time_limit,
         batch_size=batch_size, lr=lr, mask_lr=mask_lr, seed=seed, coverage_weight=coverage_weight, margin=margin,
-        stretch=stretch, shift=shift, callback=lambda step, loss: say(f"step {step + 1}/{steps}: loss {loss:.4f}") if (step + 1) % 20 == 0 else None,
+        stretch=stretch, shift=shift, clip_norm=clip_norm, callback=lambda step, loss: say(f"step {step + 1}/{steps}: loss {loss:.4f}") if (step + 1) % 20 == 0 else None,
     )
     settings = {"output_size": list(layer.output_size), "pool_size": pool_size, "r_min_fraction": r_min_fraction, "sharpness_factor": sharpness_factor}
     summary = {
