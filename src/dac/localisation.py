@@ -601,10 +601,11 @@ def _stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: n
     The features are resampled column by column (each new column takes the old column
     under its centre, so some columns repeat or drop out, and beyond the grid the edge
     column or row repeats): every window's features are those of some window of the
-    image, not averaged; rows move by whole pixels. The image size is kept. The labels stay true: a stretch is capped where the region would leave the
-    grid, a move stops at the grid's edge, and an image whose region reaches into the
-    grid's first or last column (row) is neither stretched nor moved along x (y), as
-    the repeated edge would be region that its label leaves out.
+    image, not averaged; rows move by whole pixels. The image size is kept. The labels
+    stay true: a stretch is capped where the region would leave the grid, a move stops
+    at the grid's edge, and an image whose region reaches into the grid's first or last
+    column (row) is neither stretched nor moved along x (y), as the repeated edge would
+    be region that its label leaves out.
 
     Args:
         features: Tensor[b, 5, h, w].
