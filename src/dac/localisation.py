@@ -449,8 +449,8 @@ def fit_region_masks(
         flip, stretch, shift: the augmentation, as in :func:`_fit`.
         time_limit: stop after the step that passes this many seconds (None: no limit).
     """
-    stretch, shift = (FIT_DEFAULTS[name] if value is None else value for name, value in (("stretch", stretch), ("shift", shift)))
-    check_fit_options(0.0, 0.0, None, stretch=stretch, shift=shift)
+    stretch, shift = _or_defaults(stretch=stretch, shift=shift)
+    _check_augmentation(stretch, shift)
     batches = _batches(features, regions, image_sizes, pool_size, steps, batch_size, seed, flip, stretch, shift)
     out_of_time = _deadline(time_limit)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -489,8 +489,7 @@ def check_fit_options(coverage_weight: float, margin: float, time_limit: float |
     if not (math.isfinite(float(coverage_weight)) and coverage_weight >= 0):
         raise DACInputError(f"{name('coverage_weight')}: expected a finite number >= 0, got {coverage_weight!r}")
     _check_fraction(margin, name("margin"))
-    _check_fraction(stretch, name("stretch"), "a fraction (the largest relative change of the width)")
-    _check_fraction(shift, name("shift"))
+    _check_augmentation(stretch, shift, name)
     _check_clip_norm(clip_norm, name("clip_norm"))
     if time_limit is not None:
         check_positive(time_limit, name("time_limit"))
@@ -501,7 +500,18 @@ def _check_fraction(value: float, name: str, what: str = "a fraction of the imag
         raise DACInputError(f"{name}: expected {what} in [0, 0.5), got {value!r}")
 
 
-def _check_clip_norm(value: float, name: str = "clip_norm") -> None:
+def _check_augmentation(stretch: float, shift: float, name: Callable[[str], str] = lambda argument: argument) -> None:
+    _check_fraction(stretch, name("stretch"), "a fraction (the largest relative change of the width)")
+    _check_fraction(shift, name("shift"))
+
+
+def _or_defaults(**given) -> list:
+    """The arguments in order, each left at None replaced by its :data:`FIT_DEFAULTS` value
+    (so the Python API and ``dac fit-saliency`` train alike)."""
+    return [FIT_DEFAULTS[name] if value is None else value for name, value in given.items()]
+
+
+def _check_clip_norm(value: float, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise DACInputError(f"{name}: expected a number > 0 (inf: no clipping), got {value!r}")
 
@@ -706,10 +716,9 @@ def _fit(
             after the step that passes it (no box step starts after it).
         callback: ``callback(step, loss)`` after each box step.
     """
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask_steps": mask_steps, "mask_lr": mask_lr,
-             "coverage_weight": coverage_weight, "margin": margin, "stretch": stretch, "shift": shift, "clip_norm": clip_norm}
-    steps, batch_size, lr, mask_steps, mask_lr, coverage_weight, margin, stretch, shift, clip_norm = (
-        FIT_DEFAULTS[name] if value is None else value for name, value in given.items())
+    steps, batch_size, lr, mask_steps, mask_lr, coverage_weight, margin, stretch, shift, clip_norm = _or_defaults(
+        steps=steps, batch_size=batch_size, lr=lr, mask_steps=mask_steps, mask_lr=mask_lr, coverage_weight=coverage_weight,
+        margin=margin, stretch=stretch, shift=shift, clip_norm=clip_norm)
     k = layer.pool_size
     check_int(mask_steps, "mask_steps", 0)
     check_fit_options(coverage_weight, margin, time_limit, stretch=stretch, shift=shift, clip_norm=clip_norm)
