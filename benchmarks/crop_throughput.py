@@ -5,11 +5,11 @@ Run (from the repository root)::
     .venv/bin/python benchmarks/crop_throughput.py --count 32 --json crop_throughput.json
     .venv/bin/python benchmarks/crop_throughput.py --inputs phantoms/ --keep  # reuse generated PNGs
 
-Writes ``--count`` 8-bit phantoms (``dac.phantoms.make_phantom``, 1536 x 2836 by default)
+Writes ``--count`` 8-bit phantoms (``dac.data.phantoms.make_phantom``, 1536 x 2836 by default)
 as PNG files (not timed; ``--inputs DIR --keep`` keeps them there for the next run, since
 generating paper-size phantoms takes seconds each), then, ``--repeats`` times in turn:
 
-* **decode**: every file read as ``dac crop`` reads it (``dac.archive.read_for_archive``),
+* **decode**: every file read as ``dac crop`` reads it (``dac.data.io.read_input``),
   one after the other in this process;
 * **layer**: ``DACrop`` (the paper's) on the decoded images, ``--batch-size`` at a time,
   with torch's default threads and with the threads ``dac crop`` gives its search; the
@@ -45,11 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 from dac import DACrop  # noqa: E402
-from dac import io as dio  # noqa: E402
-from dac.archive import _cpus, default_workers, read_for_archive, search_threads  # noqa: E402
+from dac.data import io as dio  # noqa: E402
+from dac.archive import _cpus, default_workers, search_threads
+from dac.data.io import read_input  # noqa: E402
 from dac.cli import main as dac_main  # noqa: E402
 from dac.demo import box_iou  # noqa: E402
-from dac.phantoms import make_phantom  # noqa: E402
+from dac.data.phantoms import make_phantom  # noqa: E402
 
 
 def _phantoms(root: Path, count: int, height: int, width: int, seed: int) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def _cpu_seconds() -> float:
 
 def _decode(paths: list[Path]) -> tuple[float, float, list[torch.Tensor]]:
     cpu, start = _cpu_seconds(), time.perf_counter()
-    images = [read_for_archive(str(p))[0] for p in paths]
+    images = [read_input(str(p))[0] for p in paths]
     return time.perf_counter() - start, _cpu_seconds() - cpu, images
 
 

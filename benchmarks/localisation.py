@@ -4,7 +4,7 @@ Run (from the repository root)::
 
     .venv/bin/python benchmarks/localisation.py --json localisation.json --figure localisation.png
 
-Held-out phantoms (``dac.phantoms.make_phantom``, seeds 5000.., 1536 x 2836 by default)
+Held-out phantoms (``dac.data.phantoms.make_phantom``, seeds 5000.., 1536 x 2836 by default)
 are scored against their true region (the tight box around every tooth) and their
 per-tooth boxes. Rows:
 
@@ -77,7 +77,7 @@ def phantom_item(args: tuple) -> dict:
     path = Path(cache) / f"{height}x{width}-k{pool}" / f"{seed}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    from dac.phantoms import make_phantom
+    from dac.data.phantoms import make_phantom
     from dac.saliency import saliency_features
 
     p = make_phantom(seed, height, width)
@@ -171,7 +171,7 @@ def task_loss_rows(cv_dirs: list[str], count: int) -> list[dict]:
     import statistics
 
     from dac.localisation import localisation_scores
-    from dac.phantoms import make_phantom
+    from dac.data.phantoms import make_phantom
     from dac.train import load_config, load_pipeline
 
     per: dict[str, list[dict]] = {}
@@ -218,7 +218,7 @@ def figure(path: str, results: list[dict], opts: dict) -> None:
     plt = pyplot(path)
     if plt is None:
         return
-    from dac.phantoms import make_phantom
+    from dac.data.phantoms import make_phantom
 
     shown = [r for r in results if r["row"] == ROWS[0]["name"] or (r["kind"] in ("saliency", "regression") and r["labels"] == 32)]
     count = opts["figure_count"]

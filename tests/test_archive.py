@@ -467,7 +467,7 @@ class TestBatches:
         assert summary.ok == 3 and torch.get_num_threads() == before
 
     def test_a_failed_write_is_a_failed_row(self, three: Path, tmp_path: Path, monkeypatch):
-        import dac.io as dio
+        import dac.data.io as dio
 
         real = dio.write_png
 

@@ -121,7 +121,7 @@ def test_glob_and_16_bit_output(tmp_path: Path):
 def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "out"
     written: list[str] = []
-    import dac.io as dio
+    import dac.data.io as dio
 
     original = dio.write_png
 

@@ -1,4 +1,4 @@
-"""dac.phantoms and dac.datasets: phantoms (determinism, classes, ground-truth box, saliency), datasets, collation."""
+"""dac.data.phantoms and dac.data.datasets: phantoms (determinism, classes, ground-truth box, saliency), datasets, collation."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,8 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from dac import DACInputError, DACrop
-from dac.datasets import ImageFolderDataset, PhantomDataset, collate_images
-from dac.phantoms import CLASS_EDGES, CLASS_NAMES, make_phantom, restoration_class
+from dac.data.datasets import ImageFolderDataset, PhantomDataset, collate_images
+from dac.data.phantoms import CLASS_EDGES, CLASS_NAMES, make_phantom, restoration_class
 from dac.functional import max_min_pool
 
 SMALL = (384, 709)  # the paper's 1536 x 2836, divided by 4

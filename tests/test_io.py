@@ -1,4 +1,4 @@
-"""dac.io: reading every supported format, bad files, DICOM, the conversions, atomic PNG writes.
+"""dac.data.io: reading every supported format, bad files, DICOM, the conversions, atomic PNG writes.
 
 Every image is generated in ``tmp_path``; DICOM tests use only the files bundled inside the
 pydicom package (never ``pydicom.data.get_testdata_file``, which may try the network).
@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from dac import DACInputError
 from dac.functional import to_unit_range
-from dac.io import IMAGE_SUFFIXES, ImageReadError, read_image, to_gray8, to_unit_float, write_png
+from dac.data.io import IMAGE_SUFFIXES, ImageReadError, read_image, to_gray8, to_unit_float, write_png
 
 RNG = np.random.default_rng(7)
 

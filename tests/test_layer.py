@@ -444,7 +444,7 @@ class TestPrecision:
         # stage does) whose float32 cost carries rounding noise (~2e-5 of f, sums over
         # 43k pixels) larger than the last Newton steps' gain: the polish's f test used to
         # reject them, fall back to 0.5 px ascent steps and cycle for all its 50 steps.
-        from dac.phantoms import make_phantom
+        from dac.data.phantoms import make_phantom
         from dac.saliency import saliency_features
 
         image = make_phantom(5021, 768, 1418).image[None]

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from dac import DACInputError
-from dac import io as dio
+from dac.data import io as dio
 from dac.cli import main
-from dac.phantoms import CLASS_NAMES, make_phantom
+from dac.data.phantoms import CLASS_NAMES, make_phantom
 from dac.predict import Predictor, predict_archive
 from dac.train import PipelineConfig, build_pipeline, config_from_dict, load_checkpoint, save_checkpoint, train_pipeline
 

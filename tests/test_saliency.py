@@ -20,7 +20,7 @@ from dac.localisation import (
     minimum_width,
     region_masks,
 )
-from dac.phantoms import make_phantom
+from dac.data.phantoms import make_phantom
 from dac.saliency import FEATURES, SaliencyNet, load_saliency, save_saliency, saliency_features
 
 from conftest import textured_scene
@@ -456,7 +456,7 @@ class TestCommandLine:
         import csv
         import json
 
-        from dac import io as dio
+        from dac.data import io as dio
         from dac.cli import main
         from dac.localisation import load_dacrop
 
@@ -495,7 +495,7 @@ class TestCommandLine:
     def test_labelled_images_give_the_features_a_crop_searches(self, tmp_path):
         from PIL import Image
 
-        from dac import io as dio
+        from dac.data import io as dio
         from dac.localisation import _labelled_images
 
         colour = torch.rand(3, 40, 60, generator=torch.Generator().manual_seed(0))
@@ -548,7 +548,7 @@ class TestCommandLine:
 
     @pytest.mark.parametrize("header", ["path,x,y,w,h", "image,y1,x1,y2,x2", "path,x1,y1,x2"])
     def test_data_csv_with_other_columns_is_refused(self, tmp_path, capsys, header):
-        from dac import io as dio
+        from dac.data import io as dio
         from dac.cli import main
 
         dio.write_png(tmp_path / "a.png", make_phantom(1, 96, 177).image)

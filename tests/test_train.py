@@ -21,7 +21,7 @@ from PIL import Image
 
 from dac import DACInputError
 from dac.cli import main
-from dac.phantoms import make_phantom
+from dac.data.phantoms import make_phantom
 from dac.functional import crop_resize
 from dac.train import (
     BatchAugment,
@@ -49,7 +49,7 @@ from dac.train import (
     summarize_folds,
 )
 from dac.train.augment import PAPER_DAC_RANGES
-from dac.datasets import MemoryDataset
+from dac.data.datasets import MemoryDataset
 from dac.train.folds import stratified_folds
 from dac.train.metrics import auc, mean_std
 from dac.saliency import SaliencyNet

@@ -21,7 +21,7 @@ The table (``OUT/boxes.csv`` for ``dac crop``)
     ``surrogateescape``), so it names exactly that file: read such a table with
     ``errors="surrogateescape"`` (pandas: ``encoding_errors="surrogateescape"``). The
     ``intensity`` column says how each file's values became [0, 1] (for DICOM: the
-    window, the stored range or the percentiles used; see :func:`dac.io.read_image`).
+    window, the stored range or the percentiles used; see :func:`dac.data.io.read_image`).
 
 Resuming
     During a run each batch's rows are appended to a journal (``OUT/.boxes-journal.csv``,
@@ -123,7 +123,6 @@ __all__ = [
     "find_inputs",
     "module_settings",
     "output_name",
-    "read_for_archive",
     "run_archive",
     "search_threads",
     "settings_digest",
@@ -841,7 +840,7 @@ def run_archive(
             the same shard writing to ``out_dir``.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from . import io as dio
+    from .data import io as dio
 
     began = time.perf_counter()
     batch_size = check_int(batch_size, "batch_size", 1)
@@ -1120,7 +1119,7 @@ def crop_archive(
         bits: 8 or 16-bit PNG crops.
         gray8: convert every image to 8-bit gray first (the paper's preprocessing).
         overlays: also write each image, downscaled, with its box drawn.
-        dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.io.read_image`).
+        dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.data.io.read_image`).
         progress: show a progress bar (None: only on a terminal).
         shard: ``(i, n)`` or ``"i/n"``: this process's share (see the module doc).
 
@@ -1133,7 +1132,7 @@ def crop_archive(
             run (of the same shard) writing to ``out_dir``.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from . import io as dio
+    from .data import io as dio
 
     if isinstance(bits, bool) or bits not in (8, 16):
         raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
@@ -1149,7 +1148,7 @@ def crop_archive(
         table="boxes.csv",
         fields=CSV_FIELDS,
         settings=settings,
-        read=functools.partial(read_for_archive, gray8=bool(gray8), dicom=dicom, percentiles=percentiles),
+        read=functools.partial(dio.read_input, gray8=bool(gray8), dicom=dicom, percentiles=percentiles),
         compute=functools.partial(_crop_compute, layer),
         write=functools.partial(_crop_write, bits=bits, overlays=bool(overlays)),
         outputs=("crop",),
@@ -1159,29 +1158,6 @@ def crop_archive(
     )
     return run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers, device=device,
                        progress=progress, shard=shard)
-
-
-def read_for_archive(path: str, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
-                     percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[torch.Tensor, str]:
-    """Read one input as the archive commands do: ``(image, intensity)``.
-
-    Integer images stay integer (a quarter of the memory of floats); floating ones
-    (float TIFF) must lie in [0, 1], the range ``DACrop`` expects, within the layer's
-    slack of 0.05, and are clipped to it: NaN, or values in 0..255 from a missing
-    ``/ 255``, fail the file (clipped, they would crop a white image without a word);
-    with ``gray8`` every image becomes 8-bit gray (:func:`dac.io.to_gray8`).
-    """
-    from . import io as dio
-
-    image, intensity = dio.read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
-    try:
-        if image.dtype.is_floating_point:
-            check_unit_range(image, "image")  # NaN passes here; to_unit_float / to_gray8 refuse it
-        if gray8:
-            return dio.to_gray8(image), intensity
-        return (dio.to_unit_float(image) if image.dtype.is_floating_point else image), intensity
-    except DACInputError as exc:  # values that cannot be taken as they are: the file's reason
-        raise dio.ImageReadError(path, str(exc).removeprefix("image: ")) from None
 
 
 def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:
@@ -1200,7 +1176,7 @@ def discard_outputs(out: Path, key: str, folders: Sequence[str]) -> None:
 
 
 def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, found: str, *, bits: int, overlays: bool) -> dict[str, str]:
-    from . import io as dio
+    from .data import io as dio
 
     crop, box, cost, iterations = result
     name = f"crops/{output_name(key)}"
@@ -1218,7 +1194,7 @@ def write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, text: str 
     written above it; an 8-bit PNG written atomically."""
     from PIL import Image, ImageDraw
 
-    from . import io as dio
+    from .data import io as dio
 
     gray = dio.to_gray8(image)[0].numpy()
     pil = Image.fromarray(gray).convert("RGB")

@@ -252,7 +252,7 @@ def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, s
     """Checks of the options crop and predict share; (shard, device)."""
     from ._checks import check_device, check_int
     from .archive import check_out_dir, check_shard, shard_from_environment
-    from .io import check_percentiles
+    from .data.io import check_percentiles
 
     check_int(args.batch_size, "--batch-size", 1)
     if args.workers != "auto":

@@ -46,9 +46,9 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def run_demo(out_dir: str | Path, *, count: int = 6, seed: int = 0) -> dict:
     """Run the demo (see module doc); returns ``{"mean_iou", "iou", "paths", "seconds"}``."""
-    from . import io as dio
+    from .data import io as dio
     from . import viz
-    from .phantoms import make_phantom
+    from .data.phantoms import make_phantom
     from .functional import max_min_pool
 
     plt = viz._plt()

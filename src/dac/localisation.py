@@ -840,7 +840,7 @@ def train_saliency(
     net = SaliencyNet(pool_size=pool_size, width=width, members=members)
     layer = DACrop(output_size, pool_size, saliency=net, r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
     if data is None:
-        from .phantoms import make_phantom
+        from .data.phantoms import make_phantom
 
         count = check_int(count, "count", 1)
         height, width_px = (check_int(v, "image_size", 64) for v in image_size)
@@ -911,10 +911,9 @@ def load_dacrop(path: str | Path, **overrides) -> DACrop:
 
 def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
     """Features, regions and sizes of the images a ``path,x1,y1,x2,y2`` CSV lists, read
-    as ``dac crop`` reads them (:func:`dac.archive.read_for_archive`): the features the
+    as ``dac crop`` reads them (:func:`dac.data.io.read_input`): the features the
     stage will search."""
-    from .archive import read_for_archive
-    from .io import ImageReadError
+    from .data.io import ImageReadError, read_input
     from .saliency import saliency_features
 
     if not csv_path.is_file():
@@ -934,7 +933,7 @@ def _labelled_images(csv_path: Path, pool_size: int) -> tuple[list[Tensor], list
             file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
             try:
                 box = [float(v) for v in cells[1:]]
-                image, _ = read_for_archive(str(file))
+                image, _ = read_input(str(file))
             except ValueError:
                 raise DACInputError(f"data: {str(csv_path)!r} line {line}: the box {cells[1:]} is not four numbers") from None
             except ImageReadError as err:

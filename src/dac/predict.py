@@ -220,7 +220,7 @@ class Predictor:
         """Read one file as this model's training read its images: Tensor[1, H, W].
 
         Raises:
-            dac.io.ImageReadError: the file cannot be read, or (unless ``any_size``) its
+            dac.data.io.ImageReadError: the file cannot be read, or (unless ``any_size``) its
                 size does not fit the model (see the module doc).
         """
         return _read_for_model(os.fspath(path), training_sizes=self.training_sizes, any_size=any_size,
@@ -329,9 +329,9 @@ def _resolve(path: Path, pipeline: str | None, fold: int | None) -> tuple[Path, 
 def _read_for_model(path: str, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
                     percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     """Read one file as the model's training did (one gray channel, 8-bit if it was), checking its size."""
-    from .io import ImageReadError
+    from .data.io import ImageReadError, read_input
 
-    image, intensity = archive.read_for_archive(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
+    image, intensity = read_input(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
     if training_sizes and not any_size:
         h, w = image.shape[-2:]
         if not any(s[0] / SIZE_FACTOR <= h <= s[0] * SIZE_FACTOR and s[1] / SIZE_FACTOR <= w <= s[1] * SIZE_FACTOR
@@ -372,7 +372,7 @@ def predict_archive(
         workers: processes decoding files ahead (0: a read-ahead thread of this
             process; ``"auto"``: :func:`dac.archive.default_workers`).
         overlays: also write each image, downscaled, with its box and predicted class.
-        dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.io.read_image`).
+        dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.data.io.read_image`).
         any_size: predict images whose size does not fit the model's training sizes.
         progress: show a progress bar (None: only on a terminal).
         shard: ``(i, n)`` or ``"i/n"``: this process's share (see :mod:`dac.archive`).
@@ -386,7 +386,7 @@ def predict_archive(
             another model's classes), or another run (of the same shard) writing there.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from . import io as dio
+    from .data import io as dio
 
     if not isinstance(predictor, Predictor):
         raise DACInputError(f"predictor: expected a dac.predict.Predictor, got {type(predictor).__name__}")
@@ -432,7 +432,7 @@ def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor,
 
 
 def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
-    from . import io as dio
+    from .data import io as dio
 
     probabilities, box, crop = result
     best = int(probabilities.argmax())

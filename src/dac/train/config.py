@@ -63,7 +63,7 @@ class DataConfig:
     """Where the images come from.
 
     Attributes:
-        source: ``"phantom"`` (generated :class:`dac.datasets.PhantomDataset`) or a path:
+        source: ``"phantom"`` (generated :class:`dac.data.datasets.PhantomDataset`) or a path:
             a folder with one sub-folder per class, or a CSV of ``path,label``.
         length: number of phantoms (phantom source only).
         sizes: phantom (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).

@@ -42,7 +42,7 @@ import torch
 from .._checks import DACInputError
 from ._io import write_json, write_text
 from .config import ExperimentConfig, config_to_dict
-from ..datasets import MemoryDataset
+from ..data.datasets import MemoryDataset
 from .folds import build_dataset, data_digest, holdout_split, load_images, stratified_folds
 from .distributed import Runtime, barrier, init_runtime
 from .engine import EvalModeGapWarning, fit, load_checkpoint, precompute_front, predict, seed_for

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import DACInputError
-from ..datasets import collate_images
+from ..data.datasets import collate_images
 from ._io import atomic_write
 from .distributed import Runtime, all_gather, all_reduce_sum, shard, sync_batchnorm
 from .folds import cannot_read, read_errors
@@ -349,7 +349,7 @@ def recalibrate_batchnorm(
 def _front_outputs(model: Pipeline, dataset: Dataset, indices: np.ndarray, rt: Runtime, batch_size: int, workers: int) -> tuple[Dataset, np.ndarray]:
     """The eval-mode front outputs of ``dataset[sorted(indices)]`` (kept as float16, like
     :func:`precompute_front`'s), as a dataset of its own, and its indices."""
-    from ..datasets import MemoryDataset
+    from ..data.datasets import MemoryDataset
 
     order = np.sort(indices)
     model.to(rt.device).eval()

@@ -1,6 +1,6 @@
 """What an experiment trains on: the config's dataset, its images loaded once, stratified folds.
 
-The datasets themselves live in :mod:`dac.datasets`. Real images are read as one
+The datasets themselves live in :mod:`dac.data.datasets`. Real images are read as one
 channel; with ``gray8`` (default) they become 8-bit gray, the paper's preprocessing.
 A file that cannot be read stops training with a :class:`dac.DACInputError` naming it
 (also from DataLoader worker processes), and :func:`data_digest` identifies what a
@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import DACInputError
-from ..datasets import ImageFolderDataset, ImageLabelDataset, PhantomDataset
-from ..phantoms import CLASS_NAMES
+from ..data.datasets import ImageFolderDataset, ImageLabelDataset, PhantomDataset
+from ..data.phantoms import CLASS_NAMES
 from .config import DataConfig
 from .distributed import Runtime, gather_shards, shard
 
@@ -48,7 +48,7 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
     Args:
         config: ``source`` is ``"phantom"`` (``length`` phantoms of ``sizes``, classes
             balanced, seeded by ``seed``) or a path (folder of class folders, or CSV of
-            ``path,label``; see :class:`dac.datasets.ImageFolderDataset`).
+            ``path,label``; see :class:`dac.data.datasets.ImageFolderDataset`).
         seed: the phantom dataset's seed.
 
     Returns:
@@ -61,7 +61,7 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
         base: Dataset = PhantomDataset(config.length, seed=seed, sizes=config.sizes, bits=8)
         classes: Sequence[str] = CLASS_NAMES
     else:
-        from ..io import read_image, to_gray8
+        from ..data.io import read_image, to_gray8
 
         if not Path(config.source).exists():
             raise DACInputError(f"data.source: {config.source!r} does not exist (expected 'phantom', a folder or a CSV)")
@@ -76,7 +76,7 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
 
 
 class ReadableImages(ImageLabelDataset):
-    """:class:`~dac.datasets.ImageLabelDataset` whose items report a file that cannot be read.
+    """:class:`~dac.data.datasets.ImageLabelDataset` whose items report a file that cannot be read.
 
     An item that fails to load is ``{"image": None, "label": ..., "error": "'<path>':
     <reason>"}`` instead of an exception, so the reason travels back from DataLoader
@@ -103,7 +103,7 @@ def data_digest(dataset: ImageLabelDataset) -> str:
     Files edited in place without a change of size are not noticed (nothing is read).
 
     Example:
-        >>> from dac.datasets import PhantomDataset
+        >>> from dac.data.datasets import PhantomDataset
         >>> a = ImageLabelDataset(PhantomDataset(10, sizes=((96, 177),)), ["a"] * 5)
         >>> b = ImageLabelDataset(PhantomDataset(11, sizes=((96, 177),)), ["a"] * 5)
         >>> data_digest(a) == data_digest(a) != data_digest(b)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._checks import DACInputError, check_int
+from .._checks import DACInputError, check_int
 from .io import IMAGE_SUFFIXES, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
 
@@ -110,7 +110,7 @@ class ImageFolderDataset(Dataset):
 
     * A directory: one sub-folder per class; classes are the sorted folder names
       (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
-      :data:`dac.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
+      :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
     * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
       header. Relative paths are resolved against the CSV's folder. Labels are either
       all ints (class indices; ``classes`` is ``"0".."max"``) or class names (sorted
@@ -123,7 +123,7 @@ class ImageFolderDataset(Dataset):
     Args:
         root_or_csv: a directory of class folders, or a ``.csv`` file.
         transform: applied to each image Tensor[C, H, W] from ``reader``, or None.
-        reader: ``path -> Tensor[C, H, W]``; default :func:`dac.io.read_image`
+        reader: ``path -> Tensor[C, H, W]``; default :func:`dac.data.io.read_image`
             (imported on first use).
 
     Attributes:

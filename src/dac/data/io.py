@@ -21,16 +21,16 @@ import errno
 import os
 import stat
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 
-from ._checks import INTEGER_IMAGE_SCALE, DACInputError
-from ._files import atomic_write
-from .functional.pooling import to_unit_range
+from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_unit_range
+from .._files import atomic_write
+from ..functional.pooling import to_unit_range
 
 __all__ = [
     "DICOM_INTENSITY",
@@ -38,6 +38,7 @@ __all__ = [
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
     "read_image",
+    "read_input",
     "to_gray8",
     "to_unit_float",
     "write_png",
@@ -183,6 +184,31 @@ def read_image(
     percentiles = check_percentiles(percentiles)
     image, intensity = _read_any(os.fspath(path), gray, dicom, percentiles)
     return (image, intensity) if return_intensity else image
+
+
+def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
+               percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[Tensor, str]:
+    """Read one input file as the commands (``dac crop``, ``dac predict``,
+    ``dac fit-saliency --data``) do: ``(image, intensity)``.
+
+    Integer images stay integer (a quarter of the memory of floats); floating ones
+    (float TIFF) must lie in [0, 1], the range ``DACrop`` expects, within the layer's
+    slack of 0.05, and are clipped to it: NaN, or values in 0..255 from a missing
+    ``/ 255``, fail the file (clipped, they would crop a white image without a word);
+    with ``gray8`` every image becomes 8-bit gray (:func:`to_gray8`).
+
+    Raises:
+        ImageReadError: the file cannot be read, or its values cannot be taken as they are.
+    """
+    image, intensity = read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
+    try:
+        if image.dtype.is_floating_point:
+            check_unit_range(image, "image")  # NaN passes here; to_unit_float / to_gray8 refuse it
+        if gray8:
+            return to_gray8(image), intensity
+        return (to_unit_float(image) if image.dtype.is_floating_point else image), intensity
+    except DACInputError as exc:  # values that cannot be taken as they are: the file's reason
+        raise ImageReadError(path, str(exc).removeprefix("image: ")) from None
 
 
 def check_percentiles(percentiles, name: str = "percentiles") -> tuple[float, float]:

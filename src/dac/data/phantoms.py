@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import DACInputError, check_int
+from .._checks import DACInputError, check_int
 
 __all__ = ["CLASS_EDGES", "CLASS_NAMES", "Phantom", "make_phantom", "phantom_class", "restoration_class"]
 
