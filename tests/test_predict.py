@@ -40,7 +40,7 @@ TINY = {
 def trained(tmp_path_factory) -> Path:
     """A dac train results folder holding a finished 'dac' pipeline."""
     out = tmp_path_factory.mktemp("model") / "run"
-    train_pipeline(config_from_dict(TINY), out, pipeline="dac", verbose=False)
+    train_pipeline(config_from_dict(TINY), out, pipeline="dac")
     return out
 
 

@@ -37,7 +37,7 @@ RUN = textwrap.dedent(
     from dac.train import config_from_dict, run_cv
 
     config = config_from_dict(json.loads(sys.argv[1]))
-    run_cv(config, sys.argv[2], verbose=False, figures=False)
+    run_cv(config, sys.argv[2], figures=False)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         assert torch.distributed.get_backend() == "gloo"
     """
@@ -74,7 +74,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     launch(tmp_path, CONFIG, two, processes=2)
     torch.set_num_threads(1)  # as each torchrun process
     try:
-        run_cv(config_from_dict(CONFIG), one, verbose=False, figures=False)
+        run_cv(config_from_dict(CONFIG), one, figures=False)
     finally:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
@@ -103,7 +103,7 @@ def test_a_seeded_run_reproduces_itself(tmp_path):
     other = json.loads(json.dumps(config))
     other["data"].update(cache_images=False, workers=1)
     first, second = tmp_path / "first", tmp_path / "second"
-    run_cv(config_from_dict(config), first, verbose=False, figures=False)
+    run_cv(config_from_dict(config), first, figures=False)
     launch(tmp_path, other, second, processes=1, env={"OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONHASHSEED": "123"})
     for name in config["pipelines"]:
         for fold in range(2):

@@ -83,7 +83,8 @@ def _merge(parts: list[Any], order: np.ndarray) -> Any:
     if isinstance(first, np.ndarray):
         return np.concatenate(parts)[order]
     if isinstance(first, tuple):
-        return tuple(_merge([p[k] for p in parts], order) for k in range(len(first)))
+        merged = [_merge([p[k] for p in parts], order) for k in range(len(first))]
+        return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)  # a NamedTuple stays one
     if dataclasses.is_dataclass(first):
         fields = {f.name: _merge([getattr(p, f.name) for p in parts], order) for f in dataclasses.fields(first) if f.init}
         return dataclasses.replace(first, **fields)

@@ -6,6 +6,8 @@ the argument, what was seen and what was expected.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Any, Sequence
 
@@ -143,6 +145,35 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     if v < low or (high is not None and v > high):
         raise DACInputError(f"{name}: expected an int {expected}, got {v}")
     return v
+
+
+def check_real(
+    value: Any, name: str, low: float = float("-inf"), high: float = float("inf"), *,
+    low_open: bool = False, high_open: bool = False,
+) -> float:
+    """A real number (int, float or a numpy scalar; not a bool, not a string) in a range.
+
+    ``low_open`` / ``high_open`` exclude the bound itself. NaN is refused; an infinite
+    bound admits infinite values only where the range is closed there.
+
+    Example:
+        >>> check_real(0.1, "train.holdout", 0.0, 1.0, high_open=True)
+        0.1
+    """
+    left, right = ("(" if low_open else "["), (")" if high_open else "]")
+    expected = f"a number in {left}{low:g}, {high:g}{right}"
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise DACInputError(f"{name}: expected {expected}, got {value!r}")
+    v = float(value)
+    inside = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if math.isnan(v) or not inside:
+        raise DACInputError(f"{name}: expected {expected}, got {value!r}")
+    return v
+
+
+def check_angle(value: Any, name: str) -> float:
+    """An angle in degrees in [0, 90) (a rotation limit)."""
+    return check_real(value, name, 0.0, 90.0, high_open=True)
 
 
 def check_device(value: Any, name: str = "device") -> torch.device:

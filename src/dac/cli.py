@@ -8,10 +8,12 @@ Ctrl-C, or diverged in train/cv; the same command resumes it), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ._checks import DACInputError
 
@@ -217,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"crop": _crop, "predict": _predict, "fit-saliency": _fit_saliency, "demo": _demo, "train": _train, "cv": _cv}
     try:
-        return commands[args.command](args)
+        with _console_log(quiet=bool(getattr(args, "quiet", False))):
+            return commands[args.command](args)
     except DACInputError as exc:
         print(f"dac {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -236,16 +239,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+@contextlib.contextmanager
+def _console_log(quiet: bool) -> Iterator[None]:
+    """Show the library's ``dac.*`` log records on stderr while a command runs (warnings only when ``quiet``)."""
+    logger = logging.getLogger("dac")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[dac] %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _shown(path: str) -> str:
     """A path for the terminal: bytes that are not UTF-8 as \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _needs_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise DACInputError("needs matplotlib for its figures, which is not installed: pip install 'dac[viz]'") from None
 
 
 def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
@@ -388,8 +400,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .viz import require_matplotlib
 
-    _needs_matplotlib()
+    require_matplotlib()
     run_demo(args.out, count=args.count, seed=args.seed)
     return 0
 
@@ -398,7 +411,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import load_config, train_pipeline
 
     config = load_config(args.config, data=args.data, device=args.device)
-    metrics = train_pipeline(config, args.out, pipeline=args.pipeline, verbose=not args.quiet)
+    metrics = train_pipeline(config, args.out, pipeline=args.pipeline)
     if "accuracy" in metrics and os.environ.get("RANK", "0") == "0":
         print(f"dac train: {metrics['pipeline']}: held-out accuracy {metrics['accuracy']:.3f}, "
               f"macro AUC {metrics['macro_auc']:.3f} -> {args.out}", file=sys.stderr)
@@ -407,11 +420,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _cv(args: argparse.Namespace) -> int:
     from .train import load_config, run_cv
+    from .viz import require_matplotlib
 
-    _needs_matplotlib()
+    require_matplotlib()
     config = load_config(args.config, data=args.data, device=args.device)
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()] if args.pipelines else None
-    run_cv(config, args.out, pipelines=pipelines, verbose=not args.quiet)
+    run_cv(config, args.out, pipelines=pipelines)
     if os.environ.get("RANK", "0") == "0":
         print(Path(args.out, "summary.md").read_text(), end="")
     return 0

@@ -51,7 +51,7 @@ def run_demo(out_dir: str | Path, *, count: int = 6, seed: int = 0) -> dict:
     from .data.phantoms import make_phantom
     from .functional import max_min_pool
 
-    plt = viz._plt()
+    plt = viz.pyplot()
     out = Path(out_dir)
     (out / "crops").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -54,7 +54,6 @@ from torch import Tensor, nn
 from . import archive
 from ._batching import by_size
 from ._checks import DACInputError, check_device
-from .functional.crop import crop_resize
 
 __all__ = ["Prediction", "PredictionSummary", "Predictor", "predict_archive"]
 
@@ -236,25 +235,12 @@ class Predictor:
 
     # --------------------------------------------------------------- internals
     def _batch(self, images: Tensor) -> Prediction:
-        from .train.pipelines import DACFront
-
         if images.ndim != 4 or images.shape[1] != 1:
             raise DACInputError(f"images: expected Tensor[B, 1, H, W] (one gray channel), got {tuple(images.shape)}")
-        x = images.to(self.device)
-        front = self.model.front
-        if isinstance(front, DACFront):  # one search gives the box and the crop
-            boxes = front.locate(x)
-            crops = crop_resize(x, boxes.float(), front.output_size, antialias=True).float()
-        else:
-            crops = front(x).float()
-            if hasattr(front, "locate"):
-                boxes = front.locate(x)
-            else:  # the whole image (resize)
-                h, w = x.shape[-2:]
-                boxes = torch.tensor([[0.0, 0.0, float(w), float(h)]], device=x.device).expand(len(x), 4)
-        logits = self.model(crops, fronted=True)
+        front = self.model.front(images.to(self.device))  # one search gives the box and the crop
+        logits = self.model.classify(front.crops)
         probabilities = torch.softmax(logits.double(), dim=1)
-        return Prediction(probabilities.cpu(), boxes.float().cpu(), crops.cpu(), self.classes)
+        return Prediction(probabilities.cpu(), front.boxes.float().cpu(), front.crops.float().cpu(), self.classes)
 
 
 def _check_model(model: nn.Module, classes: tuple[str, ...]) -> None:

@@ -11,28 +11,45 @@ from typing import Sequence
 
 import torch
 
+from ._checks import DACInputError
 from .functional.rectangle import soft_rectangle
 
-__all__ = ["plot_boxes", "plot_search_stages", "plot_saliency", "plot_soft_rectangles"]
+__all__ = ["plot_boxes", "plot_saliency", "plot_search_stages", "plot_soft_rectangles", "pyplot", "require_matplotlib"]
 
 #: Axis labels of pictures in input pixels (xyxy boxes live there).
 PIXEL_AXES = ("x (input pixels)", "y (input pixels)")
 
 
-def _plt():
-    try:
-        import matplotlib
+def pyplot():
+    """matplotlib's ``pyplot`` on the non-interactive Agg backend (unless one is chosen).
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("dac.viz needs matplotlib: pip install matplotlib") from exc
+    Raises:
+        DACInputError: matplotlib is not installed (``pip install 'dac[viz]'``).
+    """
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
     return plt
+
+
+def require_matplotlib() -> None:
+    """Fail with one line, before any work, where matplotlib (for figures) is missing.
+
+    Raises:
+        DACInputError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DACInputError("figures: needs matplotlib, which is not installed: pip install 'dac[viz]'") from None
 
 
 def _axes(ax, figsize=(8, 4.5)):
     if ax is None:
-        _, ax = _plt().subplots(figsize=figsize)
+        _, ax = pyplot().subplots(figsize=figsize)
     return ax
 
 
@@ -90,7 +107,7 @@ def plot_search_stages(image: torch.Tensor, stage_boxes: torch.Tensor, *, true_b
         legend: draw the legend, outside the image (False: leave it to the caller;
             every box carries its label).
     """
-    plt = _plt()
+    plt = pyplot()
     ax = _axes(ax)
     ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
     stage_boxes = stage_boxes.detach().cpu()
@@ -125,7 +142,7 @@ def plot_soft_rectangles(sharpness: Sequence[float] = (0.01, 0.1, 10.0), *, heig
                          centre: tuple[float, float] = (74.0, 40.0), r_total: float = 30.0, aspect: float | None = None):
     """The soft rectangle of eq. 2 for several sharpness values, as 3-D surfaces
     (paper Fig. 4: a 148 x 80 grid, centre (74, 40), r = 30). Returns the figure."""
-    plt = _plt()
+    plt = pyplot()
     aspect = height / width if aspect is None else aspect
     fig = plt.figure(figsize=(4 * len(sharpness), 3.6))
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")

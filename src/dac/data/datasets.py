@@ -254,22 +254,32 @@ class ImageLabelDataset(Dataset):
 
 
 class MemoryDataset(Dataset):
-    """Images (or a pipeline's cached outputs) held in memory, with their labels.
+    """Images (or a front's cached outputs) held in memory, with their labels.
 
     Args:
         images: a list of Tensor[C, H, W] (any sizes) or one Tensor[N, C, h, w].
         labels: N ints.
         classes: class names.
         dtype: if given, items are converted to it (e.g. float16 caches -> float32).
+        key: the item key of the tensors: ``"image"`` for raw images, ``"crop"`` for a
+            front's outputs (what the training engine passes on to the classifier).
+
+    Example:
+        >>> MemoryDataset(torch.zeros(2, 1, 4, 6), [0, 1], ["a", "b"], key="crop")[1]["label"]
+        1
     """
 
-    def __init__(self, images: Sequence[Tensor] | Tensor, labels: Sequence[int], classes: Sequence[str], dtype: torch.dtype | None = None) -> None:
+    def __init__(self, images: Sequence[Tensor] | Tensor, labels: Sequence[int], classes: Sequence[str],
+                 dtype: torch.dtype | None = None, key: str = "image") -> None:
         if len(images) != len(labels):
             raise DACInputError(f"images, labels: expected one label per image, got {len(images)} images and {len(labels)} labels")
+        if key not in ("image", "crop"):
+            raise DACInputError(f"key: expected 'image' or 'crop', got {key!r}")
         self.images = images
         self.labels = list(labels)
         self.classes = list(classes)
         self.dtype = dtype
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -278,7 +288,7 @@ class MemoryDataset(Dataset):
         image = self.images[index]
         if self.dtype is not None:
             image = image.to(self.dtype)
-        return {"image": image, "label": self.labels[index]}
+        return {self.key: image, "label": self.labels[index]}
 
 
 def _check_sizes(sizes: Any) -> tuple[tuple[int, int], ...]:

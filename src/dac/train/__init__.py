@@ -16,7 +16,7 @@ reported (:class:`EvalModeGapWarning`).
 Modules: :mod:`~dac.train.config` (YAML), :mod:`~dac.train.models` (ResNets),
 :mod:`~dac.train.pipelines` (fronts), :mod:`~dac.train.augment`,
 :mod:`~dac.train.metrics`, :mod:`~dac.train.folds`, :mod:`~dac.train.engine`
-(fit / predict / checkpoints), :mod:`~dac.train.distributed`, :mod:`~dac.train.cv`
+(:class:`Engine`: fit / predict / checkpoints), :mod:`~dac.train.distributed`, :mod:`~dac.train.cv`
 (``dac cv`` / ``dac train``), :mod:`~dac.train.report` (summary and figures).
 
 Example:
@@ -31,11 +31,12 @@ from .augment import AffineRanges, BatchAugment, augmentation, max_inside_rotati
 from .config import ExperimentConfig, PipelineConfig, config_from_dict, load_config
 from .cv import load_pipeline, run_cv, train_pipeline
 from .distributed import Runtime, init_runtime
-from .engine import EvalModeGapWarning, fit, load_checkpoint, precompute_front, predict, recalibrate_batchnorm, save_checkpoint
+from .engine import Engine, EvalModeGapWarning, load_checkpoint, save_checkpoint
 from .metrics import classification_metrics, roc_curve, summarize_folds
 from .models import resnet
 from .pipelines import (
     DACFront,
+    FrontOutput,
     Pipeline,
     ResizeFront,
     SpatialTransformerCrop,
@@ -48,7 +49,9 @@ __all__ = [
     "AffineRanges",
     "BatchAugment",
     "DACFront",
+    "Engine",
     "EvalModeGapWarning",
+    "FrontOutput",
     "ExperimentConfig",
     "Pipeline",
     "PipelineConfig",
@@ -60,16 +63,12 @@ __all__ = [
     "build_pipeline",
     "classification_metrics",
     "config_from_dict",
-    "fit",
     "init_runtime",
     "load_checkpoint",
     "load_config",
     "load_pipeline",
     "max_inside_rotation",
-    "precompute_front",
-    "predict",
     "random_affine",
-    "recalibrate_batchnorm",
     "resnet",
     "roc_curve",
     "roi_rotation_crop",

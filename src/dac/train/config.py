@@ -1,8 +1,10 @@
 """Experiment configuration: what ``dac train`` and ``dac cv`` read from a YAML file.
 
 A config has four sections and a seed; every key has a default (the paper's setup),
-so a file names only what it changes. Unknown keys and bad values raise
-:class:`dac.DACInputError` naming the key (``train.lr``, ``pipelines.dac.epochs``).
+so a file names only what it changes. Every key's type and range is declared once, on
+its field (its ``check``); unknown keys and bad values (a string where a number
+belongs, a list where a mapping does) raise :class:`dac.DACInputError` naming the key
+(``train.lr``, ``pipelines.dac.epochs``).
 
 .. code-block:: yaml
 
@@ -32,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import DACInputError, check_device
+from .._checks import DACInputError, check_angle, check_device, check_int, check_real
+from ..layer import BACKWARD_MODES
 
 __all__ = [
     "ARCHS",
@@ -55,7 +58,7 @@ AUGMENTATIONS = ("none", "paper", "strong")
 #: Classifier families (torchvision ResNets, 1-channel stem).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 #: Raised when training changes what a config produces, so older results folders are not resumed.
-TRAINING_REVISION = 2
+TRAINING_REVISION = 3  # 3: the STN front resamples with crop_resize, as the DAC front does
 
 
 @dataclass
@@ -73,12 +76,12 @@ class DataConfig:
         workers: DataLoader processes decoding / generating images.
     """
 
-    source: str = "phantom"
-    length: int = 1000
-    sizes: tuple[tuple[int, int], ...] = ((1536, 2836), (1536, 2860))
-    gray8: bool = True
-    cache_images: bool = False
-    workers: int = 0
+    source: str = field(default="phantom", metadata={"check": lambda v, n: _text(v, n)})
+    length: int = field(default=1000, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    sizes: tuple[tuple[int, int], ...] = field(default=((1536, 2836), (1536, 2860)), metadata={"check": lambda v, n: _sizes(v, n, 64)})
+    gray8: bool = field(default=True, metadata={"check": lambda v, n: _bool(v, n)})
+    cache_images: bool = field(default=False, metadata={"check": lambda v, n: _bool(v, n)})
+    workers: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
 
 
 @dataclass
@@ -90,8 +93,8 @@ class ModelConfig:
         width: channels of the stem and first stage (torchvision: 64); stages double it.
     """
 
-    arch: str = "resnet101"
-    width: int = 64
+    arch: str = field(default="resnet101", metadata={"check": lambda v, n: _choice(v, n, ARCHS)})
+    width: int = field(default=64, metadata={"check": lambda v, n: check_int(v, n, 1)})
 
 
 @dataclass
@@ -111,14 +114,14 @@ class TrainConfig:
             the training images without augmentation, as evaluation sees them.
     """
 
-    lr: float = 1e-3
-    batch_size: int = 24
-    folds: int = 10
-    device: str = "auto"
-    eval_batch_size: int = 32
-    threads: int | None = None
-    holdout: float = 0.1
-    recalibrate_bn: bool = True
+    lr: float = field(default=1e-3, metadata={"check": lambda v, n: _positive(v, n)})
+    batch_size: int = field(default=24, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    folds: int = field(default=10, metadata={"check": lambda v, n: check_int(v, n, 2)})
+    device: str = field(default="auto", metadata={"check": lambda v, n: _device(v, n)})
+    eval_batch_size: int = field(default=32, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    threads: int | None = field(default=None, metadata={"check": lambda v, n: None if v is None else check_int(v, n, 1)})
+    holdout: float = field(default=0.1, metadata={"check": lambda v, n: check_real(v, n, 0.0, 1.0, high_open=True)})
+    recalibrate_bn: bool = field(default=True, metadata={"check": lambda v, n: _bool(v, n)})
 
 
 @dataclass
@@ -142,16 +145,16 @@ class PipelineConfig:
         front_lr: learning rate of the front's own parameters (None: ``train.lr``).
     """
 
-    kind: str = "dac"
-    epochs: int = 144
-    input_size: tuple[int, int] = (200, 370)
-    augment: str = "paper"
-    pool_size: int = 10
-    backward_mode: str = "implicit"
-    saliency_width: int = 16
-    localization_size: tuple[int, int] = (64, 118)
-    roi_rotate_degrees: float = 0.0
-    front_lr: float | None = None
+    kind: str = field(default="dac", metadata={"check": lambda v, n: _choice(v, n, PIPELINE_KINDS)})
+    epochs: int = field(default=144, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    input_size: tuple[int, int] = field(default=(200, 370), metadata={"check": lambda v, n: _pair(v, n, 8)})
+    augment: str = field(default="paper", metadata={"check": lambda v, n: _choice(v, n, AUGMENTATIONS)})
+    pool_size: int = field(default=10, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    backward_mode: str = field(default="implicit", metadata={"check": lambda v, n: _choice(v, n, BACKWARD_MODES)})
+    saliency_width: int = field(default=16, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    localization_size: tuple[int, int] = field(default=(64, 118), metadata={"check": lambda v, n: _pair(v, n, 16)})
+    roi_rotate_degrees: float = field(default=0.0, metadata={"check": lambda v, n: check_angle(v, n)})
+    front_lr: float | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _positive(v, n)})
 
 
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -236,7 +239,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise DACInputError(f"config: expected a mapping, got {type(raw).__name__}")
     _no_unknown(raw, ("seed", "data", "model", "train", "pipelines"), "config")
     cfg = ExperimentConfig()
-    cfg.seed = _int(raw.get("seed", cfg.seed), "seed", 0)
+    cfg.seed = check_int(raw.get("seed", cfg.seed), "seed", 0)
     cfg.data = _section(DataConfig, raw.get("data"), "data")
     cfg.model = _section(ModelConfig, raw.get("model"), "model")
     cfg.train = _section(TrainConfig, raw.get("train"), "train")
@@ -246,10 +249,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
             raise DACInputError("pipelines: expected a non-empty mapping of name -> settings")
         cfg.pipelines = {}
         for name, settings in pipes.items():
+            if settings is not None and not isinstance(settings, Mapping):
+                raise DACInputError(f"pipelines.{name}: expected a mapping of settings, got {settings!r}")
             settings = dict(settings or {})
-            kind = settings.get("kind", name)
-            if kind not in PIPELINE_KINDS:
-                raise DACInputError(f"pipelines.{name}.kind: expected one of {PIPELINE_KINDS}, got {kind!r}")
+            kind = _choice(settings.get("kind", name), f"pipelines.{name}.kind", PIPELINE_KINDS)
             base = {"kind": kind, **_PIPELINE_DEFAULTS[kind]}
             cfg.pipelines[str(name)] = _section(PipelineConfig, {**base, **settings}, f"pipelines.{name}")
     _check(cfg)
@@ -266,13 +269,14 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _section(cls, raw: Any, name: str):
+    """A config section from a mapping: unknown keys refused, each given value checked by its field."""
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
-        raise DACInputError(f"{name}: expected a mapping, got {type(raw).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    _no_unknown(raw, names, name)
-    return cls(**{k: raw[k] for k in names if k in raw})
+        raise DACInputError(f"{name}: expected a mapping of settings, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _no_unknown(raw, fields, name)
+    return cls(**{k: fields[k].metadata["check"](raw[k], f"{name}.{k}") for k in fields if k in raw})
 
 
 def _no_unknown(raw: Mapping[str, Any], known, name: str) -> None:
@@ -282,64 +286,14 @@ def _no_unknown(raw: Mapping[str, Any], known, name: str) -> None:
 
 
 def _check(cfg: ExperimentConfig) -> None:
-    d = cfg.data
-    d.source = str(d.source)
-    d.length = _int(d.length, "data.length", 1)
-    d.sizes = tuple(_pair(s, f"data.sizes[{i}]", 64) for i, s in enumerate(_list(d.sizes, "data.sizes")))
-    d.gray8 = _bool(d.gray8, "data.gray8")
-    d.cache_images = _bool(d.cache_images, "data.cache_images")
-    d.workers = _int(d.workers, "data.workers", 0)
-
-    m = cfg.model
-    if m.arch not in ARCHS:
-        raise DACInputError(f"model.arch: expected one of {ARCHS}, got {m.arch!r}")
-    m.width = _int(m.width, "model.width", 1)
-
-    t = cfg.train
-    t.lr = _float(t.lr, "train.lr")
-    t.batch_size = _int(t.batch_size, "train.batch_size", 1)
-    t.folds = _int(t.folds, "train.folds", 2)
-    t.device = _device(t.device, "train.device")
-    t.eval_batch_size = _int(t.eval_batch_size, "train.eval_batch_size", 1)
-    if t.threads is not None:
-        t.threads = _int(t.threads, "train.threads", 1)
-    t.recalibrate_bn = _bool(t.recalibrate_bn, "train.recalibrate_bn")
-    t.holdout = float(t.holdout)
-    if not 0 <= t.holdout < 1:
-        raise DACInputError(f"train.holdout: expected a fraction in [0, 1), got {t.holdout!r}")
-
-    from ..layer import BACKWARD_MODES
-
+    """What a single field's check cannot see: settings that only make sense together."""
     for name, p in cfg.pipelines.items():
-        key = f"pipelines.{name}"
-        p.epochs = _int(p.epochs, f"{key}.epochs", 1)
-        p.input_size = _pair(p.input_size, f"{key}.input_size", 8)
-        if p.augment not in AUGMENTATIONS:
-            raise DACInputError(f"{key}.augment: expected one of {AUGMENTATIONS}, got {p.augment!r}")
-        p.pool_size = _int(p.pool_size, f"{key}.pool_size", 1)
-        if p.backward_mode not in BACKWARD_MODES:
-            raise DACInputError(f"{key}.backward_mode: expected one of {BACKWARD_MODES}, got {p.backward_mode!r}")
-        p.saliency_width = _int(p.saliency_width, f"{key}.saliency_width", 1)
-        p.localization_size = _pair(p.localization_size, f"{key}.localization_size", 16)
-        p.roi_rotate_degrees = float(p.roi_rotate_degrees)
-        if not 0 <= p.roi_rotate_degrees < 90:
-            raise DACInputError(f"{key}.roi_rotate_degrees: expected an angle in [0, 90), got {p.roi_rotate_degrees!r}")
         if p.roi_rotate_degrees and p.kind not in ("dac", "dac_e2e"):
-            raise DACInputError(f"{key}.roi_rotate_degrees: only DAC pipelines have a box to rotate about (kind {p.kind!r})")
-        if p.front_lr is not None:
-            p.front_lr = _float(p.front_lr, f"{key}.front_lr")
+            raise DACInputError(f"pipelines.{name}.roi_rotate_degrees: only DAC pipelines have a box to rotate about (kind {p.kind!r})")
 
 
-def _int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DACInputError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
-def _float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise DACInputError(f"{name}: expected a positive number, got {value!r}")
-    return float(value)
+def _positive(value: Any, name: str) -> float:
+    return check_real(value, name, 0.0, float("inf"), low_open=True, high_open=True)
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -348,16 +302,28 @@ def _bool(value: Any, name: str) -> bool:
     return value
 
 
-def _list(value: Any, name: str) -> list:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise DACInputError(f"{name}: expected a non-empty list, got {value!r}")
-    return list(value)
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DACInputError(f"{name}: expected a non-empty text, got {value!r}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise DACInputError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
 
 
 def _pair(value: Any, name: str, low: int) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise DACInputError(f"{name}: expected [height, width], got {value!r}")
-    return (_int(value[0], f"{name}[0]", low), _int(value[1], f"{name}[1]", low))
+    return (check_int(value[0], f"{name}[0]", low), check_int(value[1], f"{name}[1]", low))
+
+
+def _sizes(value: Any, name: str, low: int) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DACInputError(f"{name}: expected a non-empty list of [height, width], got {value!r}")
+    return tuple(_pair(s, f"{name}[{i}]", low) for i, s in enumerate(value))
 
 
 def _device(value: Any, name: str) -> str:

@@ -18,7 +18,8 @@ of processes is refused. The report covers every pipeline of the config whose fo
 are all done, also those a run with ``pipelines=`` did not touch. Where a front has
 nothing to learn (resize; DAC without a learned saliency or RoI rotation) its output is
 computed once per run and cached in memory; augmentation follows it at every step. With
-``data.cache_images`` the raw images are held in memory for the run.
+``data.cache_images`` the raw images are held in memory for the run. Progress goes to
+the ``dac.train`` logger (the command line shows it on stderr).
 
 :func:`train_pipeline` trains one pipeline on all images (less a stratified
 ``train.holdout`` it then evaluates) into ``OUT/<pipeline>/``.
@@ -26,10 +27,9 @@ computed once per run and cached in memory; augmentation follows it at every ste
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
-import sys
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -38,14 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from .._checks import DACInputError
-from ._io import write_json, write_text
+from .._files import write_json, write_text
 from .config import ExperimentConfig, config_to_dict
-from ..data.datasets import MemoryDataset
-from .folds import build_dataset, data_digest, holdout_split, load_images, stratified_folds
-from .distributed import Runtime, barrier, init_runtime
-from .engine import EvalModeGapWarning, fit, load_checkpoint, precompute_front, predict, seed_for
+from .distributed import barrier, init_runtime
+from .engine import Engine, EvalModeGapWarning, load_checkpoint, seed_for
+from .folds import build_dataset, data_digest, holdout_split, stratified_folds
 from .metrics import classification_metrics
 from .pipelines import Pipeline, build_pipeline
 from .report import write_report
@@ -55,13 +55,15 @@ __all__ = ["load_pipeline", "run_cv", "train_pipeline"]
 Callback = Callable[[str, dict], None]
 
 
+_log = logging.getLogger("dac.train")
+
+
 def run_cv(
     config: ExperimentConfig,
     out_dir: str | Path,
     *,
     pipelines: list[str] | None = None,
     callback: Callback | None = None,
-    verbose: bool = True,
     figures: bool = True,
 ) -> dict[str, Any]:
     """Stratified k-fold cross-validation of each pipeline; writes the results folder.
@@ -72,7 +74,6 @@ def run_cv(
         pipelines: names of ``config.pipelines`` to run (default: all, in order).
         callback: ``callback(event, info)`` for ``"fold_start"``, ``"fit_start"``,
             ``"epoch_end"`` and ``"fold_end"``; info holds ``pipeline`` and ``fold``.
-        verbose: print one line per epoch and fold to stderr (rank 0).
         figures: draw figures/*.png at the end (needs matplotlib).
 
     Returns:
@@ -82,57 +83,55 @@ def run_cv(
 
     Raises:
         DACInputError: a bad pipeline name, data that cannot be split into k folds or
-            holds an unreadable image, a missing optional package (scikit-learn,
-            PyYAML, matplotlib for figures; checked before any work), or an
-            ``out_dir`` holding a run of a different config or other data.
+            holds an unreadable image, matplotlib missing when ``figures`` (checked
+            before any work), or an ``out_dir`` holding a run of a different config or
+            other data.
     """
     names = _pipeline_names(config, pipelines)
-    _require_packages(figures=figures)
-    rt = init_runtime(config.train.device, config.train.threads, name="train.device")
+    if figures:
+        from ..viz import require_matplotlib
+
+        require_matplotlib()
     began = time.perf_counter()
-    out = Path(out_dir)
-    dataset = build_dataset(config.data, config.seed)
-    labels, classes = np.asarray(dataset.labels), list(dataset.classes)
+    run = _Experiment(config, out_dir)
     k = config.train.folds
-    folds = stratified_folds(labels, k, config.seed)
-    _prepare_out(out, config, rt, "cv", classes, len(labels), data_digest(dataset))
-    if rt.is_main:
+    folds = stratified_folds(run.labels, k, config.seed)
+    run.prepare("cv")
+    out = run.out
+    if run.rt.is_main:
         write_json(out / "folds.json", [f.tolist() for f in folds])
-    log = _logger(rt, verbose)
-    raw = _RawImages(dataset, config, rt)
     for name in names:
         todo = [f for f in range(k) if not (out / name / f"fold_{f}" / "metrics.json").is_file()]
         if not todo:
-            log(f"{name}: all {k} folds done")
+            run.log(f"{name}: all {k} folds done")
             continue
-        source, fronted = _source(name, config, raw, len(classes), rt, log)
+        source = run.source(name)
         for fold in todo:
             test = folds[fold]
-            train = np.setdiff1d(np.arange(len(labels)), test)
+            train = np.setdiff1d(np.arange(len(run.labels)), test)
             info = {"pipeline": name, "fold": fold}
             if callback:
                 callback("fold_start", dict(info))
-            _train_and_evaluate(
-                config, name, out / name / f"fold_{fold}", source, fronted, labels, classes, train, test,
-                rt=rt, seed=seed_for(config.seed, "fold", fold), tag=f"{name} fold {fold + 1}/{k}",
-                callback=_tagged(callback, info), log=log, extra={"fold": fold},
+            run.train_and_evaluate(
+                name, out / name / f"fold_{fold}", source, train, test, seed=seed_for(config.seed, "fold", fold),
+                tag=f"{name} fold {fold + 1}/{k}", callback=_tagged(callback, info), extra={"fold": fold},
             )
             if callback:
                 callback("fold_end", dict(info))
-    barrier(rt)
+    barrier(run.rt)
     # every pipeline of the config with all its folds done, not only those run now
     done = [n for n in config.pipelines if all((out / n / f"fold_{f}" / "metrics.json").is_file() for f in range(k))]
     for n in config.pipelines:
         if n not in done and (out / n).is_dir():
-            log(f"{n}: not in the report yet (some folds unfinished)")
+            run.log(f"{n}: not in the report yet (some folds unfinished)")
     described = {n: {"kind": config.pipelines[n].kind, "input_size": config.pipelines[n].input_size, "epochs": config.pipelines[n].epochs} for n in done}
-    summary = write_report(out, described, classes, k, figures=figures) if rt.is_main else {}
-    if rt.is_main:
-        run = json.loads((out / "run.json").read_text())
-        run["last_seconds"] = time.perf_counter() - began
-        write_json(out / "run.json", run)
-        log(f"done in {time.perf_counter() - began:.0f} s -> {out}/summary.md")
-    barrier(rt)
+    summary = write_report(out, described, run.classes, k, figures=figures) if run.rt.is_main else {}
+    if run.rt.is_main:
+        record = json.loads((out / "run.json").read_text())
+        record["last_seconds"] = time.perf_counter() - began
+        write_json(out / "run.json", record)
+        run.log(f"done in {time.perf_counter() - began:.0f} s -> {out}/summary.md")
+    barrier(run.rt)
     return summary
 
 
@@ -142,7 +141,6 @@ def train_pipeline(
     *,
     pipeline: str | None = None,
     callback: Callback | None = None,
-    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train one pipeline on every image but a stratified ``train.holdout``, then test it.
 
@@ -154,7 +152,7 @@ def train_pipeline(
         config: the experiment.
         out_dir: the results folder.
         pipeline: a name in ``config.pipelines`` (default: ``"dac"`` if there, else the first).
-        callback, verbose: as :func:`run_cv`.
+        callback: as :func:`run_cv`.
 
     Returns:
         The metrics dict written to metrics.json.
@@ -162,21 +160,14 @@ def train_pipeline(
     if pipeline is None:
         pipeline = "dac" if "dac" in config.pipelines else next(iter(config.pipelines))
     (name,) = _pipeline_names(config, [pipeline])
-    _require_packages(figures=False)
-    rt = init_runtime(config.train.device, config.train.threads, name="train.device")
-    out = Path(out_dir)
-    dataset = build_dataset(config.data, config.seed)
-    labels, classes = np.asarray(dataset.labels), list(dataset.classes)
-    train, test = holdout_split(labels, config.train.holdout, config.seed)
-    _prepare_out(out, config, rt, "train", classes, len(labels), data_digest(dataset))
-    log = _logger(rt, verbose)
-    raw = _RawImages(dataset, config, rt)
-    source, fronted = _source(name, config, raw, len(classes), rt, log)
-    metrics = _train_and_evaluate(
-        config, name, out / name, source, fronted, labels, classes, train, test,
-        rt=rt, seed=seed_for(config.seed, "train"), tag=name, callback=_tagged(callback, {"pipeline": name}), log=log, extra={},
+    run = _Experiment(config, out_dir)
+    train, test = holdout_split(run.labels, config.train.holdout, config.seed)
+    run.prepare("train")
+    metrics = run.train_and_evaluate(
+        name, run.out / name, run.source(name), train, test, seed=seed_for(config.seed, "train"), tag=name,
+        callback=_tagged(callback, {"pipeline": name}), extra={},
     )
-    barrier(rt)
+    barrier(run.rt)
     return metrics
 
 
@@ -219,7 +210,7 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
             f"pipeline, fold: the checkpoint {str(folder / 'checkpoint.pt')!r} is unfinished (epoch {state.get('epoch', '?')} "
             f"of {state.get('epochs', '?')}): its run was interrupted; run the same command again to complete it"
         )
-    model = _build(config, pipeline, len(classes))
+    model = build_pipeline(config.pipelines[pipeline], arch=config.model.arch, width=config.model.width, num_classes=len(classes))
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -227,40 +218,103 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
 # ----------------------------------------------------------------------------- internals
 
 
-class _RawImages:
-    """The raw-image dataset, read into memory on first use when ``data.cache_images``."""
+class _Experiment:
+    """One ``dac cv`` or ``dac train`` run: its config, results folder, runtime, engine and data.
 
-    def __init__(self, dataset, config: ExperimentConfig, rt: Runtime) -> None:
-        self.dataset, self.config, self.rt = dataset, config, rt
-        self._cached = None
+    Built once per run; everything a fold needs is read from here, so the fold's own
+    function takes only what differs between folds.
+    """
 
-    def get(self, log: Callable[[str], None]):
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path) -> None:
+        self.config = config
+        self.rt = init_runtime(config.train.device, config.train.threads, name="train.device")
+        self.out = Path(out_dir)
+        self.dataset = build_dataset(config.data, config.seed)
+        self.labels, self.classes = np.asarray(self.dataset.labels), list(self.dataset.classes)
+        self.engine = Engine(self.rt, batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size,
+                             workers=config.data.workers)
+        self._images: Dataset | None = None
+
+    def prepare(self, command: str) -> None:
+        """Create the results folder, or check that it holds this very run (see :func:`_prepare_out`)."""
+        _prepare_out(self, command, data_digest(self.dataset))
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        if self.rt.is_main:
+            _log.log(level, message)
+
+    def build(self, name: str) -> Pipeline:
+        config = self.config
+        return build_pipeline(config.pipelines[name], arch=config.model.arch, width=config.model.width, num_classes=len(self.classes))
+
+    def images(self) -> Dataset:
+        """The raw images: read into memory on first use when ``data.cache_images``."""
         if not self.config.data.cache_images:
             return self.dataset
-        if self._cached is None:
+        if self._images is None:
             started = time.perf_counter()
-            images = load_images(self.dataset, range(len(self.dataset)), self.rt, workers=self.config.data.workers)
-            self._cached = MemoryDataset(images, self.dataset.labels, self.dataset.classes)
-            log(f"read {len(images)} images into memory in {time.perf_counter() - started:.1f} s")
-        return self._cached
+            self._images = self.engine.load_images(self.dataset)
+            what = "generated" if self.config.data.source == "phantom" else "read"
+            self.log(f"{what} {len(self._images)} images into memory in {time.perf_counter() - started:.1f} s")
+        return self._images
 
+    def source(self, name: str) -> Dataset:
+        """What a pipeline trains on: its front's cached crops if the front is fixed, else raw images."""
+        probe = self.build(name)
+        images = self.images()
+        if not probe.front_is_fixed:
+            return images
+        started = time.perf_counter()
+        cached = self.engine.front_outputs(probe, images)
+        self.log(f"{name}: front output of {len(cached)} images cached ({tuple(cached.images.shape[1:])}) "
+                 f"in {time.perf_counter() - started:.1f} s")
+        return cached
 
-#: Packages the training commands import, and what for (module -> (pip name, use)).
-_PACKAGES = {"sklearn": ("scikit-learn", "stratified folds"), "yaml": ("PyYAML", "config files")}
-_FIGURES = {"matplotlib": ("matplotlib", "the figures")}
+    def train_and_evaluate(self, name: str, folder: Path, source: Dataset, train: np.ndarray, test: np.ndarray, *,
+                           seed: int, tag: str, callback: Callback | None, extra: dict[str, Any]) -> dict[str, Any]:
+        """Train pipeline ``name`` on ``source[train]`` into ``folder``, then test it on ``source[test]``."""
+        pcfg, rt, engine = self.config.pipelines[name], self.rt, self.engine
+        torch.manual_seed(seed_for(seed, "init"))
+        model = self.build(name)
 
+        def progress(event: str, info: dict) -> None:
+            if event == "fit_end" and info.get("warning"):
+                self.log(f"{tag}: {info['warning']}", logging.WARNING)
+            if event == "epoch_end":
+                r = info["record"]
+                extra_text = f", {r['boxes_unconverged']} boxes unconverged" if r.get("boxes_unconverged") else ""
+                self.log(f"{tag} epoch {r['epoch']}/{info['epochs']}: loss {r['loss']:.4f}, train acc {r['train_accuracy']:.3f} ({r['seconds']:.1f} s{extra_text})")
+            elif event == "fit_start" and info["start_epoch"]:
+                self.log(f"{tag}: resuming after epoch {info['start_epoch']}")
+            if callback:
+                callback(event, info)
 
-def _require_packages(*, figures: bool) -> None:
-    """Fail before any work when an optional package the run will need is missing."""
-    missing = []
-    for module, (package, use) in {**_PACKAGES, **(_FIGURES if figures else {})}.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(f"{package} (for {use})")
-    if missing:
-        names = " ".join(m.split(" ")[0] for m in missing)
-        raise DACInputError(f"missing package(s): {', '.join(missing)}; install with: pip install {names}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EvalModeGapWarning)  # logged by progress() instead
+            history = engine.fit(
+                model, source, train, epochs=pcfg.epochs, lr=self.config.train.lr, front_lr=pcfg.front_lr, seed=seed,
+                checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=self.config.train.recalibrate_bn,
+            )
+        last = history[-1]
+        metrics: dict[str, Any] = {"pipeline": name, **extra, "n_train": int(train.size)}
+        metrics.update(
+            train_accuracy=last["train_accuracy"], eval_train_accuracy=last.get("eval_train_accuracy"),
+            eval_gap_warning=bool(last.get("eval_gap_warning", False)), world_size=rt.world_size, threads=torch.get_num_threads(),
+        )
+        if test.size:
+            started = time.perf_counter()
+            probs = engine.predict(model, source, test)
+            metrics.update(classification_metrics(self.labels[test], probs, len(self.classes)))
+            metrics["eval_seconds"] = time.perf_counter() - started
+        metrics.update(epochs=pcfg.epochs, train_seconds=float(sum(h["seconds"] for h in history)), history=history)
+        if rt.is_main:
+            if test.size:
+                _write_predictions(folder / "predictions.csv", test, self.labels[test], probs, self.classes)
+            write_json(folder / "metrics.json", metrics)
+            if test.size:
+                self.log(f"{tag}: test accuracy {metrics['accuracy']:.3f}, macro AUC {metrics['macro_auc']:.3f}")
+        barrier(rt)
+        return metrics
 
 
 def _pipeline_names(config: ExperimentConfig, names: list[str] | None) -> list[str]:
@@ -272,76 +326,6 @@ def _pipeline_names(config: ExperimentConfig, names: list[str] | None) -> list[s
     return list(names)
 
 
-def _build(config: ExperimentConfig, name: str, num_classes: int) -> Pipeline:
-    return build_pipeline(config.pipelines[name], arch=config.model.arch, width=config.model.width, num_classes=num_classes)
-
-
-def _source(name: str, config: ExperimentConfig, raw: _RawImages, num_classes: int, rt: Runtime, log) -> tuple[Any, bool]:
-    """The dataset a pipeline trains on: its cached front outputs if the front is fixed, else raw images."""
-    probe = _build(config, name, num_classes)
-    images = raw.get(log)
-    if not probe.front_is_fixed:
-        return images, False
-    started = time.perf_counter()
-    cached = precompute_front(probe, images, rt=rt, batch_size=config.train.eval_batch_size, workers=_workers(config, images))
-    log(f"{name}: front output of {len(cached)} images cached ({tuple(cached.shape[1:])}) in {time.perf_counter() - started:.1f} s")
-    return MemoryDataset(cached, images.labels, images.classes, dtype=torch.float32), True
-
-
-def _workers(config: ExperimentConfig, dataset) -> int:
-    return 0 if isinstance(dataset, MemoryDataset) else config.data.workers
-
-
-def _train_and_evaluate(
-    config: ExperimentConfig, name: str, folder: Path, source, fronted: bool, labels: np.ndarray, classes: list[str],
-    train: np.ndarray, test: np.ndarray, *, rt: Runtime, seed: int, tag: str, callback, log, extra: dict[str, Any],
-) -> dict[str, Any]:
-    pcfg = config.pipelines[name]
-    torch.manual_seed(seed_for(seed, "init"))
-    model = _build(config, name, len(classes))
-
-    def progress(event: str, info: dict) -> None:
-        if event == "fit_end" and info.get("warning"):
-            log(f"{tag}: WARNING: {info['warning']}", always=True)
-        if event == "epoch_end":
-            r = info["record"]
-            extra_text = f", {r['boxes_unconverged']} boxes unconverged" if r.get("boxes_unconverged") else ""
-            log(f"{tag} epoch {r['epoch']}/{info['epochs']}: loss {r['loss']:.4f}, train acc {r['train_accuracy']:.3f} ({r['seconds']:.1f} s{extra_text})")
-        elif event == "fit_start" and info["start_epoch"]:
-            log(f"{tag}: resuming after epoch {info['start_epoch']}")
-        if callback:
-            callback(event, info)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EvalModeGapWarning)  # logged by progress() instead
-        history = fit(
-            model, source, train, epochs=pcfg.epochs, rt=rt, batch_size=config.train.batch_size, lr=config.train.lr,
-            front_lr=pcfg.front_lr, seed=seed, fronted=fronted, workers=_workers(config, source),
-            checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=config.train.recalibrate_bn,
-            eval_batch_size=config.train.eval_batch_size,
-        )
-    last = history[-1]
-    metrics: dict[str, Any] = {"pipeline": name, **extra, "n_train": int(train.size)}
-    metrics.update(
-        train_accuracy=last["train_accuracy"], eval_train_accuracy=last.get("eval_train_accuracy"),
-        eval_gap_warning=bool(last.get("eval_gap_warning", False)), world_size=rt.world_size, threads=torch.get_num_threads(),
-    )
-    if test.size:
-        started = time.perf_counter()
-        probs = predict(model, source, test, rt=rt, batch_size=config.train.eval_batch_size, fronted=fronted, workers=_workers(config, source))
-        metrics.update(classification_metrics(labels[test], probs, len(classes)))
-        metrics["eval_seconds"] = time.perf_counter() - started
-    metrics.update(epochs=pcfg.epochs, train_seconds=float(sum(h["seconds"] for h in history)), history=history)
-    if rt.is_main:
-        if test.size:
-            _write_predictions(folder / "predictions.csv", test, labels[test], probs, classes)
-        write_json(folder / "metrics.json", metrics)
-        if test.size:
-            log(f"{tag}: test accuracy {metrics['accuracy']:.3f}, macro AUC {metrics['macro_auc']:.3f}")
-    barrier(rt)
-    return metrics
-
-
 def _write_predictions(path: Path, index: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -351,8 +335,9 @@ def _write_predictions(path: Path, index: np.ndarray, labels: np.ndarray, probs:
     write_text(path, buffer.getvalue())
 
 
-def _prepare_out(out: Path, config: ExperimentConfig, rt: Runtime, command: str, classes: list[str], n: int, digest: str) -> None:
-    """Create ``out`` with run.json and config.yaml, or check that it holds this very run on this very data."""
+def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
+    """Create the results folder with run.json and config.yaml, or check that it holds this very run on this very data."""
+    out, config, rt, n = run.out, run.config, run.rt, len(run.labels)
     fingerprint = config.fingerprint()
     run_file = out / "run.json"
     if run_file.is_file():
@@ -382,7 +367,7 @@ def _prepare_out(out: Path, config: ExperimentConfig, rt: Runtime, command: str,
         write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         import dac
 
-        write_json(run_file, {"command": command, "fingerprint": fingerprint, "data": digest, "classes": classes, "images": n,
+        write_json(run_file, {"command": command, "fingerprint": fingerprint, "data": digest, "classes": run.classes, "images": n,
                               "dac_version": dac.__version__, "torch": torch.__version__, "world_size": rt.world_size,
                               "threads": torch.get_num_threads()})
     barrier(rt)
@@ -392,11 +377,3 @@ def _tagged(callback: Callback | None, info: dict[str, Any]) -> Callback | None:
     if callback is None:
         return None
     return lambda event, data: callback(event, {**info, **data})
-
-
-def _logger(rt: Runtime, verbose: bool) -> Callable[..., None]:
-    def log(message: str, always: bool = False) -> None:
-        if (verbose or always) and rt.is_main:
-            print(f"[dac] {message}", file=sys.stderr, flush=True)
-
-    return log

@@ -1,4 +1,4 @@
-"""What an experiment trains on: the config's dataset, its images loaded once, stratified folds.
+"""What an experiment trains on: the config's dataset and its stratified folds.
 
 The datasets themselves live in :mod:`dac.data.datasets`. Real images are read as one
 channel; with ``gray8`` (default) they become 8-bit gray, the paper's preprocessing.
@@ -16,28 +16,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .._checks import DACInputError
 from ..data.datasets import ImageFolderDataset, ImageLabelDataset, PhantomDataset
 from ..data.phantoms import CLASS_NAMES
 from .config import DataConfig
-from .distributed import Runtime, gather_shards, shard
 
 __all__ = [
     "ReadableImages",
     "build_dataset",
     "data_digest",
     "holdout_split",
-    "load_images",
     "stratified_folds",
 ]
 
@@ -140,35 +137,6 @@ def cannot_read(errors: list[str]) -> DACInputError:
     return DACInputError(f"data: cannot read {errors[0]}{more}")
 
 
-def _as_list(batch: list) -> list | dict:
-    errors = read_errors(batch)
-    return {"error": errors} if errors else batch
-
-
-def load_images(dataset: Dataset, indices: Sequence[int], rt: Runtime, *, workers: int = 0) -> list[Tensor]:
-    """Read (or generate) the images at ``indices``, split over the processes, gathered on all.
-
-    Args:
-        dataset: items ``{"image": Tensor[C, H, W], ...}``.
-        indices: which items.
-        rt: the runtime (each rank reads ``indices[rank::world]``).
-        workers: DataLoader processes.
-
-    Returns:
-        The images, in ``indices`` order.
-    """
-    indices = [int(i) for i in indices]
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, shard(rt, indices)), batch_size=8, num_workers=workers, collate_fn=_as_list
-    )
-    images = []
-    for batch in loader:
-        if isinstance(batch, dict):
-            raise cannot_read(batch["error"])
-        images.extend(item["image"] for item in batch)
-    return gather_shards(rt, images, len(indices))
-
-
 def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.ndarray]:
     """The test indices of each fold of a shuffled, stratified k-fold split (scikit-learn's).
 
@@ -192,10 +160,28 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int = 0) -> list[np.nd
 
 
 def holdout_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices with a stratified ``fraction`` held out (test empty when 0)."""
+    """(train, test) indices with a stratified ``fraction`` held out (test empty when 0).
+
+    Raises:
+        DACInputError: a split that cannot hold every class on both sides: a class with
+            one image, or fewer held-out (or training) images than classes.
+
+    Example:
+        >>> [part.tolist() for part in holdout_split([0, 0, 1, 1], 0.5)]
+        [[1, 2], [0, 3]]
+    """
     labels = np.asarray(labels)
     if fraction == 0:
         return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    counts = np.bincount(labels)
+    present = counts[counts > 0]
+    held = math.ceil(fraction * len(labels))
+    if present.min() < 2 or min(held, len(labels) - held) < present.size:
+        raise DACInputError(
+            f"train.holdout: holding out {fraction:g} of {len(labels)} images ({held}) cannot keep each of the "
+            f"{present.size} classes on both sides (the smallest class has {present.min()} image(s)); "
+            "give more images, or holdout: 0 to train on all of them"
+        )
     from sklearn.model_selection import train_test_split
 
     train, test = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)

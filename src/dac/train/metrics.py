@@ -1,8 +1,7 @@
 """The paper's metrics: accuracy, confusion matrix, one-vs-rest ROC and AUC per class, macro AUC.
 
-Computed from predicted class probabilities, without scikit-learn (the tests compare
-every function with scikit-learn on fixed inputs). Across folds: mean and sample
-standard deviation (``ddof = 1``; None for a single fold).
+Computed from predicted class probabilities with scikit-learn's ``sklearn.metrics``;
+across folds: mean and sample standard deviation (``ddof = 1``; None for a single fold).
 
 Example:
     >>> labels = np.array([0, 1, 2, 2, 1])
@@ -18,24 +17,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 from .._checks import DACInputError
 
-__all__ = ["auc", "classification_metrics", "confusion_matrix", "mean_std", "roc_curve", "summarize_folds"]
+__all__ = ["classification_metrics", "mean_std", "roc_curve", "summarize_folds"]
 
 
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ROC curve of ``scores`` for a binary truth, one point per distinct score.
 
+    scikit-learn's ``roc_curve(positive, scores, drop_intermediate=False)``, after a check
+    that names the argument.
+
     Args:
         scores: array[N], higher means more likely positive.
-        positive: array[N] of bool (or 0/1), the truth.
+        positive: array[N] of bool (or 0/1), the truth, with both classes present.
 
     Returns:
-        (fpr, tpr, thresholds), each array[K + 1] for K distinct scores: the point for
-        threshold t counts ``scores >= t`` as positive; the first point is (0, 0) with
-        threshold +inf. (scikit-learn's ``roc_curve(..., drop_intermediate=False)``.)
-        fpr (tpr) is NaN when there are no negatives (positives).
+        (fpr, tpr, thresholds), each array[K + 1] for K distinct scores; the first point
+        is (0, 0).
 
     Example:
         >>> fpr, tpr, _ = roc_curve(np.array([0.9, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0]))
@@ -48,28 +49,9 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
         raise DACInputError(f"scores, positive: expected two non-empty arrays of one length, got {scores.shape} and {positive.shape}")
     if not np.isfinite(scores).all():
         raise DACInputError("scores: contains NaN or Inf values")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, hits = scores[order], positive[order]
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]  # last index of each distinct score
-    tps = np.cumsum(hits)[last].astype(np.float64)
-    fps = (last + 1) - tps
-    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fpr = fps / fps[-1] if fps[-1] > 0 else np.full_like(fps, np.nan)
-        tpr = tps / tps[-1] if tps[-1] > 0 else np.full_like(tps, np.nan)
-    return fpr, tpr, np.r_[np.inf, sorted_scores[last]]
-
-
-def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """Area under a curve by the trapezoid rule (for a ROC curve: the AUC; ties count 1/2)."""
-    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts array[C, C]: row = true class, column = predicted class."""
-    labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
-    return np.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    if positive.all() or not positive.any():
+        raise DACInputError("positive: a ROC curve needs both positive and negative samples")
+    return skm.roc_curve(positive, scores, drop_intermediate=False)
 
 
 def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, num_classes: int | None = None) -> dict[str, Any]:
@@ -107,13 +89,13 @@ def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray
             roc.append({"fpr": [], "tpr": []})
             continue
         fpr, tpr, _ = roc_curve(probs[:, k], positive)
-        per_class.append(auc(fpr, tpr))
+        per_class.append(float(skm.auc(fpr, tpr)))
         roc.append({"fpr": fpr.tolist(), "tpr": tpr.tolist()})
     defined = [a for a in per_class if a is not None]
     return {
         "n": int(labels.size),
         "accuracy": float((predicted == labels).mean()),
-        "confusion": confusion_matrix(labels, predicted, c).tolist(),
+        "confusion": skm.confusion_matrix(labels, predicted, labels=list(range(c))).tolist(),
         "per_class_auc": per_class,
         "macro_auc": float(np.mean(defined)) if defined else None,
         "roc": roc,

@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .._checks import DACInputError
 
-__all__ = ["RESNET_LAYERS", "count_parameters", "resnet"]
+__all__ = ["RESNET_LAYERS", "resnet"]
 
 #: Block type and blocks per stage of each ResNet (He et al. 2016).
 RESNET_LAYERS = {
@@ -85,9 +85,3 @@ def resnet(arch: str = "resnet101", num_classes: int = 5, *, in_channels: int = 
         raise DACInputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     block, layers = RESNET_LAYERS[arch]
     return _ResNet(block, layers, num_classes, in_channels, width)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-

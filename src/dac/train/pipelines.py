@@ -14,7 +14,9 @@
   al. 2015), trained from the task loss alone.
 
 Every front takes a Tensor[B, C, H, W] (integer or float images) or a list of
-differently sized Tensor[C, H, W], and returns floats Tensor[B, C, h, w] in [0, 1].
+differently sized Tensor[C, H, W], and returns a :class:`FrontOutput`: the crops
+(floats Tensor[B, C, h, w] in [0, 1]), their boxes and, for DAC, which searches did
+not converge. A front computes; it keeps nothing of a call (the engine counts).
 
 Example:
     >>> from dac.train.config import PipelineConfig
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import Images, by_size
-from .._checks import DACInputError, check_size
+from .._checks import DACInputError, check_angle, check_size
 from ..functional.crop import crop_resize
 from ..functional.pooling import to_unit_range
 from ..layer import DACrop, quiet_unconverged
@@ -43,6 +46,7 @@ from .models import resnet
 
 __all__ = [
     "DACFront",
+    "FrontOutput",
     "Pipeline",
     "ResizeFront",
     "SpatialTransformerCrop",
@@ -53,6 +57,17 @@ __all__ = [
 
 #: (rows, columns) of the feature map the STN's localisation head reads, flattened.
 LOCALIZATION_GRID = (4, 8)
+
+
+class FrontOutput(NamedTuple):
+    """What a front computed for a batch: the crops and where they came from.
+
+    Convention: boxes are xyxy in input pixels (torchvision's).
+    """
+
+    crops: Tensor  #: Tensor[B, C, h, w] floating, in [0, 1]: what the classifier sees
+    boxes: Tensor  #: Tensor[B, 4]: each crop's box (the whole image for a resize)
+    unconverged: Tensor | None = None  #: Tensor[B] bool: DAC boxes short of a stationary point; None for other fronts
 
 
 class ResizeFront(nn.Module):
@@ -66,13 +81,17 @@ class ResizeFront(nn.Module):
         super().__init__()
         self.size = check_size(size, "size")
 
-    def forward(self, images: Images) -> Tensor:
-        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> Tensor[B, C, H_out, W_out] in [0, 1]."""
+    def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> :class:`FrontOutput`, crops
+        Tensor[B, C, H_out, W_out] in [0, 1] (``noise`` is not used)."""
         return by_size(images, self._resize)
 
-    def _resize(self, x: Tensor) -> Tensor:
+    def _resize(self, x: Tensor) -> FrontOutput:
         x = to_unit_range(x, torch.float32) if not x.dtype.is_floating_point else x
-        return F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        crops = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        height, width = x.shape[-2:]
+        whole = x.new_tensor([0.0, 0.0, float(width), float(height)]).expand(x.shape[0], 4)
+        return FrontOutput(crops, whole)
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
@@ -88,7 +107,8 @@ class DACFront(nn.Module):
     search (``DACrop``'s defaults: the paper's schedule and minimum width), so the two
     pipelines differ in the map alone. With ``roi_rotate_degrees`` > 0, training crops
     are turned about the box centre by a random angle, limited per image so the
-    rotated box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`).
+    rotated box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`);
+    otherwise crops are resampled by :func:`~dac.functional.crop_resize`.
 
     Convention: boxes are xyxy in input pixels (torchvision's).
 
@@ -102,9 +122,6 @@ class DACFront(nn.Module):
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
-        boxes_total, boxes_unconverged: running counts of searched boxes and of those
-            that did not reach a stationary point (their implicit gradient is then
-            approximate); the engine reports and resets them every epoch.
     """
 
     def __init__(
@@ -117,11 +134,7 @@ class DACFront(nn.Module):
     ) -> None:
         super().__init__()
         self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency)
-        if not 0 <= float(roi_rotate_degrees) < 90:
-            raise DACInputError(f"roi_rotate_degrees: expected an angle in [0, 90), got {roi_rotate_degrees!r}")
-        self.roi_rotate_degrees = float(roi_rotate_degrees)
-        self.boxes_total = 0
-        self.boxes_unconverged = 0
+        self.roi_rotate_degrees = check_angle(roi_rotate_degrees, "roi_rotate_degrees")
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -135,8 +148,9 @@ class DACFront(nn.Module):
     #: Uniform numbers read per image (the RoI rotation angle).
     noise_dims = 1
 
-    def forward(self, images: Images, noise: Tensor | None = None) -> Tensor:
-        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> crops Tensor[B, C, H_out, W_out] float.
+    def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> :class:`FrontOutput` (crops
+        Tensor[B, C, H_out, W_out] float, the boxes, the unconverged searches).
 
         ``noise``: Tensor[B, 1] uniform numbers in [0, 1) that set each training crop's
         RoI rotation (drawn from torch's global RNG when None).
@@ -147,22 +161,22 @@ class DACFront(nn.Module):
 
     def locate(self, images: Images) -> Tensor:
         """Boxes Tensor[B, 4], xyxy in input pixels (differentiable in the saliency's parameters)."""
-        return by_size(images, self._boxes)
+        return by_size(images, lambda x: self._search(x)[0])
 
-    def _boxes(self, images: Tensor) -> Tensor:
-        with quiet_unconverged():
+    def _search(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        with quiet_unconverged():  # counted by the caller instead
             boxes, info = self.crop.locate(images, return_info=True)
-        self.boxes_total += int(boxes.shape[0])
-        self.boxes_unconverged += int((~(info.converged | info.frozen)).sum())
-        return boxes
+        return boxes, ~(info.converged | info.frozen)
 
-    def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
-        boxes = self._boxes(images)
+    def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
+        boxes, unconverged = self._search(images)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
             draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
-            return roi_rotation_crop(images, boxes, draw * limit, self.output_size).float()
-        return crop_resize(images, boxes, self.output_size, antialias=True).float()
+            crops = roi_rotation_crop(images, boxes, draw * limit, self.output_size)
+        else:
+            crops = crop_resize(images, boxes, self.output_size, antialias=True)
+        return FrontOutput(crops.float(), boxes, unconverged)
 
     def extra_repr(self) -> str:
         return f"roi_rotate_degrees={self.roi_rotate_degrees}"
@@ -176,9 +190,10 @@ class SpatialTransformerCrop(nn.Module):
     things are, unlike a global average), predict ``(a, b, c)``; the box has width ``sigmoid(a) * w_max`` (``w_max`` = the widest box
     of aspect ``H_out / W_out`` that fits the image) and its centre moves by
     ``tanh(b)``, ``tanh(c)`` of the free room, so it stays in the image. The box is
-    sampled bilinearly (from the image average-pooled to about the crop's scale, so
-    it does not alias) to ``output_size``. Initialised to the centred box of width
-    ``init_scale * w_max``; trained from the task loss alone.
+    resampled to ``output_size`` by :func:`~dac.functional.crop_resize`, the resampler
+    of the DAC front (anti-aliased, differentiable in the box), so that comparing the
+    two compares where they look, not how they sample. Initialised to the centred box
+    of width ``init_scale * w_max``; trained from the task loss alone.
 
     Convention: boxes are xyxy in input pixels (torchvision's).
 
@@ -224,8 +239,9 @@ class SpatialTransformerCrop(nn.Module):
     def aspect(self) -> float:
         return self.output_size[0] / self.output_size[1]
 
-    def forward(self, images: Images) -> Tensor:
-        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> Tensor[B, C, H_out, W_out] float."""
+    def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> :class:`FrontOutput`, crops
+        Tensor[B, C, H_out, W_out] float (``noise`` is not used)."""
         return by_size(images, self._crop_batch)
 
     def locate(self, images: Images) -> Tensor:
@@ -246,10 +262,10 @@ class SpatialTransformerCrop(nn.Module):
         cy = height / 2 + torch.tanh(c) * (height - box_h) / 2
         return torch.stack([cx - box_w / 2, cy - box_h / 2, cx + box_w / 2, cy + box_h / 2], -1)
 
-    def _crop_batch(self, images: Tensor) -> Tensor:
+    def _crop_batch(self, images: Tensor) -> FrontOutput:
         x = self._float(images)
         boxes = self._boxes(x)
-        return roi_rotation_crop(x, boxes, boxes.new_zeros(boxes.shape[0]), self.output_size)
+        return FrontOutput(crop_resize(x, boxes, self.output_size, antialias=True), boxes)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}, localization_size={self.localization_size}, init_scale={self.init_scale}"
@@ -297,17 +313,18 @@ class Pipeline(nn.Module):
     """front -> augmentation (training only) -> per-image standardisation -> classifier.
 
     Args:
-        front: one of the fronts above (Tensor or list of images -> Tensor[B, C, h, w]).
+        front: one of the fronts above (Tensor or list of images -> :class:`FrontOutput`).
         classifier: Tensor[B, C, h, w] -> logits Tensor[B, num_classes].
-        augment: applied to the front's output in training mode (or None).
+        augment: applied to the front's crops in training mode (or None).
         normalize: standardise each classifier input (:func:`standardize`).
 
-    ``forward(x, fronted=True)`` skips the front: ``x`` is already its output (the
-    engine caches the output of fronts with nothing to learn). ``forward(x,
-    noise=u)`` takes each image's uniform random numbers, Tensor[B, noise_dims]
-    (the front's columns first, then the augmentation's), so that an image's random
-    transform depends on the image alone, not on the batch or process it is in;
-    without ``noise`` they are drawn from torch's global RNG.
+    ``forward(images)`` runs everything; ``forward(crops=...)`` starts after the front,
+    from crops it made before (the training engine caches the crops of fronts with
+    nothing to learn); :meth:`classify` is that second half. ``noise`` holds each
+    image's uniform random numbers, Tensor[B, noise_dims] (the front's columns first,
+    then the augmentation's), so that an image's random transform depends on the image
+    alone, not on the batch or process it is in; without it they are drawn from
+    torch's global RNG.
     """
 
     def __init__(self, front: nn.Module, classifier: nn.Module, augment: nn.Module | None = None, normalize: bool = True) -> None:
@@ -334,22 +351,34 @@ class Pipeline(nn.Module):
         random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0
         return not trainable and not random
 
-    def forward(self, images: Images, fronted: bool = False, noise: Tensor | None = None) -> Tensor:
-        """Logits Tensor[B, num_classes] of raw images (or of front outputs if ``fronted``)."""
+    def forward(
+        self, images: Images | None = None, noise: Tensor | None = None, *, crops: Tensor | None = None,
+        return_front: bool = False,
+    ) -> Tensor | tuple[Tensor, FrontOutput | None]:
+        """Logits Tensor[B, num_classes] of raw ``images``, or of the front's ``crops``.
+
+        With ``return_front`` also the :class:`FrontOutput` (None when ``crops`` were given).
+        """
+        if (images is None) == (crops is None):
+            raise DACInputError("images, crops: give exactly one of them")
+        count = len(images) if crops is None else crops.shape[0]
         if noise is None and self.training:
-            noise = torch.rand(len(images), self.noise_dims)
+            noise = torch.rand(count, self.noise_dims)
         k = self._front_noise
-        if fronted:
-            x = images
-        elif k:
-            x = self.front(images, None if noise is None else noise[:, :k])
-        else:
-            x = self.front(images)
+        front = None
+        if crops is None:
+            front = self.front(images, None if noise is None or not k else noise[:, :k])
+            crops = front.crops
+        logits = self.classify(crops, None if noise is None else noise[:, k:])
+        return (logits, front) if return_front else logits
+
+    def classify(self, crops: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Logits of a front's crops: augmentation (training mode), standardisation, classifier."""
         if isinstance(self.augment, BatchAugment):
-            x = self.augment(x, None if noise is None else noise[:, k:])
+            crops = self.augment(crops, noise)
         else:
-            x = self.augment(x)
-        return self.classifier(self.normalize(x))
+            crops = self.augment(crops)
+        return self.classifier(self.normalize(crops))
 
 
 def build_pipeline(

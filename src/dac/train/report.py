@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import write_json, write_text
+from .._files import write_json, write_text
+from ..viz import pyplot
 from .metrics import roc_curve, summarize_folds
 
 __all__ = ["PAPER_RESULTS", "PIPELINE_TITLES", "markdown_table", "read_predictions", "write_report"]
@@ -148,21 +149,12 @@ def markdown_table(summary: dict[str, Any], classes: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _title(name: str) -> str:
     return PIPELINE_TITLES.get(name, name)
 
 
 def _plot_confusions(path: Path, summary: dict[str, Any], classes: Sequence[str]) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(summary)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
     for ax, (name, s) in zip(axes[0], summary.items()):
@@ -185,7 +177,7 @@ def _plot_confusions(path: Path, summary: dict[str, Any], classes: Sequence[str]
 
 
 def _plot_roc(path: Path, pooled: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str]) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(pooled)
     fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.6), squeeze=False)
     for ax, (name, (labels, probs)) in zip(axes[0], pooled.items()):
@@ -211,7 +203,7 @@ def _plot_roc(path: Path, pooled: dict[str, tuple[np.ndarray, np.ndarray]], clas
 
 
 def _plot_auc_per_class(path: Path, summary: dict[str, Any], classes: Sequence[str]) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(classes), 3.6))
     width = 0.8 / max(1, len(summary))
     for i, (name, s) in enumerate(summary.items()):
@@ -230,7 +222,7 @@ def _plot_auc_per_class(path: Path, summary: dict[str, Any], classes: Sequence[s
 
 
 def _plot_macro_auc(path: Path, summary: dict[str, Any]) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(summary), 3.4))
     names = list(summary)
     means = [summary[n]["macro_auc_mean"] for n in names]
