@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -250,6 +251,18 @@ class TestImageFolderDataset:
         (tmp_path / "list.csv").write_text("a.png,3\nb.png,0\n")
         ds = ImageFolderDataset(str(tmp_path / "list.csv"), reader=pil_reader)
         assert ds.labels == [3, 0] and ds.classes == ["0", "1", "2", "3"]
+
+    def test_csv_in_latin1_names_its_files_by_their_bytes(self, tmp_path):
+        # a Latin-1 CSV (what `printf 'caf\xe9.png,...'` writes) names the file whose name holds those bytes
+        name = os.fsdecode(b"caf\xe9.png")
+        write_png(tmp_path / name, 1)
+        write_png(tmp_path / "b.png", 2)
+        (tmp_path / "list.csv").write_bytes(b"caf\xe9.png,a\nb.png,b\n")
+        ds = ImageFolderDataset(tmp_path / "list.csv", reader=pil_reader)
+        assert ds.labels == [0, 1] and ds[0]["image"].max() == 1
+        (tmp_path / "gone.csv").write_bytes(b"caf\xe8.png,a\n")  # another byte: no such file, said in one line
+        with pytest.raises(DACInputError, match=r"line 1.*caf\\xe8\.png"):
+            ImageFolderDataset(tmp_path / "gone.csv")
 
     def test_errors_name_the_file_and_line(self, tmp_path):
         with pytest.raises(DACInputError, match="no class sub-folders"):

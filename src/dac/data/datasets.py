@@ -8,7 +8,7 @@ Convention: boxes (``roi``) are xyxy in input pixel coordinates (torchvision's).
 """
 from __future__ import annotations
 
-import csv
+import os
 import operator
 import re
 from pathlib import Path
@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from .._checks import DACInputError, check_int
 from .io import IMAGE_SUFFIXES, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
+from .tables import read_csv_rows
 
 __all__ = [
     "ImageFolderDataset",
@@ -347,19 +348,15 @@ _HEADER = {"path", "file", "filename", "image", "image_path", "filepath"}
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            fields = [f.strip() for f in row]
-            if not any(fields):
-                continue
-            if line == 1 and fields and fields[0].lower() in _HEADER:
-                continue
-            if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: expected 'path,label', got {row!r}")
-            file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
-            if not file.is_file():
-                raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file {str(file)!r}")
-            rows.append((line, str(file), fields[1]))
+    for line, fields in read_csv_rows(path, "root_or_csv"):
+        if line == 1 and fields[0].lower() in _HEADER:
+            continue
+        if len(fields) != 2 or not fields[0] or not fields[1]:
+            raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: expected 'path,label', got {fields!r}")
+        file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
+        if not file.is_file():
+            raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file '{_shown(str(file))}'")
+        rows.append((line, str(file), fields[1]))
     if not rows:
         raise DACInputError(f"root_or_csv: {str(path)!r} lists no images")
     if all(re.fullmatch(r"\d+", label) for _, _, label in rows):
@@ -372,3 +369,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
         classes = _class_order([label for _, _, label in rows])
         labels = [classes.index(label) for _, _, label in rows]
     return classes, [(file, label) for (_, file, _), label in zip(rows, labels)]
+
+
+def _shown(path: str) -> str:
+    """A path for a message: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
