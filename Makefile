@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dac-installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench docs install-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,19 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
 
+# The docs site (docs/ + API reference from the docstrings) into site/, strictly:
+# a broken link or a docstring that does not render fails the build.
+DOCS_STAMP := $(VENV)/.dac-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The README's install-into-your-own-environment recipe, in a fresh venv.
+install-check:
+	PYTHON=$(PYTHON) bash .ci/install-check
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

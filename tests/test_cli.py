@@ -328,7 +328,8 @@ def test_pyproject_declares_what_the_code_imports():
     imported = {distribution.get(n, n).lower() for n in _third_party_imports()}
     assert {"scikit-learn", "pyyaml", "torch", "numpy", "pillow"} <= imported
     missing = imported - required - set().union(*optional.values())
-    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    # theseus-ai is imported but deliberately not declared (its metadata breaks `pip install .`): test_install.py
+    assert missing == {"theseus-ai"}, f"imported but not declared in pyproject.toml: {missing}"
     assert {"scikit-learn", "pyyaml"} <= required  # dac train / dac cv, core commands
     assert "matplotlib" in optional["viz"] and "pydicom" in optional["dicom"]
 
