@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dac.archive as archive
+from dac.jobs import engine
 from dac.cli import main
 
 from conftest import textured_scene, torchrun_dac
@@ -131,7 +131,7 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
         return original(path, *args, **kwargs)
 
     monkeypatch.setattr(dio, "write_png", counting_write)
-    real_compute = archive._compute
+    real_compute = engine._compute
     calls = {"n": 0}
 
     def interrupt_after_first(*args, **kwargs):
@@ -140,7 +140,7 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
             raise KeyboardInterrupt  # the user pressed Ctrl-C during the second batch
         return real_compute(*args, **kwargs)
 
-    monkeypatch.setattr(archive, "_compute", interrupt_after_first)
+    monkeypatch.setattr(engine, "_compute", interrupt_after_first)
     capsys.readouterr()
     assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
     assert capsys.readouterr().err == "dac crop: interrupted; run the same command again to resume\n"
@@ -148,7 +148,7 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
     assert 0 < len(first) < 4
     ok = [r for r in read_rows(out) if r["status"] == "ok"]  # the finished batch is in the table
     assert sorted(Path(r["crop"]).name for r in ok) == sorted(first)
-    monkeypatch.setattr(archive, "_compute", real_compute)
+    monkeypatch.setattr(engine, "_compute", real_compute)
     assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
     assert sorted(written) == sorted(set(written)) and len(written) == 4  # each good file once
     rows = read_rows(out)

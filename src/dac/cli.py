@@ -251,8 +251,8 @@ def _needs_matplotlib() -> None:
 def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
     """Checks of the options crop and predict share; (shard, device)."""
     from ._checks import check_device, check_int
-    from .archive import check_out_dir, check_shard, shard_from_environment
     from .data.io import check_percentiles
+    from .jobs import check_out_dir, check_shard, shard_from_environment
 
     check_int(args.batch_size, "--batch-size", 1)
     if args.workers != "auto":
@@ -284,8 +284,8 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
 
 
 def _crop(args: argparse.Namespace) -> int:
-    from .archive import crop_archive
     from .layer import DACrop
+    from .tasks.crop import crop_archive
 
     given = _search_options(args)
     shard, device = _archive_checks(args)
@@ -362,7 +362,7 @@ def _fit_saliency(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, predict_archive
+    from .tasks.predict import Predictor, predict_archive
 
     shard, device = _archive_checks(args)
     predictor = Predictor.load(args.model, pipeline=args.pipeline, fold=args.fold, device=device)

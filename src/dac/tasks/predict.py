@@ -2,7 +2,7 @@
 
 Load once, predict many::
 
-    from dac.predict import Predictor
+    from dac.tasks.predict import Predictor
     predictor = Predictor.load("runs/quick/dac")        # a dac train / dac cv results folder
     result = predictor.predict_files(["a.png", "b.png"])
     result.probabilities, result.boxes, predictor.classes
@@ -13,7 +13,7 @@ unfinished), reads files as its training read them (one gray channel, 8-bit wher
 training data were), and returns per image the box (xyxy in input pixels), the crop the
 classifier saw, the class probabilities and the predicted class.
 :func:`predict_archive` runs it over files, folders or glob patterns with the archive
-engine of :mod:`dac.archive` (the same guarantees as ``dac crop``: every input one row,
+engine of :mod:`dac.jobs` (the same guarantees as ``dac crop``: every input one row,
 bad files recorded with their reason, atomic writes, a journal per batch, resume that
 redoes nothing, shards), writing ``OUT/predictions.csv``, ``OUT/crops/`` and, if asked,
 ``OUT/overlays/``.
@@ -51,10 +51,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import archive
-from ._batching import by_size
-from ._checks import DACInputError, check_device
-from .functional.crop import crop_resize
+from .. import jobs
+from .._batching import by_size
+from .._checks import DACInputError, check_device
+from ..functional.crop import crop_resize
+from .crop import ARCHIVE_FORMAT, write_overlay
 
 __all__ = ["Prediction", "PredictionSummary", "Predictor", "predict_archive"]
 
@@ -88,8 +89,8 @@ class Prediction:
 
 
 @dataclass
-class PredictionSummary(archive.ArchiveSummary):
-    """An :class:`~dac.archive.ArchiveSummary` plus the accuracy on labelled images."""
+class PredictionSummary(jobs.ArchiveSummary):
+    """An :class:`~dac.jobs.ArchiveSummary` plus the accuracy on labelled images."""
 
     labelled: int = 0  #: ok rows of this run's inputs whose folder names a class
     correct: int = 0  #: of those, predicted as their folder says
@@ -162,8 +163,8 @@ class Predictor:
                 not named where several are, an unfinished training, or a model whose
                 input does not fit (see the class doc); the message starts with ``MODEL``.
         """
-        from .train import load_pipeline
-        from .train.config import config_to_dict, load_config
+        from ..train import load_pipeline
+        from ..train.config import config_to_dict, load_config
 
         out, name, fold = _resolve(Path(model), pipeline, fold)
         try:
@@ -192,8 +193,8 @@ class Predictor:
         return {
             "model": self.description,
             "classes": list(self.classes),
-            "front": archive.module_settings(crop) if isinstance(crop, nn.Module) else type(front).__name__,
-            "weights": archive.weights_digest(self.model),
+            "front": jobs.module_settings(crop) if isinstance(crop, nn.Module) else type(front).__name__,
+            "weights": jobs.weights_digest(self.model),
             "training_sizes": None if self.training_sizes is None else [list(s) for s in self.training_sizes],
             "gray8": self.gray8,
         }
@@ -236,7 +237,7 @@ class Predictor:
 
     # --------------------------------------------------------------- internals
     def _batch(self, images: Tensor) -> Prediction:
-        from .train.pipelines import DACFront
+        from ..train.pipelines import DACFront
 
         if images.ndim != 4 or images.shape[1] != 1:
             raise DACInputError(f"images: expected Tensor[B, 1, H, W] (one gray channel), got {tuple(images.shape)}")
@@ -329,7 +330,7 @@ def _resolve(path: Path, pipeline: str | None, fold: int | None) -> tuple[Path, 
 def _read_for_model(path: str, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
                     percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     """Read one file as the model's training did (one gray channel, 8-bit if it was), checking its size."""
-    from .data.io import ImageReadError, read_input
+    from ..data.io import ImageReadError, read_input
 
     image, intensity = read_input(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
     if training_sizes and not any_size:
@@ -370,12 +371,12 @@ def predict_archive(
         predictor: the loaded model (:meth:`Predictor.load`); it runs on its device.
         batch_size: images per batch.
         workers: processes decoding files ahead (0: a read-ahead thread of this
-            process; ``"auto"``: :func:`dac.archive.default_workers`).
+            process; ``"auto"``: :func:`dac.jobs.default_workers`).
         overlays: also write each image, downscaled, with its box and predicted class.
         dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.data.io.read_image`).
         any_size: predict images whose size does not fit the model's training sizes.
         progress: show a progress bar (None: only on a terminal).
-        shard: ``(i, n)`` or ``"i/n"``: this process's share (see :mod:`dac.archive`).
+        shard: ``(i, n)`` or ``"i/n"``: this process's share (see :mod:`dac.jobs.engine`).
 
     Returns:
         :class:`PredictionSummary`, with the accuracy on the labelled inputs.
@@ -386,26 +387,26 @@ def predict_archive(
             another model's classes), or another run (of the same shard) writing there.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from .data import io as dio
+    from ..data import io as dio
 
     if not isinstance(predictor, Predictor):
-        raise DACInputError(f"predictor: expected a dac.predict.Predictor, got {type(predictor).__name__}")
+        raise DACInputError(f"predictor: expected a dac.tasks.predict.Predictor, got {type(predictor).__name__}")
     if dicom not in dio.DICOM_INTENSITY:
         raise DACInputError(f"dicom: expected one of {dio.DICOM_INTENSITY}, got {dicom!r}")
     percentiles = dio.check_percentiles(percentiles)
     classes = predictor.classes
     probability_fields = tuple(f"prob_{c}" for c in classes)
-    fields = (archive.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "predicted") + probability_fields
-              + ("label", "crop") + archive.ARCHIVE_FIELDS[1])
+    fields = (jobs.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "predicted") + probability_fields
+              + ("label", "crop") + jobs.ARCHIVE_FIELDS[1])
     settings = {
         "format": PREDICT_FORMAT,
-        "archive_format": archive.ARCHIVE_FORMAT,  # how a file is read: a change there predicts again
+        "archive_format": ARCHIVE_FORMAT,  # how a file is read: a change there predicts again
         "predictor": predictor.settings,
         "overlays": bool(overlays),
         "any_size": bool(any_size),
         "dicom": {"intensity": dicom} | ({"percentiles": list(percentiles)} if dicom == "percentiles" else {}),
     }
-    task = archive.ArchiveTask(
+    task = jobs.ArchiveTask(
         table="predictions.csv",
         fields=fields,
         settings=settings,
@@ -419,7 +420,7 @@ def predict_archive(
         check_header=functools.partial(_check_header, probability_fields=probability_fields),
         name="dac predict",
     )
-    base = archive.run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers,
+    base = jobs.run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers,
                                device=predictor.device, progress=progress, shard=shard)
     summary = PredictionSummary(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     _count_labelled(Path(out_dir) / "predictions.csv", summary)
@@ -432,17 +433,17 @@ def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor,
 
 
 def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
-    from .data import io as dio
+    from ..data import io as dio
 
     probabilities, box, crop = result
     best = int(probabilities.argmax())
-    name = f"crops/{archive.output_name(key)}"
+    name = f"crops/{jobs.output_name(key)}"
     dio.write_png(out / name, crop, bits=8)
     if overlays:
-        archive.write_overlay(out / "overlays" / archive.output_name(key), image, box,
+        write_overlay(out / "overlays" / jobs.output_name(key), image, box,
                               text=f"{classes[best]} ({float(probabilities[best]):.2f})")
     else:
-        archive.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
+        jobs.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
     folder = os.path.basename(os.path.dirname(found))  # the class folder as the user laid it out (links not followed)
     x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "predicted": classes[best], "crop": name,

@@ -1,4 +1,4 @@
-"""dac.predict and ``dac predict``: a trained pipeline on new images, with the archive's guarantees.
+"""dac.tasks.predict and ``dac predict``: a trained pipeline on new images, with the archive's guarantees.
 
 One tiny model is trained once for the module (phantoms of 96 x 177, one epoch, a
 ResNet-18 of width 4: seconds), then predicted with; what is tested is the bookkeeping
@@ -19,7 +19,7 @@ from dac import DACInputError
 from dac.data import io as dio
 from dac.cli import main
 from dac.data.phantoms import CLASS_NAMES, make_phantom
-from dac.predict import Predictor, predict_archive
+from dac.tasks.predict import Predictor, predict_archive
 from dac.train import PipelineConfig, build_pipeline, config_from_dict, load_checkpoint, save_checkpoint, train_pipeline
 
 from conftest import torchrun_dac

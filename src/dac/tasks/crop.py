@@ -1,0 +1,208 @@
+"""``dac crop``: every image of an archive cropped to its region of interest by :class:`~dac.DACrop`.
+
+:func:`crop_archive` is the :class:`~dac.jobs.ArchiveTask` of ``dac crop`` run by
+:func:`dac.jobs.run_archive` (resume, journal, shards, bad files as rows: see
+:mod:`dac.jobs.engine`). It writes ``OUT/crops/<stem>-<hash>.png``, ``OUT/boxes.csv``,
+``OUT/settings.json`` and, if asked, ``OUT/overlays/``.
+
+The table, ``OUT/boxes.csv``
+    One row per input, keyed by the input's *resolved* path (absolute, ``..`` and
+    symbolic links resolved), which is what the ``path`` column shows. Columns:
+    :data:`CSV_FIELDS`; box columns are xyxy in input pixels. Columns a user adds are
+    kept (:mod:`dac.jobs.table`). The file is UTF-8; a file name that is not valid
+    UTF-8 is written as its own bytes (Python's ``surrogateescape``): read such a table
+    with ``errors="surrogateescape"`` (pandas: ``encoding_errors="surrogateescape"``).
+    The ``intensity`` column says how each file's values became [0, 1] (for DICOM: the
+    window, the stored range or the percentiles used; see :func:`dac.data.io.read_image`).
+
+Finished work
+    A row is done for the same file with the same settings key (:func:`settings_key`:
+    the archive's format, ``bits``, ``gray8``, ``overlays``, the DICOM intensity mode,
+    the layer's configuration and its weights).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .._checks import DACInputError, check_device
+from ..jobs import ARCHIVE_FIELDS, ArchiveSummary, ArchiveTask, discard_outputs, output_name, run_archive
+from ..jobs.settings import module_settings, settings_digest, weights_digest
+from ..layer import DACrop
+
+__all__ = ["ARCHIVE_FORMAT", "CSV_FIELDS", "crop_archive", "crop_settings", "settings_key", "write_overlay"]
+
+#: Columns of ``boxes.csv``.
+CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "crop") + ARCHIVE_FIELDS[1]
+#: Version of how an input becomes a crop (reading, scaling, writing): part of every
+#: settings key, so a change here crops archives again.
+ARCHIVE_FORMAT = 4
+
+
+def crop_archive(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    layer: DACrop | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    workers: int | str = "auto",
+    bits: int = 8,
+    gray8: bool = False,
+    overlays: bool = False,
+    dicom: str = "window",
+    percentiles: Sequence[float] = (1.0, 99.0),
+    progress: bool | None = None,
+    shard: tuple[int, int] | str | None = None,
+) -> ArchiveSummary:
+    """Crop every image of ``inputs`` into ``out_dir`` (see the module doc).
+
+    Every argument is checked, and the inputs found, before anything is created.
+
+    Args:
+        inputs: files, folders (searched recursively) or glob patterns.
+        out_dir: results folder: ``crops/``, ``boxes.csv``, ``settings.json`` (what
+            each ``settings`` value means), and ``overlays/`` if asked.
+        layer: the :class:`~dac.DACrop` to use (default: the paper's, 200 x 370).
+        batch_size: images per search batch (memory grows with it).
+        device: where the search runs (``"cpu"``, ``"cuda"``, ...).
+        workers: processes that decode files ahead of the search (0: a read-ahead
+            thread of this process; ``"auto"``: :func:`default_workers`).
+        bits: 8 or 16-bit PNG crops.
+        gray8: convert every image to 8-bit gray first (the paper's preprocessing).
+        overlays: also write each image, downscaled, with its box drawn.
+        dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.data.io.read_image`).
+        progress: show a progress bar (None: only on a terminal).
+        shard: ``(i, n)`` or ``"i/n"``: this process's share (see the module doc).
+
+    Returns:
+        :class:`ArchiveSummary`. Box columns of ``boxes.csv`` are xyxy in input pixels.
+
+    Raises:
+        DACInputError: a bad argument, an input that does not exist, an ``out_dir``
+            that cannot be written, a ``boxes.csv`` that cannot be kept, or another
+            run (of the same shard) writing to ``out_dir``.
+        KeyboardInterrupt: after writing the table of what was done (run again to resume).
+    """
+    from ..data import io as dio
+
+    if isinstance(bits, bool) or bits not in (8, 16):
+        raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+    if dicom not in dio.DICOM_INTENSITY:
+        raise DACInputError(f"dicom: expected one of {dio.DICOM_INTENSITY}, got {dicom!r}")
+    percentiles = dio.check_percentiles(percentiles)
+    layer = layer if layer is not None else DACrop()
+    settings = crop_settings(layer, bits=bits, gray8=gray8, overlays=overlays, dicom=dicom, percentiles=percentiles)
+    dev = check_device(device, "device")
+    if any(t.device != dev for t in [*layer.parameters(), *layer.buffers()]):
+        layer = copy.deepcopy(layer).to(dev)  # the search's device; the caller's layer stays where it is
+    task = ArchiveTask(
+        table="boxes.csv",
+        fields=CSV_FIELDS,
+        settings=settings,
+        read=functools.partial(dio.read_input, gray8=bool(gray8), dicom=dicom, percentiles=percentiles),
+        compute=functools.partial(_crop_compute, layer),
+        write=functools.partial(_crop_write, bits=bits, overlays=bool(overlays)),
+        outputs=("crop",),
+        folders=("crops", "overlays") if overlays else ("crops",),
+        products=("crops", "overlays"),
+        name="dac crop",
+    )
+    return run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers, device=device,
+                       progress=progress, shard=shard)
+
+
+def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:
+    crops, boxes, info = layer(images, return_boxes=True)
+    return [(crops[k].cpu(), boxes[k].cpu(), float(info.cost[k]), int(info.iterations[k])) for k in range(len(crops))]
+
+
+
+def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, found: str, *, bits: int, overlays: bool) -> dict[str, str]:
+    from ..data import io as dio
+
+    crop, box, cost, iterations = result
+    name = f"crops/{output_name(key)}"
+    dio.write_png(out / name, crop, bits=bits)
+    if overlays:
+        write_overlay(out / "overlays" / output_name(key), image, box)
+    else:
+        discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another box
+    x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "cost": f"{cost:.6g}", "iterations": str(iterations), "crop": name}
+
+
+def write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, text: str = "") -> None:
+    """The image (downscaled to <= 1024 px wide) with its box drawn in red and ``text``
+    written above it; an 8-bit PNG written atomically."""
+    from PIL import Image, ImageDraw
+
+    from ..data import io as dio
+
+    gray = dio.to_gray8(image)[0].numpy()
+    pil = Image.fromarray(gray).convert("RGB")
+    scale = min(1.0, 1024 / pil.width)
+    if scale < 1:
+        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(pil)
+    x1, y1, x2, y2 = (v * scale for v in box.tolist())
+    draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
+    if text:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y2 + 2
+        draw.rectangle([x1, y, x1 + right - left + 6, y + bottom - top + 4], fill=(255, 0, 0))
+        draw.text((x1 + 3 - left, y + 2 - top), text, fill=(255, 255, 255))
+    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    dio.write_png(path, tensor, bits=8)
+
+
+
+# ----------------------------------------------------------------------- settings
+def crop_settings(
+    layer: torch.nn.Module,
+    *,
+    bits: int = 8,
+    gray8: bool = False,
+    overlays: bool = False,
+    dicom: str = "window",
+    percentiles: Sequence[float] = (1.0, 99.0),
+) -> dict:
+    """Every setting that changes what :func:`crop_archive` writes for an input.
+
+    One entry per setting; a new setting is one more line here. The layer contributes
+    its class, every public attribute (``output_size``, ``pool_size``, the schedule,
+    ``r_min_fraction``..., not what its last call left), the same for each sub-module,
+    and a digest of its ``state_dict`` (the weights of a learned saliency, say).
+    """
+    return {
+        "format": ARCHIVE_FORMAT,
+        "bits": bits,
+        "gray8": bool(gray8),
+        "overlays": bool(overlays),
+        "dicom": _dicom_settings(dicom, percentiles),
+        "layer": module_settings(layer),
+        "weights": weights_digest(layer),
+    }
+
+
+def _dicom_settings(dicom: str, percentiles: Sequence[float]) -> dict:
+    return {"intensity": dicom} | ({"percentiles": [float(v) for v in percentiles]} if dicom == "percentiles" else {})
+
+
+def settings_key(layer: torch.nn.Module, **options: Any) -> str:
+    """The ``settings`` column of :func:`crop_archive`: :func:`settings_digest` of
+    :func:`crop_settings` (same keyword options).
+
+    Example:
+        >>> settings_key(DACrop(pool_size=4)) == settings_key(DACrop(pool_size=4))
+        True
+        >>> settings_key(DACrop(pool_size=4)) == settings_key(DACrop(pool_size=5))
+        False
+    """
+    return settings_digest(crop_settings(layer, **options))

@@ -1,0 +1,111 @@
+"""dac.tasks.crop: what dac crop writes, and which settings crop again."""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from archive_fakes import CROPPED, FastLayer, clear_cropped, read_table, run, three, write_image  # noqa: F401
+from dac import DACInputError, DACrop
+from dac.cli import main
+from dac.tasks import crop
+
+
+class TestSettings:
+    """Every setting of dac crop that changes a crop is part of the settings key."""
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"layer": FastLayer(pool_size=5)},
+            {"layer": FastLayer(output_size=(9, 12))},
+            {"bits": 16},
+            {"overlays": True},
+            {"gray8": True},
+        ],
+        ids=["pool_size", "output_size", "bits", "overlays", "gray8"],
+    )
+    def test_other_settings_recrop(self, three: Path, tmp_path: Path, change):
+        out = tmp_path / "out"
+        run([three], out)
+        first = read_table(out)[1]
+        CROPPED.clear()
+        assert run([three], out, **change).ok == 3 and len(CROPPED) == 3
+        first = {r["path"]: r["settings"] for r in first}
+        rows = read_table(out)[1]
+        assert len(rows) == 3 and all(r["settings"] != first[r["path"]] for r in rows)
+        CROPPED.clear()
+        assert run([three], out, **change).skipped == 3 and CROPPED == []
+
+    def test_weights_are_a_setting(self, three: Path, tmp_path: Path):
+        out = tmp_path / "out"
+        layer = FastLayer(gain=1.0)
+        run([three], out, layer=layer)
+        with torch.no_grad():
+            layer.gain.fill_(2.0)
+        assert run([three], out, layer=layer).ok == 3
+
+
+    def test_rerun_without_overlays_removes_the_old_ones(self, three: Path, tmp_path: Path):
+        out = tmp_path / "out"
+        run([three], out, overlays=True)
+        assert len(list((out / "overlays").iterdir())) == 3
+        assert run([three], out, bits=16).ok == 3  # overlays showing the old boxes would stay
+        assert list((out / "overlays").iterdir()) == []
+
+
+    def test_settings_key_of_dacrop(self):
+        one, two = DACrop(output_size=(20, 37), pool_size=4), DACrop(output_size=(20, 37), pool_size=4)
+        assert crop.settings_key(one) == crop.settings_key(two)
+        one(torch.rand(1, 1, 96, 177))  # a call leaves what it keeps out of the key
+        assert crop.settings_key(one) == crop.settings_key(two)
+        for other in (DACrop(output_size=(20, 37), pool_size=5), DACrop(output_size=(20, 36), pool_size=4),
+                      DACrop(output_size=(20, 37), pool_size=4, sharpness=0.05),
+                      DACrop(output_size=(20, 37), pool_size=4, steps_per_stage=10)):
+            assert crop.settings_key(other) != crop.settings_key(two)
+
+
+class TestUsageErrors:
+    @pytest.mark.parametrize(
+        "args, match",
+        [
+            (["--workers", "-1"], "--workers"),
+            (["--batch-size", "0"], "--batch-size"),
+            (["--pool-size", "0"], "--pool-size"),
+            (["--device", "gpu7"], "--device"),
+            pytest.param(["--device", "cuda"], "--device", marks=pytest.mark.skipif(
+                torch.cuda.is_available(), reason="this machine has a GPU")),
+        ],
+    )
+    def test_bad_option_is_one_line_and_creates_nothing(self, three: Path, tmp_path: Path, capsys, args, match):
+        out = tmp_path / "out"
+        assert main(["crop", str(three), "--out", str(out), "--no-progress", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err and "Traceback" not in err
+        assert not out.exists()
+
+    @pytest.mark.parametrize("args", [["--bits", "7"], ["--size", "big"], ["--workers", "two"]])
+    def test_argument_errors_are_one_line(self, three: Path, tmp_path: Path, capsys, args):
+        with pytest.raises(SystemExit) as exit_:
+            main(["crop", str(three), "--out", str(tmp_path / "out"), *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and args[0] in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_float_tiff_outside_the_unit_range_fails_with_its_reason(tmp_path: Path):
+    # A float TIFF of 0..255 (a missing / 255) clipped to [0, 1] would crop a white image without a word.
+    pixels = np.random.default_rng(0).random((40, 60)).astype(np.float32)
+    Image.fromarray(pixels * 255).save(tmp_path / "raw.tif")
+    Image.fromarray(pixels).save(tmp_path / "unit.tif")
+    summary = run([tmp_path / "raw.tif", tmp_path / "unit.tif"], tmp_path / "out")
+    assert (summary.ok, summary.failed) == (1, 1)
+    rows = {Path(r["path"]).name: r for r in read_table(tmp_path / "out")[1]}
+    assert rows["unit.tif"]["status"] == "ok" and rows["raw.tif"]["status"] == "failed"
+    assert "[0, 1]" in rows["raw.tif"]["error"] and "255" in rows["raw.tif"]["error"]
