@@ -30,6 +30,9 @@ class FastLayer(torch.nn.Module):
         if gain is not None:
             self.gain = torch.nn.Parameter(torch.tensor([gain]))
 
+    def config(self):
+        return {"output_size": list(self.output_size), "pool_size": self.pool_size}
+
     def forward(self, images, return_boxes=False):
         crops, boxes = [], []
         for image in images:

@@ -220,7 +220,7 @@ def test_a_saliency_stage_added_on_the_command_line_recrops(tmp_path: Path, caps
     assert len(rows) == 3 and all(r["status"] == "ok" and r["settings"] != plain[r["path"]]["settings"] for r in rows)
     assert all(abs(float(r["x2"]) - float(plain[r["path"]]["x2"])) > 0.01 for r in rows)  # searched on its map (~0.2 px off)
     recorded = json.loads((tmp_path / "o" / "settings.json").read_text())[rows[0]["settings"]]
-    assert recorded["layer"]["module saliency"]["class"] == "dac.saliency.SaliencyNet"
+    assert recorded["layer"]["saliency"]["class"] == "dac.saliency.SaliencyNet"
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "crops").iterdir()}
     assert main([*args, "--saliency", str(stage)]) == 0  # the same stage again: nothing to do
     assert "0 cropped, 3 already done" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,54 @@ class TestSettings:
                       DACrop(output_size=(20, 37), pool_size=4, sharpness=0.05),
                       DACrop(output_size=(20, 37), pool_size=4, steps_per_stage=10)):
             assert crop.settings_key(other) != crop.settings_key(two)
+
+
+class TestSettingsKeyOfDACrop:
+    """The key is DACrop.config() and its weights: what changes a crop, nothing else (issue 21 item 6)."""
+
+    @staticmethod
+    def layer(**kwargs) -> DACrop:
+        from dac.saliency import SaliencyNet
+
+        torch.manual_seed(0)  # the same weights each time
+        return DACrop(output_size=(8, 12), pool_size=4, saliency=SaliencyNet(pool_size=4), **kwargs)
+
+    def test_train_and_eval_do_not_change_the_key(self):
+        layer = self.layer()
+        key = crop.settings_key(layer)
+        assert crop.settings_key(layer.eval()) == key
+        assert crop.settings_key(layer.train()) == key
+
+    def test_config_holds_no_state_of_the_module(self):
+        layer = self.layer()
+        text = json.dumps(layer.config())
+        assert "training" not in text and "cpu" not in text
+        assert layer.config()["saliency"] == {"class": "dac.saliency.SaliencyNet"} | layer.saliency.config()
+        assert layer.config()["schedule"]["sharpness_factor"] == 2.0
+        # what changes gradients only is not a setting of the crops
+        assert crop.settings_key(self.layer(backward_mode="unroll", dlm_epsilon=1e-6)) == crop.settings_key(layer)
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_another_device_does_not_change_the_key(self):
+        layer = self.layer()
+        assert crop.settings_key(layer.to("cuda")) == crop.settings_key(self.layer())
+
+    def test_pool_size_and_saliency_weights_change_the_key(self):
+        layer = self.layer()
+        key = crop.settings_key(layer)
+        assert crop.settings_key(DACrop(output_size=(8, 12), pool_size=5)) != crop.settings_key(
+            DACrop(output_size=(8, 12), pool_size=4))
+        with torch.no_grad():
+            layer.saliency.gate.bias.fill_(1.0)
+        assert crop.settings_key(layer) != key
+
+    def test_eval_does_not_recrop_an_archive(self, tmp_path: Path):
+        for i in range(2):
+            write_image(tmp_path / "in" / f"{i}.png", seed=i, size=(40, 64))
+        layer = self.layer().train()
+        assert run([tmp_path / "in"], tmp_path / "out", layer=layer).ok == 2
+        again = run([tmp_path / "in"], tmp_path / "out", layer=layer.eval())
+        assert again.skipped == 2 and again.ok == 0
 
 
 class TestUsageErrors:

@@ -8,7 +8,6 @@ changes its output) and a digest of its weights (:func:`weights_digest`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 from .._files import write_json
 
 __all__ = ["module_settings", "record_settings", "settings_digest", "weights_digest"]
-
-_NOT_SETTINGS = frozenset({"last_info"})  # what a layer keeps of its last call
 
 
 def settings_digest(settings: dict) -> str:
@@ -34,38 +31,23 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-
 def module_settings(module: torch.nn.Module) -> dict:
-    """A module's class and public attributes, and those of its sub-modules, as JSON."""
-    config: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
-    for name, value in vars(module).items():
-        if not name.startswith("_") and name not in _NOT_SETTINGS:
-            config[name] = _plain(value)
-    for name, child in module.named_children():
-        config[f"module {name}"] = module_settings(child)
-    return config
+    """A module's class and its ``config()``: every setting that changes its output, as JSON.
 
+    Not ``vars(module)``: that holds state that changes no output (``training``, caches),
+    so the same module in another mode would name other settings. A module without
+    ``config()`` is named by its class alone (its weights are digested apart:
+    :func:`weights_digest`).
 
-def _plain(value: Any, depth: int = 0) -> Any:
-    """``value`` as JSON: numbers, strings, lists, dicts (never a repr with an address)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_plain(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        return {"tensor": _tensor_digest(value)}
-    if isinstance(value, (torch.dtype, torch.device)):
-        return str(value)
-    name = f"{type(value).__module__}.{type(value).__qualname__}"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"class": name} | {f.name: _plain(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)}
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    if hasattr(value, "__dict__") and depth < 4:
-        return {"class": name} | {k: _plain(v, depth + 1) for k, v in vars(value).items() if not k.startswith("_")}
-    return name
+    Example:
+        >>> module_settings(torch.nn.Identity())
+        {'class': 'torch.nn.modules.linear.Identity'}
+    """
+    settings: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
+    config = getattr(module, "config", None)
+    if callable(config):
+        settings |= config()
+    return settings
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:
@@ -80,7 +62,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}={_tensor_digest(tensor)};".encode())
     return digest.hexdigest()[:16]
-
 
 
 def record_settings(out: Path, key: str, settings: dict) -> None:

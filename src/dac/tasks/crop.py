@@ -176,10 +176,18 @@ def crop_settings(
     """Every setting that changes what :func:`crop_archive` writes for an input.
 
     One entry per setting; a new setting is one more line here. The layer contributes
-    its class, every public attribute (``output_size``, ``pool_size``, the schedule,
-    ``r_min_fraction``..., not what its last call left), the same for each sub-module,
-    and a digest of its ``state_dict`` (the weights of a learned saliency, say).
+    its class and its ``config()`` (:meth:`dac.DACrop.config`: the crop size, pooling
+    window, schedule, minimum width..., not its mode, device or what its last call
+    left) and a digest of its ``state_dict`` (the weights of a learned saliency, say).
+
+    Raises:
+        DACInputError: ``layer`` has no ``config()`` saying what changes its crops.
     """
+    if not callable(getattr(layer, "config", None)):
+        raise DACInputError(
+            f"layer: {type(layer).__name__} has no config() saying which of its settings change its crops "
+            "(dac.DACrop has one); the archive cannot tell finished work from work to redo without it"
+        )
     return {
         "format": ARCHIVE_FORMAT,
         "bits": bits,
