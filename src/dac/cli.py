@@ -250,9 +250,8 @@ def _needs_matplotlib() -> None:
 
 def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
     """Checks of the options crop and predict share; (shard, device)."""
-    from ._checks import check_device, check_int
-    from .data.io import check_percentiles
-    from .jobs import check_out_dir, check_shard, shard_from_environment
+    from ._checks import check_device, check_int, check_percentiles, check_shard
+    from .jobs import check_out_dir, shard_from_environment
 
     check_int(args.batch_size, "--batch-size", 1)
     if args.workers != "auto":

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 
-from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_unit_range
+from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_bits, check_choice, check_percentiles, check_unit_range
 from .._files import atomic_write
 from ..functional.pooling import to_unit_range
 
@@ -37,10 +37,13 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
+    "READ_FORMAT",
     "read_image",
     "read_input",
+    "read_settings",
     "to_gray8",
     "to_unit_float",
+    "write_overlay",
     "write_png",
 ]
 
@@ -54,6 +57,9 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 #: Bit depths a 32-bit integer image is scaled by: the smallest that holds its values.
 INTEGER_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+#: Version of how :func:`read_input` turns a file into a tensor: part of every settings
+#: key of ``dac crop`` and ``dac predict``, so a change here processes archives again.
+READ_FORMAT = 1
 #: How a monochrome DICOM image's values become [0, 1] (``read_image(dicom=...)``):
 #: the file's VOI LUT or window (a viewer's default), the range its stored bits allow,
 #: or a stretch between two percentiles of the image.
@@ -179,8 +185,7 @@ def read_image(
         ...     read_image(path).shape, read_image(path).dtype
         (torch.Size([1, 3, 4]), torch.uint8)
     """
-    if dicom not in DICOM_INTENSITY:
-        raise DACInputError(f"dicom: expected one of {DICOM_INTENSITY}, got {dicom!r}")
+    check_choice(dicom, DICOM_INTENSITY, "dicom")
     percentiles = check_percentiles(percentiles)
     image, intensity = _read_any(os.fspath(path), gray, dicom, percentiles)
     return (image, intensity) if return_intensity else image
@@ -211,15 +216,22 @@ def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str
         raise ImageReadError(path, str(exc).removeprefix("image: ")) from None
 
 
-def check_percentiles(percentiles, name: str = "percentiles") -> tuple[float, float]:
-    """``(low, high)`` as floats with 0 <= low < high <= 100, or :class:`DACInputError` naming ``name``."""
-    try:
-        low, high = (float(v) for v in percentiles)
-    except (TypeError, ValueError):
-        raise DACInputError(f"{name}: expected two numbers (low, high), got {percentiles!r}") from None
-    if not (0.0 <= low < high <= 100.0):
-        raise DACInputError(f"{name}: expected 0 <= low < high <= 100, got {percentiles!r}")
-    return low, high
+def read_settings(*, gray: bool = False, gray8: bool = False, dicom: str = "window",
+                  percentiles: Sequence[float] = (1.0, 99.0)) -> dict:
+    """Every option of :func:`read_input` that changes what it returns, checked, as JSON
+    (part of the settings key of ``dac crop`` and ``dac predict``, with :data:`READ_FORMAT`).
+
+    Raises:
+        DACInputError: ``dicom`` or ``percentiles`` is not one of the values :func:`read_image` takes.
+
+    Example:
+        >>> read_settings(dicom="percentiles", percentiles=(5, 95))["percentiles"]
+        [5.0, 95.0]
+    """
+    check_choice(dicom, DICOM_INTENSITY, "dicom")
+    low, high = check_percentiles(percentiles)
+    return ({"format": READ_FORMAT, "gray": bool(gray), "gray8": bool(gray8), "intensity": dicom}
+            | ({"percentiles": [low, high]} if dicom == "percentiles" else {}))
 
 
 def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
@@ -633,8 +645,7 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
         [[[0, 1000, 65535]]]
     """
     _check_chw(image, "image")
-    if bits not in (8, 16) or isinstance(bits, bool):
-        raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+    check_bits(bits)
     if bits == 16 and image.shape[0] == 3:
         raise DACInputError(
             f"bits: 16-bit PNG needs a 1-channel image, got C=3 in shape {tuple(image.shape)} "
@@ -645,6 +656,37 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
     png = Image.fromarray(np.ascontiguousarray(array))
 
     atomic_write(os.path.abspath(os.fspath(path)), lambda file: png.save(file, format="PNG"))
+
+
+def write_overlay(path: str | os.PathLike, image: Tensor, box: Tensor, text: str = "") -> None:
+    """Write the image (downscaled to <= 1024 px wide) with its box drawn in red and
+    ``text`` written above it: an 8-bit RGB PNG, written atomically.
+
+    Convention: ``box`` is xyxy in input pixels (torchvision's).
+
+    Args:
+        path: the PNG file.
+        image: Tensor[C, H, W], as :func:`to_gray8` takes it.
+        box: Tensor[4], the box.
+        text: a label drawn above the box ("" for none).
+    """
+    from PIL import ImageDraw
+
+    gray = to_gray8(image)[0].numpy()
+    pil = Image.fromarray(gray).convert("RGB")
+    scale = min(1.0, 1024 / pil.width)
+    if scale < 1:
+        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(pil)
+    x1, y1, x2, y2 = (v * scale for v in box.tolist())
+    draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
+    if text:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y2 + 2
+        draw.rectangle([x1, y, x1 + right - left + 6, y + bottom - top + 4], fill=(255, 0, 0))
+        draw.text((x1 + 3 - left, y + 2 - top), text, fill=(255, 255, 255))
+    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    write_png(path, tensor, bits=8)
 
 
 def _quantise(image: Tensor, bits: int) -> Tensor:

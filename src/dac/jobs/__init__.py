@@ -6,7 +6,7 @@ output), :mod:`~dac.jobs.folder` (the results folder: checks, locks),
 :mod:`~dac.jobs.engine` (:func:`run_archive` and :class:`ArchiveTask`). The tasks that
 use it live in :mod:`dac.tasks`.
 """
-from .engine import ArchiveSummary, ArchiveTask, check_shard, default_workers, run_archive, search_threads, shard_from_environment
+from .engine import ArchiveSummary, ArchiveTask, default_workers, run_archive, search_threads, shard_from_environment
 from .folder import check_out_dir, discard_outputs
 from .inputs import Found, find_inputs, output_name
 from .settings import module_settings, settings_digest, weights_digest
@@ -18,7 +18,6 @@ __all__ = [
     "ArchiveTask",
     "Found",
     "check_out_dir",
-    "check_shard",
     "default_workers",
     "discard_outputs",
     "find_inputs",

@@ -75,7 +75,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .._checks import DACInputError, check_device, check_int
+from .._checks import DACInputError, check_device, check_int, check_shard
 from .folder import check_out_dir, discard_outputs, locked, make_folders, try_lock
 from .inputs import Found, find_inputs, sha256_file, stat_text
 from .settings import record_settings, settings_digest
@@ -84,7 +84,6 @@ from .table import Table, journal_name, read_table, replay_journal, write_table
 __all__ = [
     "ArchiveSummary",
     "ArchiveTask",
-    "check_shard",
     "default_workers",
     "run_archive",
     "search_threads",
@@ -189,28 +188,6 @@ def search_threads(workers: int, device: str | torch.device = "cpu") -> int | No
     if torch.device(device).type != "cpu":
         return None
     return min(torch.get_num_threads(), max(1, _cpus() - max(workers, 1)))
-
-
-def check_shard(shard: Any, name: str = "shard") -> tuple[int, int]:
-    """``(index, count)`` from a pair or a text ``"i/n"``, with 0 <= index < count.
-
-    Example:
-        >>> check_shard("1/4"), check_shard((0, 1))
-        ((1, 4), (0, 1))
-    """
-    if isinstance(shard, str):
-        parts = shard.split("/")
-        try:
-            shard = tuple(int(p) for p in parts) if len(parts) == 2 else None
-        except ValueError:
-            shard = None
-    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
-        raise DACInputError(f"{name}: expected i/n (this process's share i of n, 0 <= i < n), got {shard!r}")
-    index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise DACInputError(f"{name}: expected i/n with 0 <= i < n, got {index}/{count}")
-    return index, count
 
 
 def shard_from_environment() -> tuple[int, int] | None:

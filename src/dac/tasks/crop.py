@@ -17,8 +17,8 @@ The table, ``OUT/boxes.csv``
 
 Finished work
     A row is done for the same file with the same settings key (:func:`settings_key`:
-    the archive's format, ``bits``, ``gray8``, ``overlays``, the DICOM intensity mode,
-    the layer's configuration and its weights).
+    the formats, ``bits``, ``gray8``, ``overlays``, the DICOM intensity mode, the
+    layer's ``config()`` and its weights).
 """
 from __future__ import annotations
 
@@ -28,21 +28,22 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from .._checks import DACInputError, check_device
+from .._checks import DACInputError, check_bits, check_device
+from ..data import io as dio
 from ..jobs import ARCHIVE_FIELDS, ArchiveSummary, ArchiveTask, discard_outputs, output_name, run_archive
 from ..jobs.settings import module_settings, settings_digest, weights_digest
 from ..layer import DACrop
 
-__all__ = ["ARCHIVE_FORMAT", "CSV_FIELDS", "crop_archive", "crop_settings", "settings_key", "write_overlay"]
+__all__ = ["CROP_FORMAT", "CSV_FIELDS", "crop_archive", "crop_settings", "settings_key"]
 
 #: Columns of ``boxes.csv``.
 CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "crop") + ARCHIVE_FIELDS[1]
-#: Version of how an input becomes a crop (reading, scaling, writing): part of every
-#: settings key, so a change here crops archives again.
-ARCHIVE_FORMAT = 4
+#: Version of how a crop and its row are made from an image (with
+#: :data:`dac.data.io.READ_FORMAT`, how the image is read): part of every settings key,
+#: so a change here crops archives again.
+CROP_FORMAT = 5
 
 
 def crop_archive(
@@ -90,13 +91,6 @@ def crop_archive(
             run (of the same shard) writing to ``out_dir``.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from ..data import io as dio
-
-    if isinstance(bits, bool) or bits not in (8, 16):
-        raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
-    if dicom not in dio.DICOM_INTENSITY:
-        raise DACInputError(f"dicom: expected one of {dio.DICOM_INTENSITY}, got {dicom!r}")
-    percentiles = dio.check_percentiles(percentiles)
     layer = layer if layer is not None else DACrop()
     settings = crop_settings(layer, bits=bits, gray8=gray8, overlays=overlays, dicom=dicom, percentiles=percentiles)
     dev = check_device(device, "device")
@@ -106,7 +100,7 @@ def crop_archive(
         table="boxes.csv",
         fields=CSV_FIELDS,
         settings=settings,
-        read=functools.partial(dio.read_input, gray8=bool(gray8), dicom=dicom, percentiles=percentiles),
+        read=functools.partial(dio.read_input, gray8=bool(gray8), dicom=dicom, percentiles=tuple(percentiles)),
         compute=functools.partial(_crop_compute, layer),
         write=functools.partial(_crop_write, bits=bits, overlays=bool(overlays)),
         outputs=("crop",),
@@ -123,44 +117,16 @@ def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:
     return [(crops[k].cpu(), boxes[k].cpu(), float(info.cost[k]), int(info.iterations[k])) for k in range(len(crops))]
 
 
-
 def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, found: str, *, bits: int, overlays: bool) -> dict[str, str]:
-    from ..data import io as dio
-
     crop, box, cost, iterations = result
     name = f"crops/{output_name(key)}"
     dio.write_png(out / name, crop, bits=bits)
     if overlays:
-        write_overlay(out / "overlays" / output_name(key), image, box)
+        dio.write_overlay(out / "overlays" / output_name(key), image, box)
     else:
         discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another box
     x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "cost": f"{cost:.6g}", "iterations": str(iterations), "crop": name}
-
-
-def write_overlay(path: Path, image: torch.Tensor, box: torch.Tensor, text: str = "") -> None:
-    """The image (downscaled to <= 1024 px wide) with its box drawn in red and ``text``
-    written above it; an 8-bit PNG written atomically."""
-    from PIL import Image, ImageDraw
-
-    from ..data import io as dio
-
-    gray = dio.to_gray8(image)[0].numpy()
-    pil = Image.fromarray(gray).convert("RGB")
-    scale = min(1.0, 1024 / pil.width)
-    if scale < 1:
-        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
-    draw = ImageDraw.Draw(pil)
-    x1, y1, x2, y2 = (v * scale for v in box.tolist())
-    draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
-    if text:
-        left, top, right, bottom = draw.textbbox((0, 0), text)
-        y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y2 + 2
-        draw.rectangle([x1, y, x1 + right - left + 6, y + bottom - top + 4], fill=(255, 0, 0))
-        draw.text((x1 + 3 - left, y + 2 - top), text, fill=(255, 255, 255))
-    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
-    dio.write_png(path, tensor, bits=8)
-
 
 
 # ----------------------------------------------------------------------- settings
@@ -181,7 +147,8 @@ def crop_settings(
     left) and a digest of its ``state_dict`` (the weights of a learned saliency, say).
 
     Raises:
-        DACInputError: ``layer`` has no ``config()`` saying what changes its crops.
+        DACInputError: ``layer`` has no ``config()`` saying what changes its crops, or
+            a bad ``bits``, ``dicom`` or ``percentiles``.
     """
     if not callable(getattr(layer, "config", None)):
         raise DACInputError(
@@ -189,18 +156,13 @@ def crop_settings(
             "(dac.DACrop has one); the archive cannot tell finished work from work to redo without it"
         )
     return {
-        "format": ARCHIVE_FORMAT,
-        "bits": bits,
-        "gray8": bool(gray8),
+        "format": CROP_FORMAT,
+        "read": dio.read_settings(gray8=gray8, dicom=dicom, percentiles=percentiles),
+        "bits": check_bits(bits),
         "overlays": bool(overlays),
-        "dicom": _dicom_settings(dicom, percentiles),
         "layer": module_settings(layer),
         "weights": weights_digest(layer),
     }
-
-
-def _dicom_settings(dicom: str, percentiles: Sequence[float]) -> dict:
-    return {"intensity": dicom} | ({"percentiles": [float(v) for v in percentiles]} if dicom == "percentiles" else {})
 
 
 def settings_key(layer: torch.nn.Module, **options: Any) -> str:

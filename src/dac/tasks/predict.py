@@ -54,13 +54,14 @@ from torch import Tensor, nn
 from .. import jobs
 from .._batching import by_size
 from .._checks import DACInputError, check_device
+from ..data import io as dio
 from ..functional.crop import crop_resize
-from .crop import ARCHIVE_FORMAT, write_overlay
 
 __all__ = ["Prediction", "PredictionSummary", "Predictor", "predict_archive"]
 
-#: Version of how a prediction row is made: part of every settings key.
-PREDICT_FORMAT = 1
+#: Version of how a prediction row is made from an image (with
+#: :data:`dac.data.io.READ_FORMAT`, how the image is read): part of every settings key.
+PREDICT_FORMAT = 2
 #: An image fits a model trained on phantoms of size S when each side is within this factor of S's.
 SIZE_FACTOR = 2.0
 
@@ -330,15 +331,13 @@ def _resolve(path: Path, pipeline: str | None, fold: int | None) -> tuple[Path, 
 def _read_for_model(path: str, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
                     percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     """Read one file as the model's training did (one gray channel, 8-bit if it was), checking its size."""
-    from ..data.io import ImageReadError, read_input
-
-    image, intensity = read_input(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
+    image, intensity = dio.read_input(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
     if training_sizes and not any_size:
         h, w = image.shape[-2:]
         if not any(s[0] / SIZE_FACTOR <= h <= s[0] * SIZE_FACTOR and s[1] / SIZE_FACTOR <= w <= s[1] * SIZE_FACTOR
                    for s in training_sizes):
             sizes = ", ".join(f"{s[0]}x{s[1]}" for s in training_sizes)
-            raise ImageReadError(
+            raise dio.ImageReadError(
                 path, f"image of {h}x{w} (HxW) does not fit the model, trained on images of {sizes}: "
                 f"scale it to about that size, or pass --any-size"
             )
@@ -387,31 +386,25 @@ def predict_archive(
             another model's classes), or another run (of the same shard) writing there.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from ..data import io as dio
-
     if not isinstance(predictor, Predictor):
         raise DACInputError(f"predictor: expected a dac.tasks.predict.Predictor, got {type(predictor).__name__}")
-    if dicom not in dio.DICOM_INTENSITY:
-        raise DACInputError(f"dicom: expected one of {dio.DICOM_INTENSITY}, got {dicom!r}")
-    percentiles = dio.check_percentiles(percentiles)
     classes = predictor.classes
     probability_fields = tuple(f"prob_{c}" for c in classes)
     fields = (jobs.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "predicted") + probability_fields
               + ("label", "crop") + jobs.ARCHIVE_FIELDS[1])
     settings = {
         "format": PREDICT_FORMAT,
-        "archive_format": ARCHIVE_FORMAT,  # how a file is read: a change there predicts again
+        "read": dio.read_settings(gray=True, gray8=predictor.gray8, dicom=dicom, percentiles=percentiles),
         "predictor": predictor.settings,
         "overlays": bool(overlays),
         "any_size": bool(any_size),
-        "dicom": {"intensity": dicom} | ({"percentiles": list(percentiles)} if dicom == "percentiles" else {}),
     }
     task = jobs.ArchiveTask(
         table="predictions.csv",
         fields=fields,
         settings=settings,
         read=functools.partial(_read_for_model, training_sizes=predictor.training_sizes, any_size=bool(any_size),
-                               gray8=predictor.gray8, dicom=dicom, percentiles=percentiles),
+                               gray8=predictor.gray8, dicom=dicom, percentiles=tuple(percentiles)),
         compute=functools.partial(_compute, predictor),
         write=functools.partial(_write, classes=classes, overlays=bool(overlays)),
         outputs=("crop",),
@@ -433,14 +426,12 @@ def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor,
 
 
 def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
-    from ..data import io as dio
-
     probabilities, box, crop = result
     best = int(probabilities.argmax())
     name = f"crops/{jobs.output_name(key)}"
     dio.write_png(out / name, crop, bits=8)
     if overlays:
-        write_overlay(out / "overlays" / jobs.output_name(key), image, box,
+        dio.write_overlay(out / "overlays" / jobs.output_name(key), image, box,
                               text=f"{classes[best]} ({float(probabilities[best]):.2f})")
     else:
         jobs.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
