@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dac.data import io as dio
 from dac.functional import to_unit_range
+from dac.jobs import ARCHIVE_FIELDS, ArchiveTask, output_name
 from dac.tasks.crop import crop_archive
 
 CROPPED: list[tuple[int, int]] = []  # (height, width) of every image FastLayer cropped
@@ -43,7 +45,8 @@ class FastLayer(torch.nn.Module):
             crops.append(torch.nn.functional.interpolate(unit, size=self.output_size)[0])
             boxes.append(box)
         n = len(crops)
-        info = SimpleNamespace(cost=torch.ones(n), iterations=torch.ones(n, dtype=torch.long))
+        info = SimpleNamespace(cost=torch.ones(n), iterations=torch.ones(n, dtype=torch.long),
+                               frozen=torch.zeros(n, dtype=torch.bool))
         return torch.stack(crops), torch.stack(boxes), info
 
 
@@ -69,6 +72,23 @@ def read_table(out: Path) -> tuple[list[str], list[dict[str, str]]]:
         reader = csv.DictReader(fh)
         rows = list(reader)
     return list(reader.fieldnames or []), rows
+
+
+def other_task() -> ArchiveTask:
+    """A second command on the engine that writes its own table and ``crops/`` (as ``dac predict`` does)."""
+
+    def write(out, key, image, result, found):
+        dio.write_png(out / "crops" / output_name(key), image[:, :4, :4])
+        return {"crop": f"crops/{output_name(key)}"}
+
+    return ArchiveTask(table="other.csv", fields=ARCHIVE_FIELDS[0] + ("crop",) + ARCHIVE_FIELDS[1], settings={"other": 1},
+                       read=dio.read_input, compute=lambda images: [None] * len(images), write=write,
+                       outputs=("crop",), folders=("crops",), products=("crops",), name="dac other")
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` with its modification time (what a refused run must leave as it was)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture

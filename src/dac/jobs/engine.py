@@ -76,7 +76,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from .._checks import DACInputError, check_device, check_int, check_shard
-from .folder import check_out_dir, discard_outputs, locked, make_folders, try_lock
+from .folder import check_out_dir, claim, discard_outputs, locked, make_folders, try_lock
 from .inputs import Found, find_inputs, sha256_file, stat_text
 from .settings import record_settings, settings_digest
 from .table import Table, journal_name, read_table, replay_journal, write_table
@@ -325,7 +325,7 @@ def run_archive(
     index, count = check_shard(shard if shard is not None else (0, 1))
     out = Path(out_dir)
     found = find_inputs(inputs, dio.IMAGE_SUFFIXES, exclude=out)
-    check_out_dir(out, "out_dir")
+    check_out_dir(out, "out_dir", task.folders)
     make_folders(out, "out_dir")
 
     mine = found[index::count]
@@ -376,16 +376,13 @@ def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, ord
             share = "" if shard == (0, 1) else f" (shard {shard[0]}/{shard[1]})"
             raise DACInputError(f"out_dir: another {task.name}{share} is writing to {os.fspath(out)!r}; wait for it to end")
         try:
+            others = [part for part in sorted(out.glob(f".{stem}-journal*.csv")) if part != journal_path]
+            merged = [part for part in others if _is_over(part)]
+            claim(out, command=task.name, table=task.table, products=task.products, settings=key, shards=shard[1],
+                  running=len(merged) < len(others))
             table = read_table(csv_path, task.fields, task.name, task.check_header)
-            merged = []
-            for part in sorted(out.glob(f".{stem}-journal*.csv")):
-                if part == journal_path:
-                    replay_journal(part, table)
-                    continue
-                with open(part, "rb") as other:
-                    if try_lock(other.fileno()):  # its run is over (a lock dies with its process)
-                        replay_journal(part, table)
-                        merged.append(part)
+            for part in [*merged, journal_path]:
+                replay_journal(part, table)
             write_table(csv_path, table, order)
             for part in merged:
                 part.unlink(missing_ok=True)
@@ -402,6 +399,15 @@ def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, ord
                 journal_path.unlink()
             raise
     return journal, table
+
+
+def _is_over(part: Path) -> bool:
+    """Whether the run that wrote journal ``part`` is over: nobody holds its lock (a lock dies with its process)."""
+    try:
+        with open(part, "rb") as other:
+            return try_lock(other.fileno())
+    except FileNotFoundError:  # merged meanwhile by the run that ended
+        return True
 
 
 def _is_done(table: Table, path: str, key: str, out: Path, outputs: Sequence[str]) -> tuple[bool, dict | None]:
