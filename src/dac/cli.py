@@ -282,6 +282,16 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
         print(f"  ... and {len(summary.failures) - 10} more (see {table})", file=sys.stderr)
 
 
+def _job_stopped(command: str, exc: OSError) -> int:
+    """A run stopped by the system (a full disk, say): one line, exit 1 (the journal keeps
+    what was done; the same command resumes)."""
+    where = f": {_shown(os.fsdecode(exc.filename))}" if exc.filename else ""
+    reason = exc.strerror or " ".join(str(exc).split())
+    print(f"dac {command}: stopped: {reason}{where}; what was done is kept: free the cause and run the same "
+          "command again to resume", file=sys.stderr)
+    return 1
+
+
 def _crop(args: argparse.Namespace) -> int:
     from .layer import DACrop
     from .tasks.crop import crop_archive
@@ -294,21 +304,24 @@ def _crop(args: argparse.Namespace) -> int:
         layer = load_dacrop(args.saliency, **given)
     else:
         layer = DACrop(**({"output_size": (200, 370), "pool_size": 10} | given))
-    summary = crop_archive(
-        args.inputs,
-        args.out,
-        layer=layer,
-        batch_size=args.batch_size,
-        device=device,
-        workers=args.workers,
-        bits=args.bits,
-        gray8=args.gray8,
-        overlays=args.overlays,
-        dicom=args.dicom,
-        percentiles=args.percentiles,
-        progress=args.progress,
-        shard=shard,
-    )
+    try:
+        summary = crop_archive(
+            args.inputs,
+            args.out,
+            layer=layer,
+            batch_size=args.batch_size,
+            device=device,
+            workers=args.workers,
+            bits=args.bits,
+            gray8=args.gray8,
+            overlays=args.overlays,
+            dicom=args.dicom,
+            percentiles=args.percentiles,
+            progress=args.progress,
+            shard=shard,
+        )
+    except OSError as exc:
+        return _job_stopped("crop", exc)
     _report("crop", summary, "boxes.csv", args, "cropped")
     return 1 if summary.failed else 0
 
@@ -365,19 +378,22 @@ def _predict(args: argparse.Namespace) -> int:
 
     shard, device = _archive_checks(args)
     predictor = Predictor.load(args.model, pipeline=args.pipeline, fold=args.fold, device=device)
-    summary = predict_archive(
-        args.inputs,
-        args.out,
-        predictor,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        overlays=args.overlays,
-        dicom=args.dicom,
-        percentiles=args.percentiles,
-        any_size=args.any_size,
-        progress=args.progress,
-        shard=shard,
-    )
+    try:
+        summary = predict_archive(
+            args.inputs,
+            args.out,
+            predictor,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            overlays=args.overlays,
+            dicom=args.dicom,
+            percentiles=args.percentiles,
+            any_size=args.any_size,
+            progress=args.progress,
+            shard=shard,
+        )
+    except OSError as exc:
+        return _job_stopped("predict", exc)
     _report("predict", summary, "predictions.csv", args, "predicted")
     if summary.accuracy is not None:
         print(f"dac predict: accuracy {summary.accuracy:.3f} ({summary.correct}/{summary.labelled} images whose "

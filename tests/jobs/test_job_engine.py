@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import sys
 from pathlib import Path
@@ -172,3 +173,56 @@ class TestBatches:
         time.sleep(0.2)
         assert len(read) <= 4  # the batch handed out, 2 ahead, one being read
         assert [b for b in ahead] == [[i] for i in range(1, 10)] and sorted(read) == list(range(10))
+
+
+class TestFileIdentity:
+    def test_file_rewritten_while_it_is_read_is_cropped_again(self, tmp_path: Path, monkeypatch):
+        # The reader hashed the file by reading it a second time: the row held the old
+        # image's crop with the new file's SHA-256, skipped by every later run (issue 26 item 2).
+        import dac.data.io as dio
+
+        path = write_image(tmp_path / "in" / "x.png", seed=1)
+        real = dio.read_input
+
+        def read_then_rewritten(*args, **kwargs):
+            result = real(*args, **kwargs)
+            write_image(path, seed=2)  # a scanner export lands while the first one is being read
+            return result
+
+        monkeypatch.setattr(dio, "read_input", read_then_rewritten)
+        out = tmp_path / "out"
+        assert run([path], out, workers=0).ok == 1
+        monkeypatch.setattr(dio, "read_input", real)
+        CROPPED.clear()
+        assert run([path], out).ok == 1 and len(CROPPED) == 1  # the new content, not a stale crop
+
+
+class TestTableWrites:
+    def test_a_run_with_nothing_to_do_leaves_the_table_as_it_was(self, three: Path, tmp_path: Path):
+        # dac predict rewrote predictions.csv (same content) on every such run (issue 26)
+        out = tmp_path / "out"
+        run([three], out)
+        before = os.stat(out / "boxes.csv")
+        assert run([three], out).skipped == 3
+        after = os.stat(out / "boxes.csv")
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    def test_full_disk_stops_with_one_error_and_resumes(self, three: Path, tmp_path: Path, monkeypatch):
+        # a four-level chained OSError: [Errno 28] (issue 26 item 9)
+        out = tmp_path / "out"
+        real = os.fsync
+
+        def full_after_a_while(descriptor):
+            if any((out / "crops").glob("*.png")):  # the disk fills up after the first crop
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(descriptor)
+
+        monkeypatch.setattr(os, "fsync", full_after_a_while)
+        with pytest.raises(OSError) as raised:
+            run([three], out, batch_size=1)
+        assert raised.value.errno == errno.ENOSPC
+        assert raised.value.__context__ is None and raised.value.__cause__ is None
+        monkeypatch.setattr(os, "fsync", real)
+        run([three], out)
+        rows = read_table(out)[1]
+        assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)

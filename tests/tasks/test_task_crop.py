@@ -158,3 +158,26 @@ def test_float_tiff_outside_the_unit_range_fails_with_its_reason(tmp_path: Path)
     rows = {Path(r["path"]).name: r for r in read_table(tmp_path / "out")[1]}
     assert rows["unit.tif"]["status"] == "ok" and rows["raw.tif"]["status"] == "failed"
     assert "[0, 1]" in rows["raw.tif"]["error"] and "255" in rows["raw.tif"]["error"]
+
+
+def test_full_disk_is_one_line(three: Path, tmp_path: Path, monkeypatch, capsys):
+    # a four-level chained OSError: [Errno 28] traceback (issue 26 item 9)
+    import errno
+
+    out = tmp_path / "out"
+    real = os.fsync
+
+    def full_after_the_first_crop(descriptor):
+        if any((out / "crops").glob("*.png")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full_after_the_first_crop)
+    argv = ["crop", str(three), "--out", str(out), "--size", "8x12", "--pool-size", "4", "--batch-size", "1",
+            "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    monkeypatch.setattr(os, "fsync", real)
+    assert main(argv) == 0
+    assert len(read_table(out)[1]) == 3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io as _io
 import os
 import stat
 import warnings
@@ -38,6 +39,7 @@ __all__ = [
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
     "READ_FORMAT",
+    "read_file",
     "read_image",
     "read_input",
     "read_settings",
@@ -93,6 +95,7 @@ class ImageReadError(OSError):
 def read_image(
     path: str | os.PathLike,
     *,
+    data: bytes | None = None,
     gray: bool = False,
     dicom: str = "window",
     percentiles: tuple[float, float] = (1.0, 99.0),
@@ -154,7 +157,9 @@ def read_image(
     million pixels by default, is left as it is).
 
     Args:
-        path: the image file.
+        path: the image file (with ``data``: its name, for the suffix and messages).
+        data: the file's bytes, read by the caller (:func:`read_file`) to decode exactly
+            what it hashed; None (default): read here.
         gray: return one channel: RGB is reduced to ITU-R 601 luma (Pillow's ``"L"``
             conversion for 8-bit files; the same weights in float for DICOM).
         dicom: one of :data:`DICOM_INTENSITY`: how monochrome DICOM values become
@@ -187,14 +192,17 @@ def read_image(
     """
     check_choice(dicom, DICOM_INTENSITY, "dicom")
     percentiles = check_percentiles(percentiles)
-    image, intensity = _read_any(os.fspath(path), gray, dicom, percentiles)
+    image, intensity = _read_any(os.fspath(path), data, gray, dicom, percentiles)
     return (image, intensity) if return_intensity else image
 
 
-def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
+def read_input(path: str, data: bytes | None = None, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
                percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[Tensor, str]:
     """Read one input file as the commands (``dac crop``, ``dac predict``,
     ``dac fit-saliency --data``) do: ``(image, intensity)``.
+
+    ``data``: the file's bytes where the caller read them (:func:`read_file`), so that
+    they are decoded as they were hashed; None: read here.
 
     Integer images stay integer (a quarter of the memory of floats); floating ones
     (float TIFF) must lie in [0, 1], the range ``DACrop`` expects, within the layer's
@@ -205,7 +213,8 @@ def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str
     Raises:
         ImageReadError: the file cannot be read, or its values cannot be taken as they are.
     """
-    image, intensity = read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
+    image, intensity = read_image(path, data=data, gray=gray, dicom=dicom, percentiles=tuple(percentiles),
+                                  return_intensity=True)
     try:
         if image.dtype.is_floating_point:
             check_unit_range(image, "image")  # NaN passes here; to_unit_float / to_gray8 refuse it
@@ -234,7 +243,29 @@ def read_settings(*, gray: bool = False, gray8: bool = False, dicom: str = "wind
             | ({"percentiles": [low, high]} if dicom == "percentiles" else {}))
 
 
-def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
+def read_file(path: str | os.PathLike) -> bytes:
+    """Every byte of one image file, read once: decode these bytes and hash these bytes,
+    and the hash names what was decoded, whatever writes to the file meanwhile.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its contents.
+
+    Raises:
+        ImageReadError: the file is missing, empty, not a regular file (a directory,
+            FIFO, socket or device: never opened for reading, so a FIFO cannot make the
+            call wait), a dangling symbolic link, a link loop, or unreadable.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".png") as file:
+        ...     _ = file.write(b"\x89PNG"); file.flush()
+        ...     read_file(file.name)
+        b'\x89PNG'
+    """
+    path = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -244,14 +275,7 @@ def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float
                 raise ImageReadError(path, "is a directory, not a file")
             if not stat.S_ISREG(info.st_mode):
                 raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
-            if info.st_size == 0:
-                raise ImageReadError(path, "empty file (0 bytes)")
-            head = file.read(132)
-            suffix = os.path.splitext(path)[1].lower()
-            if suffix in _DICOM_SUFFIXES or head[128:132] == b"DICM":
-                return _read_dicom(path, gray, dicom, percentiles)
-            file.seek(0)
-            return _read_pillow(path, file, gray)
+            data = file.read()
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -266,6 +290,20 @@ def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float
         if err.errno == errno.ELOOP:
             raise ImageReadError(path, "symbolic link loop") from None
         raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    return data
+
+
+def _read_any(path: str, data: bytes | None, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
+    """Decode ``data`` (the bytes of ``path``; read here when None)."""
+    if data is None:
+        data = read_file(path)
+    elif not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if os.path.splitext(path)[1].lower() in _DICOM_SUFFIXES or data[128:132] == b"DICM":
+        return _read_dicom(path, data, gray, dicom, percentiles)
+    return _read_pillow(path, _io.BytesIO(data), gray)
 
 
 @contextlib.contextmanager
@@ -357,7 +395,7 @@ def _is_unsigned_tiff(image: Image.Image) -> bool:
     return sample_format == 1
 
 
-def _read_dicom(path: str, gray: bool, mode: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
+def _read_dicom(path: str, data: bytes, gray: bool, mode: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     try:
         import pydicom
     except ImportError:
@@ -370,7 +408,7 @@ def _read_dicom(path: str, gray: bool, mode: str, percentiles: tuple[float, floa
         ) from None
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(_io.BytesIO(data))
     except pydicom.errors.InvalidDicomError:
         raise ImageReadError(path, "not a DICOM file (no 'DICM' file meta header)") from None
     except MemoryError:

@@ -76,8 +76,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from .._checks import DACInputError, check_device, check_int, check_shard
+from ..data import io as dio
 from .folder import check_out_dir, claim, discard_outputs, locked, make_folders, try_lock
-from .inputs import Found, find_inputs, sha256_file, stat_text
+from .inputs import Found, find_inputs, sha256_bytes, sha256_file, stat_text
 from .settings import record_settings, settings_digest
 from .table import Table, journal_name, read_table, replay_journal, write_table
 
@@ -119,9 +120,11 @@ class ArchiveTask:
         settings: every setting that changes a row or an output (JSON-ready); its
             digest is the ``settings`` column, and ``OUT/settings.json`` says what
             each digest means.
-        read: ``path -> (image Tensor[C, H, W], intensity text)``. Runs in worker
-            processes, so it must pickle (a module-level function or a
-            ``functools.partial`` of one); raising fails that file with the reason.
+        read: ``(path, data) -> (image Tensor[C, H, W], intensity text)``: decode
+            ``data``, the bytes of the file at ``path`` (read once by the engine, which
+            hashes the same bytes). Runs in worker processes, so it must pickle (a
+            module-level function or a ``functools.partial`` of one); raising fails that
+            file with the reason.
         compute: a list of same-size images (one Tensor[b, C, H, W]) -> one result per
             image. Runs in the main process under ``torch.no_grad()``; when it raises,
             each image is computed alone so that only the bad ones fail.
@@ -143,7 +146,7 @@ class ArchiveTask:
     table: str
     fields: tuple[str, ...]
     settings: dict
-    read: Callable[[str], tuple[torch.Tensor, str]]
+    read: Callable[[str, bytes], tuple[torch.Tensor, str]]
     compute: Callable[[torch.Tensor], list[Any]]
     write: Callable[[Path, str, torch.Tensor, Any, str], dict[str, str]]
     outputs: tuple[str, ...] = ()
@@ -200,9 +203,15 @@ def shard_from_environment() -> tuple[int, int] | None:
 
 
 class _Reader(torch.utils.data.Dataset):
-    """Reads one input per item: (index, image or None, reason, file_stat, sha256, intensity)."""
+    """Reads one input per item: (index, image or None, reason, file_stat, sha256, intensity).
 
-    def __init__(self, items: Sequence[Found], read: Callable[[str], tuple[torch.Tensor, str]]) -> None:
+    The file is read once (:func:`dac.data.io.read_file`); its bytes are hashed and
+    decoded, so the ``sha256`` cell names what was decoded even if the file is
+    rewritten meanwhile. The stat is taken before reading: a later change is seen by
+    the next run.
+    """
+
+    def __init__(self, items: Sequence[Found], read: Callable[[str, bytes], tuple[torch.Tensor, str]]) -> None:
         self.items, self.read = list(items), read
 
     def __len__(self) -> int:
@@ -214,13 +223,14 @@ class _Reader(torch.utils.data.Dataset):
             return i, None, item.problem, "", "", ""
         try:
             try:
-                before = os.stat(item.key)  # before reading: a later change is seen next run
+                before = os.stat(item.key)
             except OSError:
                 before = None
-            image, intensity = self.read(item.key)  # a missing file fails here, with its reason
+            data = dio.read_file(item.key)  # a missing file fails here, with its reason
             if before is None:
                 raise OSError("the file changed while it was read")
-            return i, image, "", stat_text(before), sha256_file(item.key), intensity
+            image, intensity = self.read(item.key, data)
+            return i, image, "", stat_text(before), sha256_bytes(data), intensity
         except Exception as exc:  # noqa: BLE001 - any unreadable file is recorded, not fatal
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             return i, None, str(reason), "", "", ""
@@ -315,8 +325,6 @@ def run_archive(
             the same shard writing to ``out_dir``.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from ..data import io as dio
-
     began = time.perf_counter()
     batch_size = check_int(batch_size, "batch_size", 1)
     prefetch = check_int(prefetch, "prefetch", 1)
@@ -349,18 +357,30 @@ def run_archive(
         journal.flush()
         with _torch_threads(search_threads(workers, dev)):
             _process(todo, task, out, key, dev, journal, summary, batch_size, workers, prefetch, progress)
-    finally:
-        try:
-            journal.flush()
-            with locked(out, "out_dir"):  # this run's part into the one table
-                table = read_table(csv_path, task.fields, task.name, task.check_header)
-                replay_journal(journal_path, table)
-                write_table(csv_path, table, order)
-                journal_path.unlink(missing_ok=True)
-        finally:
-            journal.close()  # a part that could not be merged stays; the next run merges it
+    except BaseException:
+        # what stopped the run (Ctrl-C, a full disk) is the one error raised; the merge
+        # is tried, and if it fails too its part stays for the next run to merge
+        with contextlib.suppress(Exception):
+            _finish(out, csv_path, journal_path, journal, task, order)
+        raise
+    _finish(out, csv_path, journal_path, journal, task, order)
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def _finish(out: Path, csv_path: Path, journal_path: Path, journal, task: ArchiveTask, order: dict[str, int]) -> None:
+    """Merge this run's journal into the table under the lock on ``out``, then close it
+    (a part that could not be merged stays; the next run merges it)."""
+    try:
+        journal.flush()
+        with locked(out, "out_dir"):
+            table = read_table(csv_path, task.fields, task.name, task.check_header)
+            replay_journal(journal_path, table)
+            write_table(csv_path, table, order)
+            journal_path.unlink(missing_ok=True)
+    finally:
+        with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+            journal.close()
 
 
 def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, order: dict[str, int],

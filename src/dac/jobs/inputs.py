@@ -3,7 +3,7 @@
 Every input is keyed by its *resolved* path (absolute, ``..`` and symbolic links
 resolved), so the same file named by another spelling is one input. A file is
 identified by its stat (:func:`stat_text`) and the SHA-256 of its bytes
-(:func:`sha256_file`); its outputs are named by :func:`output_name`.
+(:func:`sha256_bytes`); its outputs are named by :func:`output_name`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from .._checks import DACInputError
 
-__all__ = ["Found", "find_inputs", "output_name", "resolved", "sha256_file", "stat_text"]
+__all__ = ["Found", "find_inputs", "output_name", "resolved", "sha256_bytes", "sha256_file", "stat_text"]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -150,6 +150,16 @@ def output_name(path: str | os.PathLike) -> str:
 def stat_text(info: os.stat_result) -> str:
     """A file's ``file_stat`` cell: ``size:mtime_ns:ctime_ns``."""
     return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    """The SHA-256 of ``data``, as hex (a ``sha256`` cell of bytes that were read and decoded).
+
+    Example:
+        >>> sha256_bytes(b"")[:12]
+        'e3b0c44298fc'
+    """
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str) -> str:

@@ -109,12 +109,20 @@ def _merge_rows(older, newer, ours, header, csv_path, key) -> list[str]:
 
 
 def write_table(csv_path: Path, table: Table, order: dict[str, int]) -> None:
-    """Write the table atomically: inputs of this run in order, then other rows as they were."""
+    """Write the table atomically: inputs of this run in order, then other rows as they
+    were. A table that would come out as it is on disk is left untouched (a run with
+    nothing to do changes no file)."""
     position = {k: i for i, k in enumerate(table.rows)}
     keys = sorted(table.rows, key=lambda k: (0, order[k], 0) if k in order else (1, 0, position[k]))
     text = _io.StringIO(newline="")
     csv.writer(text).writerows([table.header] + [table.rows[k] for k in keys])
-    atomic_write(csv_path, lambda file: file.write(text.getvalue().encode("utf-8", "surrogateescape")))
+    data = text.getvalue().encode("utf-8", "surrogateescape")
+    try:
+        if csv_path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write(csv_path, lambda file: file.write(data))
 
 
 def replay_journal(journal_path: Path, table: Table) -> int:

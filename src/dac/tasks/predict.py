@@ -328,10 +328,10 @@ def _resolve(path: Path, pipeline: str | None, fold: int | None) -> tuple[Path, 
     return out, pipeline, fold
 
 
-def _read_for_model(path: str, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
+def _read_for_model(path: str, data: bytes | None = None, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
                     percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     """Read one file as the model's training did (one gray channel, 8-bit if it was), checking its size."""
-    image, intensity = dio.read_input(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
+    image, intensity = dio.read_input(path, data, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
     if training_sizes and not any_size:
         h, w = image.shape[-2:]
         if not any(s[0] / SIZE_FACTOR <= h <= s[0] * SIZE_FACTOR and s[1] / SIZE_FACTOR <= w <= s[1] * SIZE_FACTOR
