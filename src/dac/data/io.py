@@ -261,9 +261,9 @@ def read_file(path: str | os.PathLike) -> bytes:
     Example:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile(suffix=".png") as file:
-        ...     _ = file.write(b"\x89PNG"); file.flush()
+        ...     _ = file.write(b"PNG"); file.flush()
         ...     read_file(file.name)
-        b'\x89PNG'
+        b'PNG'
     """
     path = os.fspath(path)
     try:
