@@ -181,3 +181,39 @@ def test_full_disk_is_one_line(three: Path, tmp_path: Path, monkeypatch, capsys)
     monkeypatch.setattr(os, "fsync", real)
     assert main(argv) == 0
     assert len(read_table(out)[1]) == 3
+
+
+class TestRows:
+    def test_frozen_is_written_and_a_blank_image_gets_the_starting_box(self, tmp_path: Path):
+        # "ok" with an arbitrary box, frozen not written (issue 26, smaller)
+        (tmp_path / "in").mkdir()
+        Image.fromarray(np.full((40, 64), 128, dtype=np.uint8)).save(tmp_path / "in" / "blank.png")
+        write_image(tmp_path / "in" / "noise.png", seed=3, size=(40, 64))
+        layer = DACrop(output_size=(8, 12), pool_size=4)
+        assert run([tmp_path / "in"], tmp_path / "out", layer=layer).ok == 2
+        rows = {Path(r["path"]).name: r for r in read_table(tmp_path / "out")[1]}
+        assert rows["blank.png"]["frozen"] == "1" and rows["noise.png"]["frozen"] == "0"
+        x1, y1, x2, y2 = (float(rows["blank.png"][k]) for k in ("x1", "y1", "x2", "y2"))
+        assert (x1 + x2) / 2 == pytest.approx(32, abs=0.01) and (y1 + y2) / 2 == pytest.approx(20, abs=0.01)
+
+    def test_no_negative_zero_in_the_table(self, tmp_path: Path):
+        # boxes.csv held -0.00 (issue 27)
+        class AtTheEdge(FastLayer):
+            def forward(self, images, return_boxes=False):
+                crops, boxes, info = super().forward(images, return_boxes)
+                boxes[:, :2] = -0.001
+                return crops, boxes, info
+
+        write_image(tmp_path / "x.png")
+        run([tmp_path / "x.png"], tmp_path / "out", layer=AtTheEdge())
+        row = read_table(tmp_path / "out")[1][0]
+        assert (row["x1"], row["y1"]) == ("0.00", "0.00")
+
+    def test_bits_16_refuses_a_colour_image_before_searching_it(self, tmp_path: Path):
+        # --bits 16 failed every RGB input after searching it (issue 26, smaller)
+        rgb = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "colour.png")
+        write_image(tmp_path / "gray.png")
+        summary = run([tmp_path / "colour.png", tmp_path / "gray.png"], tmp_path / "out", bits=16)
+        assert (summary.ok, summary.failed) == (1, 1) and CROPPED == [(30, 40)]  # the gray one alone was searched
+        assert "bits 16" in summary.failures[0][1] and "gray8" in summary.failures[0][1]

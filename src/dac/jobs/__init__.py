@@ -10,7 +10,7 @@ from .engine import ArchiveSummary, ArchiveTask, default_workers, run_archive, s
 from .folder import check_out_dir, discard_outputs
 from .inputs import Found, find_inputs, output_name
 from .settings import module_settings, settings_digest, weights_digest
-from .table import ARCHIVE_FIELDS
+from .table import ARCHIVE_FIELDS, number_cell
 
 __all__ = [
     "ARCHIVE_FIELDS",
@@ -22,6 +22,7 @@ __all__ = [
     "discard_outputs",
     "find_inputs",
     "module_settings",
+    "number_cell",
     "output_name",
     "run_archive",
     "search_threads",

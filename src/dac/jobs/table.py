@@ -25,7 +25,7 @@ from .._checks import DACInputError
 from .._files import atomic_write
 from .inputs import resolved
 
-__all__ = ["ARCHIVE_FIELDS", "Table", "journal_name", "read_table", "replay_journal", "write_table"]
+__all__ = ["ARCHIVE_FIELDS", "Table", "journal_name", "number_cell", "read_table", "replay_journal", "write_table"]
 
 #: Columns every archive table has, first (``path, status, error, width, height``) and
 #: last (``intensity, settings, file_stat, sha256``); :func:`~dac.jobs.run_archive` fills them.
@@ -148,6 +148,17 @@ def replay_journal(journal_path: Path, table: Table) -> int:
             values = {k: v for k, v in zip(header, cells) if k in table.index}
             table.update(values["path"], values)
             count += 1
+
+
+def number_cell(value: float, spec: str = ".2f") -> str:
+    """``value`` as a table cell in format ``spec``, never a negative zero.
+
+    Example:
+        >>> number_cell(-0.001), number_cell(-1.5)
+        ('0.00', '-1.50')
+    """
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def journal_name(table: str, shard: tuple[int, int]) -> str:

@@ -15,6 +15,12 @@ The table, ``OUT/boxes.csv``
     The ``intensity`` column says how each file's values became [0, 1] (for DICOM: the
     window, the stored range or the percentiles used; see :func:`dac.data.io.read_image`).
 
+    ``frozen`` is 1 where the search found no strict maximum of the cost (a blank or
+    uniform image, a flat map: :attr:`dac.DACSolverInfo.frozen`); its box is then where
+    the search starts, centred in the image with a half-width of ``r_init_fraction``
+    of the image width (clipped to fit the image and the crop's aspect), not a region
+    found in it. Otherwise 0.
+
 Finished work
     A row is done for the same file with the same settings key (:func:`settings_key`:
     the formats, ``bits``, ``gray8``, ``overlays``, the DICOM intensity mode, the
@@ -32,14 +38,14 @@ import torch
 
 from .._checks import DACInputError, check_bits, check_device
 from ..data import io as dio
-from ..jobs import ARCHIVE_FIELDS, ArchiveSummary, ArchiveTask, discard_outputs, output_name, run_archive
+from ..jobs import ARCHIVE_FIELDS, ArchiveSummary, ArchiveTask, discard_outputs, number_cell, output_name, run_archive
 from ..jobs.settings import module_settings, settings_digest, weights_digest
 from ..layer import DACrop
 
 __all__ = ["CROP_FORMAT", "CSV_FIELDS", "crop_archive", "crop_settings", "settings_key"]
 
 #: Columns of ``boxes.csv``.
-CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "crop") + ARCHIVE_FIELDS[1]
+CSV_FIELDS = ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "cost", "iterations", "frozen", "crop") + ARCHIVE_FIELDS[1]
 #: Version of how a crop and its row are made from an image (with
 #: :data:`dac.data.io.READ_FORMAT`, how the image is read): part of every settings key,
 #: so a change here crops archives again.
@@ -100,7 +106,7 @@ def crop_archive(
         table="boxes.csv",
         fields=CSV_FIELDS,
         settings=settings,
-        read=functools.partial(dio.read_input, gray8=bool(gray8), dicom=dicom, percentiles=tuple(percentiles)),
+        read=functools.partial(_crop_read, bits=bits, gray8=bool(gray8), dicom=dicom, percentiles=tuple(percentiles)),
         compute=functools.partial(_crop_compute, layer),
         write=functools.partial(_crop_write, bits=bits, overlays=bool(overlays)),
         outputs=("crop",),
@@ -112,21 +118,35 @@ def crop_archive(
                        progress=progress, shard=shard)
 
 
+def _crop_read(path: str, data: bytes, *, bits: int, **options: Any) -> tuple[torch.Tensor, str]:
+    """Read one input (:func:`dac.data.io.read_input`); a colour image with ``bits=16``
+    fails here, before it is searched (its crop could not be written)."""
+    image, intensity = dio.read_input(path, data, **options)
+    if bits == 16 and image.shape[0] == 3:
+        raise dio.ImageReadError(
+            path, "colour image: 16-bit crops (--bits 16) are one-channel PNGs (Pillow cannot write 16-bit colour); "
+            "crop it with --bits 8, or make it gray with --gray8"
+        )
+    return image, intensity
+
+
 def _crop_compute(layer: torch.nn.Module, images: torch.Tensor) -> list[tuple]:
     crops, boxes, info = layer(images, return_boxes=True)
-    return [(crops[k].cpu(), boxes[k].cpu(), float(info.cost[k]), int(info.iterations[k])) for k in range(len(crops))]
+    return [(crops[k].cpu(), boxes[k].cpu(), float(info.cost[k]), int(info.iterations[k]), bool(info.frozen[k]))
+            for k in range(len(crops))]
 
 
 def _crop_write(out: Path, key: str, image: torch.Tensor, result: tuple, found: str, *, bits: int, overlays: bool) -> dict[str, str]:
-    crop, box, cost, iterations = result
+    crop, box, cost, iterations, frozen = result
     name = f"crops/{output_name(key)}"
     dio.write_png(out / name, crop, bits=bits)
     if overlays:
         dio.write_overlay(out / "overlays" / output_name(key), image, box)
     else:
         discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another box
-    x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
-    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "cost": f"{cost:.6g}", "iterations": str(iterations), "crop": name}
+    x1, y1, x2, y2 = (number_cell(v) for v in box.tolist())
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "cost": number_cell(cost, ".6g"), "iterations": str(iterations),
+            "frozen": str(int(frozen)), "crop": name}
 
 
 # ----------------------------------------------------------------------- settings

@@ -436,7 +436,7 @@ def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, cla
     else:
         jobs.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
     folder = os.path.basename(os.path.dirname(found))  # the class folder as the user laid it out (links not followed)
-    x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
+    x1, y1, x2, y2 = (jobs.number_cell(v) for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "predicted": classes[best], "crop": name,
             "label": folder if folder in classes else "",
             **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(classes, probabilities)}}
