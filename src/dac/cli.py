@@ -280,6 +280,14 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
         print(f"  failed: {_shown(path)}: {reason}", file=sys.stderr)
     if len(summary.failures) > 10:
         print(f"  ... and {len(summary.failures) - 10} more (see {table})", file=sys.stderr)
+    if summary.warnings:
+        count = len(summary.warnings)
+        print(f"dac {command}: {count} input{'s' if count > 1 else ''} read with a warning (see the intensity "
+              f"column of {table}):", file=sys.stderr)
+        for path, intensity in summary.warnings[:3]:
+            print(f"  {_shown(path)}: {intensity.partition('warning: ')[2]}", file=sys.stderr)
+        if count > 3:
+            print(f"  ... and {count - 3} more", file=sys.stderr)
 
 
 def _job_stopped(command: str, exc: OSError) -> int:

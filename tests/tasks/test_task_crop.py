@@ -217,3 +217,17 @@ class TestRows:
         summary = run([tmp_path / "colour.png", tmp_path / "gray.png"], tmp_path / "out", bits=16)
         assert (summary.ok, summary.failed) == (1, 1) and CROPPED == [(30, 40)]  # the gray one alone was searched
         assert "bits 16" in summary.failures[0][1] and "gray8" in summary.failures[0][1]
+
+
+def test_12_bit_data_in_16_bit_files_is_said_on_the_console(tmp_path: Path, capsys):
+    # the intensity column said only "16-bit" (issue 26 item 5)
+    values = np.random.default_rng(0).integers(0, 4096, (40, 64)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "twelve.png")
+    write_image(tmp_path / "eight.png", size=(40, 64))
+    out = tmp_path / "out"
+    assert main(["crop", str(tmp_path / "twelve.png"), str(tmp_path / "eight.png"), "--out", str(out), "--size", "8x12",
+                 "--pool-size", "4", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 input read with a warning" in err and "twelve.png" in err and "1/8 of the 16-bit range" in err
+    rows = {Path(r["path"]).name: r for r in read_table(out)[1]}
+    assert "warning" in rows["twelve.png"]["intensity"] and rows["eight.png"]["intensity"] == "8-bit"

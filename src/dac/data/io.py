@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_bits, check_choice, check_percentiles, check_unit_range
@@ -35,6 +35,7 @@ from ..functional.pooling import to_unit_range
 
 __all__ = [
     "DICOM_INTENSITY",
+    "FAINT_BELOW",
     "IMAGE_SUFFIXES",
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
@@ -57,6 +58,9 @@ _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _LUMA = (0.299, 0.587, 0.114)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+#: A 16-bit PNG/TIFF whose largest value is below this (under 1/8 of its range) is read
+#: as stored, but its intensity text carries a warning (12-bit data stored raw, say).
+FAINT_BELOW = 2**13
 #: Bit depths a 32-bit integer image is scaled by: the smallest that holds its values.
 INTEGER_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
 #: Version of how :func:`read_input` turns a file into a tensor: part of every settings
@@ -108,7 +112,18 @@ def read_image(
     * 8-bit files (gray, RGB, palette, with alpha, CMYK, 1-bit): ``torch.uint8``, C = 1
       for gray and 1-bit files, C = 3 otherwise (palettes expand to RGB, alpha is
       dropped without compositing, CMYK and YCbCr are converted to RGB by Pillow).
-    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1. Pillow reads 16-bit-per-channel
+    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1, values as stored, so that they
+      are scaled by 65535 downstream, as the PNG standard asks writers to fill the
+      range. One rule for 12-bit data in 16-bit containers: a 16-bit image whose
+      largest value is above 0 and below :data:`FAINT_BELOW` (2**13: it uses under 1/8
+      of its range, as 12-bit data stored raw does, values up to 4095) is read the same
+      way, and its intensity text says ``"16-bit; warning: values up to 4095 only,
+      ..."`` (``dac crop`` and ``dac predict`` list such files): it reaches the search
+      16 times darker than its 8-bit export, and the DAC cost depends on the intensity
+      scale. Guessing the bits from each file's largest value was tried and dropped:
+      it stretched every dark 16-bit image, dac's own 16-bit crops among them. DICOM
+      says its bits (``BitsStored``) and is scaled by them (below); a 32-bit container
+      is never filled, so its bits are detected. Pillow reads 16-bit-per-channel
       *colour* PNG/TIFF as 8-bit RGB, so those come back as ``torch.uint8``.
     * 32-bit integer TIFF (Pillow mode ``"I"``): ``torch.float32`` in [0, 1], C = 1,
       scaled by the bits the image holds: values are divided by ``2**n - 1`` where ``n``
@@ -148,8 +163,10 @@ def read_image(
       (YBR converted to RGB, PALETTE COLOR expanded to RGB) are scaled by their bits
       and never windowed. Only the first frame of a multi-frame file is read.
 
-    Multi-page TIFFs and animations give their first frame; EXIF orientation is not
-    applied (pixels as stored, so boxes refer to the stored pixel grid).
+    Multi-page TIFFs and animations give their first frame. An EXIF Orientation
+    (JPEG, PNG, TIFF; values 2 to 8) is applied, so the image comes back as a viewer
+    shows it and boxes refer to that grid; the intensity text then ends in ``", EXIF
+    orientation 6 applied"``.
 
     Every file is fully decoded here, with Pillow's ``LOAD_TRUNCATED_IMAGES`` treated as
     ``False`` and its decompression-bomb warning treated as an error, so a truncated or
@@ -338,23 +355,42 @@ def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
         raise
     except Exception as err:  # Pillow reports broken data as OSError, SyntaxError, ValueError...
         raise ImageReadError(path, "truncated or corrupt image data") from err
+    unsigned = _is_unsigned_tiff(image)  # read from the TIFF's tags, which a transposed copy has not
+    orientation = _orientation(image)
     try:
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
         image = _normalise_mode(image, gray)
     except (ValueError, OSError) as err:
         raise ImageReadError(path, f"unsupported pixel mode {image.mode!r}") from err
 
     pixels = np.array(image)  # a writable copy, native byte order below
-    intensity = "8-bit"
+    intensity, warning = "8-bit", ""
     if image.mode in _UINT16_MODES:
         pixels, intensity = pixels.astype(np.uint16), "16-bit"
+        largest = int(pixels.max()) if pixels.size else 0
+        if 0 < largest < FAINT_BELOW:
+            warning = (f"; warning: values up to {largest} only, under 1/8 of the 16-bit range (12-bit data?), "
+                       "scaled by 65535 all the same")
     elif image.mode == "I":
-        pixels, bits = _int32_to_unit(pixels.astype(np.int32), unsigned=_is_unsigned_tiff(image))
+        pixels, bits = _int32_to_unit(pixels.astype(np.int32), unsigned=unsigned)
         intensity = f"32-bit integer as {bits} bits"
     elif image.mode == "F":
         pixels, intensity = pixels.astype(np.float32), "float as stored"
+    if orientation != 1:
+        intensity += f", EXIF orientation {orientation} applied"
     tensor = torch.from_numpy(pixels)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
-    return tensor, intensity
+    return tensor, intensity + warning
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation of ``image`` (1 to 8; 1, as stored, where absent or invalid)."""
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: pixels as stored
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
 
 
 def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:

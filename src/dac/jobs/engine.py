@@ -105,6 +105,7 @@ class ArchiveSummary:
     shard: tuple[int, int] = (0, 1)  #: (index, count) of this process's share
     seconds: float = 0.0  #: wall time of the run
     keys: list[str] = field(default_factory=list, repr=False)  #: rows of this process's inputs (resolved paths)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  #: (path, intensity) of ok rows read with a warning
 
 
 
@@ -124,7 +125,8 @@ class ArchiveTask:
             ``data``, the bytes of the file at ``path`` (read once by the engine, which
             hashes the same bytes). Runs in worker processes, so it must pickle (a
             module-level function or a ``functools.partial`` of one); raising fails that
-            file with the reason.
+            file with the reason. An intensity text holding ``"warning:"`` (a faint
+            16-bit image, say) is listed in :attr:`ArchiveSummary.warnings`.
         compute: a list of same-size images (one Tensor[b, C, H, W]) -> one result per
             image. Runs in the main process under ``torch.no_grad()``; when it raises,
             each image is computed alone so that only the bad ones fail.
@@ -465,6 +467,8 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
         for row in rows:
             if row["status"] == "ok":
                 summary.ok += 1
+                if "warning:" in row["intensity"]:
+                    summary.warnings.append((row["path"], row["intensity"]))
             else:
                 summary.failed += 1
                 summary.failures.append((row["path"], row["error"]))
