@@ -44,6 +44,8 @@ import dataclasses
 import functools
 import json
 import os
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -161,19 +163,38 @@ class Predictor:
 
         Raises:
             DACInputError: not a results folder, a pipeline or fold that is not there or
-                not named where several are, an unfinished training, or a model whose
-                input does not fit (see the class doc); the message starts with ``MODEL``.
+                not named where several are, an unfinished training, a damaged
+                checkpoint (truncated, empty, edited) or one that does not fit its
+                ``run.json``, or a model whose input does not fit (see the class doc);
+                the message starts with ``MODEL`` and names the file.
         """
         from ..train import load_pipeline
         from ..train.config import config_to_dict, load_config
 
         out, name, fold = _resolve(Path(model), pipeline, fold)
+        checkpoint = os.fspath(out / name / (f"fold_{fold}" if fold is not None else "") / "checkpoint.pt")
+        run_json = os.fspath(out / "run.json")
         try:
-            net = load_pipeline(out, name, fold)
+            with warnings.catch_warnings():  # torch on a damaged file: the error below says it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                net = load_pipeline(out, name, fold)
         except DACInputError as err:
             raise DACInputError(f"MODEL: {err}") from None
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise DACInputError(_damaged(checkpoint, err)) from None
+            raise DACInputError(
+                f"MODEL: {checkpoint!r} does not fit {run_json!r}: its weights have other shapes than the model "
+                "run.json and config.yaml describe (were its classes edited?)"
+            ) from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as err:
+            raise DACInputError(_damaged(checkpoint, err)) from None
         config = load_config(out / "config.yaml")
-        classes = json.loads((out / "run.json").read_text())["classes"]
+        try:
+            classes = json.loads((out / "run.json").read_text())["classes"]
+            classes = [str(c) for c in classes]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DACInputError(f"MODEL: {run_json!r} names no list of classes") from None
         described = config_to_dict(config)
         description = {
             "pipeline": name,
@@ -257,6 +278,12 @@ class Predictor:
         logits = self.model(crops, fronted=True)
         probabilities = torch.softmax(logits.double(), dim=1)
         return Prediction(probabilities.cpu(), boxes.float().cpu(), crops.cpu(), self.classes)
+
+
+def _damaged(checkpoint: str, err: BaseException) -> str:
+    """The one line for a checkpoint that cannot be loaded (torch's own message is pages long)."""
+    return (f"MODEL: {checkpoint!r} is damaged: not a whole checkpoint of dac train or dac cv (truncated, empty or "
+            f"edited; {type(err).__name__}); restore it, or run its training again")
 
 
 def _check_model(model: nn.Module, classes: tuple[str, ...]) -> None:
