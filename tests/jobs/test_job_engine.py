@@ -75,7 +75,7 @@ class TestShards:
         assert run([three], out).skipped == 7 and CROPPED == []  # any number of processes resumes
         assert sum(run([three], out, shard=f"{i}/2").skipped for i in range(2)) == 7 and CROPPED == []
 
-    def test_part_of_a_killed_shard_is_merged_by_the_next_run(self, three: Path, tmp_path: Path, monkeypatch):
+    def test_part_of_a_killed_shard_is_merged_by_the_next_run(self, three: Path, tmp_path: Path, monkeypatch, caplog):
         out = tmp_path / "out"
         real_write = engine.write_table
         calls = {"n": 0}
@@ -92,7 +92,9 @@ class TestShards:
         monkeypatch.setattr(engine, "write_table", real_write)
         assert (out / ".boxes-journal-1-of-2.csv").exists()
         CROPPED.clear()
-        summary = run([three], out, shard="0/2")  # another shard's run merges the dead part
+        with caplog.at_level("INFO", logger="dac.jobs"):
+            summary = run([three], out, shard="0/2")  # another shard's run merges the dead part
+        assert "merged 1 rows of an ended run's journal" in caplog.text
         assert summary.ok == 2 and len(CROPPED) == 2
         assert not (out / ".boxes-journal-1-of-2.csv").exists()
         assert len(read_table(out)[1]) == 3 and run([three], out).skipped == 3

@@ -59,7 +59,17 @@ Several processes or machines
     must be on a file system whose locks work across them, such as NFSv4). Parts left by
     killed processes are merged by the next run. A resumed run, with any number of
     processes, skips what any of them finished. Two runs of the same shard on one
-    ``OUT`` at once are refused.
+    ``OUT`` at once are refused, and so is a run beside a running one with other
+    settings or another shard layout (:func:`dac.jobs.folder.claim`).
+
+One folder, one command
+    ``OUT/.dac-job.json`` names the command whose results ``OUT`` holds; another
+    command there is refused (``dac crop`` and ``dac predict`` both write
+    ``crops/<name>`` and each would take the other's crops for its own).
+
+Messages
+    Progress is a tqdm bar; events worth a line in a log (journals of ended runs
+    merged, a merge that failed after the run stopped) go to the ``dac.jobs`` logger.
 """
 from __future__ import annotations
 
@@ -67,6 +77,7 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -81,6 +92,8 @@ from .folder import check_out_dir, claim, discard_outputs, locked, make_folders,
 from .inputs import Found, find_inputs, sha256_bytes, sha256_file, stat_text
 from .settings import record_settings, settings_digest
 from .table import Table, journal_name, read_table, replay_journal, write_table
+
+_log = logging.getLogger("dac.jobs")
 
 __all__ = [
     "ArchiveSummary",
@@ -362,8 +375,11 @@ def run_archive(
     except BaseException:
         # what stopped the run (Ctrl-C, a full disk) is the one error raised; the merge
         # is tried, and if it fails too its part stays for the next run to merge
-        with contextlib.suppress(Exception):
+        try:
             _finish(out, csv_path, journal_path, journal, task, order)
+        except Exception as exc:  # noqa: BLE001 - logged; the error that stopped the run goes on
+            _log.info("%s: could not merge %s into %s after the run stopped (%s); the next run merges it",
+                      task.name, journal_path, csv_path, exc)
         raise
     _finish(out, csv_path, journal_path, journal, task, order)
     summary.seconds = time.perf_counter() - began
@@ -404,7 +420,9 @@ def _start(out: Path, csv_path: Path, journal_path: Path, task: ArchiveTask, ord
                   running=len(merged) < len(others))
             table = read_table(csv_path, task.fields, task.name, task.check_header)
             for part in [*merged, journal_path]:
-                replay_journal(part, table)
+                replayed = replay_journal(part, table)
+                if part in merged:
+                    _log.info("%s: merged %d rows of an ended run's journal %s", task.name, replayed, part)
             write_table(csv_path, table, order)
             for part in merged:
                 part.unlink(missing_ok=True)

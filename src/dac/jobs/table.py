@@ -148,6 +148,7 @@ def replay_journal(journal_path: Path, table: Table) -> int:
             values = {k: v for k, v in zip(header, cells) if k in table.index}
             table.update(values["path"], values)
             count += 1
+    return count
 
 
 def number_cell(value: float, spec: str = ".2f") -> str:
