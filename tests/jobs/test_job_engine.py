@@ -1,20 +1,15 @@
 """dac.jobs.engine: what counts as finished work, shards, batches, readers."""
 from __future__ import annotations
 
-import csv
 import errno
 import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from archive_fakes import CROPPED, FastLayer, clear_cropped, read_table, run, three, write_image  # noqa: F401
-from dac import DACInputError, DACrop
-from dac.cli import main
+from dac import DACInputError
 from dac.jobs import engine
 from dac.jobs import shard_from_environment
 

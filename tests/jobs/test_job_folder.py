@@ -1,18 +1,12 @@
 """dac.jobs.folder: the results folder is checked before anything is created, and locked."""
 from __future__ import annotations
 
-import csv
-import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from archive_fakes import CROPPED, FastLayer, clear_cropped, listing, other_task, read_table, run, three, write_image  # noqa: F401
-from dac import DACInputError, DACrop
+from archive_fakes import CROPPED, clear_cropped, listing, other_task, run, three  # noqa: F401
+from dac import DACInputError
 from dac.cli import main
 from dac.jobs import folder, run_archive
 

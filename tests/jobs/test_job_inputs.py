@@ -1,19 +1,14 @@
 """dac.jobs.inputs: which files are inputs, each one row however it is spelled."""
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from archive_fakes import CROPPED, FastLayer, clear_cropped, read_table, run, three, write_image  # noqa: F401
-from dac import DACInputError, DACrop
-from dac.cli import main
+from archive_fakes import CROPPED, clear_cropped, read_table, run, three, write_image  # noqa: F401
+from dac import DACInputError
 from dac.jobs import inputs
 
 

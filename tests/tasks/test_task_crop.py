@@ -1,10 +1,8 @@
 """dac.tasks.crop: what dac crop writes, and which settings crop again."""
 from __future__ import annotations
 
-import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 
 from archive_fakes import CROPPED, FastLayer, clear_cropped, read_table, run, three, write_image  # noqa: F401
-from dac import DACInputError, DACrop
+from dac import DACrop
 from dac.cli import main
 from dac.tasks import crop
 

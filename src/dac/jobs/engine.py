@@ -336,8 +336,11 @@ def run_archive(
 
     Raises:
         DACInputError: a bad argument, an input that does not exist, an ``out_dir``
-            that cannot be written, a table that cannot be kept, or another run of
-            the same shard writing to ``out_dir``.
+            that cannot be written, a table that cannot be kept, an ``out_dir``
+            holding another command's results, or another run writing there (of the
+            same shard, or with other settings or another shard layout).
+        OSError: writing the results failed (a full disk): what was done is kept;
+            run again to resume.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
     began = time.perf_counter()

@@ -410,7 +410,11 @@ def predict_archive(
     Raises:
         DACInputError: a bad argument, an input that does not exist, an ``out_dir``
             that cannot be written, a ``predictions.csv`` that cannot be kept (or holds
-            another model's classes), or another run (of the same shard) writing there.
+            another model's classes), an ``out_dir`` holding another command's results,
+            or another run writing there (of the same shard, or with other settings or
+            another shard layout).
+        OSError: writing the results failed (a full disk): what was done is kept;
+            run again to resume.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
     if not isinstance(predictor, Predictor):
