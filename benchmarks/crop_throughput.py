@@ -46,7 +46,7 @@ from _common import machine  # noqa: E402
 
 from dac import DACrop  # noqa: E402
 from dac.data import io as dio  # noqa: E402
-from dac.archive import _cpus, default_workers, search_threads
+from dac.jobs.engine import _cpus, default_workers, search_threads
 from dac.data.io import read_input  # noqa: E402
 from dac.cli import main as dac_main  # noqa: E402
 from dac.demo import box_iou  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dac.archive as archive
+from dac.jobs import engine
 from dac.cli import main
 
 from conftest import textured_scene, torchrun_dac
@@ -131,7 +131,7 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
         return original(path, *args, **kwargs)
 
     monkeypatch.setattr(dio, "write_png", counting_write)
-    real_compute = archive._compute
+    real_compute = engine._compute
     calls = {"n": 0}
 
     def interrupt_after_first(*args, **kwargs):
@@ -140,7 +140,7 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
             raise KeyboardInterrupt  # the user pressed Ctrl-C during the second batch
         return real_compute(*args, **kwargs)
 
-    monkeypatch.setattr(archive, "_compute", interrupt_after_first)
+    monkeypatch.setattr(engine, "_compute", interrupt_after_first)
     capsys.readouterr()
     assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
     assert capsys.readouterr().err == "dac crop: interrupted; run the same command again to resume\n"
@@ -148,7 +148,7 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
     assert 0 < len(first) < 4
     ok = [r for r in read_rows(out) if r["status"] == "ok"]  # the finished batch is in the table
     assert sorted(Path(r["crop"]).name for r in ok) == sorted(first)
-    monkeypatch.setattr(archive, "_compute", real_compute)
+    monkeypatch.setattr(engine, "_compute", real_compute)
     assert main(["crop", str(archive_dir), "--out", str(out), "--batch-size", "2", *SMALL]) == 1
     assert sorted(written) == sorted(set(written)) and len(written) == 4  # each good file once
     rows = read_rows(out)
@@ -220,7 +220,7 @@ def test_a_saliency_stage_added_on_the_command_line_recrops(tmp_path: Path, caps
     assert len(rows) == 3 and all(r["status"] == "ok" and r["settings"] != plain[r["path"]]["settings"] for r in rows)
     assert all(abs(float(r["x2"]) - float(plain[r["path"]]["x2"])) > 0.01 for r in rows)  # searched on its map (~0.2 px off)
     recorded = json.loads((tmp_path / "o" / "settings.json").read_text())[rows[0]["settings"]]
-    assert recorded["layer"]["module saliency"]["class"] == "dac.saliency.SaliencyNet"
+    assert recorded["layer"]["saliency"]["class"] == "dac.saliency.SaliencyNet"
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o" / "crops").iterdir()}
     assert main([*args, "--saliency", str(stage)]) == 0  # the same stage again: nothing to do
     assert "0 cropped, 3 already done" in capsys.readouterr().err

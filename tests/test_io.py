@@ -482,6 +482,36 @@ class TestDicomIntensity:
 
 
 
+class TestOrientationAndDepth:
+    """EXIF orientation is applied; 12-bit data in a 16-bit file is said (issue 26 items 4, 5)."""
+
+    @pytest.mark.parametrize("name", ["portrait.jpg", "portrait.png"])
+    def test_exif_orientation_is_applied_and_said(self, tmp_path, name):
+        # a landscape picture stored portrait with Orientation = 6, as cameras and scanners do
+        stored = np.zeros((60, 40), dtype=np.uint8)
+        stored[:10] = 255  # the top of the stored pixels: the right side once turned upright
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        path = save(tmp_path, name, Image.fromarray(stored), exif=exif, **({"quality": 95} if name.endswith("jpg") else {}))
+        image, how = read_image(path, return_intensity=True)
+        assert image.shape == (1, 40, 60)  # as a viewer shows it
+        assert image[0, :, -10:].float().mean() > 200 and image[0, :, :10].float().mean() < 50
+        assert how == "8-bit, EXIF orientation 6 applied"
+        upright = save(tmp_path, "upright.png", Image.fromarray(stored))
+        assert read_image(upright, return_intensity=True)[1] == "8-bit"
+
+    @pytest.mark.parametrize("suffix", [".png", ".tif"])
+    def test_12_bit_data_in_a_16_bit_file_is_said(self, tmp_path, suffix):
+        values = RNG.integers(0, 4096, (30, 40)).astype(np.uint16)
+        values[0, 0] = 4095
+        path = save(tmp_path, "twelve" + suffix, Image.fromarray(values))
+        image, how = read_image(path, return_intensity=True)
+        assert image.dtype == torch.uint16 and int(image.to(torch.int32).max()) == 4095  # read as stored: one rule for every file
+        assert how.startswith("16-bit; warning: ") and "4095" in how and "1/8" in how
+        full = save(tmp_path, "full" + suffix, Image.fromarray(values * 16))
+        assert read_image(full, return_intensity=True)[1] == "16-bit"
+
+
 class TestToUnitFloat:
     @pytest.mark.parametrize(
         "dtype, scale", [(torch.uint8, 255), (torch.uint16, 65535), (torch.int16, 32767)]

@@ -220,3 +220,66 @@ def check_unit_range(images: torch.Tensor, name: str = "images", slack: float = 
             "divide 8-bit intensities by 255 (or pass the integer tensor: uint8, uint16 and int16 "
             "are scaled automatically)"
         )
+
+
+# ------------------------------------------------ options of the archive commands (dac crop, dac predict)
+def check_choice(value: Any, choices: Sequence[str], name: str) -> str:
+    """One of ``choices`` (a string).
+
+    Example:
+        >>> check_choice("range", ("window", "range"), "dicom")
+        'range'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise DACInputError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """A PNG bit depth: 8 or 16 (not a bool).
+
+    Example:
+        >>> check_bits(16)
+        16
+    """
+    if isinstance(bits, bool) or bits not in (8, 16):
+        raise DACInputError(f"{name}: expected 8 or 16, got {bits!r}")
+    return int(bits)
+
+
+def check_percentiles(percentiles: Any, name: str = "percentiles") -> tuple[float, float]:
+    """``(low, high)`` as floats with 0 <= low < high <= 100.
+
+    Example:
+        >>> check_percentiles([1, 99])
+        (1.0, 99.0)
+    """
+    try:
+        low, high = (float(v) for v in percentiles)
+    except (TypeError, ValueError):
+        raise DACInputError(f"{name}: expected two numbers (low, high), got {percentiles!r}") from None
+    if not (0.0 <= low < high <= 100.0):
+        raise DACInputError(f"{name}: expected 0 <= low < high <= 100, got {percentiles!r}")
+    return low, high
+
+
+def check_shard(shard: Any, name: str = "shard") -> tuple[int, int]:
+    """``(index, count)`` from a pair or a text ``"i/n"``, with 0 <= index < count.
+
+    Example:
+        >>> check_shard("1/4"), check_shard((0, 1))
+        ((1, 4), (0, 1))
+    """
+    if isinstance(shard, str):
+        parts = shard.split("/")
+        try:
+            shard = tuple(int(p) for p in parts) if len(parts) == 2 else None
+        except ValueError:
+            shard = None
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
+        raise DACInputError(f"{name}: expected i/n (this process's share i of n, 0 <= i < n), got {shard!r}")
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise DACInputError(f"{name}: expected i/n with 0 <= i < n, got {index}/{count}")
+    return index, count

@@ -262,9 +262,8 @@ def _shown(path: str) -> str:
 
 def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
     """Checks of the options crop and predict share; (shard, device)."""
-    from ._checks import check_device, check_int
-    from .archive import check_out_dir, check_shard, shard_from_environment
-    from .data.io import check_percentiles
+    from ._checks import check_device, check_int, check_percentiles, check_shard
+    from .jobs import check_out_dir, shard_from_environment
 
     check_int(args.batch_size, "--batch-size", 1)
     if args.workers != "auto":
@@ -293,11 +292,29 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
         print(f"  failed: {_shown(path)}: {reason}", file=sys.stderr)
     if len(summary.failures) > 10:
         print(f"  ... and {len(summary.failures) - 10} more (see {table})", file=sys.stderr)
+    if summary.warnings:
+        count = len(summary.warnings)
+        print(f"dac {command}: {count} input{'s' if count > 1 else ''} read with a warning (see the intensity "
+              f"column of {table}):", file=sys.stderr)
+        for path, intensity in summary.warnings[:3]:
+            print(f"  {_shown(path)}: {intensity.partition('warning: ')[2]}", file=sys.stderr)
+        if count > 3:
+            print(f"  ... and {count - 3} more", file=sys.stderr)
+
+
+def _job_stopped(command: str, exc: OSError) -> int:
+    """A run stopped by the system (a full disk, say): one line, exit 1 (the journal keeps
+    what was done; the same command resumes)."""
+    where = f": {_shown(os.fsdecode(exc.filename))}" if exc.filename else ""
+    reason = exc.strerror or " ".join(str(exc).split())
+    print(f"dac {command}: stopped: {reason}{where}; what was done is kept: free the cause and run the same "
+          "command again to resume", file=sys.stderr)
+    return 1
 
 
 def _crop(args: argparse.Namespace) -> int:
-    from .archive import crop_archive
     from .layer import DACrop
+    from .tasks.crop import crop_archive
 
     given = _search_options(args)
     shard, device = _archive_checks(args)
@@ -307,21 +324,24 @@ def _crop(args: argparse.Namespace) -> int:
         layer = load_dacrop(args.saliency, **given)
     else:
         layer = DACrop(**({"output_size": (200, 370), "pool_size": 10} | given))
-    summary = crop_archive(
-        args.inputs,
-        args.out,
-        layer=layer,
-        batch_size=args.batch_size,
-        device=device,
-        workers=args.workers,
-        bits=args.bits,
-        gray8=args.gray8,
-        overlays=args.overlays,
-        dicom=args.dicom,
-        percentiles=args.percentiles,
-        progress=args.progress,
-        shard=shard,
-    )
+    try:
+        summary = crop_archive(
+            args.inputs,
+            args.out,
+            layer=layer,
+            batch_size=args.batch_size,
+            device=device,
+            workers=args.workers,
+            bits=args.bits,
+            gray8=args.gray8,
+            overlays=args.overlays,
+            dicom=args.dicom,
+            percentiles=args.percentiles,
+            progress=args.progress,
+            shard=shard,
+        )
+    except OSError as exc:
+        return _job_stopped("crop", exc)
     _report("crop", summary, "boxes.csv", args, "cropped")
     return 1 if summary.failed else 0
 
@@ -348,7 +368,7 @@ def _search_options(args: argparse.Namespace) -> dict:
 
 def _fit_saliency(args: argparse.Namespace) -> int:
     from ._checks import check_int
-    from .archive import check_out_dir
+    from .jobs import check_out_dir
     from .localisation import check_fit_options, check_fit_out, train_saliency
 
     check_int(args.count, "--count", 1)
@@ -374,23 +394,26 @@ def _fit_saliency(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor, predict_archive
+    from .tasks.predict import Predictor, predict_archive
 
     shard, device = _archive_checks(args)
     predictor = Predictor.load(args.model, pipeline=args.pipeline, fold=args.fold, device=device)
-    summary = predict_archive(
-        args.inputs,
-        args.out,
-        predictor,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        overlays=args.overlays,
-        dicom=args.dicom,
-        percentiles=args.percentiles,
-        any_size=args.any_size,
-        progress=args.progress,
-        shard=shard,
-    )
+    try:
+        summary = predict_archive(
+            args.inputs,
+            args.out,
+            predictor,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            overlays=args.overlays,
+            dicom=args.dicom,
+            percentiles=args.percentiles,
+            any_size=args.any_size,
+            progress=args.progress,
+            shard=shard,
+        )
+    except OSError as exc:
+        return _job_stopped("predict", exc)
     _report("predict", summary, "predictions.csv", args, "predicted")
     if summary.accuracy is not None:
         print(f"dac predict: accuracy {summary.accuracy:.3f} ({summary.correct}/{summary.labelled} images whose "

@@ -285,6 +285,38 @@ class DACrop(nn.Module):
                 stacklevel=4,
             )
 
+    def config(self) -> dict[str, Any]:
+        """What changes the boxes and crops, as JSON-ready values (the settings key of ``dac crop``).
+
+        The constructor's arguments that change outputs (``output_size``, ``pool_size``,
+        ``sharpness``, the schedule's fields, ``r_min_fraction``, ``r_init_fraction``,
+        ``saliency_scale``, ``antialias``) and the saliency stage's class with its own
+        ``config()`` where it has one; not ``backward_mode``, ``backward_num_iterations``
+        or ``dlm_epsilon`` (they change gradients, not outputs), nor the module's mode,
+        device or weights (a caller digests ``state_dict`` separately).
+
+        Example:
+            >>> DACrop(output_size=(20, 37), pool_size=4).config()["pool_size"]
+            4
+        """
+        import dataclasses
+
+        saliency = self.saliency
+        stage = {"class": f"{type(saliency).__module__}.{type(saliency).__qualname__}"}
+        if callable(getattr(saliency, "config", None)):
+            stage |= saliency.config()
+        return {
+            "output_size": list(self.output_size),
+            "pool_size": self.pool_size,
+            "sharpness": self.sharpness,
+            "schedule": {f.name: getattr(self.schedule, f.name) for f in dataclasses.fields(self.schedule)},
+            "r_min_fraction": self.r_min_fraction,
+            "r_init_fraction": self.r_init_fraction,
+            "saliency_scale": self.saliency_scale,
+            "antialias": self.antialias,
+            "saliency": stage,
+        }
+
 
 @contextlib.contextmanager
 def quiet_unconverged():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io as _io
 import os
 import stat
 import warnings
@@ -25,22 +26,27 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_unit_range
+from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_bits, check_choice, check_percentiles, check_unit_range
 from .._files import atomic_write
 from ..functional.pooling import to_unit_range
 
 __all__ = [
     "DICOM_INTENSITY",
+    "FAINT_BELOW",
     "IMAGE_SUFFIXES",
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
+    "READ_FORMAT",
+    "read_file",
     "read_image",
     "read_input",
+    "read_settings",
     "to_gray8",
     "to_unit_float",
+    "write_overlay",
     "write_png",
 ]
 
@@ -52,8 +58,14 @@ _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _LUMA = (0.299, 0.587, 0.114)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+#: A 16-bit PNG/TIFF whose largest value is below this (under 1/8 of its range) is read
+#: as stored, but its intensity text carries a warning (12-bit data stored raw, say).
+FAINT_BELOW = 2**13
 #: Bit depths a 32-bit integer image is scaled by: the smallest that holds its values.
 INTEGER_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+#: Version of how :func:`read_input` turns a file into a tensor: part of every settings
+#: key of ``dac crop`` and ``dac predict``, so a change here processes archives again.
+READ_FORMAT = 1
 #: How a monochrome DICOM image's values become [0, 1] (``read_image(dicom=...)``):
 #: the file's VOI LUT or window (a viewer's default), the range its stored bits allow,
 #: or a stretch between two percentiles of the image.
@@ -87,6 +99,7 @@ class ImageReadError(OSError):
 def read_image(
     path: str | os.PathLike,
     *,
+    data: bytes | None = None,
     gray: bool = False,
     dicom: str = "window",
     percentiles: tuple[float, float] = (1.0, 99.0),
@@ -99,7 +112,18 @@ def read_image(
     * 8-bit files (gray, RGB, palette, with alpha, CMYK, 1-bit): ``torch.uint8``, C = 1
       for gray and 1-bit files, C = 3 otherwise (palettes expand to RGB, alpha is
       dropped without compositing, CMYK and YCbCr are converted to RGB by Pillow).
-    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1. Pillow reads 16-bit-per-channel
+    * 16-bit gray PNG/TIFF: ``torch.uint16``, C = 1, values as stored, so that they
+      are scaled by 65535 downstream, as the PNG standard asks writers to fill the
+      range. One rule for 12-bit data in 16-bit containers: a 16-bit image whose
+      largest value is above 0 and below :data:`FAINT_BELOW` (2**13: it uses under 1/8
+      of its range, as 12-bit data stored raw does, values up to 4095) is read the same
+      way, and its intensity text says ``"16-bit; warning: values up to 4095 only,
+      ..."`` (``dac crop`` and ``dac predict`` list such files): it reaches the search
+      16 times darker than its 8-bit export, and the DAC cost depends on the intensity
+      scale. Guessing the bits from each file's largest value was tried and dropped:
+      it stretched every dark 16-bit image, dac's own 16-bit crops among them. DICOM
+      says its bits (``BitsStored``) and is scaled by them (below); a 32-bit container
+      is never filled, so its bits are detected. Pillow reads 16-bit-per-channel
       *colour* PNG/TIFF as 8-bit RGB, so those come back as ``torch.uint8``.
     * 32-bit integer TIFF (Pillow mode ``"I"``): ``torch.float32`` in [0, 1], C = 1,
       scaled by the bits the image holds: values are divided by ``2**n - 1`` where ``n``
@@ -139,8 +163,10 @@ def read_image(
       (YBR converted to RGB, PALETTE COLOR expanded to RGB) are scaled by their bits
       and never windowed. Only the first frame of a multi-frame file is read.
 
-    Multi-page TIFFs and animations give their first frame; EXIF orientation is not
-    applied (pixels as stored, so boxes refer to the stored pixel grid).
+    Multi-page TIFFs and animations give their first frame. An EXIF Orientation
+    (JPEG, PNG, TIFF; values 2 to 8) is applied, so the image comes back as a viewer
+    shows it and boxes refer to that grid; the intensity text then ends in ``", EXIF
+    orientation 6 applied"``.
 
     Every file is fully decoded here, with Pillow's ``LOAD_TRUNCATED_IMAGES`` treated as
     ``False`` and its decompression-bomb warning treated as an error, so a truncated or
@@ -148,7 +174,9 @@ def read_image(
     million pixels by default, is left as it is).
 
     Args:
-        path: the image file.
+        path: the image file (with ``data``: its name, for the suffix and messages).
+        data: the file's bytes, read by the caller (:func:`read_file`) to decode exactly
+            what it hashed; None (default): read here.
         gray: return one channel: RGB is reduced to ITU-R 601 luma (Pillow's ``"L"``
             conversion for 8-bit files; the same weights in float for DICOM).
         dicom: one of :data:`DICOM_INTENSITY`: how monochrome DICOM values become
@@ -179,17 +207,19 @@ def read_image(
         ...     read_image(path).shape, read_image(path).dtype
         (torch.Size([1, 3, 4]), torch.uint8)
     """
-    if dicom not in DICOM_INTENSITY:
-        raise DACInputError(f"dicom: expected one of {DICOM_INTENSITY}, got {dicom!r}")
+    check_choice(dicom, DICOM_INTENSITY, "dicom")
     percentiles = check_percentiles(percentiles)
-    image, intensity = _read_any(os.fspath(path), gray, dicom, percentiles)
+    image, intensity = _read_any(os.fspath(path), data, gray, dicom, percentiles)
     return (image, intensity) if return_intensity else image
 
 
-def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
+def read_input(path: str, data: bytes | None = None, *, gray: bool = False, gray8: bool = False, dicom: str = "window",
                percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[Tensor, str]:
     """Read one input file as the commands (``dac crop``, ``dac predict``,
     ``dac fit-saliency --data``) do: ``(image, intensity)``.
+
+    ``data``: the file's bytes where the caller read them (:func:`read_file`), so that
+    they are decoded as they were hashed; None: read here.
 
     Integer images stay integer (a quarter of the memory of floats); floating ones
     (float TIFF) must lie in [0, 1], the range ``DACrop`` expects, within the layer's
@@ -200,7 +230,8 @@ def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str
     Raises:
         ImageReadError: the file cannot be read, or its values cannot be taken as they are.
     """
-    image, intensity = read_image(path, gray=gray, dicom=dicom, percentiles=tuple(percentiles), return_intensity=True)
+    image, intensity = read_image(path, data=data, gray=gray, dicom=dicom, percentiles=tuple(percentiles),
+                                  return_intensity=True)
     try:
         if image.dtype.is_floating_point:
             check_unit_range(image, "image")  # NaN passes here; to_unit_float / to_gray8 refuse it
@@ -211,18 +242,47 @@ def read_input(path: str, *, gray: bool = False, gray8: bool = False, dicom: str
         raise ImageReadError(path, str(exc).removeprefix("image: ")) from None
 
 
-def check_percentiles(percentiles, name: str = "percentiles") -> tuple[float, float]:
-    """``(low, high)`` as floats with 0 <= low < high <= 100, or :class:`DACInputError` naming ``name``."""
-    try:
-        low, high = (float(v) for v in percentiles)
-    except (TypeError, ValueError):
-        raise DACInputError(f"{name}: expected two numbers (low, high), got {percentiles!r}") from None
-    if not (0.0 <= low < high <= 100.0):
-        raise DACInputError(f"{name}: expected 0 <= low < high <= 100, got {percentiles!r}")
-    return low, high
+def read_settings(*, gray: bool = False, gray8: bool = False, dicom: str = "window",
+                  percentiles: Sequence[float] = (1.0, 99.0)) -> dict:
+    """Every option of :func:`read_input` that changes what it returns, checked, as JSON
+    (part of the settings key of ``dac crop`` and ``dac predict``, with :data:`READ_FORMAT`).
+
+    Raises:
+        DACInputError: ``dicom`` or ``percentiles`` is not one of the values :func:`read_image` takes.
+
+    Example:
+        >>> read_settings(dicom="percentiles", percentiles=(5, 95))["percentiles"]
+        [5.0, 95.0]
+    """
+    check_choice(dicom, DICOM_INTENSITY, "dicom")
+    low, high = check_percentiles(percentiles)
+    return ({"format": READ_FORMAT, "gray": bool(gray), "gray8": bool(gray8), "intensity": dicom}
+            | ({"percentiles": [low, high]} if dicom == "percentiles" else {}))
 
 
-def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
+def read_file(path: str | os.PathLike) -> bytes:
+    """Every byte of one image file, read once: decode these bytes and hash these bytes,
+    and the hash names what was decoded, whatever writes to the file meanwhile.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its contents.
+
+    Raises:
+        ImageReadError: the file is missing, empty, not a regular file (a directory,
+            FIFO, socket or device: never opened for reading, so a FIFO cannot make the
+            call wait), a dangling symbolic link, a link loop, or unreadable.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".png") as file:
+        ...     _ = file.write(b"PNG"); file.flush()
+        ...     read_file(file.name)
+        b'PNG'
+    """
+    path = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -232,14 +292,7 @@ def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float
                 raise ImageReadError(path, "is a directory, not a file")
             if not stat.S_ISREG(info.st_mode):
                 raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
-            if info.st_size == 0:
-                raise ImageReadError(path, "empty file (0 bytes)")
-            head = file.read(132)
-            suffix = os.path.splitext(path)[1].lower()
-            if suffix in _DICOM_SUFFIXES or head[128:132] == b"DICM":
-                return _read_dicom(path, gray, dicom, percentiles)
-            file.seek(0)
-            return _read_pillow(path, file, gray)
+            data = file.read()
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -254,6 +307,20 @@ def _read_any(path: str, gray: bool, dicom: str, percentiles: tuple[float, float
         if err.errno == errno.ELOOP:
             raise ImageReadError(path, "symbolic link loop") from None
         raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    return data
+
+
+def _read_any(path: str, data: bytes | None, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
+    """Decode ``data`` (the bytes of ``path``; read here when None)."""
+    if data is None:
+        data = read_file(path)
+    elif not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if os.path.splitext(path)[1].lower() in _DICOM_SUFFIXES or data[128:132] == b"DICM":
+        return _read_dicom(path, data, gray, dicom, percentiles)
+    return _read_pillow(path, _io.BytesIO(data), gray)
 
 
 @contextlib.contextmanager
@@ -288,23 +355,42 @@ def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
         raise
     except Exception as err:  # Pillow reports broken data as OSError, SyntaxError, ValueError...
         raise ImageReadError(path, "truncated or corrupt image data") from err
+    unsigned = _is_unsigned_tiff(image)  # read from the TIFF's tags, which a transposed copy has not
+    orientation = _orientation(image)
     try:
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
         image = _normalise_mode(image, gray)
     except (ValueError, OSError) as err:
         raise ImageReadError(path, f"unsupported pixel mode {image.mode!r}") from err
 
     pixels = np.array(image)  # a writable copy, native byte order below
-    intensity = "8-bit"
+    intensity, warning = "8-bit", ""
     if image.mode in _UINT16_MODES:
         pixels, intensity = pixels.astype(np.uint16), "16-bit"
+        largest = int(pixels.max()) if pixels.size else 0
+        if 0 < largest < FAINT_BELOW:
+            warning = (f"; warning: values up to {largest} only, under 1/8 of the 16-bit range (12-bit data?), "
+                       "scaled by 65535 all the same")
     elif image.mode == "I":
-        pixels, bits = _int32_to_unit(pixels.astype(np.int32), unsigned=_is_unsigned_tiff(image))
+        pixels, bits = _int32_to_unit(pixels.astype(np.int32), unsigned=unsigned)
         intensity = f"32-bit integer as {bits} bits"
     elif image.mode == "F":
         pixels, intensity = pixels.astype(np.float32), "float as stored"
+    if orientation != 1:
+        intensity += f", EXIF orientation {orientation} applied"
     tensor = torch.from_numpy(pixels)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
-    return tensor, intensity
+    return tensor, intensity + warning
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation of ``image`` (1 to 8; 1, as stored, where absent or invalid)."""
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: pixels as stored
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
 
 
 def _normalise_mode(image: Image.Image, gray: bool) -> Image.Image:
@@ -345,7 +431,7 @@ def _is_unsigned_tiff(image: Image.Image) -> bool:
     return sample_format == 1
 
 
-def _read_dicom(path: str, gray: bool, mode: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
+def _read_dicom(path: str, data: bytes, gray: bool, mode: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     try:
         import pydicom
     except ImportError:
@@ -358,7 +444,7 @@ def _read_dicom(path: str, gray: bool, mode: str, percentiles: tuple[float, floa
         ) from None
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(_io.BytesIO(data))
     except pydicom.errors.InvalidDicomError:
         raise ImageReadError(path, "not a DICOM file (no 'DICM' file meta header)") from None
     except MemoryError:
@@ -633,8 +719,7 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
         [[[0, 1000, 65535]]]
     """
     _check_chw(image, "image")
-    if bits not in (8, 16) or isinstance(bits, bool):
-        raise DACInputError(f"bits: expected 8 or 16, got {bits!r}")
+    check_bits(bits)
     if bits == 16 and image.shape[0] == 3:
         raise DACInputError(
             f"bits: 16-bit PNG needs a 1-channel image, got C=3 in shape {tuple(image.shape)} "
@@ -645,6 +730,37 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
     png = Image.fromarray(np.ascontiguousarray(array))
 
     atomic_write(os.path.abspath(os.fspath(path)), lambda file: png.save(file, format="PNG"))
+
+
+def write_overlay(path: str | os.PathLike, image: Tensor, box: Tensor, text: str = "") -> None:
+    """Write the image (downscaled to <= 1024 px wide) with its box drawn in red and
+    ``text`` written above it: an 8-bit RGB PNG, written atomically.
+
+    Convention: ``box`` is xyxy in input pixels (torchvision's).
+
+    Args:
+        path: the PNG file.
+        image: Tensor[C, H, W], as :func:`to_gray8` takes it.
+        box: Tensor[4], the box.
+        text: a label drawn above the box ("" for none).
+    """
+    from PIL import ImageDraw
+
+    gray = to_gray8(image)[0].numpy()
+    pil = Image.fromarray(gray).convert("RGB")
+    scale = min(1.0, 1024 / pil.width)
+    if scale < 1:
+        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(pil)
+    x1, y1, x2, y2 = (v * scale for v in box.tolist())
+    draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
+    if text:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y2 + 2
+        draw.rectangle([x1, y, x1 + right - left + 6, y + bottom - top + 4], fill=(255, 0, 0))
+        draw.text((x1 + 3 - left, y + 2 - top), text, fill=(255, 255, 255))
+    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    write_png(path, tensor, bits=8)
 
 
 def _quantise(image: Tensor, bits: int) -> Tensor:

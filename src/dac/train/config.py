@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import DACInputError, check_angle, check_device, check_int, check_real
+from .._checks import DACInputError, check_angle, check_choice, check_device, check_int, check_real
 from ..layer import BACKWARD_MODES
 
 __all__ = [
@@ -93,7 +93,7 @@ class ModelConfig:
         width: channels of the stem and first stage (torchvision: 64); stages double it.
     """
 
-    arch: str = field(default="resnet101", metadata={"check": lambda v, n: _choice(v, n, ARCHS)})
+    arch: str = field(default="resnet101", metadata={"check": lambda v, n: check_choice(v, ARCHS, n)})
     width: int = field(default=64, metadata={"check": lambda v, n: check_int(v, n, 1)})
 
 
@@ -145,12 +145,12 @@ class PipelineConfig:
         front_lr: learning rate of the front's own parameters (None: ``train.lr``).
     """
 
-    kind: str = field(default="dac", metadata={"check": lambda v, n: _choice(v, n, PIPELINE_KINDS)})
+    kind: str = field(default="dac", metadata={"check": lambda v, n: check_choice(v, PIPELINE_KINDS, n)})
     epochs: int = field(default=144, metadata={"check": lambda v, n: check_int(v, n, 1)})
     input_size: tuple[int, int] = field(default=(200, 370), metadata={"check": lambda v, n: _pair(v, n, 8)})
-    augment: str = field(default="paper", metadata={"check": lambda v, n: _choice(v, n, AUGMENTATIONS)})
+    augment: str = field(default="paper", metadata={"check": lambda v, n: check_choice(v, AUGMENTATIONS, n)})
     pool_size: int = field(default=10, metadata={"check": lambda v, n: check_int(v, n, 1)})
-    backward_mode: str = field(default="implicit", metadata={"check": lambda v, n: _choice(v, n, BACKWARD_MODES)})
+    backward_mode: str = field(default="implicit", metadata={"check": lambda v, n: check_choice(v, BACKWARD_MODES, n)})
     saliency_width: int = field(default=16, metadata={"check": lambda v, n: check_int(v, n, 1)})
     localization_size: tuple[int, int] = field(default=(64, 118), metadata={"check": lambda v, n: _pair(v, n, 16)})
     roi_rotate_degrees: float = field(default=0.0, metadata={"check": lambda v, n: check_angle(v, n)})
@@ -252,7 +252,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
             if settings is not None and not isinstance(settings, Mapping):
                 raise DACInputError(f"pipelines.{name}: expected a mapping of settings, got {settings!r}")
             settings = dict(settings or {})
-            kind = _choice(settings.get("kind", name), f"pipelines.{name}.kind", PIPELINE_KINDS)
+            kind = check_choice(settings.get("kind", name), PIPELINE_KINDS, f"pipelines.{name}.kind")
             base = {"kind": kind, **_PIPELINE_DEFAULTS[kind]}
             cfg.pipelines[str(name)] = _section(PipelineConfig, {**base, **settings}, f"pipelines.{name}")
     _check(cfg)
@@ -305,12 +305,6 @@ def _bool(value: Any, name: str) -> bool:
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise DACInputError(f"{name}: expected a non-empty text, got {value!r}")
-    return value
-
-
-def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise DACInputError(f"{name}: expected one of {choices}, got {value!r}")
     return value
 
 

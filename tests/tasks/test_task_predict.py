@@ -1,4 +1,4 @@
-"""dac.predict and ``dac predict``: a trained pipeline on new images, with the archive's guarantees.
+"""dac.tasks.predict and ``dac predict``: a trained pipeline on new images, with the archive's guarantees.
 
 One tiny model is trained once for the module (phantoms of 96 x 177, one epoch, a
 ResNet-18 of width 4: seconds), then predicted with; what is tested is the bookkeeping
@@ -19,7 +19,7 @@ from dac import DACInputError
 from dac.data import io as dio
 from dac.cli import main
 from dac.data.phantoms import CLASS_NAMES, make_phantom
-from dac.predict import Predictor, predict_archive
+from dac.tasks.predict import Predictor, predict_archive
 from dac.train import PipelineConfig, build_pipeline, config_from_dict, load_checkpoint, save_checkpoint, train_pipeline
 
 from conftest import torchrun_dac
@@ -296,3 +296,53 @@ def test_two_processes_under_torchrun_predict_each_file_once(trained: Path, tmp_
     assert sorted(re.findall(r"shard \d/2 of 5\), 0 predicted, (\d) already done", torchrun_dac(*args))) == ["2", "3"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "crops").iterdir()} == written
     assert rows(out) == table
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "classes in run.json"])
+def test_damaged_model_is_one_line_naming_the_file(trained: Path, tmp_path: Path, capsys, damage):
+    # OSError, EOFError, UnpicklingError, RuntimeError: size mismatch (issue 26 item 8)
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    checkpoint = copy / "dac" / "checkpoint.pt"
+    if damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    elif damage == "empty":
+        checkpoint.write_bytes(b"")
+    elif damage == "garbage":
+        checkpoint.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+    else:
+        run = json.loads((copy / "run.json").read_text())
+        (copy / "run.json").write_text(json.dumps(run | {"classes": run["classes"][:3]}))
+    phantoms(tmp_path / "new", 1)
+    out = tmp_path / "preds"
+    assert main(["predict", str(copy / "dac"), str(tmp_path / "new"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("dac predict: error: MODEL: ")
+    named = "run.json" if damage.startswith("classes") else "checkpoint.pt"
+    assert named in err, err
+    assert not out.exists()
+
+
+def test_crop_and_predict_never_share_a_results_folder(trained: Path, tmp_path: Path, capsys):
+    # each overwrote the other's crops, and dac crop then skipped them as done (issue 26 item 1)
+    phantoms(tmp_path / "new", 2)
+    shared = tmp_path / "shared"
+    assert main(["crop", str(tmp_path / "new"), "--out", str(shared), "--size", "24x44", "--pool-size", "4",
+                 "--no-progress"]) == 0
+    crops = {p.name: p.read_bytes() for p in (shared / "crops").iterdir()}
+    capsys.readouterr()
+    assert main(["predict", str(trained / "dac"), str(tmp_path / "new"), "--out", str(shared), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds the results of dac crop" in err
+    assert {p.name: p.read_bytes() for p in (shared / "crops").iterdir()} == crops
+    assert not (shared / "predictions.csv").exists()
+
+
+def test_a_run_with_nothing_to_do_rewrites_nothing(trained: Path, tmp_path: Path):
+    # predictions.csv was rewritten (same content) where dac crop left its table (issue 26)
+    phantoms(tmp_path / "new", 2)
+    out, predictor = tmp_path / "preds", Predictor.load(trained)
+    assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).ok == 2
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).skipped == 2
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before

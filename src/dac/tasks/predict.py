@@ -2,7 +2,7 @@
 
 Load once, predict many::
 
-    from dac.predict import Predictor
+    from dac.tasks.predict import Predictor
     predictor = Predictor.load("runs/quick/dac")        # a dac train / dac cv results folder
     result = predictor.predict_files(["a.png", "b.png"])
     result.probabilities, result.boxes, predictor.classes
@@ -13,7 +13,7 @@ unfinished), reads files as its training read them (one gray channel, 8-bit wher
 training data were), and returns per image the box (xyxy in input pixels), the crop the
 classifier saw, the class probabilities and the predicted class.
 :func:`predict_archive` runs it over files, folders or glob patterns with the archive
-engine of :mod:`dac.archive` (the same guarantees as ``dac crop``: every input one row,
+engine of :mod:`dac.jobs` (the same guarantees as ``dac crop``: every input one row,
 bad files recorded with their reason, atomic writes, a journal per batch, resume that
 redoes nothing, shards), writing ``OUT/predictions.csv``, ``OUT/crops/`` and, if asked,
 ``OUT/overlays/``.
@@ -44,6 +44,8 @@ import dataclasses
 import functools
 import json
 import os
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,14 +53,16 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import archive
-from ._batching import by_size
-from ._checks import DACInputError, check_device
+from .. import jobs
+from .._batching import by_size
+from .._checks import DACInputError, check_device
+from ..data import io as dio
 
 __all__ = ["Prediction", "PredictionSummary", "Predictor", "predict_archive"]
 
-#: Version of how a prediction row is made: part of every settings key.
-PREDICT_FORMAT = 1
+#: Version of how a prediction row is made from an image (with
+#: :data:`dac.data.io.READ_FORMAT`, how the image is read): part of every settings key.
+PREDICT_FORMAT = 2
 #: An image fits a model trained on phantoms of size S when each side is within this factor of S's.
 SIZE_FACTOR = 2.0
 
@@ -87,8 +91,8 @@ class Prediction:
 
 
 @dataclass
-class PredictionSummary(archive.ArchiveSummary):
-    """An :class:`~dac.archive.ArchiveSummary` plus the accuracy on labelled images."""
+class PredictionSummary(jobs.ArchiveSummary):
+    """An :class:`~dac.jobs.ArchiveSummary` plus the accuracy on labelled images."""
 
     labelled: int = 0  #: ok rows of this run's inputs whose folder names a class
     correct: int = 0  #: of those, predicted as their folder says
@@ -158,19 +162,38 @@ class Predictor:
 
         Raises:
             DACInputError: not a results folder, a pipeline or fold that is not there or
-                not named where several are, an unfinished training, or a model whose
-                input does not fit (see the class doc); the message starts with ``MODEL``.
+                not named where several are, an unfinished training, a damaged
+                checkpoint (truncated, empty, edited) or one that does not fit its
+                ``run.json``, or a model whose input does not fit (see the class doc);
+                the message starts with ``MODEL`` and names the file.
         """
-        from .train import load_pipeline
-        from .train.config import config_to_dict, load_config
+        from ..train import load_pipeline
+        from ..train.config import config_to_dict, load_config
 
         out, name, fold = _resolve(Path(model), pipeline, fold)
+        checkpoint = os.fspath(out / name / (f"fold_{fold}" if fold is not None else "") / "checkpoint.pt")
+        run_json = os.fspath(out / "run.json")
         try:
-            net = load_pipeline(out, name, fold)
+            with warnings.catch_warnings():  # torch on a damaged file: the error below says it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                net = load_pipeline(out, name, fold)
         except DACInputError as err:
             raise DACInputError(f"MODEL: {err}") from None
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise DACInputError(_damaged(checkpoint, err)) from None
+            raise DACInputError(
+                f"MODEL: {checkpoint!r} does not fit {run_json!r}: its weights have other shapes than the model "
+                "run.json and config.yaml describe (were its classes edited?)"
+            ) from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as err:
+            raise DACInputError(_damaged(checkpoint, err)) from None
         config = load_config(out / "config.yaml")
-        classes = json.loads((out / "run.json").read_text())["classes"]
+        try:
+            classes = json.loads((out / "run.json").read_text())["classes"]
+            classes = [str(c) for c in classes]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DACInputError(f"MODEL: {run_json!r} names no list of classes") from None
         described = config_to_dict(config)
         description = {
             "pipeline": name,
@@ -191,8 +214,8 @@ class Predictor:
         return {
             "model": self.description,
             "classes": list(self.classes),
-            "front": archive.module_settings(crop) if isinstance(crop, nn.Module) else type(front).__name__,
-            "weights": archive.weights_digest(self.model),
+            "front": jobs.module_settings(crop) if isinstance(crop, nn.Module) else type(front).__name__,
+            "weights": jobs.weights_digest(self.model),
             "training_sizes": None if self.training_sizes is None else [list(s) for s in self.training_sizes],
             "gray8": self.gray8,
         }
@@ -241,6 +264,12 @@ class Predictor:
         logits = self.model.classify(front.crops)
         probabilities = torch.softmax(logits.double(), dim=1)
         return Prediction(probabilities.cpu(), front.boxes.float().cpu(), front.crops.float().cpu(), self.classes)
+
+
+def _damaged(checkpoint: str, err: BaseException) -> str:
+    """The one line for a checkpoint that cannot be loaded (torch's own message is pages long)."""
+    return (f"MODEL: {checkpoint!r} is damaged: not a whole checkpoint of dac train or dac cv (truncated, empty or "
+            f"edited; {type(err).__name__}); restore it, or run its training again")
 
 
 def _check_model(model: nn.Module, classes: tuple[str, ...]) -> None:
@@ -312,18 +341,16 @@ def _resolve(path: Path, pipeline: str | None, fold: int | None) -> tuple[Path, 
     return out, pipeline, fold
 
 
-def _read_for_model(path: str, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
+def _read_for_model(path: str, data: bytes | None = None, *, training_sizes, any_size: bool, gray8: bool, dicom: str,
                     percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     """Read one file as the model's training did (one gray channel, 8-bit if it was), checking its size."""
-    from .data.io import ImageReadError, read_input
-
-    image, intensity = read_input(path, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
+    image, intensity = dio.read_input(path, data, gray=True, gray8=gray8, dicom=dicom, percentiles=percentiles)
     if training_sizes and not any_size:
         h, w = image.shape[-2:]
         if not any(s[0] / SIZE_FACTOR <= h <= s[0] * SIZE_FACTOR and s[1] / SIZE_FACTOR <= w <= s[1] * SIZE_FACTOR
                    for s in training_sizes):
             sizes = ", ".join(f"{s[0]}x{s[1]}" for s in training_sizes)
-            raise ImageReadError(
+            raise dio.ImageReadError(
                 path, f"image of {h}x{w} (HxW) does not fit the model, trained on images of {sizes}: "
                 f"scale it to about that size, or pass --any-size"
             )
@@ -356,12 +383,12 @@ def predict_archive(
         predictor: the loaded model (:meth:`Predictor.load`); it runs on its device.
         batch_size: images per batch.
         workers: processes decoding files ahead (0: a read-ahead thread of this
-            process; ``"auto"``: :func:`dac.archive.default_workers`).
+            process; ``"auto"``: :func:`dac.jobs.default_workers`).
         overlays: also write each image, downscaled, with its box and predicted class.
         dicom, percentiles: how DICOM values become [0, 1] (:func:`dac.data.io.read_image`).
         any_size: predict images whose size does not fit the model's training sizes.
         progress: show a progress bar (None: only on a terminal).
-        shard: ``(i, n)`` or ``"i/n"``: this process's share (see :mod:`dac.archive`).
+        shard: ``(i, n)`` or ``"i/n"``: this process's share (see :mod:`dac.jobs.engine`).
 
     Returns:
         :class:`PredictionSummary`, with the accuracy on the labelled inputs.
@@ -369,34 +396,32 @@ def predict_archive(
     Raises:
         DACInputError: a bad argument, an input that does not exist, an ``out_dir``
             that cannot be written, a ``predictions.csv`` that cannot be kept (or holds
-            another model's classes), or another run (of the same shard) writing there.
+            another model's classes), an ``out_dir`` holding another command's results,
+            or another run writing there (of the same shard, or with other settings or
+            another shard layout).
+        OSError: writing the results failed (a full disk): what was done is kept;
+            run again to resume.
         KeyboardInterrupt: after writing the table of what was done (run again to resume).
     """
-    from .data import io as dio
-
     if not isinstance(predictor, Predictor):
-        raise DACInputError(f"predictor: expected a dac.predict.Predictor, got {type(predictor).__name__}")
-    if dicom not in dio.DICOM_INTENSITY:
-        raise DACInputError(f"dicom: expected one of {dio.DICOM_INTENSITY}, got {dicom!r}")
-    percentiles = dio.check_percentiles(percentiles)
+        raise DACInputError(f"predictor: expected a dac.tasks.predict.Predictor, got {type(predictor).__name__}")
     classes = predictor.classes
     probability_fields = tuple(f"prob_{c}" for c in classes)
-    fields = (archive.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "predicted") + probability_fields
-              + ("label", "crop") + archive.ARCHIVE_FIELDS[1])
+    fields = (jobs.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "predicted") + probability_fields
+              + ("label", "crop") + jobs.ARCHIVE_FIELDS[1])
     settings = {
         "format": PREDICT_FORMAT,
-        "archive_format": archive.ARCHIVE_FORMAT,  # how a file is read: a change there predicts again
+        "read": dio.read_settings(gray=True, gray8=predictor.gray8, dicom=dicom, percentiles=percentiles),
         "predictor": predictor.settings,
         "overlays": bool(overlays),
         "any_size": bool(any_size),
-        "dicom": {"intensity": dicom} | ({"percentiles": list(percentiles)} if dicom == "percentiles" else {}),
     }
-    task = archive.ArchiveTask(
+    task = jobs.ArchiveTask(
         table="predictions.csv",
         fields=fields,
         settings=settings,
         read=functools.partial(_read_for_model, training_sizes=predictor.training_sizes, any_size=bool(any_size),
-                               gray8=predictor.gray8, dicom=dicom, percentiles=percentiles),
+                               gray8=predictor.gray8, dicom=dicom, percentiles=tuple(percentiles)),
         compute=functools.partial(_compute, predictor),
         write=functools.partial(_write, classes=classes, overlays=bool(overlays)),
         outputs=("crop",),
@@ -405,7 +430,7 @@ def predict_archive(
         check_header=functools.partial(_check_header, probability_fields=probability_fields),
         name="dac predict",
     )
-    base = archive.run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers,
+    base = jobs.run_archive(inputs, out_dir, task, batch_size=batch_size, workers=workers,
                                device=predictor.device, progress=progress, shard=shard)
     summary = PredictionSummary(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     _count_labelled(Path(out_dir) / "predictions.csv", summary)
@@ -418,19 +443,17 @@ def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor,
 
 
 def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
-    from .data import io as dio
-
     probabilities, box, crop = result
     best = int(probabilities.argmax())
-    name = f"crops/{archive.output_name(key)}"
+    name = f"crops/{jobs.output_name(key)}"
     dio.write_png(out / name, crop, bits=8)
     if overlays:
-        archive.write_overlay(out / "overlays" / archive.output_name(key), image, box,
+        dio.write_overlay(out / "overlays" / jobs.output_name(key), image, box,
                               text=f"{classes[best]} ({float(probabilities[best]):.2f})")
     else:
-        archive.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
+        jobs.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
     folder = os.path.basename(os.path.dirname(found))  # the class folder as the user laid it out (links not followed)
-    x1, y1, x2, y2 = (f"{v:.2f}" for v in box.tolist())
+    x1, y1, x2, y2 = (jobs.number_cell(v) for v in box.tolist())
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "predicted": classes[best], "crop": name,
             "label": folder if folder in classes else "",
             **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(classes, probabilities)}}
