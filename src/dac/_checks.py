@@ -220,3 +220,42 @@ def check_unit_range(images: torch.Tensor, name: str = "images", slack: float = 
             "divide 8-bit intensities by 255 (or pass the integer tensor: uint8, uint16 and int16 "
             "are scaled automatically)"
         )
+
+
+# --------------------------------------------------------------- real-number options
+def check_real(value: Any, name: str, low: float = -float("inf"), high: float = float("inf"), *,
+               low_open: bool = False, high_open: bool = False, what: str = "a number") -> float:
+    """``value`` as a float if it is a real number (int, float, numpy number; not a bool
+    or a string) in the interval from ``low`` to ``high`` (closed unless ``low_open`` /
+    ``high_open``); NaN never is.
+
+    Raises:
+        DACInputError: naming ``name``, what was seen and the interval expected.
+
+    Example:
+        >>> check_real(0.1, "margin", 0, 0.5, high_open=True)
+        0.1
+        >>> check_real("0.1", "margin", 0, 0.5, high_open=True)
+        Traceback (most recent call last):
+        ...
+        dac._checks.DACInputError: margin: expected a number in [0, 0.5), got '0.1'
+    """
+    import numbers
+
+    inside = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if inside:
+        v = float(value)
+        inside = (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise DACInputError(f"{name}: expected {what} in {interval}, got {value!r}")
+    return v
+
+
+def check_pool_size(model: Any, pool_size: int, name: str) -> None:
+    """Raise :class:`DACInputError` if ``model`` (a saliency stage, a box regressor) works on
+    windows of another ``pool_size`` than the layer it is used with (a model without
+    one fits any)."""
+    own = getattr(model, "pool_size", pool_size)
+    if own != pool_size:
+        raise DACInputError(f"{name}: works on windows of pool_size {own}, the layer on {pool_size}")
