@@ -14,16 +14,17 @@ Reproducible by seed: the batches, flips, stretches and shifts of the box steps 
 the warm start are drawn from independent ``numpy`` streams of the seed
 (:func:`random_stream`), and :func:`init_generator` gives the ``torch.Generator`` a
 stage's initial weights are drawn from; nothing reads the global random state, so one
-seed, the same arguments, machine and thread count give bitwise the same weights (a
-``time_limit`` that cuts the fit short depends on the machine's speed).
+seed, the same arguments, machine and thread count give bitwise the same weights (the
+CPU kernels used are deterministic). Another thread count sums in another order (weights
+~1e-5 apart after 8 steps), and a ``time_limit`` that cuts the fit short depends on the
+machine's speed.
 
-One trainer? ``dac.train.engine.fit`` is an epoch loop of cross-entropy over a ``Dataset``
-of images through a ``Pipeline``, with checkpoints, resume, DDP and BatchNorm
-recalibration; this is a step loop over cached pooled features of several image sizes
-(one size per batch) with a box loss through the search, a warm-start phase, gradient
-clipping and a wall-clock limit. They share no step but ``backward(); step()``, and the
-engine lies above this package (``dac.train`` imports ``dac.saliency``), so neither is
-built on the other.
+One trainer? No. ``dac.train.engine.fit`` runs epochs of cross-entropy over a ``Dataset`` of images
+through a ``Pipeline`` (checkpoints, resume, DDP, BatchNorm recalibration); this runs steps of a
+box loss through the search over cached features of mixed image sizes (one size per batch), with
+a warm-start phase, gradient clipping and a wall-clock limit: they share no step but
+``backward(); step()``, and ``dac.train`` imports ``dac.saliency``, so either built on the other
+would import upward.
 
 Convention: boxes are xyxy in input pixel coordinates (torchvision's).
 """
@@ -34,7 +35,7 @@ import logging
 import math
 import time
 from dataclasses import InitVar, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -235,7 +236,7 @@ def box_loss(boxes: Tensor, regions: Tensor, targets: Tensor, widths: Tensor, co
     return fit + coverage_weight * (outside / scale).sum(-1)
 
 
-Locator = Callable[[Tensor, tuple[int, int]], tuple[Tensor, "object | None"]]
+Locator = Callable[[Tensor, tuple[int, int]], tuple[Tensor, Any]]
 
 
 def fit_saliency(
