@@ -350,32 +350,17 @@ def _search_options(args: argparse.Namespace) -> dict:
 
 
 def _fit_saliency(args: argparse.Namespace) -> int:
-    import logging
-
     from .saliency import FitOptions
     from .tasks.fit_saliency import train_saliency
 
     options = FitOptions(steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit, coverage_weight=args.coverage_weight,
                          margin=args.margin, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, flags=True)
     given = _search_options(args)
-    progress = logging.getLogger("dac.saliency")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("dac fit-saliency: %(message)s"))
-    level, propagate = progress.level, progress.propagate
-    if not args.quiet:
-        progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
-        progress.propagate = False
-    try:
-        summary = train_saliency(
-            args.out, options, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
-            output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
-            sharpness_factor=given["sharpness_factor"], members=args.members, overwrite=args.overwrite, flags=True,
-        )
-    finally:
-        progress.removeHandler(handler)
-        progress.setLevel(level)
-        progress.propagate = propagate
+    summary = train_saliency(  # progress through the dac.saliency logger (main shows it unless --quiet)
+        args.out, options, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
+        output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
+        sharpness_factor=given["sharpness_factor"], members=args.members, overwrite=args.overwrite, flags=True,
+    )
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "
           f"{_shown(os.path.join(args.out, 'saliency.pt'))}", file=sys.stderr)

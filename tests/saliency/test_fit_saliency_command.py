@@ -268,8 +268,8 @@ class TestWhatTheUserSees:
     def test_progress_during_the_warm_start_and_a_word_on_the_box_counts(self, tmp_path, capsys):
         assert main(["fit-saliency", "--out", str(tmp_path / "fit"), *SMALL, "--count", "2", "--steps", "1", "--mask-steps", "20"]) == 0
         err = capsys.readouterr().err
-        assert "dac fit-saliency: features of phantom 2/2" in err
-        assert "dac fit-saliency: warm-start step 20/20: loss" in err and "dac fit-saliency: step 1/1: loss" in err
+        assert "[dac] features of phantom 2/2" in err  # the dac.saliency logger, which the CLI shows
+        assert "[dac] warm-start step 20/20: loss" in err and "[dac] step 1/1: loss" in err
         summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
         assert summary["boxes_searched"] == 2 * 2  # 1 step x 2 images x 2 members
         assert summary["boxes_note"].split(":")[0] in ("fine", "many") and "%" in summary["boxes_note"]

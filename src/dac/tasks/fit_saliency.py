@@ -12,7 +12,6 @@ box steps; ``dac fit-saliency`` prints it unless ``--quiet``.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -180,9 +179,9 @@ def read_labelled_images(csv_path: str | Path, pool_size: int) -> tuple[list[Ten
     """Features, regions and sizes of the images a ``path,x1,y1,x2,y2`` CSV lists.
 
     The CSV: one image per row, its labelled region xyxy in input pixels; an optional
-    header row ``path,x1,y1,x2,y2``; relative paths from the CSV's folder; UTF-8 (with or
-    without a BOM), bytes that are not UTF-8 (a Latin-1 file name) kept as the file
-    system's bytes, as ``dac crop`` keeps them. Each image is read as ``dac crop`` reads
+    header row ``path,x1,y1,x2,y2``; relative paths from the CSV's folder; read by
+    :func:`dac.data.tables.read_csv_rows` (UTF-8 with or without a BOM, bytes that are
+    not UTF-8, such as a Latin-1 file name, kept as the file system's bytes). Each image is read as ``dac crop`` reads
     it (:func:`dac.data.io.read_input`: 8- and 16-bit PNG, TIFF, JPEG, DICOM, ...), so the
     features are those the stage will search.
 
@@ -200,50 +199,36 @@ def read_labelled_images(csv_path: str | Path, pool_size: int) -> tuple[list[Ten
             image, an image that cannot be read; or a CSV with no images.
     """
     from ..data.io import ImageReadError, read_input
+    from ..data.tables import read_csv_rows
 
     csv_path = Path(csv_path)
     shown = repr(str(csv_path))
-    if not csv_path.is_file():
-        raise DACInputError(f"data: no such file {shown}")
     features, regions, sizes = [], [], []
-    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        rows = csv.reader(handle)
-        line = 0
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            except csv.Error as err:
-                raise DACInputError(f"data: {shown} line {rows.line_num}: not a CSV of path,x1,y1,x2,y2 in UTF-8 ({err})") from None
-            line = rows.line_num
-            cells = [c.strip() for c in row]
-            if not any(cells):
-                continue
-            if line == 1 and cells[0].lower() in ("path", "file", "image"):
-                if [c.lower() for c in cells[1:]] != ["x1", "y1", "x2", "y2"]:  # xywh, y first...: not read as xyxy
-                    raise DACInputError(f"data: {shown}: the header {row!r} names other columns; expected path,x1,y1,x2,y2 (xyxy, input pixels)")
-                continue
-            if len(cells) != 5:
-                raise DACInputError(f"data: {shown} line {line}: expected path,x1,y1,x2,y2 (UTF-8), got {row!r}")
-            file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
-            try:
-                box = [float(v) for v in cells[1:]]
-                image, _ = read_input(str(file))
-            except ValueError:
-                raise DACInputError(f"data: {shown} line {line}: the box {cells[1:]} is not four numbers") from None
-            except ImageReadError as err:
-                raise DACInputError(f"data: {shown} line {line}: {err}") from None
-            height, width = image.shape[-2:]
-            if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
-                raise DACInputError(f"data: {shown} line {line}: box {box} is not xyxy inside the {width}x{height} image")
-            try:
-                features.append(saliency_features(image[None], pool_size)[0])
-            except DACInputError as err:  # too small for the pooling window
-                raise DACInputError(f"data: {shown} line {line}: {err}") from None
-            regions.append(torch.tensor(box, dtype=torch.float32))
-            sizes.append((height, width))
-            _log.info("features of image %d (%s)", len(features), file.name)
+    for line, cells in read_csv_rows(csv_path, "data"):
+        if line == 1 and cells[0].lower() in ("path", "file", "image"):
+            if [c.lower() for c in cells[1:]] != ["x1", "y1", "x2", "y2"]:  # xywh, y first...: not read as xyxy
+                raise DACInputError(f"data: {shown}: the header {cells!r} names other columns; expected path,x1,y1,x2,y2 (xyxy, input pixels)")
+            continue
+        if len(cells) != 5:
+            raise DACInputError(f"data: {shown} line {line}: expected path,x1,y1,x2,y2 (UTF-8), got {cells!r}")
+        file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
+        try:
+            box = [float(v) for v in cells[1:]]
+            image, _ = read_input(str(file))
+        except ValueError:
+            raise DACInputError(f"data: {shown} line {line}: the box {cells[1:]} is not four numbers") from None
+        except ImageReadError as err:
+            raise DACInputError(f"data: {shown} line {line}: {err}") from None
+        height, width = image.shape[-2:]
+        if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+            raise DACInputError(f"data: {shown} line {line}: box {box} is not xyxy inside the {width}x{height} image")
+        try:
+            features.append(saliency_features(image[None], pool_size)[0])
+        except DACInputError as err:  # too small for the pooling window
+            raise DACInputError(f"data: {shown} line {line}: {err}") from None
+        regions.append(torch.tensor(box, dtype=torch.float32))
+        sizes.append((height, width))
+        _log.info("features of image %d (%s)", len(features), file.name)
     if not features:
         raise DACInputError(f"data: {shown} lists no images")
     return features, torch.stack(regions), sizes
