@@ -19,7 +19,7 @@ CPU kernels used are deterministic). Another thread count sums in another order 
 ~1e-5 apart after 8 steps), and a ``time_limit`` that cuts the fit short depends on the
 machine's speed.
 
-One trainer? No. ``dac.train.engine.fit`` runs epochs of cross-entropy over a ``Dataset`` of images
+One trainer? No. ``dac.train.Engine.fit`` runs epochs of cross-entropy over a ``Dataset`` of images
 through a ``Pipeline`` (checkpoints, resume, DDP, BatchNorm recalibration); this runs steps of a
 box loss through the search over cached features of mixed image sizes (one size per batch), with
 a warm-start phase, gradient clipping and a wall-clock limit: they share no step but
