@@ -28,6 +28,10 @@ from .regressor import BoxRegressor, fit_box_regressor
 from .scores import labelled_fit, localisation_scores
 from .targets import aspect_box, margin_target, minimum_width, region_masks
 
+# The public path, which dac crop's settings key records for a DACrop using a stage: keys made
+# before the split (dac.saliency.SaliencyNet) stay valid, so archives are not cropped again.
+SaliencyNet.__module__ = __name__
+
 __all__ = [
     "FEATURES", "FIT_DEFAULTS", "LEARNED_DEFAULTS", "BoxRegressor", "FitHistory", "FitOptions", "SaliencyNet",
     "aspect_box", "box_loss", "check_features", "feature_trunk", "fit_box_regressor", "fit_region_masks", "fit_saliency",

@@ -180,6 +180,7 @@ class SaliencyNet(nn.Module):
             :meth:`config` (a loaded stage gets its weights from the file).
 
     Example:
+        >>> import torch
         >>> from dac import DACrop
         >>> layer = DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4))
         >>> layer(torch.rand(1, 1, 96, 177)).shape
