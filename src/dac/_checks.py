@@ -149,7 +149,7 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
 
 def check_real(
     value: Any, name: str, low: float = float("-inf"), high: float = float("inf"), *,
-    low_open: bool = False, high_open: bool = False,
+    low_open: bool = False, high_open: bool = False, what: str = "a number",
 ) -> float:
     """A real number (int, float or a numpy scalar; not a bool, not a string) in a range.
 
@@ -161,7 +161,7 @@ def check_real(
         0.1
     """
     left, right = ("(" if low_open else "["), (")" if high_open else "]")
-    expected = f"a number in {left}{low:g}, {high:g}{right}"
+    expected = f"{what} in {left}{low:g}, {high:g}{right}"
     if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
         raise DACInputError(f"{name}: expected {expected}, got {value!r}")
     v = float(value)
@@ -283,3 +283,12 @@ def check_shard(shard: Any, name: str = "shard") -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise DACInputError(f"{name}: expected i/n with 0 <= i < n, got {index}/{count}")
     return index, count
+
+
+def check_pool_size(model: Any, pool_size: int, name: str) -> None:
+    """Raise :class:`DACInputError` if ``model`` (a saliency stage, a box regressor) works on
+    windows of another ``pool_size`` than the layer it is used with (a model without
+    one fits any)."""
+    own = getattr(model, "pool_size", pool_size)
+    if own != pool_size:
+        raise DACInputError(f"{name}: works on windows of pool_size {own}, the layer on {pool_size}")

@@ -77,7 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .localisation import FIT_DEFAULTS, LEARNED_DEFAULTS
+    from .saliency import FIT_DEFAULTS, LEARNED_DEFAULTS
 
     parser = _Parser(prog="dac", description="Differentiable auto-cropping (DAC).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,8 +142,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a learned saliency stage (dac.saliency.SaliencyNet) so that the boxes DAC finds on its "
         "map fit labelled regions; the gradient reaches it through the box. Trains on generated phantoms "
         "(--count) or on --data, a CSV of path,x1,y1,x2,y2 (xyxy in input pixels; relative paths from the CSV's "
-        "folder). Writes OUT/saliency.pt (for dac crop --saliency and dac.localisation.load_dacrop) and "
-        "OUT/fit.json. Exit status: 0 done, 1 interrupted, 2 usage error.",
+        "folder; UTF-8, or file names in the file system's own bytes). Writes OUT/saliency.pt (for dac crop "
+        "--saliency and dac.saliency.load_dacrop) and OUT/fit.json. The same --seed and options on the same machine "
+        "and thread count give the same saliency.pt, bit for bit (without --time-limit). Exit status: 0 done, "
+        "1 interrupted, 2 usage error.",
     )
     fit.add_argument("--out", required=True, metavar="DIR", help="results folder")
     fit.add_argument("--count", type=int, default=FIT_DEFAULTS["count"], help="phantoms to train on (default %(default)s; ignored with --data)")
@@ -177,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--clip-norm", type=float, default=FIT_DEFAULTS["clip_norm"], metavar="NORM",
                      help="largest gradient norm of a step through the box (default %(default)s; inf: no clipping): "
                      "a box on a nearly flat ridge of the cost has a huge implicit gradient")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=int, default=0,
+                     help="phantoms, initial weights, batches and augmentation (default %(default)s)")
     fit.add_argument("--overwrite", action="store_true", help="replace OUT/saliency.pt if OUT holds one (default: refuse)")
     fit.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -319,7 +322,7 @@ def _crop(args: argparse.Namespace) -> int:
     given = _search_options(args)
     shard, device = _archive_checks(args)
     if args.saliency is not None:
-        from .localisation import load_dacrop
+        from .saliency import load_dacrop
 
         layer = load_dacrop(args.saliency, **given)
     else:
@@ -367,29 +370,24 @@ def _search_options(args: argparse.Namespace) -> dict:
 
 
 def _fit_saliency(args: argparse.Namespace) -> int:
-    from ._checks import check_int
-    from .jobs import check_out_dir
-    from .localisation import check_fit_options, check_fit_out, train_saliency
+    from .saliency import FitOptions
+    from .tasks.fit_saliency import train_saliency
 
-    check_int(args.count, "--count", 1)
-    check_int(args.members, "--members", 1)
-    check_int(args.steps, "--steps", 0)
-    check_int(args.mask_steps, "--mask-steps", 0)
-    check_fit_options(args.coverage_weight, args.margin, args.time_limit, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, flags=True)  # before any phantom is drawn
-    check_out_dir(args.out, "--out")
-    check_fit_out(args.out, args.overwrite, flags=True)
+    options = FitOptions(steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit, coverage_weight=args.coverage_weight,
+                         margin=args.margin, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, flags=True)
     given = _search_options(args)
-    summary = train_saliency(
-        args.out, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
+    summary = train_saliency(  # progress through the dac.saliency logger (main shows it unless --quiet)
+        args.out, options, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
         output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
-        sharpness_factor=given["sharpness_factor"], members=args.members, steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit,
-        coverage_weight=args.coverage_weight, margin=args.margin, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, overwrite=args.overwrite, log=None if args.quiet else (lambda m: print(f"dac fit-saliency: {m}", file=sys.stderr)),
+        sharpness_factor=given["sharpness_factor"], members=args.members, overwrite=args.overwrite, flags=True,
     )
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "
-          f"{os.path.join(args.out, 'saliency.pt')}", file=sys.stderr)
+          f"{_shown(os.path.join(args.out, 'saliency.pt'))}", file=sys.stderr)
     print(f"dac fit-saliency: on its {summary['images']} labelled images: mean IoU {summary['labelled_iou']:.3f}, "
           f"labelled region inside the box in {100 * summary['labelled_region_inside']:.0f} %", file=sys.stderr)
+    if summary["steps"]:
+        print(f"dac fit-saliency: boxes in training: {summary['boxes_note']}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,114 @@
+"""Augmentation of labelled images for a fit: new layouts from few labels, features and boxes moved alike.
+
+* :func:`flip_left_right` — mirror chosen images of a batch (features and regions).
+* :func:`stretch_and_shift` — stretch each image left-right about its region's centre,
+  then move it by whole pooled pixels; the region moves alike and never leaves the grid.
+
+Both work on cached :func:`~dac.saliency.saliency_features` (not on images) and draw
+from an explicit ``numpy.random.Generator``.
+
+Convention: regions are xyxy in input pixels; pooled pixel ``j`` spans ``[k j, k (j + 1))``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["flip_left_right", "stretch_and_shift"]
+
+
+def flip_left_right(features: Tensor, regions: Tensor, pool_size: int, mirror: Tensor) -> tuple[Tensor, Tensor]:
+    """The images where ``mirror`` is True mirrored left-right, features and regions alike.
+
+    The axis is the pooled grid's middle, ``k w / 2`` (the grid spans ``[0, k w)``).
+
+    Args:
+        features: Tensor[b, 5, h, w].
+        regions: Tensor[b, 4] xyxy, input pixels.
+        pool_size: k.
+        mirror: Tensor[b] bool.
+
+    Returns:
+        (features, regions) of the same shapes.
+
+    Example:
+        >>> f, r = flip_left_right(torch.arange(4.0).reshape(1, 1, 1, 4), torch.tensor([[0.0, 0, 10, 5]]), 5,
+        ...                        torch.tensor([True]))
+        >>> f.flatten().tolist(), r.tolist()
+        ([3.0, 2.0, 1.0, 0.0], [[10.0, 0.0, 20.0, 5.0]])
+    """
+    mirror = mirror.to(features.device)
+    features = torch.where(mirror[:, None, None, None], features.flip(-1), features)
+    axis = float(pool_size * features.shape[-1])
+    flipped = torch.stack((axis - regions[:, 2], regions[:, 1], axis - regions[:, 0], regions[:, 3]), -1)
+    return features, torch.where(mirror.to(regions.device)[:, None], flipped, regions)
+
+
+def stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: np.random.Generator, stretch: float,
+                       shift: float) -> tuple[Tensor, Tensor]:
+    """Each image stretched left-right about its region's centre by a factor drawn from
+    ``[1 - stretch, 1 + stretch]``, then moved by whole pooled pixels, up to ``shift``
+    image widths each way in x and in y; its region moved alike: a wider or narrower
+    arch elsewhere in the frame, new layouts from few labels.
+
+    The features are resampled column by column (each new column takes the old column
+    under its centre, so some columns repeat or drop out, and beyond the grid the edge
+    column or row repeats): every window's features are those of some window of the
+    image, not averaged; rows move by whole pixels. The image size is kept. The labels
+    stay true: a stretch is capped where the region would leave the grid, a move stops
+    at the grid's edge, and an image whose region reaches into the grid's first or last
+    column (row) is neither stretched nor moved along x (y), as the repeated edge would
+    be region that its label leaves out.
+
+    Args:
+        features: Tensor[b, 5, h, w].
+        regions: Tensor[b, 4] float64 xyxy, input pixels (pooled pixel ``j`` spans
+            ``[k j, k (j + 1))``).
+        rng: draws b factors and then 2 b moves (whatever is used).
+
+        pool_size: k.
+        stretch: the largest relative change of the width (0: none).
+        shift: the largest move, image widths (0: none).
+
+    Returns:
+        (features, regions) of the same shapes.
+
+    Example:
+        >>> f, r = stretch_and_shift(torch.rand(2, 5, 6, 12), torch.tensor([[20.0, 10, 60, 40]] * 2, dtype=torch.float64),
+        ...                          10, np.random.default_rng(0), 0.1, 0.1)
+        >>> f.shape, r.shape
+        (torch.Size([2, 5, 6, 12]), torch.Size([2, 4]))
+    """
+    b, _, h, w = features.shape
+    k, device = float(pool_size), regions.device
+    x = regions[:, 0::2] / k  # pooled units: (x1, x2), (y1, y2)
+    y = regions[:, 1::2] / k
+    free_x = (x[:, 0] >= 1) & (x[:, 1] <= w - 1)
+    free_y = (y[:, 0] >= 1) & (y[:, 1] <= h - 1)
+    centre = x.mean(dim=1, keepdim=True)
+    scale = torch.ones(b, 1, dtype=torch.float64, device=device)
+    if stretch:
+        drawn = torch.as_tensor(1 + rng.uniform(-stretch, stretch, b), dtype=torch.float64, device=device)[:, None]
+        room = torch.minimum(centre / (centre - x[:, :1]), (w - centre) / (x[:, 1:] - centre))  # the widest that stays on the grid
+        scale = torch.where(free_x[:, None], torch.minimum(drawn, room), scale)
+        x = ((x - centre) * scale + centre).clamp(0, w)  # on the grid (rounding at the cap)
+    dx = torch.zeros(b, dtype=torch.float64, device=device)
+    dy = torch.zeros_like(dx)
+    reach = int(round(shift * w))
+    if reach:
+        drawn = torch.as_tensor(rng.integers(-reach, reach + 1, size=(2, b)), dtype=torch.float64, device=device)
+
+        def kept(moves: Tensor, low: Tensor, high: Tensor, size: int) -> Tensor:  # the region stays on the grid
+            return torch.minimum(torch.maximum(moves, torch.ceil(-low)), torch.floor(size - high))
+
+        dx = torch.where(free_x, kept(drawn[0], x[:, 0], x[:, 1], w), dx)
+        dy = torch.where(free_y, kept(drawn[1], y[:, 0], y[:, 1], h), dy)
+    centres = torch.arange(w, dtype=torch.float64, device=device) + 0.5
+    cols = torch.floor((centres - dx[:, None] - centre) / scale + centre).long().clamp(0, w - 1)  # [b, w]
+    rows = (torch.arange(h, device=device) - dy[:, None].long()).clamp(0, h - 1)  # [b, h]
+    picked = torch.arange(b, device=device)[:, None, None]
+    moved = features.permute(0, 2, 3, 1)[picked, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    x, y = x + dx[:, None], y + dy[:, None]
+    return moved.contiguous(), k * torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=-1)
+

@@ -1,0 +1,55 @@
+"""dac.saliency.augment: flips, stretches and shifts move features and regions alike."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dac.saliency import flip_left_right, region_masks, stretch_and_shift
+
+
+class TestAugment:
+    def teststretch_and_shift_move_features_and_regions_alike(self):
+        # Features that are the region's own mask: after the augmentation the mask must lie on the
+        # moved region: rows exactly (whole-pixel moves), columns but for the column at each edge
+        # (each new column takes the old column under its centre).
+        gen = torch.Generator().manual_seed(0)
+        k, h, w, b = 10, 30, 60, 64
+        x1 = 10 + torch.rand(b, generator=gen, dtype=torch.float64) * 280
+        y1 = 10 + torch.rand(b, generator=gen, dtype=torch.float64) * 130
+        regions = torch.stack((x1, y1, x1 + 150 + torch.rand(b, generator=gen, dtype=torch.float64) * 150,
+                               y1 + 50 + torch.rand(b, generator=gen, dtype=torch.float64) * 100), -1)  # on the grid
+        regions[0] = torch.tensor([0.0, 0.0, 600.0, 300.0])  # the whole grid: nowhere to go
+        regions[1] = torch.tensor([5.0, 100.0, 300.0, 200.0])  # in the first column: moves in y only
+        regions[2] = torch.tensor([40.0, 20.0, 590.0, 295.0])  # would leave the grid if stretched much
+        features = region_masks(regions, (h, w), k).expand(b, 5, h, w).clone()
+        moved, moved_regions = stretch_and_shift(features, regions, k, np.random.default_rng(1), 0.3, 0.1)
+        assert moved.shape == features.shape and moved_regions.dtype == torch.float64
+        expected = region_masks(moved_regions, (h, w), k)
+        assert torch.equal(moved[:, 1:], moved[:, :1].expand(b, 4, h, w))  # every channel moved alike
+        wrong = (moved[:, :1] != expected)[:, 0]
+        # a column's centre and the old column it takes differ by at most half an old column: s / 2 new ones
+        ratio = (moved_regions[:, 2] - moved_regions[:, 0]) / (regions[:, 2] - regions[:, 0])
+        centres = torch.arange(w, dtype=torch.float64) + 0.5
+        to_an_edge = torch.minimum((centres - moved_regions[:, :1] / k).abs(), (centres - moved_regions[:, 2:3] / k).abs())
+        assert not (wrong & ~(to_an_edge <= 0.5 * ratio[:, None] + 1e-9)[:, None, :]).any()
+        # on the grid; heights kept, widths stretched by [0.7, 1.3] (less where cut at the grid); moves up to 0.1 w = 6 pooled px
+        assert (moved_regions[:, :2] >= 0).all() and (moved_regions[:, 2] <= k * w).all() and (moved_regions[:, 3] <= k * h).all()
+        torch.testing.assert_close(moved_regions[:, 3] - moved_regions[:, 1], regions[:, 3] - regions[:, 1])
+        assert (ratio <= 1.3 + 1e-9).all() and (ratio >= 0.7 - 1e-9).all() and ratio.max() > 1.2 and ratio.min() < 0.8
+        dy = (moved_regions[:, 1] - regions[:, 1]) / k
+        torch.testing.assert_close(dy, dy.round())
+        assert dy.abs().max().round() == 6 and (dy > 0).any() and (dy < 0).any()
+        torch.testing.assert_close(moved_regions[0], regions[0])
+        torch.testing.assert_close(moved_regions[1, 0::2], regions[1, 0::2])
+        assert moved_regions[1, 1] != regions[1, 1] and ratio[2] <= 28.5 / 27.5 + 1e-9  # room to the right edge: 28.5 of 27.5 pooled px
+        # nothing asked, nothing moved
+        same, same_regions = stretch_and_shift(features, regions, k, np.random.default_rng(1), 0.0, 0.0)
+        assert torch.equal(same, features)
+        torch.testing.assert_close(same_regions, regions, rtol=1e-15, atol=1e-12)
+
+    def test_a_flip_mirrors_the_mask_of_the_region(self):
+        regions = torch.tensor([[15.0, 5.0, 55.0, 25.0], [12.0, 0.0, 45.0, 30.0]], dtype=torch.float64)
+        features = region_masks(regions, (4, 10), 10).expand(2, 5, 4, 10)
+        flipped, moved = flip_left_right(features, regions, 10, torch.tensor([True, False]))
+        torch.testing.assert_close(flipped[:, :1], region_masks(moved, (4, 10), 10))
+        assert torch.equal(flipped[1], features[1]) and torch.equal(moved[1], regions[1])
