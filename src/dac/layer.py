@@ -196,6 +196,7 @@ class DACrop(nn.Module):
             return_boxes: also return the boxes (as :meth:`locate`) and the solver's
                 info, from the same search.
         """
+        _check_not_meta(images)
         crops, boxes, info = by_size(images, self._crop_batch)
         return (crops, boxes, info) if return_boxes else crops
 
@@ -206,12 +207,14 @@ class DACrop(nn.Module):
         With ``return_info`` also the :class:`~dac.optim.DACSolverInfo`, one row per
         image in input order.
         """
+        _check_not_meta(images)
         boxes, info = by_size(images, self._locate_batch)
         return (boxes, info) if return_info else boxes
 
     def saliency_map(self, images: Images) -> Tensor | list[Tensor]:
         """The map the search runs on (before ``saliency_scale``): Tensor[B, 1, H // k,
         W // k] for a batch, a list of Tensor[1, h, w] for a list of images."""
+        _check_not_meta(images)
         if isinstance(images, Tensor):
             return self._saliency(images)
         return [self._saliency(image[None])[0] for image in images]
@@ -281,6 +284,7 @@ class DACrop(nn.Module):
         if not isinstance(saliency, Tensor) or saliency.ndim != 4 or saliency.shape[1] != 1:
             got = tuple(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
             raise DACInputError(f"saliency: expected Tensor[B, 1, h, w], got {got}")
+        _check_not_meta(saliency, "saliency")
         _check_map(saliency)
         return self._search(saliency)
 
@@ -367,6 +371,20 @@ def quiet_unconverged():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
         yield
+
+
+def _check_not_meta(images: Images | Tensor, name: str = "images") -> None:
+    """Refuse tensors on the meta device: they hold no values to search (a box depends on them)."""
+    if isinstance(images, Tensor):
+        items = [(name, images)]
+    else:
+        items = [(f"{name}[{i}]", t) for i, t in enumerate(images)] if isinstance(images, (list, tuple)) else []
+    for label, tensor in items:
+        if isinstance(tensor, Tensor) and tensor.device.type == "meta":
+            raise DACInputError(
+                f"{label}: on the meta device, which holds shapes but no values; DACrop's box depends on "
+                "the pixels (move the tensor to a real device, e.g. .to('cpu'))"
+            )
 
 
 def _check_map(saliency: Tensor) -> None:
