@@ -404,13 +404,14 @@ class TestSaliencyStage:
         with pytest.raises(DACInputError, match=match):
             DACrop(**SMALL, saliency=module).locate(textured_scene(1, 300, 555))
 
+    @pytest.mark.parametrize("search", SEARCHES)
     @pytest.mark.parametrize("mode", BACKWARD_MODES)
-    def test_parameters_get_the_gradient_of_the_box(self, mode):
+    def test_parameters_get_the_gradient_of_the_box(self, mode, search):
         images = textured_scene(2, 300, 555)
         gate = _Gate()
         with torch.no_grad():
             gate.log_gain.fill_(0.2)
-        layer = DACrop(**SMALL, saliency=gate, backward_mode=mode)
+        layer = DACrop(**SMALL, saliency=gate, backward_mode=mode, search=search)
         weights = TestGradients.weights
         (grad,) = torch.autograd.grad((layer.locate(images) * weights).sum(), gate.log_gain)
         with torch.no_grad():

@@ -130,6 +130,18 @@ class TestGridCandidates:
         # Map 1: its best is the right block (its other maxima are f = 0 plateaus).
         assert thetas[1, cost[1].argmax(), 0] > 30 and float(cost[1].max()) > 0.5
 
+    def test_streamed_chunks_equal_the_whole_grid(self):
+        s = torch.cat([blocks_map(i, 20, 37) for i in range(3)])
+        kw = dict(r_min=9.0, aspect=0.5, sharpness=0.6, step=1.0, count=5)
+        whole_cost, grid = grid_cost(s, **{k: v for k, v in kw.items() if k != "count"})
+        thetas, cost = grid_candidates(s, **kw)
+        for chunk in (1, 500):  # one r level at a time; a few
+            t, c = grid_candidates(s, chunk_elements=chunk, **kw)
+            torch.testing.assert_close(t, thetas, rtol=0, atol=0)
+            torch.testing.assert_close(c, cost, rtol=1e-12, atol=0)
+        # The best candidate is the grid's best box, and each is a local maximum of it.
+        torch.testing.assert_close(cost.amax(1), whole_cost.flatten(1).amax(1), rtol=1e-12, atol=0)
+
 
 def _layer(search, **kw):
     # Small maps: r_min 1/3.5 of the width and the final sharpness 0.8 per pixel.

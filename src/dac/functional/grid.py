@@ -110,7 +110,7 @@ def grid_cost(
             shrunk to divide the centre's range (r steps are half of it, y_c steps
             ``aspect`` times it).
         chunk_elements: largest number of grid entries (over the batch) computed at
-            once (None: about 2 maps' worth); bounds the temporary memory.
+            once (None: a quarter of the maps' size); bounds the temporary memory.
 
     Returns:
         ``(cost, grid)``: cost Tensor[B, n_r, n_y, n_x] in the saliency's dtype, -inf
@@ -122,6 +122,12 @@ def grid_cost(
         >>> grid.thetas(cost.flatten(1).argmax(1))  # x_c, y_c, r of the best box
         tensor([[19.5000,  9.5000,  0.0000]])
     """
+    saliency = _check_grid_args(saliency, r_min, aspect, sharpness, step, chunk_elements)
+    return _grid_cost(saliency, float(r_min), float(aspect), float(sharpness), float(step), chunk_elements)
+
+
+def _check_grid_args(saliency: Tensor, r_min: float, aspect: float, sharpness: float, step: float, chunk_elements: int | None) -> Tensor:
+    """The checks of :func:`grid_cost` and :func:`grid_candidates`; the map as Tensor[B, h, w]."""
     saliency = check_saliency(saliency)
     _, h, w = saliency.shape
     check_positive(aspect, "aspect")
@@ -134,16 +140,33 @@ def grid_cost(
         check_int(chunk_elements, "chunk_elements", 1)
     if bool((saliency < 0).any()):
         raise DACInputError("saliency: expected values >= 0")
-    return _grid_cost(saliency, float(r_min), float(aspect), float(sharpness), float(step), chunk_elements)
+    return saliency
 
 
 def _grid_cost(
     saliency: Tensor, r_min: float, aspect: float, gamma: float, step: float, chunk_elements: int | None = None
 ) -> tuple[Tensor, BoxGrid]:
     """Unchecked core of :func:`grid_cost`; saliency is Tensor[B, h, w]."""
+    grid = box_grid(saliency.shape[1], saliency.shape[2], r_min, aspect, step)
+    cost = saliency.new_empty(saliency.shape[0], grid.n_r, grid.n_y, grid.n_x)
+    for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=0):
+        cost[:, k0:k1] = f
+    return cost, grid
+
+
+def _levels(saliency: Tensor, grid: BoxGrid, chunk_elements: int | None) -> int:
+    """r levels per chunk: about a quarter of the maps' size by default."""
     batch, h, w = saliency.shape
-    grid = box_grid(h, w, r_min, aspect, step)
+    budget = chunk_elements if chunk_elements is not None else batch * h * w // 4
+    return max(1, budget // (batch * grid.n_y * grid.n_x))
+
+
+def _grid_levels(saliency: Tensor, grid: BoxGrid, gamma: float, levels: int, halo: int):
+    """Yield ``(k0, k1, f)``: f Tensor[B, k1 - k0 + 2 halo, n_y, n_x] of r levels
+    ``k0 - halo .. k1 + halo - 1`` (-inf outside the lattice and outside the feasible set)."""
+    batch, h, w = saliency.shape
     n_r, n_y, n_x = grid.n_r, grid.n_y, grid.n_x
+    r_min, aspect = grid.r_min, grid.aspect
     kw = {"dtype": saliency.dtype, "device": saliency.device}
     j = torch.arange(n_x, **kw)
     i = torch.arange(n_y, **kw)
@@ -152,49 +175,46 @@ def _grid_cost(
     y_edges = torch.cat((i * grid.step_y - 0.5, i * grid.step_y + (2 * aspect * r_min - 0.5)))
     step_x = torch.sigmoid(gamma * (torch.arange(w, **kw)[:, None] - x_edges))  # [w, 2 n_x]
     step_y = torch.sigmoid(gamma * (torch.arange(h, **kw)[:, None] - y_edges))  # [h, 2 n_y]
-    # G = Ly^T S Lx on the lattice, padded by n_r zeros so that shifted views stay inside.
-    soft = step_y.T @ (saliency @ step_x)  # [B, 2 n_y, 2 n_x]
-    padded = soft.new_zeros(batch, 2 * n_y + n_r, 2 * n_x + n_r)
-    padded[:, : 2 * n_y, : 2 * n_x] = soft
-    sum_x = torch.cat((step_x.sum(0), step_x.new_zeros(n_r)))  # soft steps of the ones map
-    sum_y = torch.cat((step_y.sum(0), step_y.new_zeros(n_r)))
-
-    r_total = r_min + torch.arange(n_r, **kw) * grid.step_r
-    norm_x = 1.0 / -torch.expm1(-2.0 * gamma * r_total)  # 1 / (1 - e^-c), c = g (x2 - x1)
-    norm_y = 1.0 / -torch.expm1(-2.0 * gamma * aspect * r_total)
-    k_all = torch.arange(n_r, device=saliency.device)
-    # Sums of u over every (k, j) and of v over every (k, i): Tensor[n_r, n_x], [n_r, n_y].
-    u_sum = (sum_x[:n_x] - sum_x[n_x + j.long() + k_all[:, None]]) * norm_x[:, None]
-    v_sum = (sum_y[:n_y] - sum_y[n_y + i.long() + k_all[:, None]]) * norm_y[:, None]
-    valid = ((j.long() + k_all[:, None, None]) < n_x) & ((i.long() + k_all[:, None])[:, :, None] < n_y)
-
+    # G = Ly^T S Lx on the lattice, with n_r + halo zeros around so that shifted views stay inside.
+    pad = n_r + 2 * halo
+    padded = saliency.new_zeros(batch, 2 * n_y + pad, 2 * n_x + pad)
+    padded[:, halo : halo + 2 * n_y, halo : halo + 2 * n_x] = step_y.T @ (saliency @ step_x)
+    sum_x = torch.cat((step_x.new_zeros(halo), step_x.sum(0), step_x.new_zeros(n_r + halo)))  # ones map
+    sum_y = torch.cat((step_y.new_zeros(halo), step_y.sum(0), step_y.new_zeros(n_r + halo)))
     total = saliency.sum(dim=(1, 2)).reshape(batch, 1, 1, 1)
     n = float(h * w)
     eps = torch.finfo(saliency.dtype).eps
-    cost = torch.empty(batch, n_r, n_y, n_x, **kw)
-    per_level = batch * n_y * n_x
-    budget = chunk_elements if chunk_elements is not None else max(2 * batch * h * w, per_level)
-    levels = max(1, budget // per_level)
     s_b, s_row = padded.stride(0), padded.stride(1)
     for k0 in range(0, n_r, levels):
         k1 = min(n_r, k0 + levels)
-        size = (batch, k1 - k0, n_y, n_x)
+        ks = torch.arange(k0 - halo, k1 + halo, device=saliency.device)  # r levels of this chunk
+        size = (batch, len(ks), n_y, n_x)
+        kr = ks.clamp_min(0).to(saliency.dtype)
+        r_total = r_min + kr * grid.step_r
+        norm_x = 1.0 / -torch.expm1(-2.0 * gamma * r_total)  # 1 / (1 - e^-c), c = g (x2 - x1)
+        norm_y = 1.0 / -torch.expm1(-2.0 * gamma * aspect * r_total)
 
         def corner(row: int, col: int, row_k: int, col_k: int) -> Tensor:
-            # padded[b, row + i + row_k k, col + j + col_k k] for k in [k0, k1): a view.
-            offset = padded.storage_offset() + (row + row_k * k0) * s_row + col + col_k * k0
+            # padded[b, halo + row + i + row_k k, halo + col + j + col_k k] for k in ks: a view.
+            # (Levels k < 0 of the halo read the zero padding and are masked below.)
+            start = k0 - halo
+            offset = padded.storage_offset() + (halo + row + row_k * start) * s_row + halo + col + col_k * start
             return padded.as_strided(size, (s_b, row_k * s_row + col_k, s_row, 1), offset)
 
+        # A = (G(x1, y1) - G(x2, y1) - G(x1, y2) + G(x2, y2)) / ((1 - e^-2gR)(1 - e^-2gaR))
         area_in = corner(0, 0, 0, 0) - corner(0, n_x, 0, 1)
-        area_in = area_in - corner(n_y, 0, 1, 0)
-        area_in = area_in + corner(n_y, n_x, 1, 1)
-        area_in = area_in * (norm_x[k0:k1] * norm_y[k0:k1])[None, :, None, None]  # A
-        z_sum = v_sum[None, k0:k1, :, None] * u_sum[None, k0:k1, None, :]  # Z
+        area_in.sub_(corner(n_y, 0, 1, 0)).add_(corner(n_y, n_x, 1, 1))
+        area_in.mul_((norm_x * norm_y)[None, :, None, None])
+        kl = ks[:, None]
+        u_sum = (sum_x[halo : halo + n_x] - sum_x[(halo + n_x + j.long() + kl).clamp_max(len(sum_x) - 1)]) * norm_x[:, None]
+        v_sum = (sum_y[halo : halo + n_y] - sum_y[(halo + n_y + i.long() + kl).clamp_max(len(sum_y) - 1)]) * norm_y[:, None]
+        z_sum = v_sum[None, :, :, None] * u_sum[None, :, None, :]  # Z, [1, levels, n_y, n_x]
         # f = (A / Z) / ((T - A) / (N - Z) + 1), with the clamps of the separable cost.
-        outside = (n - z_sum).clamp_min(eps * n)
-        f = area_in * outside / (z_sum * ((total - area_in).clamp_min(0.0) + outside))
-        cost[:, k0:k1] = torch.where(valid[None, k0:k1], f, torch.full_like(f, float("-inf")))
-    return cost, grid
+        outside = (n - z_sum).clamp_min_(eps * n)
+        denominator = (total - area_in).clamp_min_(0.0).add_(outside).mul_(z_sum)
+        f = area_in.mul_(outside).div_(denominator)
+        invalid = ((j.long() + kl[:, :, None]) >= n_x) | ((i.long() + kl)[:, :, None] >= n_y) | (kl[:, :, None] < 0) | (kl[:, :, None] >= n_r)
+        yield k0, k1, f.masked_fill_(invalid[None], float("-inf"))
 
 
 def grid_candidates(
@@ -205,6 +225,7 @@ def grid_candidates(
     sharpness: float,
     step: float = 4.0,
     count: int = 4,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``count`` best local maxima of f on the :func:`grid_cost` lattice, per map.
 
@@ -219,6 +240,8 @@ def grid_candidates(
         saliency: Tensor[B, 1, h, w] (or [B, h, w]), values >= 0.
         r_min, aspect, sharpness, step: as in :func:`grid_cost`.
         count: number of candidates per map (>= 1).
+        chunk_elements: as in :func:`grid_cost`: the grid is scored a chunk of r
+            levels at a time and never held whole.
 
     Returns:
         ``(thetas, cost)``: Tensor[B, count, 3] and their f, Tensor[B, count].
@@ -229,37 +252,61 @@ def grid_candidates(
         >>> thetas[0, :, 0]  # x_c of the two separate maxima (left and right blocks)
         tensor([11.5000, 47.5000])
     """
-    saliency = check_saliency(saliency)
+    saliency = _check_grid_args(saliency, r_min, aspect, sharpness, step, chunk_elements)
     count = check_int(count, "count", 1)
-    cost, grid = grid_cost(saliency, r_min=r_min, aspect=aspect, sharpness=sharpness, step=step)
-    return _candidates(cost, grid, count)
+    return _grid_candidates(saliency, float(r_min), float(aspect), float(sharpness), float(step), count, chunk_elements)
 
 
 def _grid_candidates(
-    saliency: Tensor, r_min: float, aspect: float, gamma: float, step: float, count: int
+    saliency: Tensor, r_min: float, aspect: float, gamma: float, step: float, count: int, chunk_elements: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Unchecked core of :func:`grid_candidates`; saliency is Tensor[B, h, w]."""
-    cost, grid = _grid_cost(saliency, r_min, aspect, gamma, step)
-    return _candidates(cost, grid, count)
+    """Unchecked core of :func:`grid_candidates`; saliency is Tensor[B, h, w].
+
+    Streams over chunks of r levels (each with one level of halo for the local-maximum
+    test) and keeps a running top ``count``: the whole grid is never in memory.
+    """
+    batch, h, w = saliency.shape
+    grid = box_grid(h, w, r_min, aspect, step)
+    plane = grid.n_y * grid.n_x
+    best_values = saliency.new_full((batch, 0), float("-inf"))
+    best_index = torch.zeros(batch, 0, dtype=torch.long, device=saliency.device)
+    for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=1):
+        values, index = _local_maxima(f, count)  # index within the chunk's inner levels
+        best_values = torch.cat((best_values, values), dim=1)
+        best_index = torch.cat((best_index, index + k0 * plane), dim=1)
+        best_values, order = best_values.topk(min(count, best_values.shape[1]), dim=1)
+        best_index = best_index.gather(1, order)
+    # Fewer maxima than asked (or none above -inf): repeat the best one.
+    best_index = torch.where(best_values > float("-inf"), best_index, best_index[:, :1])
+    if best_index.shape[1] < count:
+        best_index = torch.cat((best_index, best_index[:, :1].expand(batch, count - best_index.shape[1])), dim=1)
+    index, _ = best_index.sort(dim=1)  # lattice order
+    thetas = grid.thetas(index, saliency.dtype)
+    values = _cost_at(saliency, grid, gamma, index)
+    return thetas, values
 
 
-def _candidates(cost: Tensor, grid: BoxGrid, count: int) -> tuple[Tensor, Tensor]:
-    """Top ``count`` local maxima of ``cost`` [B, n_r, n_y, n_x], in lattice order."""
-    batch = cost.shape[0]
-    # 3 x 3 x 3 running maximum, one axis at a time (-inf outside the lattice).
-    peak = cost
-    for dim in (1, 2, 3):
+def _cost_at(saliency: Tensor, grid: BoxGrid, gamma: float, index: Tensor) -> Tensor:
+    """f at the grid boxes ``index`` Tensor[B, K] (flat lattice indices), Tensor[B, K]."""
+    from .cost import _cost_derivatives
+
+    batch, count = index.shape
+    thetas = grid.thetas(index, saliency.dtype).reshape(batch * count, 3)
+    r_min = thetas.new_full((batch * count,), grid.r_min)
+    f, _, _ = _cost_derivatives(thetas, saliency, r_min, grid.aspect, thetas.new_full((batch * count,), gamma), 0)
+    return f.reshape(batch, count)
+
+
+def _local_maxima(f: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Top ``count`` local maxima of the inner levels of ``f`` [B, L + 2, n_y, n_x] (one
+    halo level each side): values and flat indices within the inner levels."""
+    peak = f
+    for dim in (1, 2, 3):  # 3 x 3 x 3 running maximum, one axis at a time (-inf outside)
         pad = [0, 0] * (3 - dim) + [1, 1]
         ext = torch.nn.functional.pad(peak, pad, value=float("-inf"))
         n = peak.shape[dim]
         peak = torch.maximum(torch.maximum(ext.narrow(dim, 0, n), ext.narrow(dim, 1, n)), ext.narrow(dim, 2, n))
-    flat = torch.where((cost >= peak) & (cost > float("-inf")), cost, torch.full_like(cost, float("-inf"))).flatten(1)
-    count_ = min(count, flat.shape[1])
-    values, index = flat.topk(count_, dim=1)
-    best = index[:, :1].expand_as(index)
-    index = torch.where(values > float("-inf"), index, best)  # fewer maxima than asked: repeat the best
-    index, _ = index.sort(dim=1)
-    if count_ < count:
-        index = torch.cat((index, index[:, :1].expand(batch, count - count_)), dim=1)
-    values = cost.flatten(1).gather(1, index)
-    return grid.thetas(index, cost.dtype), values
+        del ext
+    inner = f[:, 1:-1]
+    flat = inner.masked_fill((inner < peak[:, 1:-1]) | (inner == float("-inf")), float("-inf")).flatten(1)
+    return flat.topk(min(count, flat.shape[1]), dim=1)

@@ -103,11 +103,14 @@ class DACSolverInfo(th.OptimizerInfo):
             path and sees one maximum.
         held: Tensor[B, 3] int — coordinates (x_c, y_c, r) held at a bound
             (-1 lower, +1 upper): r at 0, or the box against the image border.
-        iterations: Tensor[B] long — ascent steps plus polish steps used.
+        iterations: Tensor[B] long — ascent steps plus polish steps used (the
+            global search: polish steps of the chosen candidate).
         cost: Tensor[B] — final f at the last stage's sharpness.
         residual_norm: Tensor[B] — max-norm of the stationarity residual at the end.
         stage_thetas: Tensor[B, stages + 2, 3] — theta at the start, after each
             stage, and at the end (detached), for pictures like the paper's Fig. 6.
+            The global search: Tensor[B, 3, 3] — Algorithm 1's start, the chosen
+            grid box (before the polish) and the end.
     """
 
     converged: Tensor = None  # type: ignore[assignment]
