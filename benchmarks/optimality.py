@@ -4,7 +4,7 @@ Run (from the repository root)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/optimality.py --json optimality.json
 
-On ``--count`` phantoms (``dac.phantoms.make_phantom``, seeds ``--seed`` .., height
+On ``--count`` phantoms (``dac.data.phantoms.make_phantom``, seeds ``--seed`` .., height
 1536, widths alternating 2836 / 2860: the paper's two sizes; the default seeds
 7000-7099 are used by no other benchmark and by no choice of a default), the paper's
 max–min map (``DACrop().saliency_map``, float32, as in use) is searched by
@@ -51,7 +51,7 @@ def phantom_map(seed: int, width: int, cache: Path) -> dict:
     if path.is_file():
         return torch.load(path, weights_only=True)
     from dac import DACrop
-    from dac.phantoms import make_phantom
+    from dac.data.phantoms import make_phantom
 
     p = make_phantom(seed, HEIGHT, width)
     item = {"seed": seed, "width": width, "map": DACrop().saliency_map(p.image[None])[0], "roi": p.roi, "teeth": p.teeth}

@@ -9,7 +9,7 @@ What is timed, on one seeded batch of synthetic uint8 radiograph-like images
 (``--batch`` x 1 x ``--height`` x ``--width``; default 24 x 1 x 1536 x 2836, the
 paper's batch size and image size): a dark noisy background with one bright textured
 rectangle, ~60% of the width and ~55% of the height, at a random place per image
-(``--images phantoms``: ``dac.phantoms.make_phantom`` seeds 8000.., slower to make).
+(``--images phantoms``: ``dac.data.phantoms.make_phantom`` seeds 8000.., slower to make).
 
 For each search of ``--searches`` (``paper``: the staged ascent + Newton polish;
 ``global``: the grid search + Newton polish; see ``DACrop(search=...)``):
@@ -151,8 +151,8 @@ def dense_search(saliency: torch.Tensor, layer: DACrop) -> tuple[torch.Tensor, t
 
 # ------------------------------------------------------------------------ timing
 def make_phantoms(batch: int, height: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
-    """Tensor[B, 1, H, W] uint8 phantoms (``dac.phantoms.make_phantom``, seeds 8000 + seed ..)."""
-    from dac.phantoms import make_phantom
+    """Tensor[B, 1, H, W] uint8 phantoms (``dac.data.phantoms.make_phantom``, seeds 8000 + seed ..)."""
+    from dac.data.phantoms import make_phantom
 
     images = [make_phantom(8000 + seed + i, height, width).image for i in range(batch)]
     return (torch.stack(images) * 255).round().to(torch.uint8).to(device)
