@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dac import BACKWARD_MODES, DACInputError, DACrop
+from dac.layer import SEARCHES
 from dac.functional import MaxMinPool, crop_resize, max_min_pool
 
 from conftest import smooth_direction, textured_scene
@@ -163,9 +164,11 @@ class TestGradients:
             ((0.4, 0.4), (0.0, 0.25), "pinned by the ascent at the whole image"),
         ],
     )
-    def test_implicit_matches_finite_differences(self, region, offset, held):
+    @pytest.mark.parametrize("search", SEARCHES)
+    def test_implicit_matches_finite_differences(self, region, offset, held, search):
         images = textured_scene(2, 300, 555, region, offset)
-        analytic, fd, info = box_gradient_along(DACrop(**SMALL), images, self.weights, smooth_direction(images.shape))
+        layer = DACrop(**SMALL, search=search)
+        analytic, fd, info = box_gradient_along(layer, images, self.weights, smooth_direction(images.shape))
         assert bool(info.converged.all()) and not bool(info.frozen.any())
         if held == "interior":
             assert torch.all(info.held == 0)
@@ -210,12 +213,14 @@ class TestGradients:
         analytic = (x.grad * direction).sum().item()
         assert abs(analytic - fd) <= 1e-5 * abs(fd)
 
+    @pytest.mark.parametrize("search", SEARCHES)
     @pytest.mark.parametrize("mode", ["unroll", "truncated"])
-    def test_unroll_through_newton_polish_equals_implicit(self, mode):
+    def test_unroll_through_newton_polish_equals_implicit(self, mode, search):
         images = textured_scene(2, 300, 555)
         direction = smooth_direction(images.shape)
-        implicit, fd, _ = box_gradient_along(DACrop(**SMALL), images, self.weights, direction)
-        other, _, _ = box_gradient_along(DACrop(**SMALL, backward_mode=mode), images, self.weights, direction)
+        implicit, fd, _ = box_gradient_along(DACrop(**SMALL, search=search), images, self.weights, direction)
+        layer = DACrop(**SMALL, backward_mode=mode, search=search)
+        other, _, _ = box_gradient_along(layer, images, self.weights, direction)
         assert abs(other - implicit) <= 1e-9 * abs(implicit)
 
     def test_unrolled_ascent_approaches_implicit(self):
@@ -399,13 +404,14 @@ class TestSaliencyStage:
         with pytest.raises(DACInputError, match=match):
             DACrop(**SMALL, saliency=module).locate(textured_scene(1, 300, 555))
 
+    @pytest.mark.parametrize("search", SEARCHES)
     @pytest.mark.parametrize("mode", BACKWARD_MODES)
-    def test_parameters_get_the_gradient_of_the_box(self, mode):
+    def test_parameters_get_the_gradient_of_the_box(self, mode, search):
         images = textured_scene(2, 300, 555)
         gate = _Gate()
         with torch.no_grad():
             gate.log_gain.fill_(0.2)
-        layer = DACrop(**SMALL, saliency=gate, backward_mode=mode)
+        layer = DACrop(**SMALL, saliency=gate, backward_mode=mode, search=search)
         weights = TestGradients.weights
         (grad,) = torch.autograd.grad((layer.locate(images) * weights).sum(), gate.log_gain)
         with torch.no_grad():

@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     crop.add_argument("--sharpness-factor", type=float, default=None, metavar="F",
                       help="schedule: sharpness grows by F per stage (default 2, the paper's text: 0.025 -> 0.2, or "
                       "the --saliency file's; 4 is the paper's Algorithm 1)")
+    crop.add_argument("--search", choices=("paper", "global"), default=None,
+                      help="how the box is found: paper (default; Algorithm 1's staged ascent) or global (every "
+                      "feasible box scored on a grid, the best polished by Newton steps: the maximum of the cost)")
     crop.add_argument("--saliency", metavar="FILE",
                       help="a learned saliency stage (saliency.pt of dac fit-saliency): the box is searched on its "
                       "map, with the crop size, pooling window, minimum width and schedule it was trained with "
@@ -366,6 +369,8 @@ def _search_options(args: argparse.Namespace) -> dict:
         if not args.sharpness_factor > 0:
             raise DACInputError(f"--sharpness-factor: expected a positive number, got {args.sharpness_factor:g}")
         given["sharpness_factor"] = args.sharpness_factor
+    if getattr(args, "search", None) is not None:
+        given["search"] = args.search
     return given
 
 

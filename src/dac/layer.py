@@ -14,20 +14,23 @@ from ._checks import DACInputError, check_image_batch, check_int, check_poolable
 from .functional.boxes import fit_r_min, initial_theta, theta_to_boxes
 from .functional.crop import crop_resize
 from .functional.pooling import MaxMinPool
+from .optim.global_search import GlobalSearch, GridSchedule
 from .optim.solver import AscentSchedule, DACSolverInfo, StagedAscent, build_objective
 
-__all__ = ["DACrop", "BACKWARD_MODES"]
+__all__ = ["DACrop", "BACKWARD_MODES", "SEARCHES"]
 
 BACKWARD_MODES = ("implicit", "unroll", "truncated", "dlm")
+SEARCHES = ("paper", "global")
 
 
 class DACrop(nn.Module):
     """Find each image's region of interest and crop it to a fixed size.
 
     Per image: a saliency stage (default: the paper's max–min pooling, eq. 5) gives a
-    map at pooled resolution; staged gradient ascent (Algorithm 1) on the DAC cost
-    (eq. 3) over a soft rectangle (eqs. 1–2) of aspect ``H_out / W_out`` finds the box
-    on that map; the box is cropped from the *original* image and resized to
+    map at pooled resolution; a search of the DAC cost (eq. 3) over a soft rectangle
+    (eqs. 1–2) of aspect ``H_out / W_out`` finds the box on that map (``search``:
+    the paper's staged gradient ascent, Algorithm 1, or a global grid search); the
+    box is cropped from the *original* image and resized to
     ``output_size`` (anti-aliased bilinear), so the aspect ratio is kept. The search is
     a Theseus optimizer inside a ``th.TheseusLayer``: gradients reach the input, the
     saliency stage's parameters and any layer upstream, through the sampled pixels
@@ -55,11 +58,24 @@ class DACrop(nn.Module):
         pool_size: the pooling window and stride k (paper: 10): the saliency map of an
             H x W image is (H // k) x (W // k).
         backward_mode: ``"implicit"`` (default; exact implicit-function gradient at
-            the found box), ``"unroll"`` (backprop through every ascent step),
-            ``"truncated"`` (through the last ``backward_num_iterations`` steps) or
-            ``"dlm"`` (Theseus' direct loss minimisation). Only ``"unroll"`` and
-            ``"truncated"`` (with ``backward_num_iterations`` >= 2) have second
-            derivatives; the others raise on ``create_graph=True``.
+            the found box), ``"unroll"`` (backprop through every step of the search:
+            the ascent and polish steps with ``search="paper"``; the polish steps from
+            the chosen grid box with ``search="global"``, the grid's argmax being
+            piecewise constant), ``"truncated"`` (through the last
+            ``backward_num_iterations`` steps) or ``"dlm"`` (Theseus' direct loss
+            minimisation). Only ``"unroll"`` and ``"truncated"`` (with
+            ``backward_num_iterations`` >= 2) have second derivatives; the others
+            raise on ``create_graph=True``. A frozen box (``info.frozen``) has a zero
+            gradient in every mode.
+        search: ``"paper"`` (default): the paper's staged ascent from Algorithm 1's
+            start, then a guarded Newton polish: a local maximum of the cost.
+            ``"global"``: the cost at the last stage's sharpness
+            (:attr:`final_sharpness`) scored on a grid over every feasible box
+            (``grid_step``), its ``grid_candidates`` best local maxima polished by the
+            same guarded Newton steps, the highest f kept (ties: see
+            :class:`~dac.optim.GlobalSearch`); ``info.near_tie`` marks maps with a
+            separate maximum within ``tie_tolerance``. The ascent's constants
+            (``sharpness_factor`` etc.) then only set the final sharpness.
         saliency: a module mapping the images (as given to the layer: integer or
             floating Tensor[B, C, H, W]) to a non-negative map Tensor[B, 1, H // k,
             W // k] in the paper's units (the max–min range of [0, 1] images), e.g.
@@ -86,10 +102,17 @@ class DACrop(nn.Module):
         dlm_epsilon: epsilon of ``"dlm"`` mode. It must be far below the Hessian's
             scale (~1e-3 here), not Theseus' default 1e-2, which gives ~0 gradients.
         antialias: anti-alias the crop when it shrinks.
+        grid_step: ``search="global"``: spacing of the grid boxes' left and right
+            edges, saliency pixels (r in half steps).
+        grid_candidates: ``search="global"``: grid maxima polished per image.
+        tie_tolerance: ``search="global"``: relative gap in f under which a
+            separate maximum is a near tie.
 
     Example:
         >>> layer = DACrop(output_size=(20, 37), pool_size=4)
         >>> layer(torch.rand(2, 1, 120, 200)).shape
+        torch.Size([2, 1, 20, 37])
+        >>> DACrop(output_size=(20, 37), pool_size=4, search="global")(torch.rand(2, 1, 120, 200)).shape
         torch.Size([2, 1, 20, 37])
     """
 
@@ -115,6 +138,10 @@ class DACrop(nn.Module):
         backward_num_iterations: int = 10,
         dlm_epsilon: float = 1e-8,
         antialias: bool = True,
+        search: str = "paper",
+        grid_step: float = 4.0,
+        grid_candidates: int = 4,
+        tie_tolerance: float = 1e-3,
     ) -> None:
         super().__init__()
         self.output_size = check_size(output_size, "output_size")
@@ -142,6 +169,10 @@ class DACrop(nn.Module):
         self.backward_num_iterations = check_int(backward_num_iterations, "backward_num_iterations", 1)
         self.dlm_epsilon = check_positive(dlm_epsilon, "dlm_epsilon")
         self.antialias = bool(antialias)
+        if not isinstance(search, str) or search.lower() not in SEARCHES:
+            raise DACInputError(f"search: expected one of {SEARCHES}, got {search!r}")
+        self.search_method = search.lower()
+        self.grid = GridSchedule(step=grid_step, candidates=grid_candidates, tie_tolerance=tie_tolerance)
 
     @property
     def aspect(self) -> float:
@@ -165,6 +196,7 @@ class DACrop(nn.Module):
             return_boxes: also return the boxes (as :meth:`locate`) and the solver's
                 info, from the same search.
         """
+        _check_not_meta(images)
         crops, boxes, info = by_size(images, self._crop_batch)
         return (crops, boxes, info) if return_boxes else crops
 
@@ -175,12 +207,14 @@ class DACrop(nn.Module):
         With ``return_info`` also the :class:`~dac.optim.DACSolverInfo`, one row per
         image in input order.
         """
+        _check_not_meta(images)
         boxes, info = by_size(images, self._locate_batch)
         return (boxes, info) if return_info else boxes
 
     def saliency_map(self, images: Images) -> Tensor | list[Tensor]:
         """The map the search runs on (before ``saliency_scale``): Tensor[B, 1, H // k,
         W // k] for a batch, a list of Tensor[1, h, w] for a list of images."""
+        _check_not_meta(images)
         if isinstance(images, Tensor):
             return self._saliency(images)
         return [self._saliency(image[None])[0] for image in images]
@@ -201,7 +235,14 @@ class DACrop(nn.Module):
             f"step_size={s.step_size}, stages={s.stages}, sharpness_factor={s.sharpness_factor}, "
             f"step_factor={s.step_factor}, steps_per_stage={s.steps_per_stage}, "
             f"max_step={s.max_step}, polish_steps={s.polish_steps}, "
-            f"r_min_fraction={self.r_min_fraction:.4g}, saliency_scale={self.saliency_scale}"
+            f"r_min_fraction={self.r_min_fraction:.4g}, saliency_scale={self.saliency_scale}, "
+            f"search={self.search_method!r}"
+            + (
+                f", grid_step={self.grid.step}, grid_candidates={self.grid.candidates}, "
+                f"tie_tolerance={self.grid.tie_tolerance}"
+                if self.search_method == "global"
+                else ""
+            )
         )
 
     # --------------------------------------------------------------- internal
@@ -243,6 +284,7 @@ class DACrop(nn.Module):
         if not isinstance(saliency, Tensor) or saliency.ndim != 4 or saliency.shape[1] != 1:
             got = tuple(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
             raise DACInputError(f"saliency: expected Tensor[B, 1, h, w], got {got}")
+        _check_not_meta(saliency, "saliency")
         _check_map(saliency)
         return self._search(saliency)
 
@@ -258,7 +300,11 @@ class DACrop(nn.Module):
             theta0 = initial_theta(h, w, r_min, self.aspect, self.r_init_fraction)
             sharpness = saliency.new_full((1, 1), self.final_sharpness)
             objective, _, inputs = build_objective(theta0, saliency, sharpness, r_min[:, None], self.aspect)
-            layer = th.TheseusLayer(StagedAscent(objective, self.schedule), vectorize=False)
+            if self.search_method == "global":
+                optimizer: StagedAscent = GlobalSearch(objective, self.schedule, self.grid)
+            else:
+                optimizer = StagedAscent(objective, self.schedule)
+            layer = th.TheseusLayer(optimizer, vectorize=False)
             kwargs: dict[str, Any] = {"backward_mode": self.backward_mode}
             if self.backward_mode == "truncated":
                 kwargs["backward_num_iterations"] = self.backward_num_iterations
@@ -290,8 +336,8 @@ class DACrop(nn.Module):
 
         The constructor's arguments that change outputs (``output_size``, ``pool_size``,
         ``sharpness``, the schedule's fields, ``r_min_fraction``, ``r_init_fraction``,
-        ``saliency_scale``, ``antialias``) and the saliency stage's class with its own
-        ``config()`` where it has one; not ``backward_mode``, ``backward_num_iterations``
+        ``saliency_scale``, ``antialias``, ``search`` and, for the global search, its
+        grid) and the saliency stage's class with its own ``config()`` where it has one; not ``backward_mode``, ``backward_num_iterations``
         or ``dlm_epsilon`` (they change gradients, not outputs), nor the module's mode,
         device or weights (a caller digests ``state_dict`` separately).
 
@@ -315,7 +361,9 @@ class DACrop(nn.Module):
             "saliency_scale": self.saliency_scale,
             "antialias": self.antialias,
             "saliency": stage,
-        }
+            "search": self.search_method,
+        } | ({"grid": {f.name: getattr(self.grid, f.name) for f in dataclasses.fields(self.grid)}}
+             if self.search_method == "global" else {})
 
 
 @contextlib.contextmanager
@@ -325,6 +373,20 @@ def quiet_unconverged():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point", category=RuntimeWarning)
         yield
+
+
+def _check_not_meta(images: Images | Tensor, name: str = "images") -> None:
+    """Refuse tensors on the meta device: they hold no values to search (a box depends on them)."""
+    if isinstance(images, Tensor):
+        items = [(name, images)]
+    else:
+        items = [(f"{name}[{i}]", t) for i, t in enumerate(images)] if isinstance(images, (list, tuple)) else []
+    for label, tensor in items:
+        if isinstance(tensor, Tensor) and tensor.device.type == "meta":
+            raise DACInputError(
+                f"{label}: on the meta device, which holds shapes but no values; DACrop's box depends on "
+                "the pixels (move the tensor to a real device, e.g. .to('cpu'))"
+            )
 
 
 def _check_map(saliency: Tensor) -> None:

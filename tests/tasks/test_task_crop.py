@@ -42,6 +42,16 @@ class TestSettings:
         CROPPED.clear()
         assert run([three], out, **change).skipped == 3 and CROPPED == []
 
+    def test_search_on_the_command_line(self, three: Path, tmp_path: Path):
+        args = ["crop", str(three), "--size", "20x37", "--pool-size", "4"]
+        assert main([*args, "--out", str(tmp_path / "paper")]) == 0
+        assert main([*args, "--out", str(tmp_path / "global"), "--search", "global"]) == 0
+        paper, found = read_table(tmp_path / "paper")[1], read_table(tmp_path / "global")[1]
+        assert len(found) == 3 and all(r["status"] == "ok" for r in found)
+        assert {r["settings"] for r in found}.isdisjoint({r["settings"] for r in paper})  # another search, another key
+        # the global search's box is at least as good by the cost both maximise
+        assert all(float(g["cost"]) >= float(p["cost"]) * (1 - 1e-6) for p, g in zip(paper, found))
+
     def test_weights_are_a_setting(self, three: Path, tmp_path: Path):
         out = tmp_path / "out"
         layer = FastLayer(gain=1.0)
@@ -66,8 +76,12 @@ class TestSettings:
         assert crop.settings_key(one) == crop.settings_key(two)
         for other in (DACrop(output_size=(20, 37), pool_size=5), DACrop(output_size=(20, 36), pool_size=4),
                       DACrop(output_size=(20, 37), pool_size=4, sharpness=0.05),
-                      DACrop(output_size=(20, 37), pool_size=4, steps_per_stage=10)):
+                      DACrop(output_size=(20, 37), pool_size=4, steps_per_stage=10),
+                      DACrop(output_size=(20, 37), pool_size=4, search="global"),
+                      DACrop(output_size=(20, 37), pool_size=4, search="global", grid_step=2)):
             assert crop.settings_key(other) != crop.settings_key(two)
+        assert crop.settings_key(DACrop(output_size=(20, 37), pool_size=4, search="global", grid_step=2)) != \
+            crop.settings_key(DACrop(output_size=(20, 37), pool_size=4, search="global"))
 
 
 class TestSettingsKeyOfDACrop:

@@ -88,15 +88,29 @@ class DACSolverInfo(th.OptimizerInfo):
 
     Attributes:
         converged: Tensor[B] bool — the polish reached a stationary point.
-        frozen: Tensor[B] bool — no strict maximum (e.g. a blank image): the box
-            stays where the ascent left it and its gradient is zero.
+        frozen: Tensor[B] bool — no strict maximum (a blank or constant map, a flat
+            or saddle region): the box is treated as a constant and its gradient is
+            zero in every backward mode (``implicit`` and ``dlm`` through the frozen
+            rows of the stationarity residual, ``unroll`` and ``truncated`` because
+            the box is detached). On a map whose values are all equal (all zero, or
+            a constant image) the box is the search's start (Algorithm 1's box),
+            with either search.
+        near_tie: Tensor[B] bool — the global search found another maximum of the
+            cost, a separate box (IoU < 0.5 with the chosen one), whose f is within
+            ``tie_tolerance`` (relative) of the chosen f: a small change of the image
+            can make the box jump there. The gradient is the gradient at the chosen
+            maximum. Always False for the paper's staged ascent, which follows one
+            path and sees one maximum.
         held: Tensor[B, 3] int — coordinates (x_c, y_c, r) held at a bound
             (-1 lower, +1 upper): r at 0, or the box against the image border.
-        iterations: Tensor[B] long — ascent steps plus polish steps used.
+        iterations: Tensor[B] long — ascent steps plus polish steps used (the
+            global search: polish steps of the chosen candidate).
         cost: Tensor[B] — final f at the last stage's sharpness.
         residual_norm: Tensor[B] — max-norm of the stationarity residual at the end.
         stage_thetas: Tensor[B, stages + 2, 3] — theta at the start, after each
             stage, and at the end (detached), for pictures like the paper's Fig. 6.
+            The global search: Tensor[B, 3, 3] — Algorithm 1's start, the chosen
+            grid box (before the polish) and the end.
     """
 
     converged: Tensor = None  # type: ignore[assignment]
@@ -106,6 +120,7 @@ class DACSolverInfo(th.OptimizerInfo):
     cost: Tensor = None  # type: ignore[assignment]
     residual_norm: Tensor = None  # type: ignore[assignment]
     stage_thetas: Tensor = None  # type: ignore[assignment]
+    near_tie: Tensor = None  # type: ignore[assignment]
 
 
 def build_objective(
@@ -246,16 +261,9 @@ class StagedAscent(th.NonlinearLeastSquares):
         grad_enabled = torch.is_grad_enabled()
 
         cost = self.cost
-        if cost.active is not None:
-            cost.active.tensor.fill_(float("nan"))  # not known until the solution is
-        theta = cost.theta.tensor
+        theta, saliency, r_min, gamma_final, sums, flat = self._setup()
         batch = theta.shape[0]
-        raw = cost.saliency.tensor
-        saliency = raw.reshape(raw.shape[0], raw.shape[-2], raw.shape[-1]).expand(batch, -1, -1)
-        r_min = cost.r_min.tensor.reshape(-1).expand(batch)
-        gamma_final = cost.sharpness.tensor.reshape(-1).expand(batch)
-        # What every evaluation on this map shares, computed once (differentiable in S).
-        sums = (cost_grid(saliency.shape[1], saliency.shape[2], cost.aspect, theta), saliency.sum(dim=(1, 2)))
+        theta_start = theta.detach()
 
         stage_thetas = [theta.detach()]
         iterations = torch.zeros(batch, dtype=torch.long, device=theta.device)
@@ -289,14 +297,62 @@ class StagedAscent(th.NonlinearLeastSquares):
                         continue
             step += 1
 
+        return self._finish(theta, theta_start, flat, converged, iterations, stage_thetas, mode, grad_enabled)
+
+    # ------------------------------------------------------- shared by searches
+    def _setup(self) -> tuple[Tensor, Tensor, Tensor, Tensor, _MapSums, Tensor]:
+        """The start, the maps Tensor[B, h, w], r_min and gamma Tensor[B], the maps'
+        shared sums, and which maps are flat (all values equal), Tensor[B] bool."""
+        cost = self.cost
+        if cost.active is not None:
+            cost.active.tensor.fill_(float("nan"))  # not known until the solution is
+        theta = cost.theta.tensor
+        batch = theta.shape[0]
+        raw = cost.saliency.tensor
+        saliency = raw.reshape(raw.shape[0], raw.shape[-2], raw.shape[-1]).expand(batch, -1, -1)
+        r_min = cost.r_min.tensor.reshape(-1).expand(batch)
+        gamma_final = cost.sharpness.tensor.reshape(-1).expand(batch)
+        # What every evaluation on this map shares, computed once (differentiable in S).
+        sums = (cost_grid(saliency.shape[1], saliency.shape[2], cost.aspect, theta), saliency.sum(dim=(1, 2)))
+        with torch.no_grad():
+            flat = saliency.amax(dim=(1, 2)) == saliency.amin(dim=(1, 2))
+        return theta, saliency, r_min, gamma_final, sums, flat
+
+    def _finish(
+        self,
+        theta: Tensor,
+        theta_start: Tensor,
+        flat: Tensor,
+        converged: Tensor,
+        iterations: Tensor,
+        stage_thetas: list[Tensor],
+        mode: Any,
+        grad_enabled: bool,
+        near_tie: Optional[Tensor] = None,
+    ) -> DACSolverInfo:
+        """Put the solution in the objective, fix its active set, take the implicit
+        step, and describe it.
+
+        A flat map (every value equal: f is the same for every box, and the ascent only
+        follows rounding noise) gets the start box, frozen. A frozen box is detached,
+        so that ``unroll`` and ``truncated`` give it the zero gradient that
+        ``implicit`` and ``dlm`` give it through the stationarity residual.
+        """
+        cost = self.cost
+        theta = torch.where(flat[:, None], theta_start, theta)
         cost.theta.update(theta)
         with torch.no_grad():
             st = cost.stationarity()
+            frozen = st.frozen | flat
             if cost.active is not None:
-                cost.active.tensor.copy_(active_set(st))  # every derivative from here on uses it
+                active = active_set(st)
+                active[:, 3] = frozen.to(active.dtype)
+                cost.active.tensor.copy_(active)  # every derivative from here on uses it
+        cost.theta.update(torch.where(frozen[:, None], theta.detach(), theta))
         if grad_enabled and mode == th.BackwardMode.IMPLICIT:
             self._implicit_step()
         stage_thetas.append(cost.theta.tensor.detach())
+        converged = converged & ~flat
         status = np.array(
             [_Status.CONVERGED if c else _Status.MAX_ITERATIONS for c in converged.tolist()]
         )
@@ -304,12 +360,13 @@ class StagedAscent(th.NonlinearLeastSquares):
             best_solution=None,
             status=status,
             converged=converged,
-            frozen=st.frozen,
+            frozen=frozen,
             held=st.held,
             iterations=iterations,
             cost=st.cost,
             residual_norm=st.residual.abs().amax(-1),
             stage_thetas=torch.stack(stage_thetas, dim=1),
+            near_tie=near_tie if near_tie is not None else torch.zeros_like(frozen),
         )
 
     def _implicit_step(self) -> None:
