@@ -372,3 +372,23 @@ def test_import_dac_transforms_needs_no_monai():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install 'dac[monai]'" in done.stdout
+
+
+def docs_blocks(with_monai: bool) -> list[str]:
+    """The Python blocks of docs/transforms.md that do (or do not) use MONAI."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "transforms.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    return [b for b in blocks if ("monai" in b) == with_monai]
+
+
+def test_docs_examples_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocks = docs_blocks(with_monai=False)
+    assert len(blocks) == 2
+    for code in blocks:
+        exec(compile(code, "docs/transforms.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "torch.Size([1, 200, 370])" in printed and "torch.Size([1, 1536, 2836])" in printed

@@ -228,3 +228,30 @@ class TestDACropdWithMonai:
             DACropd("image", OUT, 4, spatial_axes="hw")
         with pytest.raises(DACInputError, match=r"\['image'\].*MetaTensor"):
             crop(allow_missing_keys=True).inverse({"image": torch.zeros(1, 3, 3)})
+
+    def test_batched_dataloader_then_decollate_and_invertd(self, tmp_path):
+        # MONAI's inference pattern: workers, collate, a prediction per batch, decollate, Invertd.
+        from monai.data import DataLoader, Dataset, decollate_batch
+
+        files = [
+            {"image": write_dicom(tmp_path / f"image{i}.dcm", pixels(seed=i)), "label": write_dicom(tmp_path / f"label{i}.dcm", labels())}
+            for i in range(2)
+        ]
+        pre = Compose([load(), crop()])
+        post = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)
+        batch = next(iter(DataLoader(Dataset(files, pre), batch_size=2, num_workers=2)))
+        assert batch["image"].shape == (2, 1, OUT[1], OUT[0]) and batch["crop_box"].shape == (2, 4)
+        batch["pred"] = batch["label"].clone()
+        for item, source in zip(decollate_batch(batch), files):
+            pred = post(item)["pred"]
+            original = loaded(source)
+            assert pred.shape == original["label"].shape and torch.equal(pred.affine, original["label"].affine)
+
+
+def test_docs_monai_example_runs(tmp_path, monkeypatch, capsys):
+    from test_transforms import docs_blocks
+
+    monkeypatch.chdir(tmp_path)
+    (code,) = docs_blocks(with_monai=True)
+    exec(compile(code, "docs/transforms.md", "exec"), {})
+    assert "torch.Size([1, 370, 200]) torch.Size([1, 709, 384])" in capsys.readouterr().out
