@@ -18,7 +18,6 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-import dac
 from conftest import textured_scene
 from dac import DACInputError, DACrop
 from dac.saliency import SaliencyNet
@@ -392,3 +391,19 @@ def test_docs_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(code, "docs/transforms.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "torch.Size([1, 200, 370])" in printed and "torch.Size([1, 1536, 2836])" in printed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_sample_matches_cpu():
+    image = (scene() * 255).round().to(torch.uint8)
+    sample = {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask((image[0] > 100).to(torch.uint8))}
+    t = transform()
+    on_cpu = t(sample)
+    on_gpu = t({k: v.cuda() for k, v in sample.items()})
+    assert on_gpu["image"].device.type == "cuda" and on_gpu["image"].dtype == torch.uint8
+    assert on_gpu["mask"].device.type == "cuda"
+    assert (on_gpu["crop"]["box"] - on_cpu["crop"]["box"]).abs().max() <= 1  # float32 search on another device
+    p = params_of(t, image)  # the same box on both devices: the same crop
+    assert (t.transform(image.cuda(), p).cpu().int() - t.transform(image, p).int()).abs().max() <= 1
+    heat = heatmap_to_original(on_gpu["image"].float(), on_gpu["crop"]["box"], (H, W))
+    assert heat.device.type == "cuda" and heat.shape == (1, H, W)

@@ -160,9 +160,10 @@ class AutoCrop(Transform):
         if isinstance(inpt, (tv_tensors.BoundingBoxes, tv_tensors.Mask, tv_tensors.KeyPoints)):
             kwargs = {k: params[k] for k in ("top", "left", "height", "width")}
             return self._call_kernel(F.resized_crop, inpt, **kwargs, size=list(self.output_size))
-        if isinstance(inpt, tv_tensors.Image) or (isinstance(inpt, Tensor) and not isinstance(inpt, tv_tensors.TVTensor)):
-            return tv_tensors.wrap(self._crop_image(inpt.as_subclass(Tensor), params), like=inpt) \
-                if isinstance(inpt, tv_tensors.Image) else self._crop_image(inpt, params)
+        if isinstance(inpt, tv_tensors.Image):
+            return tv_tensors.wrap(self._crop_image(inpt.as_subclass(Tensor), params), like=inpt)
+        if _is_plain_tensor(inpt):
+            return self._crop_image(inpt, params)
         return inpt
 
     # ------------------------------------------------------------------------- internal
@@ -193,7 +194,7 @@ class AutoCrop(Transform):
                 if x.mode not in ("L", "RGB"):
                     raise DACInputError(f"{name}: PIL images must be mode L or RGB, got mode {x.mode!r}")
                 images.append((name, F.pil_to_tensor(x)))
-            elif isinstance(x, tv_tensors.Image) or (isinstance(x, Tensor) and not isinstance(x, tv_tensors.TVTensor)):
+            elif isinstance(x, tv_tensors.Image) or _is_plain_tensor(x):
                 images.append((name, x.as_subclass(Tensor)))
         if not images:
             raise DACInputError(
@@ -250,6 +251,10 @@ class AutoCrop(Transform):
             "image_size": torch.tensor(params["image_size"], dtype=torch.int64),
         }
         return sample
+
+
+def _is_plain_tensor(x: Any) -> bool:
+    return isinstance(x, Tensor) and not isinstance(x, tv_tensors.TVTensor)
 
 
 def _check_box_values(boxes: tv_tensors.BoundingBoxes, name: str) -> None:

@@ -219,8 +219,7 @@ def _frame(values: Tensor, crop_box: Tensor, crop_size: Sequence[int], last: int
         raise DACInputError(f"{name}: expected a Tensor[..., {last}], got {got}")
     out_h, out_w = check_size(crop_size, "crop_size")
     boxes = _check_crop_box(crop_box)
-    extra = values.ndim - 1 - (crop_box.ndim - 1)
-    if crop_box.ndim == 2 and (extra < 1 or values.shape[0] != crop_box.shape[0]):
+    if crop_box.ndim == 2 and (values.ndim < 3 or values.shape[0] != crop_box.shape[0]):
         raise DACInputError(
             f"{name}: with crop_box of shape {tuple(crop_box.shape)} expected a Tensor[{crop_box.shape[0]}, N, {last}], "
             f"got {tuple(values.shape)}"
