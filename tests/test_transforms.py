@@ -74,8 +74,8 @@ class TestAutoCropMatchesTorchvision:
     def test_float_image_equals_torchvision_inside(self, size):
         # DAC's crop reads the image pixels just outside the box for its outermost output
         # rows/columns (its filter samples the original image; torchvision cuts the box out
-        # first and renormalises at the cut). Growing k-fold, a triangle of one input pixel
-        # reaches ceil(1 / (2 / k) ) rows; here k <= 1.7, so one row/column per side.
+        # first and renormalises at the cut): shrinking, the first row/column per side;
+        # growing k-fold, the first ceil((k - 1) / 2). Here k <= 1.7: one per side.
         image = scene()
         t = AutoCrop(size, 4, **FAST)
         p = params_of(t, image)

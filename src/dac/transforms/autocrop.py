@@ -51,9 +51,10 @@ class AutoCrop(Transform):
 
     Against ``torchvision.transforms.v2.functional.resized_crop`` on the same box: boxes,
     masks and key points are identical (the same kernels); images agree to float
-    rounding (1 level for integers) except in the outermost output rows and columns, where
-    DAC's filter reads the image pixels just outside the box and torchvision's, which cuts
-    the box out first, does not.
+    rounding (1 level for integers) except in the outermost output rows and columns (one
+    per side when shrinking; ``ceil((k - 1) / 2)`` when growing k-fold), where DAC's
+    filter reads the image pixels just outside the box and torchvision's, which cuts the
+    box out first, does not.
 
     The box comes back with the sample: when the sample is a dict, or a tuple
     ``(image, target)`` whose target is a dict (torchvision's detection convention),
