@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=77" wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q numpy scipy pybind11 "semantic-version==2.10.0" torchlie torchkin "pytest>=7" \
-		pydicom matplotlib tqdm scikit-learn pyyaml
+		pydicom matplotlib tqdm scikit-learn pyyaml "monai>=1.6"
 	# theseus-ai's setup.py imports torch (no isolation) and asks for scikit-sparse (skipped).
 	THESEUS_FORCE_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps theseus-ai==0.2.3
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

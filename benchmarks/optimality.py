@@ -20,7 +20,7 @@ at its default, and each found box is compared with
   is >= (1 - ``--tolerance``) times the grid's best f (default 1e-5);
 * the phantom's true region (``roi``, the tight box around every tooth): IoU, and
   whether every tooth lies inside the box (>= 99 % of each tooth's area), as in
-  ``benchmarks/localisation.py`` (``dac.localisation.localisation_scores``).
+  ``benchmarks/localisation.py`` (``dac.saliency.localisation_scores``).
 
 Also reported per search: mean f relative to the grid's best, boxes whose found f is
 *above* the grid's best (the continuous optimum lies between grid points), near ties
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dac import DACrop
     from dac.functional import dac_cost, fit_r_min
-    from dac.localisation import localisation_scores
+    from dac.saliency import localisation_scores
 
     warnings.filterwarnings("ignore", message="DACrop: .* did not reach a stationary point")
     cache = Path(args.cache)

@@ -19,7 +19,7 @@ SMALL = (384, 709)  # the paper's 1536 x 2836, divided by 4
 
 
 def pil_reader(path: str) -> torch.Tensor:
-    """A tiny reader so these tests do not depend on dac.io: gray Tensor[1, H, W] uint8."""
+    """A tiny reader so these tests do not depend on dac.data.io: gray Tensor[1, H, W] uint8."""
     return torch.from_numpy(np.array(Image.open(path).convert("L")))[None]
 
 
