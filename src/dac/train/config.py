@@ -51,8 +51,11 @@ __all__ = [
     "load_config",
 ]
 
-#: The four input pipelines: resize whole image | DACrop | learned saliency -> DACrop | spatial transformer.
-PIPELINE_KINDS = ("resize", "dac", "dac_e2e", "stn")
+#: The input pipelines: resize whole image | DACrop | learned saliency -> DACrop | spatial transformer
+#: | the true region (data that carries it).
+PIPELINE_KINDS = ("resize", "dac", "dac_e2e", "stn", "oracle")
+#: ``data.source`` values that name generated data (anything else is a folder or a CSV).
+GENERATED = ("phantom", "distractors")
 #: Augmentation presets (see :mod:`dac.train.augment`).
 AUGMENTATIONS = ("none", "paper", "strong")
 #: Classifier families (torchvision ResNets, 1-channel stem).
@@ -66,10 +69,11 @@ class DataConfig:
     """Where the images come from.
 
     Attributes:
-        source: ``"phantom"`` (generated :class:`dac.data.datasets.PhantomDataset`) or a path:
-            a folder with one sub-folder per class, or a CSV of ``path,label``.
-        length: number of phantoms (phantom source only).
-        sizes: phantom (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).
+        source: ``"phantom"`` (generated :class:`dac.data.datasets.PhantomDataset`),
+            ``"distractors"`` (generated :class:`dac.data.datasets.DistractorDataset`) or a
+            path: a folder with one sub-folder per class, or a CSV of ``path,label``.
+        length: number of generated images (phantom and distractors only).
+        sizes: generated (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).
         gray8: convert real images to 8-bit gray first (the paper's preprocessing).
         cache_images: keep every decoded raw image in memory for the run (needed to
             make generated phantoms fast; off for large real archives).
@@ -162,6 +166,7 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dac": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},
     "dac_e2e": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},
     "stn": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},
+    "oracle": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},  # named in a config only: needs known regions
 }
 
 
@@ -174,7 +179,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipelines: dict[str, PipelineConfig] = field(
-        default_factory=lambda: {k: PipelineConfig(kind=k, **v) for k, v in _PIPELINE_DEFAULTS.items()}
+        default_factory=lambda: {k: PipelineConfig(kind=k, **v) for k, v in _PIPELINE_DEFAULTS.items() if k != "oracle"}
     )
 
     def fingerprint(self) -> str:
@@ -189,7 +194,7 @@ class ExperimentConfig:
             d["train"].pop(key)
         d["data"].pop("workers")
         d["data"].pop("cache_images")
-        if d["data"]["source"] != "phantom":
+        if d["data"]["source"] not in GENERATED:
             d["data"]["source"] = "files"
         d["revision"] = TRAINING_REVISION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

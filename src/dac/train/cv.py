@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from .._checks import DACInputError
 from .._files import write_json, write_text
-from .config import ExperimentConfig, config_to_dict
+from .config import GENERATED, ExperimentConfig, config_to_dict
 from .distributed import barrier, init_runtime
 from .engine import Engine, EvalModeGapWarning, load_checkpoint, seed_for
 from .folds import build_dataset, data_digest, holdout_split, stratified_folds
@@ -254,7 +254,7 @@ class _Experiment:
         if self._images is None:
             started = time.perf_counter()
             self._images = self.engine.load_images(self.dataset)
-            what = "generated" if self.config.data.source == "phantom" else "read"
+            what = "generated" if self.config.data.source in GENERATED else "read"
             self.log(f"{what} {len(self._images)} images into memory in {time.perf_counter() - started:.1f} s")
         return self._images
 

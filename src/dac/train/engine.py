@@ -381,7 +381,7 @@ class Engine:
         model.to(self.rt.device).eval()
 
         def rows(batch: dict[str, Any]) -> list[tuple[Tensor, int]]:
-            crops = model.front(_to(batch["image"], self.rt.device)).crops
+            crops = model.front(_to(batch["image"], self.rt.device), **_regions(model, batch, self.rt.device)).crops
             return list(zip(crops.to("cpu", dtype), batch["label"].tolist()))
 
         items = self._eval_rows(rows, dataset, order)
@@ -394,14 +394,17 @@ class Engine:
         indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         loader = DataLoader(torch.utils.data.Subset(dataset, shard(self.rt, indices)), batch_size=8,
                             num_workers=self.workers, collate_fn=_as_list)
-        images = []
+        images, regions = [], []
         for batch in loader:
             if isinstance(batch, dict):
                 raise cannot_read(batch["error"])
             images.extend(item["image"] for item in batch)
+            regions.extend(item.get("roi") for item in batch)
         images = gather_shards(self.rt, images, len(indices))
+        regions = gather_shards(self.rt, regions, len(indices))
         labels = [int(dataset.labels[i]) for i in indices]
-        return MemoryDataset(images, labels, getattr(dataset, "classes", []))
+        known = regions if all(r is not None for r in regions) else None
+        return MemoryDataset(images, labels, getattr(dataset, "classes", []), regions=known)
 
     # ----------------------------------------------------------------- internals
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -437,6 +440,17 @@ class Engine:
         count = (len(indices) + size - 1) // size
         ordered = [parts[j % rt.world_size][j // rt.world_size] for j in range(count)]
         return [row for batch in ordered for row in batch]
+
+
+def _regions(model: Pipeline, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The front's ``regions`` keyword (the batch's ``roi``) where the front needs them (the oracle)."""
+    if not getattr(model.front, "needs_regions", False):
+        return {}
+    if "roi" not in batch:
+        raise DACInputError("regions: the oracle pipeline crops each image's true region; this data does not carry "
+                            "regions (data.source: phantom or distractors do)")
+    roi = batch["roi"]
+    return {"regions": (torch.stack(roi) if isinstance(roi, list) else roi).to(device)}
 
 
 def _far_below(eval_accuracy: float, train_accuracy: float, n: int) -> bool:

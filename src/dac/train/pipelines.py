@@ -9,6 +9,9 @@
   is taken from the original image, so the net's parameters get their gradient *only
   through the box* (the implicit gradient of the search, or whichever
   ``backward_mode``), from the classifier's loss alone — no box labels.
+* ``oracle`` — :class:`OracleFront`: the true region (known for generated data), as the
+  smallest box of the crop's aspect around it inside the image, resampled like the DAC
+  crop: the accuracy a perfect box buys, for data that carries its regions.
 * ``stn`` — :class:`SpatialTransformerCrop`: a localisation CNN predicts a
   scale-and-translate box of the same aspect, sampled to the same size (Jaderberg et
   al. 2015), trained from the task loss alone.
@@ -47,6 +50,7 @@ from .models import resnet
 __all__ = [
     "DACFront",
     "FrontOutput",
+    "OracleFront",
     "Pipeline",
     "ResizeFront",
     "SpatialTransformerCrop",
@@ -180,6 +184,64 @@ class DACFront(nn.Module):
 
     def extra_repr(self) -> str:
         return f"roi_rotate_degrees={self.roi_rotate_degrees}"
+
+
+class OracleFront(nn.Module):
+    """Crop each image's true region: the headroom of a box, for data whose regions are known.
+
+    The box is :func:`~dac.localisation.aspect_box` of the region: the smallest box of
+    aspect ``H_out / W_out`` around it, shifted into the image (as wide as the image
+    allows where the region needs more), resampled to ``output_size`` by
+    :func:`~dac.functional.crop_resize` like the DAC front's crops. Nothing to learn,
+    nothing random: its crops are computed once per run.
+
+    Convention: boxes and regions are xyxy in input pixels (torchvision's).
+
+    Args:
+        output_size: (H_out, W_out).
+
+    Example:
+        >>> front = OracleFront((20, 37))
+        >>> out = front(torch.rand(2, 1, 96, 177), regions=torch.tensor([[10.0, 10, 60, 30], [0, 0, 177, 96]]))
+        >>> out.crops.shape, out.boxes[0].tolist()
+        (torch.Size([2, 1, 20, 37]), [10.0, 6.486486434936523, 60.0, 33.51351547241211])
+    """
+
+    #: The engine passes each batch's true regions (``roi``) as ``regions``.
+    needs_regions = True
+
+    def __init__(self, output_size: Sequence[int] = (200, 370)) -> None:
+        super().__init__()
+        self.output_size = check_size(output_size, "output_size")
+
+    def forward(self, images: Images, noise: Tensor | None = None, regions: Tensor | None = None) -> FrontOutput:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] and their ``regions`` Tensor[B, 4]
+        -> :class:`FrontOutput` (``noise`` is not used).
+
+        Raises:
+            DACInputError: no regions, or not one per image.
+        """
+        if regions is None:
+            raise DACInputError("regions: the oracle pipeline crops each image's true region; it needs data that carries "
+                                "them (data.source: phantom or distractors)")
+        regions = torch.as_tensor(regions) if not isinstance(regions, Tensor) else regions
+        if regions.ndim != 2 or regions.shape != (len(images), 4):
+            raise DACInputError(f"regions: expected Tensor[{len(images)}, 4] (one xyxy box per image), got {tuple(regions.shape)}")
+        if isinstance(images, Tensor):
+            return self._crop_batch(images, regions)
+        outs = [self._crop_batch(image[None], region[None]) for image, region in zip(images, regions)]
+        return FrontOutput(torch.cat([o.crops for o in outs]), torch.cat([o.boxes for o in outs]))
+
+    def _crop_batch(self, images: Tensor, regions: Tensor) -> FrontOutput:
+        from ..localisation import aspect_box
+
+        x = to_unit_range(images, torch.float32) if not images.dtype.is_floating_point else images
+        sizes = torch.tensor([x.shape[-2:]] * x.shape[0], device=x.device)
+        boxes = aspect_box(regions.to(x.device, torch.float32), self.output_size[0] / self.output_size[1], sizes)
+        return FrontOutput(crop_resize(x, boxes.to(x.dtype), self.output_size, antialias=True), boxes)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
 
 
 class SpatialTransformerCrop(nn.Module):
@@ -412,7 +474,9 @@ def build_pipeline(
         front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
+    elif kind == "oracle":
+        front = OracleFront(size)
     else:
-        raise DACInputError(f"config.kind: expected resize, dac, dac_e2e or stn, got {kind!r}")
+        raise DACInputError(f"config.kind: expected resize, dac, dac_e2e, oracle or stn, got {kind!r}")
     ranges = augmentation(config.augment, rotate=config.roi_rotate_degrees == 0)
     return Pipeline(front, classifier, BatchAugment(ranges))
