@@ -270,6 +270,21 @@ class _Experiment:
                  f"in {time.perf_counter() - started:.1f} s")
         return cached
 
+    def _warmup(self, name: str, model: Pipeline, folder: Path, source: Dataset, train: np.ndarray, seed: int, tag: str,
+                progress: Callback) -> list[dict[str, Any]]:
+        """``front_warmup`` epochs of the classifier alone on the untrained front's crops (computed once),
+        checkpointed in ``warmup.pt``; skipped when the joint phase has begun (its checkpoint holds the model)."""
+        if (folder / "checkpoint.pt").is_file():
+            return list(load_checkpoint(folder / "warmup.pt")["history"]) if (folder / "warmup.pt").is_file() else []
+        pcfg = self.config.pipelines[name]
+        started = time.perf_counter()
+        cached = self.engine.front_outputs(model, source, train)
+        self.log(f"{tag}: warm start, the untrained front's crops of {len(cached)} images in {time.perf_counter() - started:.1f} s")
+        history = self.engine.fit(model, cached, np.arange(len(cached)), epochs=pcfg.front_warmup, lr=self.config.train.lr,
+                                  seed=seed_for(seed, "warmup"), checkpoint=folder / "warmup.pt", callback=progress,
+                                  recalibrate_bn=False)
+        return [dict(h, phase="warmup") for h in history]
+
     def train_and_evaluate(self, name: str, folder: Path, source: Dataset, train: np.ndarray, test: np.ndarray, *,
                            seed: int, tag: str, callback: Callback | None, extra: dict[str, Any]) -> dict[str, Any]:
         """Train pipeline ``name`` on ``source[train]`` into ``folder``, then test it on ``source[test]``."""
@@ -291,9 +306,10 @@ class _Experiment:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EvalModeGapWarning)  # logged by progress() instead
-            history = engine.fit(
-                model, source, train, epochs=pcfg.epochs, lr=self.config.train.lr, front_lr=pcfg.front_lr, seed=seed,
-                checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=self.config.train.recalibrate_bn,
+            warmup = self._warmup(name, model, folder, source, train, seed, tag, progress) if pcfg.front_warmup else []
+            history = warmup + engine.fit(
+                model, source, train, epochs=pcfg.epochs - pcfg.front_warmup, lr=self.config.train.lr, front_lr=pcfg.front_lr,
+                seed=seed, checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=self.config.train.recalibrate_bn,
             )
         last = history[-1]
         metrics: dict[str, Any] = {"pipeline": name, **extra, "n_train": int(train.size)}

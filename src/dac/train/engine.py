@@ -174,7 +174,9 @@ class Engine:
 
         Args:
             model: the network (moved to the runtime's device; under torchrun its
-                BatchNorm layers are made to synchronise their batch statistics).
+                BatchNorm layers are made to synchronise their batch statistics). A front
+                with a ``progress`` attribute has it set to ``epoch / (epochs - 1)``
+                before each epoch (a schedule over training).
             dataset: items ``{"image": Tensor[C, H, W], "label": int}`` (raw images) or
                 ``{"crop": ..., "label": int}`` (cached front outputs).
             train_indices: the items to train on.
@@ -195,7 +197,8 @@ class Engine:
         Returns:
             The history: one dict per epoch (``epoch``, ``loss``, ``train_accuracy``,
             ``seconds``; with a DAC front on raw images ``boxes_unconverged``, the boxes
-            whose search did not reach a stationary point); the last one also holds
+            whose search did not reach a stationary point; with a trainable front
+            ``front_grad_norm``, the mean norm of its gradient over the steps); the last one also holds
             ``eval_train_accuracy`` (eval mode, no augmentation, after recalibration).
 
         Raises:
@@ -242,6 +245,8 @@ class Engine:
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         dims = model.noise_dims
         for epoch in range(start, epochs):
+            if hasattr(model.front, "progress"):  # a schedule over training (the soft edge's sharpness)
+                model.front.progress = epoch / max(epochs - 1, 1)
             record = self._epoch(net, model, optimizer, dataset, train_indices, seed, epoch, dims)
             history.append(record)
             save(False)
@@ -278,8 +283,9 @@ class Engine:
         batches = epoch_batches(order, self.batch_size)
         mine = [shard(rt, b.tolist()) for b in batches]
         model.train()
-        loss_sum = correct = count = unconverged = 0.0
+        loss_sum = correct = count = unconverged = front_norm = 0.0
         searched = False
+        front_params = [] if _holds_crops(dataset) else [p for p in model.front.parameters() if p.requires_grad]
         for step, batch in enumerate(self._loader(dataset, mine, seed_for(seed, "loader", epoch))):
             labels = batch["label"].to(rt.device)
             noise = sample_noise(seed, epoch, mine[step], dims).to(rt.device)
@@ -289,6 +295,9 @@ class Engine:
             loss = loss_total * (rt.world_size / batches[step].size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if front_params:
+                front_norm += float(torch.linalg.vector_norm(torch.stack([
+                    torch.linalg.vector_norm(p.grad) for p in front_params if p.grad is not None] or [torch.zeros(())])))
             optimizer.step()
             loss_sum += float(loss_total.detach())
             correct += float((logits.detach().argmax(1) == labels).sum())
@@ -303,6 +312,8 @@ class Engine:
                   "seconds": time.perf_counter() - began}
         if searched:
             record["boxes_unconverged"] = int(unconverged)
+        if front_params:
+            record["front_grad_norm"] = front_norm / max(len(batches), 1)  # this process's mean over the steps
         return record
 
     @torch.no_grad()

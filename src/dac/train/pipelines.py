@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import Images, by_size
-from .._checks import DACInputError, check_angle, check_size
+from .._checks import DACInputError, check_angle, check_int, check_size
 from ..functional.crop import crop_resize
+from ..functional.soft_crop import soft_crop
 from ..functional.pooling import to_unit_range
 from ..layer import DACrop, quiet_unconverged
 from ..saliency import SaliencyNet
@@ -114,6 +115,15 @@ class DACFront(nn.Module):
     rotated box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`);
     otherwise crops are resampled by :func:`~dac.functional.crop_resize`.
 
+    With ``edge_margin`` > 0, training crops are soft-edged
+    (:func:`~dac.functional.soft_crop.soft_crop`): the box and a band of ``edge_margin``
+    output pixels around it, weighted by the box's soft rectangle, whose sharpness
+    goes geometrically from ``edge_sharpness[0]`` to ``edge_sharpness[1]`` as
+    :attr:`progress` goes from 0 to 1 (the training engine sets it each epoch), so the
+    task loss's gradient in the box feels content outside it. In eval mode the crop is
+    hard, the band zero (the soft crop's limit): crops are then
+    (H_out + 2 margin) x (W_out + 2 margin) in both modes.
+
     Convention: boxes are xyxy in input pixels (torchvision's).
 
     Args:
@@ -123,9 +133,13 @@ class DACFront(nn.Module):
         saliency: ``DACrop``'s saliency stage (images -> Tensor[B, 1, H // k, W // k]),
             or None for the paper's map.
         roi_rotate_degrees: largest rotation about the box centre (0: none).
+        r_min_fraction, sharpness_factor: ``DACrop``'s (paper: 1/3.5, 2).
+        edge_margin: the soft edge's band in output pixels (0: hard crops).
+        edge_sharpness: (first, last) sharpness per output pixel of the soft edge.
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
+        progress: where training is, 0..1 (sets the soft edge's sharpness).
     """
 
     def __init__(
@@ -135,10 +149,29 @@ class DACFront(nn.Module):
         backward_mode: str = "implicit",
         saliency: nn.Module | None = None,
         roi_rotate_degrees: float = 0.0,
+        *,
+        r_min_fraction: float = 1 / 3.5,
+        sharpness_factor: float = 2.0,
+        edge_margin: int = 0,
+        edge_sharpness: Sequence[float] = (0.25, 8.0),
     ) -> None:
         super().__init__()
-        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency)
+        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
+                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
         self.roi_rotate_degrees = check_angle(roi_rotate_degrees, "roi_rotate_degrees")
+        self.edge_margin = check_int(edge_margin, "edge_margin", 0)
+        if len(edge_sharpness) != 2 or not all(float(g) > 0 for g in edge_sharpness):
+            raise DACInputError(f"edge_sharpness: expected (first, last) > 0, got {edge_sharpness!r}")
+        self.edge_sharpness = (float(edge_sharpness[0]), float(edge_sharpness[1]))
+        if self.edge_margin and self.roi_rotate_degrees:
+            raise DACInputError("edge_margin: not with roi_rotate_degrees (a rotated crop has no soft edge)")
+        self.progress = 0.0
+
+    @property
+    def sharpness(self) -> float:
+        """The soft edge's sharpness now (per output pixel): geometric in :attr:`progress`."""
+        first, last = self.edge_sharpness
+        return first * (last / first) ** min(max(self.progress, 0.0), 1.0)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -178,12 +211,16 @@ class DACFront(nn.Module):
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
             draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
             crops = roi_rotation_crop(images, boxes, draw * limit, self.output_size)
+        elif self.edge_margin:
+            sharpness = self.sharpness if self.training else math.inf
+            crops = soft_crop(images, boxes, self.output_size, margin=self.edge_margin, sharpness=sharpness)
         else:
             crops = crop_resize(images, boxes, self.output_size, antialias=True)
         return FrontOutput(crops.float(), boxes, unconverged)
 
     def extra_repr(self) -> str:
-        return f"roi_rotate_degrees={self.roi_rotate_degrees}"
+        edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
+        return f"roi_rotate_degrees={self.roi_rotate_degrees}{edge}"
 
 
 class OracleFront(nn.Module):
@@ -203,8 +240,8 @@ class OracleFront(nn.Module):
     Example:
         >>> front = OracleFront((20, 37))
         >>> out = front(torch.rand(2, 1, 96, 177), regions=torch.tensor([[10.0, 10, 60, 30], [0, 0, 177, 96]]))
-        >>> out.crops.shape, out.boxes[0].tolist()
-        (torch.Size([2, 1, 20, 37]), [10.0, 6.486486434936523, 60.0, 33.51351547241211])
+        >>> out.crops.shape, [round(v, 2) for v in out.boxes[0].tolist()]
+        (torch.Size([2, 1, 20, 37]), [10.0, 6.49, 60.0, 33.51])
     """
 
     #: The engine passes each batch's true regions (``roi``) as ``regions``.
@@ -471,7 +508,9 @@ def build_pipeline(
         front: nn.Module = ResizeFront(size)
     elif kind in ("dac", "dac_e2e"):
         saliency = SaliencyNet(config.pool_size, width=config.saliency_width) if kind == "dac_e2e" else None
-        front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees)
+        front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees,
+                         r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
+                         edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     elif kind == "oracle":
