@@ -212,7 +212,9 @@ class TestSoftEdgedFront:
 
         base = {"pipelines": {"dac_e2e": {"epochs": 4, "edge_margin": 2, "front_warmup": 1}}}
         assert config_from_dict(base).pipelines["dac_e2e"].edge_margin == 2
-        for raw, key in (({"dac": {"edge_margin": 2}}, "edge_margin"), ({"dac_e2e": {"epochs": 2, "front_warmup": 2}}, "front_warmup"),
+        assert config_from_dict({"pipelines": {"dac": {"edge_margin": 2}}}).pipelines["dac"].edge_margin == 2  # the control
+        assert not build_pipeline(PipelineConfig(kind="dac", input_size=(20, 37), edge_margin=2), width=4).front_is_fixed
+        for raw, key in (({"stn": {"edge_margin": 2}}, "edge_margin"), ({"dac": {"front_warmup": 1}}, "front_warmup"), ({"dac_e2e": {"epochs": 2, "front_warmup": 2}}, "front_warmup"),
                          ({"dac_e2e": {"edge_margin": 2, "roi_rotate_degrees": 3}}, "edge_margin"),
                          ({"dac_e2e": {"edge_sharpness": [1]}}, "edge_sharpness"), ({"dac": {"r_min_fraction": 0.6}}, "r_min_fraction")):
             with pytest.raises(DACInputError, match=key):
@@ -234,3 +236,17 @@ class TestWarmStart:
         assert (tmp_path / "cv" / "dac_e2e" / "fold_0" / "warmup.pt").is_file()
         again = run_cv(config, tmp_path / "again", figures=False)  # the same seed, the same numbers
         assert again["dac_e2e"]["accuracy_mean"] == first["dac_e2e"]["accuracy_mean"]
+
+
+class TestVanishingMap:
+    @pytest.mark.xfail(strict=True, reason=(
+        "DACrop defect, outside this branch's files (layer/optim): a float32 map whose values are ~1e-38 gives NaN "
+        "boxes (an all-zero map gives the start box). Met in training: a saliency net at front_lr 0.1 drove its gate "
+        "to ~0 within an epoch and crop_resize refused the NaN boxes"))
+    def test_search_on_a_vanishing_map_is_finite(self):
+        from dac import DACrop
+        from dac.functional.pooling import max_min_pool
+
+        image = torch.rand(1, 1, 64, 120, generator=torch.Generator().manual_seed(0))
+        boxes, info = DACrop(output_size=(20, 37), pool_size=4).search(max_min_pool(image, 4) * 1e-38)
+        assert bool(torch.isfinite(boxes).all())

@@ -151,11 +151,13 @@ class PipelineConfig:
             the image width (paper: 1/3.5, boxes at least 0.57 of the width wide).
         sharpness_factor: DAC pipelines: the search's gamma multiplier per stage (paper's
             text: 2; Algorithm 1: 4).
-        edge_margin: ``dac_e2e``: train through a soft-edged crop
+        edge_margin: DAC pipelines: train through a soft-edged crop
             (:func:`dac.functional.soft_crop`) with a band of this many output pixels
-            around the box, so the box's gradient sees content outside it; 0: the hard
-            crop. Evaluation crops hard (the band stays, at zero).
-        edge_sharpness: ``dac_e2e`` with ``edge_margin``: the soft edge's sharpness per
+            around the box, so the box's gradient (``dac_e2e``) sees content outside it;
+            0: the hard crop. Evaluation crops hard (the band stays, at zero). With
+            ``dac`` (nothing to learn) it is the control: the same crops, a box that
+            does not learn.
+        edge_sharpness: with ``edge_margin``: the soft edge's sharpness per
             output pixel in the first and the last epoch (geometric in between).
         front_warmup: ``dac_e2e``: the first epochs train the classifier alone, on the
             crops of the untrained front (the paper's map: plain DAC crops, computed
@@ -319,9 +321,10 @@ def _no_unknown(raw: Mapping[str, Any], known, name: str) -> None:
 def _check(cfg: ExperimentConfig) -> None:
     """What a single field's check cannot see: settings that only make sense together."""
     for name, p in cfg.pipelines.items():
-        for key in ("edge_margin", "front_warmup"):
-            if getattr(p, key) and p.kind != "dac_e2e":
-                raise DACInputError(f"pipelines.{name}.{key}: only dac_e2e trains through the box (kind {p.kind!r})")
+        if p.front_warmup and p.kind != "dac_e2e":
+            raise DACInputError(f"pipelines.{name}.front_warmup: only dac_e2e has a front to train (kind {p.kind!r})")
+        if p.edge_margin and p.kind not in ("dac", "dac_e2e"):
+            raise DACInputError(f"pipelines.{name}.edge_margin: only DAC pipelines have a box to soften (kind {p.kind!r})")
         if p.edge_margin and p.roi_rotate_degrees:
             raise DACInputError(f"pipelines.{name}.edge_margin: not with roi_rotate_degrees (a rotated crop has no soft edge)")
         if p.front_warmup >= p.epochs:

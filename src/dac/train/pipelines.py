@@ -447,7 +447,7 @@ class Pipeline(nn.Module):
         """True when the front has no trainable parameters and no training-time randomness:
         its output can be computed once per image and cached."""
         trainable = any(p.requires_grad for p in self.front.parameters())
-        random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0
+        random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0 or getattr(self.front, "edge_margin", 0) > 0  # soft edges change per epoch
         return not trainable and not random
 
     def forward(
