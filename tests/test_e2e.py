@@ -238,7 +238,21 @@ class TestWarmStart:
         assert again["dac_e2e"]["accuracy_mean"] == first["dac_e2e"]["accuracy_mean"]
 
 
+class _Faint(torch.nn.Module):
+    """A saliency stage whose map has vanished (what a saturated gate gives)."""
+
+    def forward(self, images):
+        from dac.functional.pooling import max_min_pool
+
+        return max_min_pool(images.float() / 255 if not images.dtype.is_floating_point else images, 3) * 1e-38
+
+
 class TestVanishingMap:
+    def test_front_names_a_vanished_map(self, scenes):
+        front = DACFront((20, 37), 3, saliency=_Faint())
+        with pytest.raises(RuntimeError, match="vanished.*front_lr"):
+            front(torch.stack([scenes[i]["image"] for i in range(2)]))
+
     @pytest.mark.xfail(strict=True, reason=(
         "DACrop defect, outside this branch's files (layer/optim): a float32 map whose values are ~1e-38 gives NaN "
         "boxes (an all-zero map gives the start box). Met in training: a saliency net at front_lr 0.1 drove its gate "

@@ -207,6 +207,8 @@ class DACFront(nn.Module):
 
     def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
         boxes, unconverged = self._search(images)
+        if not bool(torch.isfinite(boxes.detach()).all()):
+            self._refuse_boxes(images, boxes)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
             draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
@@ -217,6 +219,17 @@ class DACFront(nn.Module):
         else:
             crops = crop_resize(images, boxes, self.output_size, antialias=True)
         return FrontOutput(crops.float(), boxes, unconverged)
+
+    def _refuse_boxes(self, images: Tensor, boxes: Tensor) -> None:
+        """Raise the error that names why a search gave non-finite boxes (a vanished map, so far)."""
+        bad = ~torch.isfinite(boxes.detach()).all(dim=1)
+        with torch.no_grad():
+            peaks = self.crop.saliency_map(images[bad]).flatten(1).amax(1)
+        raise RuntimeError(
+            f"DACFront: the search gave non-finite boxes for {int(bad.sum())} of {len(boxes)} images, whose saliency maps "
+            f"peak at {float(peaks.max()):.3g}: the map vanished (a learned saliency's gate saturated: lower front_lr); "
+            "DACrop returns NaN boxes on float32 maps this faint"
+        )
 
     def extra_repr(self) -> str:
         edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
