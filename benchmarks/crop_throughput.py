@@ -49,7 +49,7 @@ from dac.data import io as dio  # noqa: E402
 from dac.jobs.engine import _cpus, default_workers, search_threads
 from dac.data.io import read_input  # noqa: E402
 from dac.cli import main as dac_main  # noqa: E402
-from dac.demo import box_iou  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
 from dac.data.phantoms import make_phantom  # noqa: E402
 
 
@@ -135,7 +135,7 @@ def run(count: int, height: int, width: int, batch_size: int, workers: int | str
             rows = list(csv.DictReader(fh))
         found = torch.tensor([[float(r[k]) for k in ("x1", "y1", "x2", "y2")] for r in rows])
         true = torch.stack([truth[r["path"]] for r in rows]).to(found.dtype)
-        iou = box_iou(found, true)
+        iou = box_iou(found, true).diagonal()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if inputs is not None and not keep:

@@ -294,7 +294,7 @@ class DACrop(nn.Module):
     def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
         with _autocast_off(saliency.device):
             dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
-            saliency = saliency.to(dtype) * self.saliency_scale
+            saliency = _lift_faint(saliency.to(dtype) * self.saliency_scale)
             batch, _, h, w = saliency.shape
             r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, saliency)
             theta0 = initial_theta(h, w, r_min, self.aspect, self.r_init_fraction)
@@ -387,6 +387,22 @@ def _check_not_meta(images: Images | Tensor, name: str = "images") -> None:
                 f"{label}: on the meta device, which holds shapes but no values; DACrop's box depends on "
                 "the pixels (move the tensor to a real device, e.g. .to('cpu'))"
             )
+
+
+def _lift_faint(saliency: Tensor) -> Tensor:
+    """Maps whose peak is below the dtype's eps, scaled up to a peak of eps (the same boxes).
+
+    There the ``+ 1`` of eq. 3 swamps the map: ``f = f_in / (f_out + 1)`` equals ``f_in``
+    to rounding, and ``f_in`` does not change when the map is scaled, so neither does
+    its maximum. Left as they are, such maps (a saliency net whose gate collapsed to
+    ~1e-38) underflow in the Hessian and give NaN boxes. The scale is detached, so the
+    box's gradient in the map is the exact one, divided by it.
+    """
+    eps = torch.finfo(saliency.dtype).eps
+    peak = saliency.detach().amax(dim=(1, 2, 3), keepdim=True)
+    faint = (peak > 0) & (peak < eps)
+    # map / peak first: eps / peak overflows for a subnormal peak
+    return torch.where(faint, saliency / torch.where(faint, peak, torch.ones_like(peak)) * eps, saliency)
 
 
 def _check_map(saliency: Tensor) -> None:

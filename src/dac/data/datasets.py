@@ -20,11 +20,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .._checks import DACInputError, check_int
+from .distractors import DISTRACTOR_CLASSES, distractor_class, make_distractor_scene
 from .io import IMAGE_SUFFIXES, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
 from .tables import read_csv_rows
 
 __all__ = [
+    "DistractorDataset",
     "ImageFolderDataset",
     "ImageLabelDataset",
     "MemoryDataset",
@@ -104,6 +106,51 @@ class PhantomDataset(Dataset):
             f"{type(self).__name__}(length={self.length}, seed={self.seed}, sizes={self.sizes}, "
             f"bits={self.bits}, transform={self.transform!r}, balanced={self.balanced})"
         )
+
+
+class DistractorDataset(Dataset):
+    """A seeded, indexable set of :func:`~dac.data.distractors.make_distractor_scene` scenes.
+
+    Item ``i`` is ``make_distractor_scene(seed * 1_000_003 + i, *sizes[i % len(sizes)],
+    label=i % 5)`` (classes exactly balanced): ``{"image", "label", "roi", "count", "index"}``.
+
+    Convention: ``roi`` is xyxy in input pixel coordinates (torchvision's).
+
+    Args:
+        length: number of items, >= 0.
+        seed: dataset seed, >= 0.
+        sizes: (H, W) pairs cycled over the items.
+
+    Example:
+        >>> ds = DistractorDataset(5, sizes=((96, 177),))
+        >>> item = ds[3]
+        >>> item["image"].shape, item["label"], item["count"] in (6, 7), ds.labels
+        (torch.Size([1, 96, 177]), 3, True, [0, 1, 2, 3, 4])
+    """
+
+    classes = DISTRACTOR_CLASSES
+
+    def __init__(self, length: int, *, seed: int = 0, sizes: Sequence[Sequence[int]] = ((192, 354),)) -> None:
+        self.length = check_int(length, "length", 0)
+        self.seed = check_int(seed, "seed", 0)
+        self.sizes = _check_sizes(sizes)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _item_index(index, self.length)
+        height, width = self.sizes[i % len(self.sizes)]
+        s = make_distractor_scene(self.seed * 1_000_003 + i, height, width, label=i % len(DISTRACTOR_CLASSES))
+        return {"image": s.image, "label": s.label, "roi": s.roi, "count": s.count, "index": i}
+
+    @property
+    def labels(self) -> list[int]:
+        """Every item's class."""
+        return [i % len(DISTRACTOR_CLASSES) for i in range(self.length)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(length={self.length}, seed={self.seed}, sizes={self.sizes})"
 
 
 class ImageFolderDataset(Dataset):
@@ -230,7 +277,8 @@ def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ImageLabelDataset(Dataset):
-    """A view of a dataset whose items are dicts with ``image`` and ``label``: just those two.
+    """A view of a dataset whose items are dicts with ``image`` and ``label``: just those
+    two, and the true region ``roi`` (Tensor[4], xyxy) where the base knows it.
 
     Args:
         base: a dataset with ``.labels`` (:class:`PhantomDataset`,
@@ -248,7 +296,10 @@ class ImageLabelDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.base[index]
-        return {"image": item["image"], "label": int(item["label"])}
+        out = {"image": item["image"], "label": int(item["label"])}
+        if "roi" in item:
+            out["roi"] = item["roi"]
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"
@@ -264,6 +315,8 @@ class MemoryDataset(Dataset):
         dtype: if given, items are converted to it (e.g. float16 caches -> float32).
         key: the item key of the tensors: ``"image"`` for raw images, ``"crop"`` for a
             front's outputs (what the training engine passes on to the classifier).
+        regions: N true regions Tensor[4] (xyxy, input pixels) given to items as ``roi``,
+            or None.
 
     Example:
         >>> MemoryDataset(torch.zeros(2, 1, 4, 6), [0, 1], ["a", "b"], key="crop")[1]["label"]
@@ -271,7 +324,7 @@ class MemoryDataset(Dataset):
     """
 
     def __init__(self, images: Sequence[Tensor] | Tensor, labels: Sequence[int], classes: Sequence[str],
-                 dtype: torch.dtype | None = None, key: str = "image") -> None:
+                 dtype: torch.dtype | None = None, key: str = "image", regions: Sequence[Tensor] | None = None) -> None:
         if len(images) != len(labels):
             raise DACInputError(f"images, labels: expected one label per image, got {len(images)} images and {len(labels)} labels")
         if key not in ("image", "crop"):
@@ -281,6 +334,9 @@ class MemoryDataset(Dataset):
         self.classes = list(classes)
         self.dtype = dtype
         self.key = key
+        if regions is not None and len(regions) != len(labels):
+            raise DACInputError(f"regions: expected one region per image, got {len(regions)} for {len(labels)} images")
+        self.regions = regions
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -289,7 +345,10 @@ class MemoryDataset(Dataset):
         image = self.images[index]
         if self.dtype is not None:
             image = image.to(self.dtype)
-        return {self.key: image, "label": self.labels[index]}
+        item = {self.key: image, "label": self.labels[index]}
+        if self.regions is not None:
+            item["roi"] = self.regions[index]
+        return item
 
 
 def _check_sizes(sizes: Any) -> tuple[tuple[int, int], ...]:

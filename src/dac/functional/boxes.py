@@ -16,7 +16,7 @@ from torch import Tensor
 from .rectangle import _as_batch, box_edges
 from .stationarity import r_upper, shift_into_image
 
-__all__ = ["initial_theta", "theta_to_boxes", "fit_r_min"]
+__all__ = ["box_inside", "fit_r_min", "initial_theta", "theta_to_boxes"]
 
 
 def fit_r_min(h: int, w: int, r_min_fraction: float, aspect: float, like: Tensor) -> Tensor:
@@ -63,3 +63,36 @@ def theta_to_boxes(theta: Tensor, r_min: Tensor | float, aspect: float, kernel_s
     """
     x1, x2, y1, y2 = box_edges(theta, _as_batch(r_min, theta), aspect).unbind(-1)
     return kernel_size * (torch.stack((x1, y1, x2, y2), dim=-1) + 0.5)
+
+
+def box_inside(centres: Tensor, widths: Tensor, aspect: float, image_sizes: Tensor) -> Tensor:
+    """A box of fixed aspect kept inside its image: xyxy in input pixels.
+
+    Each box is ``widths`` wide (at most the widest box of ``aspect`` that fits the image)
+    and ``aspect * width`` tall, centred at ``centres`` where it fits, else shifted just
+    enough to lie inside ``[0, W] x [0, H]``. The one geometry of every box that dac
+    makes from a centre and a width (the labelled regions' best boxes, the box
+    regressor, the spatial transformer); the search keeps its own box inside the pooled
+    grid in its own coordinates (:func:`~dac.functional.shift_into_image`).
+
+    Args:
+        centres: Tensor[B, 2] = (x, y), input pixels.
+        widths: Tensor[B] (or a number), input pixels.
+        aspect: box height / width.
+        image_sizes: Tensor[B, 2] (or [2]) = (H, W).
+
+    Returns:
+        Tensor[B, 4] xyxy, differentiable in ``centres`` and ``widths``.
+
+    Example:
+        >>> box_inside(torch.tensor([[5.0, 50.0]]), torch.tensor([40.0]), 0.5, torch.tensor([100, 200]))
+        tensor([[ 0., 40., 40., 60.]])
+    """
+    sizes = torch.as_tensor(image_sizes).to(centres).expand(centres.shape[0], 2)
+    height, width = sizes[:, 0], sizes[:, 1]
+    w = torch.minimum(torch.as_tensor(widths).to(centres).expand(centres.shape[0]), torch.minimum(width, height / aspect))
+    h = aspect * w
+    cx = torch.minimum(torch.maximum(centres[:, 0], w / 2), width - w / 2)
+    cy = torch.minimum(torch.maximum(centres[:, 1], h / 2), height - h / 2)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import DACInputError, check_int, check_pool_size, check_positive
+from ..functional.boxes import box_inside
 from ..layer import DACrop
 from .features import check_features, standardize_features
 from .fit import FitHistory, FitOptions, fit_boxes
@@ -95,10 +96,7 @@ class BoxRegressor(nn.Module):
         widest = min(width, height / self.aspect)
         low = min(self.min_width_fraction * width, widest)
         box_w = low + (widest - low) * torch.sigmoid(self.size(hidden.mean(dim=(2, 3)))[:, 0])
-        box_h = self.aspect * box_w
-        cx = torch.minimum(torch.maximum(cx, box_w / 2), width - box_w / 2)
-        cy = torch.minimum(torch.maximum(cy, box_h / 2), height - box_h / 2)
-        return torch.stack((cx - box_w / 2, cy - box_h / 2, cx + box_w / 2, cy + box_h / 2), dim=-1)
+        return box_inside(torch.stack((cx, cy), dim=-1), box_w, self.aspect, x.new_tensor([height, width]))
 
 
 def fit_box_regressor(

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..functional.boxes import box_inside, fit_r_min
 from ..layer import DACrop
 
 __all__ = ["aspect_box", "margin_target", "minimum_width", "region_masks"]
@@ -43,15 +44,10 @@ def aspect_box(regions: Tensor, aspect: float, image_sizes: Tensor, min_width: T
         tensor([[10., 10., 30., 20.]])
     """
     regions = regions.to(torch.promote_types(regions.dtype, torch.float32))
-    sizes = image_sizes.to(regions)
-    height, width = sizes[:, 0], sizes[:, 1]
     w = torch.maximum(regions[:, 2] - regions[:, 0], (regions[:, 3] - regions[:, 1]) / aspect)
     w = torch.maximum(w, torch.as_tensor(min_width, dtype=w.dtype).expand_as(w))
-    w = torch.minimum(w, torch.minimum(width, height / aspect))
-    h = aspect * w
-    cx = ((regions[:, 0] + regions[:, 2]) / 2).clamp(w / 2, width - w / 2)
-    cy = ((regions[:, 1] + regions[:, 3]) / 2).clamp(h / 2, height - h / 2)
-    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+    centres = torch.stack(((regions[:, 0] + regions[:, 2]) / 2, (regions[:, 1] + regions[:, 3]) / 2), dim=-1)
+    return box_inside(centres, w, aspect, image_sizes)
 
 
 def minimum_width(layer: DACrop, image_size: Sequence[int]) -> float:
@@ -63,7 +59,7 @@ def minimum_width(layer: DACrop, image_size: Sequence[int]) -> float:
     """
     k = layer.pool_size
     h, w = int(image_size[0]) // k, int(image_size[1]) // k
-    return 2 * k * min(w * layer.r_min_fraction, w / 2.0, h / (2.0 * layer.aspect))
+    return 2 * k * float(fit_r_min(h, w, layer.r_min_fraction, layer.aspect, torch.zeros(1, dtype=torch.float64)))
 
 
 def margin_target(regions: Tensor, margin: float, layer: DACrop, image_size: Sequence[int]) -> Tensor:

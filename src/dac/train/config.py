@@ -51,8 +51,11 @@ __all__ = [
     "load_config",
 ]
 
-#: The four input pipelines: resize whole image | DACrop | learned saliency -> DACrop | spatial transformer.
-PIPELINE_KINDS = ("resize", "dac", "dac_e2e", "stn")
+#: The input pipelines: resize whole image | DACrop | learned saliency -> DACrop | spatial transformer
+#: | the true region (data that carries it).
+PIPELINE_KINDS = ("resize", "dac", "dac_e2e", "stn", "oracle")
+#: ``data.source`` values that name generated data (anything else is a folder or a CSV).
+GENERATED = ("phantom", "distractors")
 #: Augmentation presets (see :mod:`dac.train.augment`).
 AUGMENTATIONS = ("none", "paper", "strong")
 #: Classifier families (torchvision ResNets, 1-channel stem).
@@ -66,10 +69,11 @@ class DataConfig:
     """Where the images come from.
 
     Attributes:
-        source: ``"phantom"`` (generated :class:`dac.data.datasets.PhantomDataset`) or a path:
-            a folder with one sub-folder per class, or a CSV of ``path,label``.
-        length: number of phantoms (phantom source only).
-        sizes: phantom (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).
+        source: ``"phantom"`` (generated :class:`dac.data.datasets.PhantomDataset`),
+            ``"distractors"`` (generated :class:`dac.data.datasets.DistractorDataset`) or a
+            path: a folder with one sub-folder per class, or a CSV of ``path,label``.
+        length: number of generated images (phantom and distractors only).
+        sizes: generated (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).
         gray8: convert real images to 8-bit gray first (the paper's preprocessing).
         cache_images: keep every decoded raw image in memory for the run (needed to
             make generated phantoms fast; off for large real archives).
@@ -143,6 +147,21 @@ class PipelineConfig:
             box by up to this angle, sampled from the whole image (no black corners);
             0 disables. Replaces the preset's rotation.
         front_lr: learning rate of the front's own parameters (None: ``train.lr``).
+        r_min_fraction: DAC pipelines: ``DACrop``'s minimum half-width as a fraction of
+            the image width (paper: 1/3.5, boxes at least 0.57 of the width wide).
+        sharpness_factor: DAC pipelines: the search's gamma multiplier per stage (paper's
+            text: 2; Algorithm 1: 4).
+        edge_margin: DAC pipelines: train through a soft-edged crop
+            (:func:`dac.functional.soft_crop`) with a band of this many output pixels
+            around the box, so the box's gradient (``dac_e2e``) sees content outside it;
+            0: the hard crop. Evaluation crops hard (the band stays, at zero). With
+            ``dac`` (nothing to learn) it is the control: the same crops, a box that
+            does not learn.
+        edge_sharpness: with ``edge_margin``: the soft edge's sharpness per
+            output pixel in the first and the last epoch (geometric in between).
+        front_warmup: ``dac_e2e``: the first epochs train the classifier alone, on the
+            crops of the untrained front (the paper's map: plain DAC crops, computed
+            once); the rest of ``epochs`` train both. 0: both from the start.
     """
 
     kind: str = field(default="dac", metadata={"check": lambda v, n: check_choice(v, PIPELINE_KINDS, n)})
@@ -155,6 +174,11 @@ class PipelineConfig:
     localization_size: tuple[int, int] = field(default=(64, 118), metadata={"check": lambda v, n: _pair(v, n, 16)})
     roi_rotate_degrees: float = field(default=0.0, metadata={"check": lambda v, n: check_angle(v, n)})
     front_lr: float | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _positive(v, n)})
+    r_min_fraction: float = field(default=1 / 3.5, metadata={"check": lambda v, n: check_real(v, n, 0.0, 0.5, low_open=True)})
+    sharpness_factor: float = field(default=2.0, metadata={"check": lambda v, n: check_real(v, n, 1.0, 16.0)})
+    edge_margin: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
+    edge_sharpness: tuple[float, float] = field(default=(0.25, 8.0), metadata={"check": lambda v, n: _positive_pair(v, n)})
+    front_warmup: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
 
 
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -162,7 +186,12 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dac": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},
     "dac_e2e": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},
     "stn": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},
+    "oracle": {"epochs": 144, "input_size": (200, 370), "augment": "paper"},  # named in a config only: needs known regions
 }
+
+
+#: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
+_LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0}
 
 
 @dataclass
@@ -174,7 +203,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipelines: dict[str, PipelineConfig] = field(
-        default_factory=lambda: {k: PipelineConfig(kind=k, **v) for k, v in _PIPELINE_DEFAULTS.items()}
+        default_factory=lambda: {k: PipelineConfig(kind=k, **v) for k, v in _PIPELINE_DEFAULTS.items() if k != "oracle"}
     )
 
     def fingerprint(self) -> str:
@@ -189,8 +218,12 @@ class ExperimentConfig:
             d["train"].pop(key)
         d["data"].pop("workers")
         d["data"].pop("cache_images")
-        if d["data"]["source"] != "phantom":
+        if d["data"]["source"] not in GENERATED:
             d["data"]["source"] = "files"
+        for p in d["pipelines"].values():  # settings added later count only when set, so older folders still match
+            for key, default in _LATER_DEFAULTS.items():
+                if p.get(key) == default:
+                    p.pop(key)
         d["revision"] = TRAINING_REVISION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -288,6 +321,14 @@ def _no_unknown(raw: Mapping[str, Any], known, name: str) -> None:
 def _check(cfg: ExperimentConfig) -> None:
     """What a single field's check cannot see: settings that only make sense together."""
     for name, p in cfg.pipelines.items():
+        if p.front_warmup and p.kind != "dac_e2e":
+            raise DACInputError(f"pipelines.{name}.front_warmup: only dac_e2e has a front to train (kind {p.kind!r})")
+        if p.edge_margin and p.kind not in ("dac", "dac_e2e"):
+            raise DACInputError(f"pipelines.{name}.edge_margin: only DAC pipelines have a box to soften (kind {p.kind!r})")
+        if p.edge_margin and p.roi_rotate_degrees:
+            raise DACInputError(f"pipelines.{name}.edge_margin: not with roi_rotate_degrees (a rotated crop has no soft edge)")
+        if p.front_warmup >= p.epochs:
+            raise DACInputError(f"pipelines.{name}.front_warmup: {p.front_warmup} must be below epochs ({p.epochs})")
         if p.roi_rotate_degrees and p.kind not in ("dac", "dac_e2e"):
             raise DACInputError(f"pipelines.{name}.roi_rotate_degrees: only DAC pipelines have a box to rotate about (kind {p.kind!r})")
 
@@ -312,6 +353,12 @@ def _pair(value: Any, name: str, low: int) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise DACInputError(f"{name}: expected [height, width], got {value!r}")
     return (check_int(value[0], f"{name}[0]", low), check_int(value[1], f"{name}[1]", low))
+
+
+def _positive_pair(value: Any, name: str) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise DACInputError(f"{name}: expected [first, last], got {value!r}")
+    return (_positive(value[0], f"{name}[0]"), _positive(value[1], f"{name}[1]"))
 
 
 def _sizes(value: Any, name: str, low: int) -> tuple[tuple[int, int], ...]:

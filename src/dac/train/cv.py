@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from .._checks import DACInputError
 from .._files import write_json, write_text
-from .config import ExperimentConfig, config_to_dict
+from .config import GENERATED, ExperimentConfig, config_to_dict
 from .distributed import barrier, init_runtime
 from .engine import Engine, EvalModeGapWarning, load_checkpoint, seed_for
 from .folds import build_dataset, data_digest, holdout_split, stratified_folds
@@ -254,7 +254,7 @@ class _Experiment:
         if self._images is None:
             started = time.perf_counter()
             self._images = self.engine.load_images(self.dataset)
-            what = "generated" if self.config.data.source == "phantom" else "read"
+            what = "generated" if self.config.data.source in GENERATED else "read"
             self.log(f"{what} {len(self._images)} images into memory in {time.perf_counter() - started:.1f} s")
         return self._images
 
@@ -269,6 +269,21 @@ class _Experiment:
         self.log(f"{name}: front output of {len(cached)} images cached ({tuple(cached.images.shape[1:])}) "
                  f"in {time.perf_counter() - started:.1f} s")
         return cached
+
+    def _warmup(self, name: str, model: Pipeline, folder: Path, source: Dataset, train: np.ndarray, seed: int, tag: str,
+                progress: Callback) -> list[dict[str, Any]]:
+        """``front_warmup`` epochs of the classifier alone on the untrained front's crops (computed once),
+        checkpointed in ``warmup.pt``; skipped when the joint phase has begun (its checkpoint holds the model)."""
+        if (folder / "checkpoint.pt").is_file():
+            return list(load_checkpoint(folder / "warmup.pt")["history"]) if (folder / "warmup.pt").is_file() else []
+        pcfg = self.config.pipelines[name]
+        started = time.perf_counter()
+        cached = self.engine.front_outputs(model, source, train)
+        self.log(f"{tag}: warm start, the untrained front's crops of {len(cached)} images in {time.perf_counter() - started:.1f} s")
+        history = self.engine.fit(model, cached, np.arange(len(cached)), epochs=pcfg.front_warmup, lr=self.config.train.lr,
+                                  seed=seed_for(seed, "warmup"), checkpoint=folder / "warmup.pt", callback=progress,
+                                  recalibrate_bn=False)
+        return [dict(h, phase="warmup") for h in history]
 
     def train_and_evaluate(self, name: str, folder: Path, source: Dataset, train: np.ndarray, test: np.ndarray, *,
                            seed: int, tag: str, callback: Callback | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -291,9 +306,10 @@ class _Experiment:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EvalModeGapWarning)  # logged by progress() instead
-            history = engine.fit(
-                model, source, train, epochs=pcfg.epochs, lr=self.config.train.lr, front_lr=pcfg.front_lr, seed=seed,
-                checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=self.config.train.recalibrate_bn,
+            warmup = self._warmup(name, model, folder, source, train, seed, tag, progress) if pcfg.front_warmup else []
+            history = warmup + engine.fit(
+                model, source, train, epochs=pcfg.epochs - pcfg.front_warmup, lr=self.config.train.lr, front_lr=pcfg.front_lr,
+                seed=seed, checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=self.config.train.recalibrate_bn,
             )
         last = history[-1]
         metrics: dict[str, Any] = {"pipeline": name, **extra, "n_train": int(train.size)}

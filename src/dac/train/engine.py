@@ -174,7 +174,9 @@ class Engine:
 
         Args:
             model: the network (moved to the runtime's device; under torchrun its
-                BatchNorm layers are made to synchronise their batch statistics).
+                BatchNorm layers are made to synchronise their batch statistics). A front
+                with a ``progress`` attribute has it set to ``epoch / (epochs - 1)``
+                before each epoch (a schedule over training).
             dataset: items ``{"image": Tensor[C, H, W], "label": int}`` (raw images) or
                 ``{"crop": ..., "label": int}`` (cached front outputs).
             train_indices: the items to train on.
@@ -195,7 +197,8 @@ class Engine:
         Returns:
             The history: one dict per epoch (``epoch``, ``loss``, ``train_accuracy``,
             ``seconds``; with a DAC front on raw images ``boxes_unconverged``, the boxes
-            whose search did not reach a stationary point); the last one also holds
+            whose search did not reach a stationary point; with a trainable front
+            ``front_grad_norm``, the mean norm of its gradient over the steps); the last one also holds
             ``eval_train_accuracy`` (eval mode, no augmentation, after recalibration).
 
         Raises:
@@ -242,6 +245,8 @@ class Engine:
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         dims = model.noise_dims
         for epoch in range(start, epochs):
+            if hasattr(model.front, "progress"):  # a schedule over training (the soft edge's sharpness)
+                model.front.progress = epoch / max(epochs - 1, 1)
             record = self._epoch(net, model, optimizer, dataset, train_indices, seed, epoch, dims)
             history.append(record)
             save(False)
@@ -278,8 +283,9 @@ class Engine:
         batches = epoch_batches(order, self.batch_size)
         mine = [shard(rt, b.tolist()) for b in batches]
         model.train()
-        loss_sum = correct = count = unconverged = 0.0
+        loss_sum = correct = count = unconverged = front_norm = 0.0
         searched = False
+        front_params = [] if _holds_crops(dataset) else [p for p in model.front.parameters() if p.requires_grad]
         for step, batch in enumerate(self._loader(dataset, mine, seed_for(seed, "loader", epoch))):
             labels = batch["label"].to(rt.device)
             noise = sample_noise(seed, epoch, mine[step], dims).to(rt.device)
@@ -289,6 +295,9 @@ class Engine:
             loss = loss_total * (rt.world_size / batches[step].size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if front_params:
+                front_norm += float(torch.linalg.vector_norm(torch.stack([
+                    torch.linalg.vector_norm(p.grad) for p in front_params if p.grad is not None] or [torch.zeros(())])))
             optimizer.step()
             loss_sum += float(loss_total.detach())
             correct += float((logits.detach().argmax(1) == labels).sum())
@@ -303,6 +312,8 @@ class Engine:
                   "seconds": time.perf_counter() - began}
         if searched:
             record["boxes_unconverged"] = int(unconverged)
+        if front_params:
+            record["front_grad_norm"] = front_norm / max(len(batches), 1)  # this process's mean over the steps
         return record
 
     @torch.no_grad()
@@ -381,7 +392,7 @@ class Engine:
         model.to(self.rt.device).eval()
 
         def rows(batch: dict[str, Any]) -> list[tuple[Tensor, int]]:
-            crops = model.front(_to(batch["image"], self.rt.device)).crops
+            crops = model.front(_to(batch["image"], self.rt.device), **_regions(model, batch, self.rt.device)).crops
             return list(zip(crops.to("cpu", dtype), batch["label"].tolist()))
 
         items = self._eval_rows(rows, dataset, order)
@@ -394,14 +405,17 @@ class Engine:
         indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         loader = DataLoader(torch.utils.data.Subset(dataset, shard(self.rt, indices)), batch_size=8,
                             num_workers=self.workers, collate_fn=_as_list)
-        images = []
+        images, regions = [], []
         for batch in loader:
             if isinstance(batch, dict):
                 raise cannot_read(batch["error"])
             images.extend(item["image"] for item in batch)
+            regions.extend(item.get("roi") for item in batch)
         images = gather_shards(self.rt, images, len(indices))
+        regions = gather_shards(self.rt, regions, len(indices))
         labels = [int(dataset.labels[i]) for i in indices]
-        return MemoryDataset(images, labels, getattr(dataset, "classes", []))
+        known = regions if all(r is not None for r in regions) else None
+        return MemoryDataset(images, labels, getattr(dataset, "classes", []), regions=known)
 
     # ----------------------------------------------------------------- internals
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -437,6 +451,17 @@ class Engine:
         count = (len(indices) + size - 1) // size
         ordered = [parts[j % rt.world_size][j // rt.world_size] for j in range(count)]
         return [row for batch in ordered for row in batch]
+
+
+def _regions(model: Pipeline, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The front's ``regions`` keyword (the batch's ``roi``) where the front needs them (the oracle)."""
+    if not getattr(model.front, "needs_regions", False):
+        return {}
+    if "roi" not in batch:
+        raise DACInputError("regions: the oracle pipeline crops each image's true region; this data does not carry "
+                            "regions (data.source: phantom or distractors do)")
+    roi = batch["roi"]
+    return {"regions": (torch.stack(roi) if isinstance(roi, list) else roi).to(device)}
 
 
 def _far_below(eval_accuracy: float, train_accuracy: float, n: int) -> bool:

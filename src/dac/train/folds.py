@@ -26,7 +26,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .._checks import DACInputError
-from ..data.datasets import ImageFolderDataset, ImageLabelDataset, PhantomDataset
+from ..data.datasets import DistractorDataset, ImageFolderDataset, ImageLabelDataset, PhantomDataset
 from ..data.phantoms import CLASS_NAMES
 from .config import DataConfig
 
@@ -44,7 +44,8 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
 
     Args:
         config: ``source`` is ``"phantom"`` (``length`` phantoms of ``sizes``, classes
-            balanced, seeded by ``seed``) or a path (folder of class folders, or CSV of
+            balanced, seeded by ``seed``), ``"distractors"`` (the same, of
+            :class:`~dac.data.datasets.DistractorDataset` scenes) or a path (folder of class folders, or CSV of
             ``path,label``; see :class:`dac.data.datasets.ImageFolderDataset`).
         seed: the phantom dataset's seed.
 
@@ -57,6 +58,9 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
     if config.source == "phantom":
         base: Dataset = PhantomDataset(config.length, seed=seed, sizes=config.sizes, bits=8)
         classes: Sequence[str] = CLASS_NAMES
+    elif config.source == "distractors":
+        base = DistractorDataset(config.length, seed=seed, sizes=config.sizes)
+        classes = base.classes
     else:
         from ..data.io import read_image, to_gray8
 
@@ -118,7 +122,7 @@ def data_digest(dataset: ImageLabelDataset) -> str:
                 size = -1
             rel = os.path.relpath(path, root) if Path(path).is_relative_to(root) else str(path)
             items.append([rel, int(label), size])
-    elif isinstance(base, PhantomDataset):
+    elif isinstance(base, (PhantomDataset, DistractorDataset)):
         items = [repr(base), list(map(int, dataset.labels))]
     else:
         items = [type(base).__name__, len(dataset), list(map(int, dataset.labels))]

@@ -9,6 +9,9 @@
   is taken from the original image, so the net's parameters get their gradient *only
   through the box* (the implicit gradient of the search, or whichever
   ``backward_mode``), from the classifier's loss alone — no box labels.
+* ``oracle`` — :class:`OracleFront`: the true region (known for generated data), as the
+  smallest box of the crop's aspect around it inside the image, resampled like the DAC
+  crop: the accuracy a perfect box buys, for data that carries its regions.
 * ``stn`` — :class:`SpatialTransformerCrop`: a localisation CNN predicts a
   scale-and-translate box of the same aspect, sampled to the same size (Jaderberg et
   al. 2015), trained from the task loss alone.
@@ -35,8 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import Images, by_size
-from .._checks import DACInputError, check_angle, check_size
+from .._checks import DACInputError, check_angle, check_int, check_size
+from ..functional.boxes import box_inside
 from ..functional.crop import crop_resize
+from ..functional.soft_crop import soft_crop
 from ..functional.pooling import to_unit_range
 from ..layer import DACrop, quiet_unconverged
 from ..saliency import SaliencyNet
@@ -47,6 +52,7 @@ from .models import resnet
 __all__ = [
     "DACFront",
     "FrontOutput",
+    "OracleFront",
     "Pipeline",
     "ResizeFront",
     "SpatialTransformerCrop",
@@ -110,6 +116,15 @@ class DACFront(nn.Module):
     rotated box stays inside the image (:func:`~dac.train.augment.roi_rotation_crop`);
     otherwise crops are resampled by :func:`~dac.functional.crop_resize`.
 
+    With ``edge_margin`` > 0, training crops are soft-edged
+    (:func:`~dac.functional.soft_crop.soft_crop`): the box and a band of ``edge_margin``
+    output pixels around it, weighted by the box's soft rectangle, whose sharpness
+    goes geometrically from ``edge_sharpness[0]`` to ``edge_sharpness[1]`` as
+    :attr:`progress` goes from 0 to 1 (the training engine sets it each epoch), so the
+    task loss's gradient in the box feels content outside it. In eval mode the crop is
+    hard, the band zero (the soft crop's limit): crops are then
+    (H_out + 2 margin) x (W_out + 2 margin) in both modes.
+
     Convention: boxes are xyxy in input pixels (torchvision's).
 
     Args:
@@ -119,9 +134,13 @@ class DACFront(nn.Module):
         saliency: ``DACrop``'s saliency stage (images -> Tensor[B, 1, H // k, W // k]),
             or None for the paper's map.
         roi_rotate_degrees: largest rotation about the box centre (0: none).
+        r_min_fraction, sharpness_factor: ``DACrop``'s (paper: 1/3.5, 2).
+        edge_margin: the soft edge's band in output pixels (0: hard crops).
+        edge_sharpness: (first, last) sharpness per output pixel of the soft edge.
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
+        progress: where training is, 0..1 (sets the soft edge's sharpness).
     """
 
     def __init__(
@@ -131,10 +150,29 @@ class DACFront(nn.Module):
         backward_mode: str = "implicit",
         saliency: nn.Module | None = None,
         roi_rotate_degrees: float = 0.0,
+        *,
+        r_min_fraction: float = 1 / 3.5,
+        sharpness_factor: float = 2.0,
+        edge_margin: int = 0,
+        edge_sharpness: Sequence[float] = (0.25, 8.0),
     ) -> None:
         super().__init__()
-        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency)
+        self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
+                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
         self.roi_rotate_degrees = check_angle(roi_rotate_degrees, "roi_rotate_degrees")
+        self.edge_margin = check_int(edge_margin, "edge_margin", 0)
+        if len(edge_sharpness) != 2 or not all(float(g) > 0 for g in edge_sharpness):
+            raise DACInputError(f"edge_sharpness: expected (first, last) > 0, got {edge_sharpness!r}")
+        self.edge_sharpness = (float(edge_sharpness[0]), float(edge_sharpness[1]))
+        if self.edge_margin and self.roi_rotate_degrees:
+            raise DACInputError("edge_margin: not with roi_rotate_degrees (a rotated crop has no soft edge)")
+        self.progress = 0.0
+
+    @property
+    def sharpness(self) -> float:
+        """The soft edge's sharpness now (per output pixel): geometric in :attr:`progress`."""
+        first, last = self.edge_sharpness
+        return first * (last / first) ** min(max(self.progress, 0.0), 1.0)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -174,12 +212,74 @@ class DACFront(nn.Module):
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
             draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
             crops = roi_rotation_crop(images, boxes, draw * limit, self.output_size)
+        elif self.edge_margin:
+            sharpness = self.sharpness if self.training else math.inf
+            crops = soft_crop(images, boxes, self.output_size, margin=self.edge_margin, sharpness=sharpness)
         else:
             crops = crop_resize(images, boxes, self.output_size, antialias=True)
         return FrontOutput(crops.float(), boxes, unconverged)
 
     def extra_repr(self) -> str:
-        return f"roi_rotate_degrees={self.roi_rotate_degrees}"
+        edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
+        return f"roi_rotate_degrees={self.roi_rotate_degrees}{edge}"
+
+
+class OracleFront(nn.Module):
+    """Crop each image's true region: the headroom of a box, for data whose regions are known.
+
+    The box is :func:`~dac.saliency.aspect_box` of the region: the smallest box of
+    aspect ``H_out / W_out`` around it, shifted into the image (as wide as the image
+    allows where the region needs more), resampled to ``output_size`` by
+    :func:`~dac.functional.crop_resize` like the DAC front's crops. Nothing to learn,
+    nothing random: its crops are computed once per run.
+
+    Convention: boxes and regions are xyxy in input pixels (torchvision's).
+
+    Args:
+        output_size: (H_out, W_out).
+
+    Example:
+        >>> front = OracleFront((20, 37))
+        >>> out = front(torch.rand(2, 1, 96, 177), regions=torch.tensor([[10.0, 10, 60, 30], [0, 0, 177, 96]]))
+        >>> out.crops.shape, [round(v, 2) for v in out.boxes[0].tolist()]
+        (torch.Size([2, 1, 20, 37]), [10.0, 6.49, 60.0, 33.51])
+    """
+
+    #: The engine passes each batch's true regions (``roi``) as ``regions``.
+    needs_regions = True
+
+    def __init__(self, output_size: Sequence[int] = (200, 370)) -> None:
+        super().__init__()
+        self.output_size = check_size(output_size, "output_size")
+
+    def forward(self, images: Images, noise: Tensor | None = None, regions: Tensor | None = None) -> FrontOutput:
+        """Tensor[B, C, H, W] or list of Tensor[C, H, W] and their ``regions`` Tensor[B, 4]
+        -> :class:`FrontOutput` (``noise`` is not used).
+
+        Raises:
+            DACInputError: no regions, or not one per image.
+        """
+        if regions is None:
+            raise DACInputError("regions: the oracle pipeline crops each image's true region; it needs data that carries "
+                                "them (data.source: phantom or distractors)")
+        regions = torch.as_tensor(regions) if not isinstance(regions, Tensor) else regions
+        if regions.ndim != 2 or regions.shape != (len(images), 4):
+            raise DACInputError(f"regions: expected Tensor[{len(images)}, 4] (one xyxy box per image), got {tuple(regions.shape)}")
+        if isinstance(images, Tensor):
+            return self._crop_batch(images, regions)
+        outs = [self._crop_batch(image[None], region[None]) for image, region in zip(images, regions)]
+        return FrontOutput(torch.cat([o.crops for o in outs]), torch.cat([o.boxes for o in outs]))
+
+    def _crop_batch(self, images: Tensor, regions: Tensor) -> FrontOutput:
+        from ..saliency import aspect_box
+
+        x = to_unit_range(images, torch.float32) if not images.dtype.is_floating_point else images
+        sizes = torch.tensor([x.shape[-2:]] * x.shape[0], device=x.device)
+        boxes = aspect_box(regions.to(x.device, torch.float32), self.output_size[0] / self.output_size[1], sizes)
+        return FrontOutput(crop_resize(x, boxes.to(x.dtype), self.output_size, antialias=True), boxes)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
 
 
 class SpatialTransformerCrop(nn.Module):
@@ -258,9 +358,9 @@ class SpatialTransformerCrop(nn.Module):
         w_max = min(float(width), float(height) / self.aspect)
         box_w = torch.sigmoid(a) * w_max
         box_h = box_w * self.aspect
-        cx = width / 2 + torch.tanh(b) * (width - box_w) / 2
+        cx = width / 2 + torch.tanh(b) * (width - box_w) / 2  # inside by construction: tanh of the free room
         cy = height / 2 + torch.tanh(c) * (height - box_h) / 2
-        return torch.stack([cx - box_w / 2, cy - box_h / 2, cx + box_w / 2, cy + box_h / 2], -1)
+        return box_inside(torch.stack((cx, cy), -1), box_w, self.aspect, x.new_tensor([float(height), float(width)]))
 
     def _crop_batch(self, images: Tensor) -> FrontOutput:
         x = self._float(images)
@@ -348,7 +448,7 @@ class Pipeline(nn.Module):
         """True when the front has no trainable parameters and no training-time randomness:
         its output can be computed once per image and cached."""
         trainable = any(p.requires_grad for p in self.front.parameters())
-        random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0
+        random = getattr(self.front, "roi_rotate_degrees", 0.0) > 0 or getattr(self.front, "edge_margin", 0) > 0  # soft edges change per epoch
         return not trainable and not random
 
     def forward(
@@ -409,10 +509,14 @@ def build_pipeline(
         front: nn.Module = ResizeFront(size)
     elif kind in ("dac", "dac_e2e"):
         saliency = SaliencyNet(config.pool_size, width=config.saliency_width) if kind == "dac_e2e" else None
-        front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees)
+        front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees,
+                         r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
+                         edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
+    elif kind == "oracle":
+        front = OracleFront(size)
     else:
-        raise DACInputError(f"config.kind: expected resize, dac, dac_e2e or stn, got {kind!r}")
+        raise DACInputError(f"config.kind: expected resize, dac, dac_e2e, oracle or stn, got {kind!r}")
     ranges = augmentation(config.augment, rotate=config.roi_rotate_degrees == 0)
     return Pipeline(front, classifier, BatchAugment(ranges))

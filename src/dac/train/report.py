@@ -29,7 +29,7 @@ PAPER_RESULTS = {
     "dac": {"accuracy": 0.945, "macro_auc": 0.993, "epochs": 144},
 }
 #: How each pipeline kind is named in tables and figures.
-PIPELINE_TITLES = {"resize": "resize (whole image)", "dac": "DAC", "dac_e2e": "DAC end to end", "stn": "STN"}
+PIPELINE_TITLES = {"resize": "resize (whole image)", "dac": "DAC", "dac_e2e": "DAC end to end", "stn": "STN", "oracle": "oracle (true region)"}
 
 
 def read_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,274 @@
+"""Training through the box: the oracle front, the soft-edged crop, warm starts and schedules."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dac import DACInputError
+from dac.data.datasets import DistractorDataset, MemoryDataset
+from dac.functional import crop_resize
+from dac.saliency import aspect_box
+from dac.train import Engine, PipelineConfig, build_pipeline, config_from_dict, init_runtime, run_cv
+from dac.train.pipelines import OracleFront
+
+TINY = {
+    "seed": 0,
+    "data": {"source": "distractors", "length": 20, "sizes": [[96, 177]], "cache_images": True},
+    "model": {"arch": "resnet18", "width": 4},
+    "train": {"batch_size": 6, "folds": 2, "device": "cpu", "eval_batch_size": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def scenes() -> DistractorDataset:
+    return DistractorDataset(10, seed=1, sizes=((96, 177),))
+
+
+class TestOracleFront:
+    def test_boxes_are_the_aspect_box_and_crops_the_resampled_box(self, scenes):
+        images = torch.stack([scenes[i]["image"] for i in range(4)])
+        regions = torch.stack([scenes[i]["roi"] for i in range(4)])
+        out = OracleFront((20, 37))(images, regions=regions)
+        expected = aspect_box(regions, 20 / 37, torch.tensor([[96, 177]] * 4))
+        torch.testing.assert_close(out.boxes, expected)
+        torch.testing.assert_close(out.crops, crop_resize(images.float() / 255, expected, (20, 37)))
+        assert out.unconverged is None
+        # every region lies inside its box (regions narrower than the image)
+        assert bool(((out.boxes[:, :2] <= regions[:, :2] + 1e-4) & (out.boxes[:, 2:] >= regions[:, 2:] - 1e-4)).all())
+
+    def test_list_equals_batch(self, scenes):
+        images = [scenes[i]["image"] for i in range(3)]
+        regions = torch.stack([scenes[i]["roi"] for i in range(3)])
+        front = OracleFront((20, 37))
+        torch.testing.assert_close(front(images, regions=regions).crops, front(torch.stack(images), regions=regions).crops)
+
+    def test_without_regions_raises(self, scenes):
+        with pytest.raises(DACInputError, match="regions"):
+            OracleFront((20, 37))(scenes[0]["image"][None])
+        with pytest.raises(DACInputError, match="regions"):
+            OracleFront((20, 37))(scenes[0]["image"][None], regions=torch.zeros(2, 4))
+
+    def test_pipeline_is_fixed_and_engine_passes_regions(self, scenes):
+        net = build_pipeline(PipelineConfig(kind="oracle", input_size=(20, 37)), width=4)
+        assert net.front_is_fixed
+        engine = Engine(init_runtime("cpu"), batch_size=4, eval_batch_size=3)
+        cached = engine.front_outputs(net, scenes, [0, 1, 2])
+        images = torch.stack([scenes[i]["image"] for i in range(3)])
+        regions = torch.stack([scenes[i]["roi"] for i in range(3)])
+        torch.testing.assert_close(cached.images.float(), net.front(images, regions=regions).crops.half().float())
+        loaded = engine.load_images(scenes, [0, 1])
+        assert torch.equal(loaded[1]["roi"], scenes[1]["roi"])
+        bare = MemoryDataset([scenes[0]["image"]], [0], scenes.classes)
+        with pytest.raises(DACInputError, match="oracle"):
+            engine.front_outputs(net, bare)
+
+
+class TestDistractorRuns:
+    def test_config_names_generated_sources_apart(self):
+        a = config_from_dict(TINY)
+        b = config_from_dict({**TINY, "data": {**TINY["data"], "source": "phantom"}})
+        assert a.data.source == "distractors" and a.fingerprint() != b.fingerprint()
+
+    def test_cv_with_oracle_row(self, tmp_path):
+        config = config_from_dict({**TINY, "pipelines": {"oracle": {"epochs": 1, "input_size": [20, 37]}}})
+        summary = run_cv(config, tmp_path / "cv", figures=False)
+        assert set(summary) == {"oracle"} and summary["oracle"]["kind"] == "oracle"
+        assert np.isfinite(summary["oracle"]["accuracy_mean"])
+        assert "oracle (true region)" in (tmp_path / "cv" / "summary.md").read_text()
+        again = run_cv(config, tmp_path / "again", figures=False)  # the same seed gives the same numbers
+        assert again["oracle"]["accuracy_mean"] == summary["oracle"]["accuracy_mean"]
+
+
+# ----------------------------------------------------------------------------- soft-edged crop
+
+from dac.functional.soft_crop import SoftCrop, edge_weights, soft_crop  # noqa: E402
+from dac.train.pipelines import DACFront  # noqa: E402
+
+
+def _smooth_image(dtype=torch.float64, seed=0) -> torch.Tensor:
+    """A smooth Tensor[1, 1, 40, 70] (no kinks for finite differences to trip on)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 1, 6, 10, generator=gen, dtype=dtype)
+    return torch.nn.functional.interpolate(coarse, size=(40, 70), mode="bicubic", align_corners=True)
+
+
+def _reference_soft_crop(image, box, size, margin, sharpness):
+    """Straight from the definition: each canvas pixel's input position, bilinear-free
+    point sampling replaced by crop_resize of the grown box, weight from eqs. 1-2 in a loop."""
+    out_h, out_w = size
+    sx, sy = (box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h
+    grown = torch.stack([box[0] - margin * sx, box[1] - margin * sy, box[2] + margin * sx, box[3] + margin * sy])
+    canvas = crop_resize(image, grown[None], (out_h + 2 * margin, out_w + 2 * margin))
+    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    weight = torch.zeros(out_h + 2 * margin, out_w + 2 * margin, dtype=canvas.dtype)
+    for i in range(out_h + 2 * margin):
+        for j in range(out_w + 2 * margin):
+            y, x = i + 0.5, j + 0.5
+            weight[i, j] = (sig(sharpness * (x - margin)) * sig(sharpness * (margin + out_w - x))
+                            * sig(sharpness * (y - margin)) * sig(sharpness * (margin + out_h - y)))
+    return canvas * weight
+
+
+class TestSoftCrop:
+    box = torch.tensor([[12.3, 9.1, 41.7, 25.4]], dtype=torch.float64)
+
+    def test_shapes(self):
+        out = soft_crop(torch.rand(2, 3, 40, 70), self.box.float().expand(2, 4), (8, 15), margin=3, sharpness=0.5)
+        assert out.shape == (2, 3, 14, 21)
+
+    def test_matches_reference_loop(self):
+        image = _smooth_image()
+        got = soft_crop(image, self.box, (8, 15), margin=3, sharpness=0.7)
+        torch.testing.assert_close(got, _reference_soft_crop(image, self.box[0], (8, 15), 3, 0.7))
+
+    def test_inner_samples_are_the_hard_crop_and_infinity_is_the_padded_hard_crop(self):
+        image = _smooth_image()
+        hard = crop_resize(image, self.box, (8, 15))
+        very_sharp = soft_crop(image, self.box, (8, 15), margin=3, sharpness=200.0)
+        torch.testing.assert_close(very_sharp[..., 3:-3, 3:-3], hard)
+        assert float(very_sharp[..., :3, :].abs().max()) < 1e-30
+        torch.testing.assert_close(soft_crop(image, self.box, (8, 15), margin=3, sharpness=math.inf),
+                                   torch.nn.functional.pad(hard, (3, 3, 3, 3)))
+        torch.testing.assert_close(soft_crop(image, self.box, (8, 15), margin=0, sharpness=math.inf), hard)
+
+    def test_gradcheck_float64(self):
+        image = _smooth_image().requires_grad_(True)
+        box = self.box.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x, b: soft_crop(x, b, (6, 11), margin=2, sharpness=0.8), (image, box),
+                                        eps=1e-6, atol=1e-6)
+
+    def test_box_gradient_matches_central_differences(self):
+        image = _smooth_image(seed=3)
+        weights = torch.rand(1, 1, 12, 21, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+        def loss(box):
+            return (soft_crop(image, box, (8, 17), margin=2, sharpness=0.6) * weights).sum()
+
+        box = self.box.clone().requires_grad_(True)
+        loss(box).backward()
+        eps = 1e-6
+        fd = torch.stack([(loss(self.box + eps * e) - loss(self.box - eps * e)) / (2 * eps) for e in torch.eye(4, dtype=torch.float64)])
+        torch.testing.assert_close(box.grad[0], fd, rtol=1e-6, atol=1e-9)
+
+    def test_a_mark_outside_the_box_pulls_its_edge(self):
+        """The defect: a hard crop's box gradient is blind to a mark a few pixels outside it."""
+        image = torch.zeros(1, 1, 40, 80, dtype=torch.float64)
+        image[..., 15:19, 47:50] = 1.0  # a mark 5 px right of the box's right edge (x2 = 42)
+        box = torch.tensor([[10.0, 8.0, 42.0, 24.0]], dtype=torch.float64, requires_grad=True)
+        crop_resize(image, box, (8, 16)).sum().backward()  # "more mark is better"
+        assert float(box.grad.abs().max()) == 0.0  # the hard crop cannot see it
+        box.grad = None
+        soft_crop(image, box, (8, 16), margin=4, sharpness=0.5).sum().backward()
+        x1, y1, x2, y2 = box.grad[0].tolist()
+        assert x2 > 1e-3 and abs(x2) > 10 * abs(x1)  # ascending the objective grows the right edge toward the mark
+
+    def test_module_equals_function_and_repr(self):
+        image, box = _smooth_image(torch.float32), self.box.float()
+        module = SoftCrop((8, 15), margin=2, sharpness=0.5)
+        torch.testing.assert_close(module(image, box), soft_crop(image, box, (8, 15), margin=2, sharpness=0.5))
+        assert "margin=2" in repr(module)
+
+    @pytest.mark.parametrize("kw, match", [({"margin": -1, "sharpness": 1.0}, "margin"), ({"margin": 1, "sharpness": 0.0}, "sharpness"),
+                                           ({"margin": 1, "sharpness": "1"}, "sharpness")])
+    def test_bad_input_raises(self, kw, match):
+        with pytest.raises(DACInputError, match=match):
+            soft_crop(torch.rand(1, 1, 20, 30), torch.tensor([[1.0, 1, 10, 6]]), (4, 8), **kw)
+
+    def test_edge_weights_limits(self):
+        hard = edge_weights((3, 4), 2, math.inf)
+        assert hard.sum() == 12 and hard[2:5, 2:6].min() == 1
+        soft = edge_weights((3, 4), 2, 0.3)
+        assert bool((soft > 0).all() & (soft < 1).all())
+
+
+class TestSoftEdgedFront:
+    def test_training_soft_eval_hard_and_schedule(self, scenes):
+        from dac.saliency import SaliencyNet
+
+        front = DACFront((20, 37), 3, saliency=SaliencyNet(3, width=4), edge_margin=3, edge_sharpness=(0.5, 8.0),
+                         r_min_fraction=0.1, sharpness_factor=4.0)
+        images = torch.stack([scenes[i]["image"] for i in range(2)])
+        assert front.sharpness == 0.5
+        front.progress = 1.0
+        assert front.sharpness == pytest.approx(8.0)
+        front.progress = 0.0
+        front.train()
+        out = front(images)
+        assert out.crops.shape == (2, 1, 26, 43)
+        soft = soft_crop(images, out.boxes.detach(), (20, 37), margin=3, sharpness=0.5)
+        torch.testing.assert_close(out.crops, soft)
+        out.crops.mean().backward()  # reaches the saliency through the box
+        assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in front.saliency.parameters())
+        front.eval()
+        with torch.no_grad():
+            hard = front(images)
+        torch.testing.assert_close(hard.crops, torch.nn.functional.pad(crop_resize(images, hard.boxes, (20, 37)), (3, 3, 3, 3)))
+
+    def test_config_checks_and_fingerprint(self):
+        from dac.train.config import load_config
+
+        base = {"pipelines": {"dac_e2e": {"epochs": 4, "edge_margin": 2, "front_warmup": 1}}}
+        assert config_from_dict(base).pipelines["dac_e2e"].edge_margin == 2
+        assert config_from_dict({"pipelines": {"dac": {"edge_margin": 2}}}).pipelines["dac"].edge_margin == 2  # the control
+        assert not build_pipeline(PipelineConfig(kind="dac", input_size=(20, 37), edge_margin=2), width=4).front_is_fixed
+        for raw, key in (({"stn": {"edge_margin": 2}}, "edge_margin"), ({"dac": {"front_warmup": 1}}, "front_warmup"), ({"dac_e2e": {"epochs": 2, "front_warmup": 2}}, "front_warmup"),
+                         ({"dac_e2e": {"edge_margin": 2, "roi_rotate_degrees": 3}}, "edge_margin"),
+                         ({"dac_e2e": {"edge_sharpness": [1]}}, "edge_sharpness"), ({"dac": {"r_min_fraction": 0.6}}, "r_min_fraction")):
+            with pytest.raises(DACInputError, match=key):
+                config_from_dict({"pipelines": raw})
+        # settings added since left at their defaults keep older results folders' fingerprints
+        root = __import__("pathlib").Path(__file__).resolve().parents[1]
+        assert load_config(root / "configs" / "quick.yaml").fingerprint() == "457d6b4770c010ed"
+        assert config_from_dict(base).fingerprint() != config_from_dict({"pipelines": {"dac_e2e": {"epochs": 4}}}).fingerprint()
+
+
+class TestWarmStart:
+    def test_warmup_then_joint_and_resume(self, tmp_path):
+        pipe = {"epochs": 3, "input_size": [20, 37], "pool_size": 3, "front_warmup": 1, "edge_margin": 2, "front_lr": 0.01}
+        config = config_from_dict({**TINY, "data": {**TINY["data"], "length": 10}, "pipelines": {"dac_e2e": pipe}})
+        first = run_cv(config, tmp_path / "cv", figures=False)
+        metrics = __import__("json").loads((tmp_path / "cv" / "dac_e2e" / "fold_0" / "metrics.json").read_text())
+        phases = [h.get("phase") for h in metrics["history"]]
+        assert phases == ["warmup", None, None] and "front_grad_norm" in metrics["history"][-1]
+        assert (tmp_path / "cv" / "dac_e2e" / "fold_0" / "warmup.pt").is_file()
+        again = run_cv(config, tmp_path / "again", figures=False)  # the same seed, the same numbers
+        assert again["dac_e2e"]["accuracy_mean"] == first["dac_e2e"]["accuracy_mean"]
+
+
+class _Faint(torch.nn.Module):
+    """A saliency stage whose map has vanished (what a saturated gate gives)."""
+
+    def __init__(self, scale: float = 1e-38) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, images):
+        from dac.functional.pooling import max_min_pool
+
+        return max_min_pool(images.float() / 255 if not images.dtype.is_floating_point else images, 3) * self.scale
+
+
+class TestVanishingMap:
+    def test_front_crops_where_a_map_vanished(self, scenes):
+        # what a saturated gate gives: the search lifts the map and finds the same boxes (was: NaN boxes)
+        images = torch.stack([scenes[i]["image"] for i in range(2)])
+        faint, dim = DACFront((20, 37), 3, saliency=_Faint()).eval(), DACFront((20, 37), 3, saliency=_Faint(1e-9)).eval()
+        assert torch.allclose(faint(images).boxes, dim(images).boxes, atol=1e-2)
+
+    @pytest.mark.parametrize("search", ["paper", "global"])
+    def test_search_on_a_vanishing_map_is_finite(self, search):
+        # met in training: a saliency net at front_lr 0.1 drove its gate to ~1e-38 within an epoch, and the
+        # search's Hessian underflowed to NaN boxes. Below eps the +1 of eq. 3 swamps the map: same boxes.
+        from dac import DACrop
+        from dac.functional.pooling import max_min_pool
+
+        image = torch.rand(1, 1, 64, 120, generator=torch.Generator().manual_seed(0))
+        layer = DACrop(output_size=(20, 37), pool_size=4, search=search)
+        reference, _ = layer.search(max_min_pool(image, 4) * 1e-9)
+        for scale in (1e-38, 1e-42):
+            boxes, info = layer.search(max_min_pool(image, 4) * scale)
+            assert bool(torch.isfinite(boxes).all()) and bool(info.converged.all())
+            assert torch.allclose(boxes, reference, atol=1e-3)
