@@ -137,8 +137,6 @@ def try_lock(descriptor: int) -> bool:
         return False
 
 
-
-
 def discard_outputs(out: Path, key: str, folders: Sequence[str]) -> None:
     """Remove the files named :func:`output_name` of input ``key`` from ``out``'s
     ``folders`` (those that exist; one that cannot be removed is left)."""

@@ -42,7 +42,7 @@ from ..functional.cost import _cost_derivatives
 from ..functional.grid import _grid_candidates
 from ..functional.rectangle import box_edges
 from ..functional.stationarity import shift_into_image
-from .solver import AscentSchedule, DACSolverInfo, StagedAscent
+from .solver import AscentSchedule, DACSolverInfo, StagedAscent, differentiated_from
 
 __all__ = ["GridSchedule", "GlobalSearch"]
 
@@ -106,14 +106,7 @@ class GlobalSearch(StagedAscent):
         mode = th.BackwardMode.resolve(backward_mode)
         sched = self.schedule
         total = sched.polish_steps
-        if mode == th.BackwardMode.UNROLL:
-            grad_from = 0
-        elif mode == th.BackwardMode.TRUNCATED:
-            if backward_num_iterations is None or int(backward_num_iterations) < 1:
-                raise ValueError("backward_num_iterations: truncated mode needs an int >= 1")
-            grad_from = max(total - int(backward_num_iterations), 0)
-        else:  # IMPLICIT and DLM differentiate at the solution, not through the loop
-            grad_from = total
+        grad_from = differentiated_from(mode, total, backward_num_iterations)
         grad_enabled = torch.is_grad_enabled()
 
         aspect = self.cost.aspect

@@ -250,14 +250,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         mode = th.BackwardMode.resolve(backward_mode)
         sched = self.schedule
         total = sched.total_steps
-        if mode == th.BackwardMode.UNROLL:
-            grad_from = 0
-        elif mode == th.BackwardMode.TRUNCATED:
-            if backward_num_iterations is None or int(backward_num_iterations) < 1:
-                raise ValueError("backward_num_iterations: truncated mode needs an int >= 1")
-            grad_from = max(total - int(backward_num_iterations), 0)
-        else:  # IMPLICIT and DLM differentiate at the solution, not through the loop
-            grad_from = total
+        grad_from = differentiated_from(mode, total, backward_num_iterations)
         grad_enabled = torch.is_grad_enabled()
 
         cost = self.cost
@@ -386,3 +379,16 @@ class StagedAscent(th.NonlinearLeastSquares):
         # not elsewhere) while its derivative is the implicit one: d(delta)/dS.
         delta = delta - delta.detach()
         self.objective.retract_vars_sequence(delta, linearization.ordering, force_update=True)
+
+
+def differentiated_from(mode: th.BackwardMode, total: int, backward_num_iterations: Optional[int]) -> int:
+    """The first of ``total`` solver steps that autograd records in backward ``mode``:
+    every step (unroll), the last ``backward_num_iterations`` (truncated), none
+    (implicit and DLM differentiate at the solution, not through the loop)."""
+    if mode == th.BackwardMode.UNROLL:
+        return 0
+    if mode == th.BackwardMode.TRUNCATED:
+        if backward_num_iterations is None or int(backward_num_iterations) < 1:
+            raise ValueError("backward_num_iterations: truncated mode needs an int >= 1")
+        return max(total - int(backward_num_iterations), 0)
+    return total
