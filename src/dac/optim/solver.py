@@ -170,7 +170,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         self.schedule = schedule
         self.cost = costs[0]
 
-    def compute_delta(self, **kwargs: Any) -> Tensor:  # used by Theseus' fallbacks only
+    def compute_delta(self, **kwargs: Any) -> Tensor:  # abstract in Theseus; _optimize_impl never calls it
         return self.linear_solver.solve()
 
     # ------------------------------------------------------------------ steps
