@@ -128,7 +128,8 @@ def run_row(args: tuple) -> dict:
     # the initial weights from the seed alone: the same whichever rows run, in whichever order
     net = (SaliencyNet(k, width=opts["net_width"], members=opts["members"], generator=init_generator(opts["seed"]))
            if row["kind"] in ("saliency", "mask") else None)
-    layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages)
+    layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages,
+                   search=opts["search"])
     fit = dict(steps=opts["steps"], mask_steps=opts["mask_steps"], batch_size=opts["batch_size"], lr=opts["lr"], mask_lr=opts["mask_lr"],
                coverage_weight=opts["coverage_weight"], margin=opts["margin"], stretch=opts["stretch"], shift=opts["shift"],
                clip_norm=opts["clip_norm"], time_limit=opts["time_limit"], seed=opts["seed"])
@@ -162,7 +163,7 @@ def run_row(args: tuple) -> dict:
     target = margin_target(truth.double(), opts["margin"], layer, (height, width))  # what the box loss pulls towards
     result = {
         "row": row["name"] + (f", {opts['members']} members" if net is not None and opts["members"] > 1 else ""), "kind": row["kind"],
-        "split": opts["split"], "seed": opts["seed"], "labels": row.get("labels", 0), "sharpness_factor": factor, "stages": stages,
+        "split": opts["split"], "search": opts["search"], "seed": opts["seed"], "labels": row.get("labels", 0), "sharpness_factor": factor, "stages": stages,
         "min_width_fraction": 2 * rmin,
         "iou": float(scores["iou"].mean()), "iou_std": float(scores["iou"].std()),
         "ceiling": float(localisation_scores(ceiling, truth)["iou"].mean()),
@@ -278,7 +279,7 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
         "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
         "steps": args.steps, "mask_steps": args.mask_steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
         "mask_lr": args.mask_lr,
-        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "clip_norm": args.clip_norm, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "clip_norm": args.clip_norm, "search": args.search, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save,
     })
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-size", default="200x370")
     parser.add_argument("--rmin", type=float, default=LEARNED_DEFAULTS["r_min_fraction"], help="learned rows' r_min_fraction (min width = 2 rmin W)")
     parser.add_argument("--factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], help="learned rows' gamma factor per stage")
+    parser.add_argument("--search", choices=("paper", "global"), default="paper", help="every row's DACrop search (training and scoring)")
     parser.add_argument("--stages", type=int, default=4, help="learned rows' stages (default 4, the paper's)")
     parser.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"], help="steps on the box loss")
     parser.add_argument("--mask-steps", type=int, default=FIT_DEFAULTS["mask_steps"], help="steps of the mask warm start (0: none)")

@@ -160,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="narrowest box as a fraction of the image width (default %(default)s)")
     fit.add_argument("--sharpness-factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], metavar="F",
                      help="gamma multiplier per stage (default %(default)s, the paper's Algorithm 1)")
+    fit.add_argument("--search", choices=("paper", "global"), default="paper",
+                     help="how the box is found in training, stored with the stage for dac crop (default %(default)s)")
     fit.add_argument("--members", type=int, default=FIT_DEFAULTS["members"],
                      help="gates trained side by side and averaged: their boxes scatter less (default %(default)s)")
     fit.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"],
@@ -384,7 +386,7 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     summary = train_saliency(  # progress through the dac.saliency logger (main shows it unless --quiet)
         args.out, options, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,
         output_size=given["output_size"], pool_size=given["pool_size"], r_min_fraction=given["r_min_fraction"],
-        sharpness_factor=given["sharpness_factor"], members=args.members, overwrite=args.overwrite, flags=True,
+        sharpness_factor=given["sharpness_factor"], search=given["search"], members=args.members, overwrite=args.overwrite, flags=True,
     )
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "

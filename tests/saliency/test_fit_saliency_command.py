@@ -279,3 +279,24 @@ class TestWhatTheUserSees:
         assert main(["fit-saliency", "--out", str(tmp_path / "fit"), *TINY]) == 0
         err = capsys.readouterr().err
         assert "warm-start step" not in err and "features of phantom" not in err and "mean IoU" in err
+
+
+class TestSearchOfTheStage:
+    def test_fit_with_the_global_search_stores_it_for_crop(self, tmp_path):
+        from dac.saliency import load_dacrop
+
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), *TINY, "--search", "global"]) == 0
+        assert json.loads((tmp_path / "fit" / "fit.json").read_text())["dacrop"]["search"] == "global"
+        assert load_dacrop(tmp_path / "fit" / "saliency.pt").search_method == "global"
+        assert load_dacrop(tmp_path / "fit" / "saliency.pt", search="paper").search_method == "paper"  # dac crop --search
+
+    def test_the_default_stays_the_paper_search(self, tmp_path):
+        from dac.saliency import load_dacrop
+
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), *TINY]) == 0
+        assert load_dacrop(tmp_path / "fit" / "saliency.pt").search_method == "paper"
+
+    def test_an_unknown_search_is_a_usage_error(self, tmp_path, capsys):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit-saliency", "--out", str(tmp_path / "fit"), *TINY, "--search", "dense"])
+        assert exit_.value.code == 2 and "--search" in capsys.readouterr().err and not (tmp_path / "fit").exists()

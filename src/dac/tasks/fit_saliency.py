@@ -49,6 +49,7 @@ def train_saliency(
     pool_size: int = 10,
     r_min_fraction: float = LEARNED_DEFAULTS["r_min_fraction"],
     sharpness_factor: float = LEARNED_DEFAULTS["sharpness_factor"],
+    search: str = "paper",
     width: int = 16,
     members: int = FIT_DEFAULTS["members"],
     overwrite: bool = False,
@@ -73,8 +74,8 @@ def train_saliency(
         data: a CSV of ``path,x1,y1,x2,y2`` of real images (:func:`read_labelled_images`).
         seed: phantoms, initial weights, batches and augmentation (an int >= 0).
         image_size: (H, W) of the phantoms.
-        output_size, pool_size, r_min_fraction, sharpness_factor: the ``DACrop`` the
-            stage is trained with, stored with it and used again by ``load_dacrop``.
+        output_size, pool_size, r_min_fraction, sharpness_factor, search: the ``DACrop``
+            the stage is trained with, stored with it and used again by ``load_dacrop``.
         width: the net's hidden channels (per member).
         members: gates trained side by side and averaged (:class:`~dac.saliency.SaliencyNet`).
         overwrite: replace a ``saliency.pt`` already in ``out_dir`` (else DACInputError).
@@ -103,7 +104,8 @@ def train_saliency(
         count = check_int(count, name("count"), 1)
         height, width_px = (check_int(v, name("image_size"), 64) for v in image_size)
     net = SaliencyNet(pool_size=pool_size, width=width, members=members, generator=init_generator(seed))
-    layer = DACrop(output_size, pool_size, saliency=net, r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
+    layer = DACrop(output_size, pool_size, saliency=net, r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor,
+                   search=search)
     if data is None:
         features, regions, sizes = _phantoms(count, seed, height, width_px, pool_size)
         source = f"{count} phantoms of {height}x{width_px}, seed {seed}"
@@ -114,7 +116,7 @@ def train_saliency(
               (f"{options.mask_steps} warm-start steps, then " if options.mask_steps else "") + f"{options.steps} steps through the box")
     history = fit_saliency(net, features, regions, sizes, layer, options, seed=seed)
     settings = {"output_size": list(layer.output_size), "pool_size": pool_size, "r_min_fraction": r_min_fraction,
-                "sharpness_factor": sharpness_factor}
+                "sharpness_factor": sharpness_factor, "search": layer.search_method}
     summary = {
         "source": source, "images": len(features), "seed": seed, "members": net.members,
         "mask_steps": history.mask_steps, "steps": history.steps, "seconds": round(history.seconds, 1),
