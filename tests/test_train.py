@@ -173,6 +173,17 @@ class TestConfig:
         c.train.lr = 2e-3
         assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
+    def test_search_is_a_pipeline_setting_for_dac_fronts(self):
+        config = config_from_dict({"pipelines": {"dac": {"search": "global"}, "dac_e2e": {}}})
+        assert config.pipelines["dac"].search == "global" and config.pipelines["dac_e2e"].search == "paper"
+        front = build_pipeline(PipelineConfig(kind="dac", input_size=(20, 37), pool_size=3, search="global"), width=4).front
+        assert front.crop.search_method == "global"
+        with pytest.raises(DACInputError, match="search"):
+            config_from_dict({"pipelines": {"dac": {"search": "grid"}}})
+        # left at its default, older results folders keep their fingerprints; set, it is another experiment
+        assert config_from_dict({"pipelines": {"dac": {"search": "paper"}}}).fingerprint() == config_from_dict({"pipelines": {"dac": {}}}).fingerprint()
+        assert config.fingerprint() != config_from_dict({"pipelines": {"dac": {}, "dac_e2e": {}}}).fingerprint()
+
 
 # ----------------------------------------------------------------------------- models
 

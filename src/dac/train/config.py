@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import DACInputError, check_angle, check_choice, check_device, check_int, check_real
-from ..layer import BACKWARD_MODES
+from ..layer import BACKWARD_MODES, SEARCHES
 
 __all__ = [
     "ARCHS",
@@ -151,6 +151,8 @@ class PipelineConfig:
             the image width (paper: 1/3.5, boxes at least 0.57 of the width wide).
         sharpness_factor: DAC pipelines: the search's gamma multiplier per stage (paper's
             text: 2; Algorithm 1: 4).
+        search: DAC pipelines: ``DACrop``'s search, ``"paper"`` (the staged ascent) or
+            ``"global"`` (every feasible box scored, the best polished).
         edge_margin: DAC pipelines: train through a soft-edged crop
             (:func:`dac.functional.soft_crop`) with a band of this many output pixels
             around the box, so the box's gradient (``dac_e2e``) sees content outside it;
@@ -176,6 +178,7 @@ class PipelineConfig:
     front_lr: float | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _positive(v, n)})
     r_min_fraction: float = field(default=1 / 3.5, metadata={"check": lambda v, n: check_real(v, n, 0.0, 0.5, low_open=True)})
     sharpness_factor: float = field(default=2.0, metadata={"check": lambda v, n: check_real(v, n, 1.0, 16.0)})
+    search: str = field(default="paper", metadata={"check": lambda v, n: check_choice(v, SEARCHES, n)})
     edge_margin: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
     edge_sharpness: tuple[float, float] = field(default=(0.25, 8.0), metadata={"check": lambda v, n: _positive_pair(v, n)})
     front_warmup: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
@@ -191,7 +194,8 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
-_LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0}
+_LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
+                   "search": "paper"}
 
 
 @dataclass

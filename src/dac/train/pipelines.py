@@ -134,7 +134,7 @@ class DACFront(nn.Module):
         saliency: ``DACrop``'s saliency stage (images -> Tensor[B, 1, H // k, W // k]),
             or None for the paper's map.
         roi_rotate_degrees: largest rotation about the box centre (0: none).
-        r_min_fraction, sharpness_factor: ``DACrop``'s (paper: 1/3.5, 2).
+        r_min_fraction, sharpness_factor, search: ``DACrop``'s (paper: 1/3.5, 2, "paper").
         edge_margin: the soft edge's band in output pixels (0: hard crops).
         edge_sharpness: (first, last) sharpness per output pixel of the soft edge.
 
@@ -153,12 +153,13 @@ class DACFront(nn.Module):
         *,
         r_min_fraction: float = 1 / 3.5,
         sharpness_factor: float = 2.0,
+        search: str = "paper",
         edge_margin: int = 0,
         edge_sharpness: Sequence[float] = (0.25, 8.0),
     ) -> None:
         super().__init__()
         self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
-                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor)
+                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search)
         self.roi_rotate_degrees = check_angle(roi_rotate_degrees, "roi_rotate_degrees")
         self.edge_margin = check_int(edge_margin, "edge_margin", 0)
         if len(edge_sharpness) != 2 or not all(float(g) > 0 for g in edge_sharpness):
@@ -511,7 +512,7 @@ def build_pipeline(
         saliency = SaliencyNet(config.pool_size, width=config.saliency_width) if kind == "dac_e2e" else None
         front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees,
                          r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
-                         edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness)
+                         search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     elif kind == "oracle":
