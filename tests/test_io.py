@@ -674,3 +674,25 @@ class TestWritePng:
         with pytest.raises(DACInputError, match=match):
             write_png(tmp_path / "o.png", image, bits=bits)
         assert os.listdir(tmp_path) == []
+
+
+class TestWriteOverlay:
+    def test_a_small_image_is_scaled_up_and_captioned(self, tmp_path):
+        from dac.data.io import write_overlay
+
+        image = torch.zeros(1, 192, 354, dtype=torch.uint8)
+        write_overlay(tmp_path / "o.png", image, torch.tensor([40.0, 30.0, 300.0, 170.0]))
+        shown = np.asarray(Image.open(tmp_path / "o.png"))
+        scale = 640 / 354  # was left at 354 px wide, a thumbnail with a bare box
+        assert shown.shape[1] == 640 and shown.shape[0] > round(192 * scale)  # a caption strip below the image
+        strip = shown[round(192 * scale) + 2:]
+        assert strip.max() > 200  # the caption is written (white on black)
+        red = (shown[..., 0] > 200) & (shown[..., 1] < 60)
+        ys, xs = np.nonzero(red[: round(192 * scale)])
+        assert abs(xs.min() - 40 * scale) <= 3 and abs(xs.max() - 300 * scale) <= 3  # the box where it is, scaled
+
+    def test_a_large_image_is_scaled_down(self, tmp_path):
+        from dac.data.io import write_overlay
+
+        write_overlay(tmp_path / "o.png", torch.zeros(1, 1536, 2836, dtype=torch.uint8), torch.tensor([0.0, 0, 100, 100]), text="x")
+        assert Image.open(tmp_path / "o.png").width == 1024

@@ -733,8 +733,12 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
 
 
 def write_overlay(path: str | os.PathLike, image: Tensor, box: Tensor, text: str = "") -> None:
-    """Write the image (downscaled to <= 1024 px wide) with its box drawn in red and
-    ``text`` written above it: an 8-bit RGB PNG, written atomically.
+    """Write the image with its box drawn in red, ``text`` written above the box and a
+    caption below the image saying what the box is: an 8-bit RGB PNG, written atomically.
+
+    The image is scaled to 640..1024 pixels wide (small images up, at most 4x; large
+    ones down), so a 354 x 192 phantom is not a thumbnail. The caption reads ``red:
+    <text or "the box DAC found"> x1,y1,x2,y2 (xyxy, input pixels of a W x H image)``.
 
     Convention: ``box`` is xyxy in input pixels (torchvision's).
 
@@ -748,9 +752,10 @@ def write_overlay(path: str | os.PathLike, image: Tensor, box: Tensor, text: str
 
     gray = to_gray8(image)[0].numpy()
     pil = Image.fromarray(gray).convert("RGB")
-    scale = min(1.0, 1024 / pil.width)
-    if scale < 1:
-        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
+    width, height = pil.size
+    scale = min(1024 / width, max(1.0, min(4.0, 640 / width)))
+    if scale != 1:
+        pil = pil.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
     draw = ImageDraw.Draw(pil)
     x1, y1, x2, y2 = (v * scale for v in box.tolist())
     draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=3)
@@ -759,7 +764,13 @@ def write_overlay(path: str | os.PathLike, image: Tensor, box: Tensor, text: str
         y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y2 + 2
         draw.rectangle([x1, y, x1 + right - left + 6, y + bottom - top + 4], fill=(255, 0, 0))
         draw.text((x1 + 3 - left, y + 2 - top), text, fill=(255, 255, 255))
-    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    corners = ",".join(f"{v:.0f}" for v in box.tolist())
+    caption = f"red: {text or 'the box DAC found'} {corners} (xyxy, input pixels of a {width}x{height} image)"
+    left, top, right, bottom = draw.textbbox((0, 0), caption)
+    framed = Image.new("RGB", (pil.width, pil.height + bottom - top + 8), (0, 0, 0))
+    framed.paste(pil, (0, 0))
+    ImageDraw.Draw(framed).text((4 - left, pil.height + 4 - top), caption, fill=(255, 255, 255))
+    tensor = torch.from_numpy(np.array(framed)).permute(2, 0, 1).contiguous()
     write_png(path, tensor, bits=8)
 
 
