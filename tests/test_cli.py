@@ -160,23 +160,32 @@ def test_interrupted_run_resumes_and_crops_each_file_once(archive_dir: Path, tmp
     assert written == []
 
 
-def test_demo_writes_figures_and_reports_iou(tmp_path: Path, capsys, monkeypatch):
+def test_demo_writes_both_maps_side_by_side_and_reports_iou(tmp_path: Path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    import dac.demo as demo
+    import dac.tasks.demo as demo
     from dac import viz
 
     drawn = []
     real = viz.plot_search_stages
     monkeypatch.setattr(viz, "plot_search_stages", lambda *a, **k: drawn.append(k.get("title")) or real(*a, **k))
     monkeypatch.setattr(demo, "PAPER_SIZES", ((384, 709), (384, 715)))  # a quarter of the paper's: seconds, not a minute
-    result = demo.run_demo(tmp_path / "demo", count=5, seed=3)
-    for key in ("boxes", "search_stages", "saliency", "soft_rectangle", "crops"):
+    result = demo.run_demo(tmp_path / "demo", count=3, seed=3)
+    for key in ("boxes", "side_by_side", "search_stages", "saliency", "soft_rectangle", "crops"):
         assert result["paths"][key].is_file() and result["paths"][key].stat().st_size > 0
-    assert 0 < result["mean_iou"] <= 1
+    assert all(0 < result[key]["mean_iou"] <= 1 for key in ("paper", "learned"))
     rows = list(csv.DictReader(open(result["paths"]["boxes"])))
-    assert len(rows) == 5 and all(0 <= float(r["iou"]) <= 1 for r in rows)
-    assert "mean IoU" in capsys.readouterr().out
-    assert len(drawn) == 5 and all(t.startswith(f"phantom {i} ") for i, t in enumerate(drawn))  # every phantom (was 4)
+    assert [(r["index"], r["map"]) for r in rows] == [(str(i), m) for i in range(3) for m in ("paper", "learned")]
+    assert all(0 <= float(r["iou"]) <= 1 and (tmp_path / "demo" / r["crop"]).is_file() for r in rows)
+    shown = capsys.readouterr().out
+    assert "paper's max-min map" in shown and "learned saliency" in shown and shown.count("mean IoU") == 2
+    assert len(drawn) == 3 and all(t.startswith(f"phantom {i},") for i, t in enumerate(drawn))  # every phantom
+
+
+def test_demo_refuses_a_bad_saliency_file_before_any_work(tmp_path: Path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "bad.pt").write_bytes(b"not a stage")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--saliency", str(tmp_path / "bad.pt")]) == 2
+    assert "saliency" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
 def test_int32_tiff_is_not_cropped_blank(tmp_path: Path):

@@ -39,3 +39,17 @@ def test_import_without_theseus_says_how_to_install_it_in_one_line():
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ModuleNotFoundError: dac needs theseus-ai 0.2.3")
     assert "pip install --no-build-isolation --no-deps theseus-ai==0.2.3" in last
+
+
+def test_the_shipped_saliency_stage_is_package_data_and_loads_weights_only():
+    import json
+
+    from dac.saliency import SHIPPED_STAGE, SaliencyNet, load_dacrop
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dac.saliency"]
+    assert SHIPPED_STAGE.name in data and "phantoms-fit.json" in data  # a non-editable install carries both
+    layer = load_dacrop(SHIPPED_STAGE)  # torch.load(weights_only=True) inside
+    assert isinstance(layer.saliency, SaliencyNet) and layer.output_size == (200, 370) and layer.pool_size == 10
+    fit = json.loads(SHIPPED_STAGE.with_name("phantoms-fit.json").read_text())
+    assert fit["command"].startswith("dac fit-saliency ") and fit["fit"]["images"] == 32
+    assert fit["fit"]["dacrop"]["search"] == layer.search_method  # the record says how the shipped file was made

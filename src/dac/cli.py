@@ -191,13 +191,16 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="crop generated panoramic phantoms and write figures",
-        description="Generate panoramic-radiograph phantoms, crop them, and write figures, crops and "
-        "a boxes table with IoU against the true regions to OUT.",
+        help="crop generated panoramic phantoms with the paper's map and a learned saliency, side by side",
+        description="Generate panoramic-radiograph phantoms at the paper's sizes, find each one's box on the paper's "
+        "max-min map and on a learned saliency stage (the one that ships with dac unless --saliency), and write "
+        "figures of both side by side, their crops and a boxes table with IoU and every-tooth-inside to OUT.",
     )
     demo.add_argument("--out", default="dac-demo", metavar="DIR", help="results folder (default ./dac-demo)")
     demo.add_argument("--count", type=int, default=6, help="number of phantoms (default 6)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="the first phantom's seed (default 0)")
+    demo.add_argument("--saliency", metavar="FILE", help="the learned stage shown beside the paper's map (default: the "
+                      "stage that ships with dac, trained on other phantoms)")
 
     for name, summary, text in (
         ("train", "train one pipeline (DAC, resize, DAC end to end or STN) and test it on a held-out part",
@@ -427,11 +430,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tasks.demo import run_demo
     from .viz import require_matplotlib
 
     require_matplotlib()
-    run_demo(args.out, count=args.count, seed=args.seed)
+    run_demo(args.out, count=args.count, seed=args.seed, saliency=args.saliency)
     return 0
 
 

@@ -5,6 +5,7 @@
 * :func:`load_saliency` — read it back weights-only (a tampered file runs nothing).
 * :func:`load_dacrop` — the ``DACrop`` it was trained with, using it: what ``dac crop
   --saliency`` runs.
+* :data:`SHIPPED_STAGE` — a stage trained on phantoms that ships with ``dac`` (``dac demo``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from .._checks import DACInputError
 from ..layer import DACrop
 from .net import LEARNED_DEFAULTS, SaliencyNet
 
-__all__ = ["load_dacrop", "load_saliency", "save_saliency"]
+__all__ = ["SHIPPED_STAGE", "load_dacrop", "load_saliency", "save_saliency"]
+
+#: A stage trained on 32 generated panoramic phantoms (1536 x 2836) by ``dac fit-saliency``;
+#: the command and its ``fit.json`` are in ``phantoms-fit.json`` beside it. ``dac demo``
+#: shows it beside the paper's map; ``load_dacrop(SHIPPED_STAGE)`` is a layer using it.
+SHIPPED_STAGE = Path(__file__).with_name("phantoms.pt")
 
 
 def save_saliency(net: SaliencyNet, path: str | Path, **meta: Any) -> None:
