@@ -27,3 +27,8 @@ def test_every_docs_page_is_in_the_nav():
     listed = _nav_pages(config["nav"])
     assert pages - listed == set(), f"pages missing from mkdocs.yml's nav: {sorted(pages - listed)}"
     assert listed - pages == set(), f"nav entries without a page: {sorted(listed - pages)}"
+
+
+def test_the_readme_is_a_front_door_not_a_notebook():
+    size = (ROOT / "README.md").stat().st_size
+    assert size <= 15_000, f"README.md is {size} bytes: move details to docs/ (it links there)"

@@ -37,7 +37,7 @@ def by_size(images: Images, fn: Callable[..., R], *rows: Tensor | None) -> R:
         What ``fn`` returns, for all B images in input order (tensors of different
         dtypes are promoted to a common one).
 
-    Example:
+    Examples:
         >>> out = by_size([torch.zeros(1, 4, 6), torch.ones(1, 5, 6), torch.zeros(1, 4, 6)],
         ...               lambda x: x.flatten(1).mean(1))
         >>> out

@@ -156,7 +156,7 @@ def check_real(
     ``low_open`` / ``high_open`` exclude the bound itself. NaN is refused; an infinite
     bound admits infinite values only where the range is closed there.
 
-    Example:
+    Examples:
         >>> check_real(0.1, "train.holdout", 0.0, 1.0, high_open=True)
         0.1
     """
@@ -226,7 +226,7 @@ def check_unit_range(images: torch.Tensor, name: str = "images", slack: float = 
 def check_choice(value: Any, choices: Sequence[str], name: str) -> str:
     """One of ``choices`` (a string).
 
-    Example:
+    Examples:
         >>> check_choice("range", ("window", "range"), "dicom")
         'range'
     """
@@ -238,7 +238,7 @@ def check_choice(value: Any, choices: Sequence[str], name: str) -> str:
 def check_bits(bits: Any, name: str = "bits") -> int:
     """A PNG bit depth: 8 or 16 (not a bool).
 
-    Example:
+    Examples:
         >>> check_bits(16)
         16
     """
@@ -250,7 +250,7 @@ def check_bits(bits: Any, name: str = "bits") -> int:
 def check_percentiles(percentiles: Any, name: str = "percentiles") -> tuple[float, float]:
     """``(low, high)`` as floats with 0 <= low < high <= 100.
 
-    Example:
+    Examples:
         >>> check_percentiles([1, 99])
         (1.0, 99.0)
     """
@@ -266,7 +266,7 @@ def check_percentiles(percentiles: Any, name: str = "percentiles") -> tuple[floa
 def check_shard(shard: Any, name: str = "shard") -> tuple[int, int]:
     """``(index, count)`` from a pair or a text ``"i/n"``, with 0 <= index < count.
 
-    Example:
+    Examples:
         >>> check_shard("1/4"), check_shard((0, 1))
         ((1, 4), (0, 1))
     """

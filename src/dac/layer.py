@@ -108,7 +108,7 @@ class DACrop(nn.Module):
         tie_tolerance: ``search="global"``: relative gap in f under which a
             separate maximum is a near tie.
 
-    Example:
+    Examples:
         >>> layer = DACrop(output_size=(20, 37), pool_size=4)
         >>> layer(torch.rand(2, 1, 120, 200)).shape
         torch.Size([2, 1, 20, 37])
@@ -341,7 +341,7 @@ class DACrop(nn.Module):
         or ``dlm_epsilon`` (they change gradients, not outputs), nor the module's mode,
         device or weights (a caller digests ``state_dict`` separately).
 
-        Example:
+        Examples:
             >>> DACrop(output_size=(20, 37), pool_size=4).config()["pool_size"]
             4
         """

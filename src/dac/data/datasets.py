@@ -51,7 +51,7 @@ class PhantomDataset(Dataset):
         transform: applied to each image Tensor[1, H, W] (raw dtype), or None.
         balanced: classes cycle 0..4 (exactly balanced); else each is drawn uniformly.
 
-    Example:
+    Examples:
         >>> ds = PhantomDataset(5, sizes=((96, 177),))
         >>> item = ds[3]
         >>> item["image"].shape, item["label"], ds.labels
@@ -121,7 +121,7 @@ class DistractorDataset(Dataset):
         seed: dataset seed, >= 0.
         sizes: (H, W) pairs cycled over the items.
 
-    Example:
+    Examples:
         >>> ds = DistractorDataset(5, sizes=((96, 177),))
         >>> item = ds[3]
         >>> item["image"].shape, item["label"], item["count"] in (6, 7), ds.labels
@@ -179,7 +179,7 @@ class ImageFolderDataset(Dataset):
         samples: list of (path, label), path a str.
         labels: list of every sample's label.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> tmp = tempfile.TemporaryDirectory(); root = pathlib.Path(tmp.name)
         >>> for name in ("b/x.png", "a/y.png", "a/z.PNG"):
@@ -249,7 +249,7 @@ def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         dict with the same keys: e.g. ``image`` Tensor[B, C, H, W] or list of
         Tensor[C, H, W], ``label`` Tensor[B], ``roi`` Tensor[B, 4].
 
-    Example:
+    Examples:
         >>> items = [{"image": torch.zeros(1, 4, 6), "label": 2}, {"image": torch.zeros(1, 5, 6), "label": 0}]
         >>> out = collate_images(items)
         >>> type(out["image"]).__name__, out["label"]
@@ -318,7 +318,7 @@ class MemoryDataset(Dataset):
         regions: N true regions Tensor[4] (xyxy, input pixels) given to items as ``roi``,
             or None.
 
-    Example:
+    Examples:
         >>> MemoryDataset(torch.zeros(2, 1, 4, 6), [0, 1], ["a", "b"], key="crop")[1]["label"]
         1
     """

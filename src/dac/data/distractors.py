@@ -17,7 +17,7 @@ region keeps: the headroom of a box is large by construction.
 Convention: boxes are xyxy in input pixel coordinates (torchvision's): pixel ``i``
 covers ``[i, i + 1)``, the whole image is ``(0, 0, W, H)``.
 
-Example:
+Examples:
     >>> s = make_distractor_scene(7, 96, 177, label=2)
     >>> s.image.shape, s.image.dtype, s.label, s.count in (4, 5)
     (torch.Size([1, 96, 177]), torch.uint8, 2, True)
@@ -74,7 +74,7 @@ class DistractorScene:
 def distractor_class(seed: int) -> tuple[int, int]:
     """The (class, count) ``make_distractor_scene(seed)`` draws, without drawing the image.
 
-    Example:
+    Examples:
         >>> label, count = distractor_class(3)
         >>> count // 2 == label
         True
@@ -101,7 +101,7 @@ def make_distractor_scene(seed: int, height: int = 192, width: int = 354, *, lab
     Returns:
         A :class:`DistractorScene` with image Tensor[1, H, W] uint8.
 
-    Example:
+    Examples:
         >>> a, b = make_distractor_scene(3, 96, 177), make_distractor_scene(3, 96, 177)
         >>> torch.equal(a.image, b.image), a.roi.shape, a.marks.shape[0] == a.count
         (True, torch.Size([4]), True)

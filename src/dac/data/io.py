@@ -81,7 +81,7 @@ class ImageReadError(OSError):
             ``"not an image or unsupported format"``, ``"truncated or corrupt image
             data"``, ``"DICOM pixel data cannot be decoded: <why>"``.
 
-    Example:
+    Examples:
         >>> err = ImageReadError("scan.png", "empty file (0 bytes)")
         >>> str(err), err.reason
         ('scan.png: empty file (0 bytes)', 'empty file (0 bytes)')
@@ -199,7 +199,7 @@ def read_image(
             a symbolic link loop, or (DICOM) has no pixel data that can be decoded;
             ``.reason`` says which.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = os.path.join(folder, "ramp.png")
@@ -250,7 +250,7 @@ def read_settings(*, gray: bool = False, gray8: bool = False, dicom: str = "wind
     Raises:
         DACInputError: ``dicom`` or ``percentiles`` is not one of the values :func:`read_image` takes.
 
-    Example:
+    Examples:
         >>> read_settings(dicom="percentiles", percentiles=(5, 95))["percentiles"]
         [5.0, 95.0]
     """
@@ -275,7 +275,7 @@ def read_file(path: str | os.PathLike) -> bytes:
             FIFO, socket or device: never opened for reading, so a FIFO cannot make the
             call wait), a dangling symbolic link, a link loop, or unreadable.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile(suffix=".png") as file:
         ...     _ = file.write(b"PNG"); file.flush()
@@ -616,7 +616,7 @@ def to_unit_float(image: Tensor, *, dtype: torch.dtype = torch.float32) -> Tenso
         DACInputError: ``image`` holds NaN or Inf, or has an unsupported dtype;
             ``dtype`` is not floating.
 
-    Example:
+    Examples:
         >>> to_unit_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
         tensor([0.0000, 0.2000, 1.0000])
     """
@@ -661,7 +661,7 @@ def to_gray8(image: Tensor) -> Tensor:
         DACInputError: bad shape or dtype, NaN or Inf, or a non-constant image that
             would become constant.
 
-    Example:
+    Examples:
         >>> to_gray8(torch.tensor([[[0, 65535]]], dtype=torch.uint16))
         tensor([[[  0, 255]]], dtype=torch.uint8)
     """
@@ -710,7 +710,7 @@ def write_png(path: str | os.PathLike, image: Tensor, *, bits: int = 8) -> None:
         DACInputError: bad ``image`` (shape, NaN) or ``bits``, or ``bits=16`` with C = 3.
         OSError: the file cannot be written.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = os.path.join(folder, "deep.png")

@@ -13,7 +13,7 @@ so a crop can be scored by IoU.
 Convention: boxes are xyxy in input pixel coordinates (torchvision's): pixel ``i``
 covers ``[i, i + 1)``, the whole image is ``(0, 0, W, H)``.
 
-Example:
+Examples:
     >>> p = make_phantom(7, 96, 177, label=2)
     >>> p.image.shape, p.image.dtype, p.label, 4 <= p.restorations <= 6
     (torch.Size([1, 96, 177]), torch.uint8, 2, True)
@@ -61,7 +61,7 @@ def restoration_class(count: int) -> int:
     Returns:
         Class index c with ``CLASS_EDGES[c] <= count < CLASS_EDGES[c + 1]``.
 
-    Example:
+    Examples:
         >>> [restoration_class(n) for n in (0, 1, 3, 4, 7, 11, 12, 32)]
         [0, 1, 1, 2, 3, 3, 4, 4]
     """
@@ -117,7 +117,7 @@ def make_phantom(
     Returns:
         A :class:`Phantom` with image Tensor[1, H, W] and roi Tensor[4] (xyxy).
 
-    Example:
+    Examples:
         >>> a, b = make_phantom(3, 96, 177), make_phantom(3, 96, 177)
         >>> torch.equal(a.image, b.image), a.roi.shape
         (True, torch.Size([4]))

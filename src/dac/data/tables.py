@@ -31,7 +31,7 @@ def read_csv_rows(path: str | os.PathLike, name: str = "csv") -> list[tuple[int,
         DACInputError: the file cannot be read, or is not CSV (a NUL byte, an
             unterminated quoted cell); the message names ``name`` and the file.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     p = Path(folder, "list.csv")

@@ -57,7 +57,7 @@ def theta_to_boxes(theta: Tensor, r_min: Tensor | float, aspect: float, kernel_s
     Returns:
         Tensor[B, 4] = (x1, y1, x2, y2), differentiable in theta.
 
-    Example:
+    Examples:
         >>> theta_to_boxes(torch.tensor([[9.5, 4.5, 0.0]]), 10.0, 0.5, 10)
         tensor([[  0.,   0., 200., 100.]])
     """
@@ -84,7 +84,7 @@ def box_inside(centres: Tensor, widths: Tensor, aspect: float, image_sizes: Tens
     Returns:
         Tensor[B, 4] xyxy, differentiable in ``centres`` and ``widths``.
 
-    Example:
+    Examples:
         >>> box_inside(torch.tensor([[5.0, 50.0]]), torch.tensor([40.0]), 0.5, torch.tensor([100, 200]))
         tensor([[ 0., 40., 40., 60.]])
     """

@@ -49,7 +49,7 @@ def dac_cost(
     Returns:
         Tensor[B], differentiable in ``theta`` and ``saliency``.
 
-    Example:
+    Examples:
         >>> s = torch.zeros(1, 1, 20, 40); s[..., 5:15, 10:30] = 1.0
         >>> dac_cost(torch.tensor([[19.5, 9.5, 0.0]]), s, r_min=10.0, aspect=0.5,
         ...          sharpness=5.0).item() > 0.9
@@ -79,7 +79,7 @@ def dac_cost_derivatives(
         Tensor[B, 3, 3] or None when ``order`` < 2. All differentiable (autograd
         through them gives third derivatives, used by unrolled backward modes).
 
-    Example:
+    Examples:
         >>> s = torch.rand(2, 1, 30, 50, dtype=torch.float64)
         >>> th = torch.tensor([[25.0, 15.0, 2.0], [20.0, 14.0, 1.0]], dtype=torch.float64)
         >>> f, g, H = dac_cost_derivatives(th, s, r_min=10.0, aspect=0.5, sharpness=0.5)

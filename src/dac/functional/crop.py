@@ -43,7 +43,7 @@ def crop_resize(
         Tensor[B, C, H_out, W_out], floating (images' dtype, or boxes' dtype for
         integer images). Half-precision images are resampled in float32.
 
-    Example:
+    Examples:
         >>> img = torch.arange(16.0).reshape(1, 1, 4, 4)
         >>> crop_resize(img, torch.tensor([[0.0, 0.0, 2.0, 2.0]]), (2, 2))[0, 0]
         tensor([[0., 1.],
@@ -100,7 +100,7 @@ def _axis_filter(low: Tensor, high: Tensor, n_in: int, n_out: int, antialias: bo
 class CropResize(nn.Module):
     """Module form of :func:`crop_resize`; ``forward(images, boxes)``.
 
-    Example:
+    Examples:
         >>> CropResize((200, 370))(torch.rand(1, 1, 500, 900),
         ...                        torch.tensor([[10.0, 20.0, 750.0, 420.0]])).shape
         torch.Size([1, 1, 200, 370])

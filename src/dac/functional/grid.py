@@ -116,7 +116,7 @@ def grid_cost(
         ``(cost, grid)``: cost Tensor[B, n_r, n_y, n_x] in the saliency's dtype, -inf
         at infeasible entries; grid the :class:`BoxGrid`.
 
-    Example:
+    Examples:
         >>> s = torch.zeros(1, 1, 20, 40); s[..., 5:15, 10:30] = 1.0
         >>> cost, grid = grid_cost(s, r_min=8.0, aspect=0.5, sharpness=2.0, step=2.0)
         >>> grid.thetas(cost.flatten(1).argmax(1))  # x_c, y_c, r of the best box
@@ -246,7 +246,7 @@ def grid_candidates(
     Returns:
         ``(thetas, cost)``: Tensor[B, count, 3] and their f, Tensor[B, count].
 
-    Example:
+    Examples:
         >>> s = torch.zeros(1, 1, 20, 60); s[..., 4:16, 2:22] = 1.0; s[..., 4:16, 38:58] = 1.0
         >>> thetas, cost = grid_candidates(s, r_min=10.0, aspect=0.5, sharpness=2.0, step=2.0, count=2)
         >>> thetas[0, :, 0]  # x_c of the two separate maxima (left and right blocks)

@@ -22,7 +22,7 @@ def to_unit_range(images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         dtype: floating dtype of the result for integer input (default:
             ``torch.get_default_dtype()``).
 
-    Example:
+    Examples:
         >>> to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
         tensor([0.0000, 0.2000, 1.0000])
     """
@@ -55,7 +55,7 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
         Tensor[B, 1, H // k, W // k], floating, >= 0: the images' dtype, float32 for
         float16 / bfloat16 images, the default dtype for integer images.
 
-    Example:
+    Examples:
         >>> x = torch.zeros(1, 1, 20, 20); x[..., 5, 5] = 1.0
         >>> max_min_pool(x, 10)[0, 0]
         tensor([[1., 0.],
@@ -85,7 +85,7 @@ def window_extremes(images: Tensor, kernel_size: int = 10) -> tuple[Tensor, Tens
         widened to ``int32``, losslessly: CPU has no max/min kernels for it);
         differentiable for floating input.
 
-    Example:
+    Examples:
         >>> high, low = window_extremes(torch.arange(16.0).reshape(1, 1, 4, 4), 2)
         >>> high[0, 0].tolist(), low[0, 0].tolist()
         ([[5.0, 7.0], [13.0, 15.0]], [[0.0, 2.0], [8.0, 10.0]])
@@ -111,7 +111,7 @@ def _check_kernel(kernel_size: int) -> int:
 class MaxMinPool(nn.Module):
     """Module form of :func:`max_min_pool`.
 
-    Example:
+    Examples:
         >>> MaxMinPool(10)(torch.rand(2, 1, 40, 60)).shape
         torch.Size([2, 1, 4, 6])
     """

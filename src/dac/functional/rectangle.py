@@ -23,7 +23,7 @@ __all__ = ["soft_rectangle", "box_edges"]
 def box_edges(theta: Tensor, r_min: Tensor | float, aspect: float) -> Tensor:
     """Edges (x1, x2, y1, y2) of the box ``theta`` = (x_c, y_c, r), Tensor[B, 4].
 
-    Example:
+    Examples:
         >>> box_edges(torch.tensor([[10.0, 5.0, 1.0]]), r_min=3.0, aspect=0.5)
         tensor([[ 6., 14.,  3.,  7.]])
     """
@@ -108,7 +108,7 @@ def soft_rectangle(
     Returns:
         Tensor[B, h, w] with values in (0, 1).
 
-    Example:
+    Examples:
         >>> z = soft_rectangle(torch.tensor([[74.0, 40.0, 0.0]]), 80, 148,
         ...                    r_min=30.0, aspect=0.5, sharpness=10.0)
         >>> z.shape, round(z[0, 40, 74].item(), 3), round(z[0, 0, 0].item(), 3)

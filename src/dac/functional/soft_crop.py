@@ -50,7 +50,7 @@ def edge_weights(size: Sequence[int], margin: int, sharpness: float, *, dtype: t
     Returns:
         Tensor[H_out + 2 margin, W_out + 2 margin].
 
-    Example:
+    Examples:
         >>> w = edge_weights((2, 3), 1, 4.0)
         >>> w.shape, round(float(w[1, 2]), 3), round(float(w[0, 0]), 3)
         (torch.Size([4, 5]), 0.874, 0.014)
@@ -93,7 +93,7 @@ def soft_crop(images: Tensor, boxes: Tensor, size: Sequence[int], *, margin: int
     Returns:
         Tensor[B, C, H_out + 2 margin, W_out + 2 margin], floating.
 
-    Example:
+    Examples:
         >>> img = torch.rand(1, 1, 40, 80)
         >>> box = torch.tensor([[10.0, 10.0, 50.0, 30.0]])
         >>> soft_crop(img, box, (10, 20), margin=2, sharpness=1.0).shape
@@ -118,7 +118,7 @@ def soft_crop(images: Tensor, boxes: Tensor, size: Sequence[int], *, margin: int
 class SoftCrop(nn.Module):
     """Module form of :func:`soft_crop`; ``forward(images, boxes)``.
 
-    Example:
+    Examples:
         >>> SoftCrop((10, 20), margin=2, sharpness=1.0)(torch.rand(1, 1, 40, 80), torch.tensor([[0.0, 0, 40, 20]])).shape
         torch.Size([1, 1, 14, 24])
     """

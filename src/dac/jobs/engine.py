@@ -180,7 +180,7 @@ def default_workers(device: str | torch.device = "cpu") -> int:
     the cores beyond that (the search keeps the rest), and all but one (at most 8) when
     the computation runs on a GPU.
 
-    Example:
+    Examples:
         >>> default_workers("cpu") >= 0
         True
     """

@@ -137,7 +137,7 @@ def find_inputs(
 def output_name(path: str | os.PathLike) -> str:
     """A crop's file name: safe stem + 10 hex digits of the SHA-1 of the resolved path.
 
-    Example:
+    Examples:
         >>> output_name(Path("/data/a b/scan 01.png"))[:8]
         'scan_01-'
     """
@@ -155,7 +155,7 @@ def stat_text(info: os.stat_result) -> str:
 def sha256_bytes(data: bytes) -> str:
     """The SHA-256 of ``data``, as hex (a ``sha256`` cell of bytes that were read and decoded).
 
-    Example:
+    Examples:
         >>> sha256_bytes(b"")[:12]
         'e3b0c44298fc'
     """

@@ -23,7 +23,7 @@ __all__ = ["module_settings", "record_settings", "settings_digest", "weights_dig
 def settings_digest(settings: dict) -> str:
     """16 hex digits of the SHA-256 of ``settings`` as canonical JSON: a ``settings`` cell.
 
-    Example:
+    Examples:
         >>> settings_digest({"a": 1, "b": [2]}) == settings_digest({"b": [2], "a": 1})
         True
     """
@@ -39,7 +39,7 @@ def module_settings(module: torch.nn.Module) -> dict:
     ``config()`` is named by its class alone (its weights are digested apart:
     :func:`weights_digest`).
 
-    Example:
+    Examples:
         >>> module_settings(torch.nn.Identity())
         {'class': 'torch.nn.modules.linear.Identity'}
     """

@@ -154,7 +154,7 @@ def replay_journal(journal_path: Path, table: Table) -> int:
 def number_cell(value: float, spec: str = ".2f") -> str:
     """``value`` as a table cell in format ``spec``, never a negative zero.
 
-    Example:
+    Examples:
         >>> number_cell(-0.001), number_cell(-1.5)
         ('0.00', '-1.50')
     """

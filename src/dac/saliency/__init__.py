@@ -13,7 +13,7 @@ Rooms, one concept each:
 
 The ``dac fit-saliency`` command is :func:`dac.tasks.fit_saliency.train_saliency`.
 
-Example:
+Examples:
     >>> import torch
     >>> from dac import DACrop
     >>> DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4)).locate(torch.rand(1, 1, 96, 177)).shape

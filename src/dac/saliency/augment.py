@@ -32,7 +32,7 @@ def flip_left_right(features: Tensor, regions: Tensor, pool_size: int, mirror: T
     Returns:
         (features, regions) of the same shapes.
 
-    Example:
+    Examples:
         >>> f, r = flip_left_right(torch.arange(4.0).reshape(1, 1, 1, 4), torch.tensor([[0.0, 0, 10, 5]]), 5,
         ...                        torch.tensor([True]))
         >>> f.flatten().tolist(), r.tolist()
@@ -74,7 +74,7 @@ def stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: np
     Returns:
         (features, regions) of the same shapes.
 
-    Example:
+    Examples:
         >>> f, r = stretch_and_shift(torch.rand(2, 5, 6, 12), torch.tensor([[20.0, 10, 60, 40]] * 2, dtype=torch.float64),
         ...                          10, np.random.default_rng(0), 0.1, 0.1)
         >>> f.shape, r.shape

@@ -36,7 +36,7 @@ def saliency_features(images: Tensor, pool_size: int = 10) -> Tensor:
         images); colour images give the mean over channels of each feature. Channel 0
         equals :func:`dac.functional.max_min_pool`.
 
-    Example:
+    Examples:
         >>> saliency_features(torch.rand(2, 1, 40, 60), 10).shape
         torch.Size([2, 5, 4, 6])
     """
@@ -69,7 +69,7 @@ def standardize_features(features: Tensor) -> Tensor:
     Returns:
         Tensor[B, 5, h, w].
 
-    Example:
+    Examples:
         >>> z = standardize_features(torch.rand(1, 5, 4, 6) * 7 + 3)
         >>> bool(z.mean(dim=(2, 3)).abs().max() < 1e-5)
         True
@@ -84,7 +84,7 @@ def check_features(features: Tensor) -> Tensor:
     Raises:
         DACInputError: another shape or not a tensor (the message names ``features``).
 
-    Example:
+    Examples:
         >>> check_features(torch.zeros(1, 5, 2, 2)).shape
         torch.Size([1, 5, 2, 2])
     """

@@ -80,7 +80,7 @@ def random_stream(seed: int, purpose: str) -> np.random.Generator:
     """The random numbers of one ``purpose`` (``"init"``, ``"mask"``, ``"box"``) of a fit of
     ``seed``: independent of the other purposes, of other seeds and of any global state.
 
-    Example:
+    Examples:
         >>> int(random_stream(3, "box").integers(100)) == int(random_stream(3, "box").integers(100))
         True
     """
@@ -91,7 +91,7 @@ def init_generator(seed: int) -> torch.Generator:
     """The ``torch.Generator`` a fit of ``seed`` draws its stage's initial weights from
     (``SaliencyNet(..., generator=init_generator(seed))``).
 
-    Example:
+    Examples:
         >>> a = SaliencyNet(4, width=4, generator=init_generator(1))
         >>> b = SaliencyNet(4, width=4, generator=init_generator(1))
         >>> torch.equal(a.trunk[0].weight, b.trunk[0].weight)
@@ -133,7 +133,7 @@ class FitOptions:
     Raises:
         DACInputError: a value of another type or out of its range, naming the option.
 
-    Example:
+    Examples:
         >>> FitOptions(steps=3).steps, FitOptions().margin == FIT_DEFAULTS["margin"]
         (3, True)
         >>> FitOptions(margin=0.7, flags=True)
@@ -181,7 +181,7 @@ class FitOptions:
         """``options`` (None: the defaults) with ``changes``, checked once: what the fit
         functions take (``fit_saliency(..., options, steps=20)``).
 
-        Example:
+        Examples:
             >>> FitOptions.of(FitOptions(steps=5), mask_steps=0).steps
             5
         """
@@ -224,7 +224,7 @@ def box_loss(boxes: Tensor, regions: Tensor, targets: Tensor, widths: Tensor, co
     Returns:
         Tensor[B].
 
-    Example:
+    Examples:
         >>> box = torch.tensor([[10.0, 10, 50, 30]])
         >>> box_loss(box, box, box, torch.tensor([100.0])).item()
         0.0
@@ -285,7 +285,7 @@ def fit_saliency(
         DACInputError: bad options, a ``net`` of another ``pool_size`` than ``layer``, or
             features, regions and sizes that do not match (before any step).
 
-    Example:
+    Examples:
         >>> from dac.data.phantoms import make_phantom
         >>> from dac.saliency import saliency_features
         >>> p = make_phantom(0, 96, 177)
@@ -343,7 +343,7 @@ def fit_region_masks(
     Returns:
         :class:`FitHistory` (its ``steps`` and ``loss`` are the warm start's).
 
-    Example:
+    Examples:
         >>> net = SaliencyNet(4, width=4, generator=init_generator(0))
         >>> fit_region_masks(net, net.member_logits, [torch.rand(5, 8, 12)], torch.tensor([[8.0, 8, 32, 24]]),
         ...                  [(32, 48)], 4, mask_steps=3, batch_size=1).steps

@@ -17,7 +17,7 @@ the search and changes only the map it runs on:
 Convention: maps are Tensor[B, 1, H // k, W // k]; pooled pixel ``(i, j)`` covers
 input pixels ``[i k, (i + 1) k) x [j k, (j + 1) k)``.
 
-Example:
+Examples:
     >>> from dac.functional import max_min_pool
     >>> net = SaliencyNet(pool_size=4)
     >>> x = torch.rand(2, 1, 40, 80)
@@ -69,7 +69,7 @@ def feature_trunk(width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8), grou
     Returns:
         ``nn.Sequential`` of convolutions and ReLUs.
 
-    Example:
+    Examples:
         >>> trunk = feature_trunk(4, (1,), generator=torch.Generator().manual_seed(0))
         >>> trunk(torch.rand(1, 5, 8, 12)).shape
         torch.Size([1, 4, 4, 6])
@@ -92,7 +92,7 @@ def initialised(layer: type[nn.Conv2d] | type[nn.Linear], *args: Any, generator:
     1 / sqrt(fan_in), as their ``reset_parameters``) drawn from it, and nothing drawn
     from the global random state.
 
-    Example:
+    Examples:
         >>> a = initialised(nn.Linear, 3, 2, generator=torch.Generator().manual_seed(0))
         >>> torch.equal(a.weight, initialised(nn.Linear, 3, 2, generator=torch.Generator().manual_seed(0)).weight)
         True
@@ -123,7 +123,7 @@ def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor, copies: int =
     Returns:
         Tensor[B, O, h, w], in ``head``'s dtype.
 
-    Example:
+    Examples:
         >>> trunk_map(feature_trunk(4, (1,)), nn.Conv2d(4, 1, 1), torch.rand(2, 5, 8, 12)).shape
         torch.Size([2, 1, 8, 12])
     """
@@ -179,7 +179,7 @@ class SaliencyNet(nn.Module):
             ``nn.Conv2d`` does; given, the global state is left alone); not part of
             :meth:`config` (a loaded stage gets its weights from the file).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dac import DACrop
         >>> layer = DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4))

@@ -38,7 +38,7 @@ def save_saliency(net: SaliencyNet, path: str | Path, **meta: Any) -> None:
         **meta: numbers and strings stored beside it; ``dacrop`` (a JSON dict of
             ``DACrop`` arguments) is what :func:`load_dacrop` builds the layer from.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "s.pt")
         >>> save_saliency(SaliencyNet(4, width=4), path, dacrop='{"output_size": [20, 37]}')

@@ -44,7 +44,7 @@ class BoxRegressor(nn.Module):
         generator: draws the initial weights (None: the global random state; given, the
             global state is left alone).
 
-    Example:
+    Examples:
         >>> model = BoxRegressor(0.5, pool_size=4, width=4, dilations=(1,))
         >>> model(torch.rand(1, 5, 24, 44), (96, 176)).shape
         torch.Size([1, 4])

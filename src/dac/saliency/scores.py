@@ -43,7 +43,7 @@ def localisation_scores(boxes: Tensor, regions: Tensor, teeth: Sequence[Tensor] 
         DACInputError: ``boxes`` and ``regions`` are not both Tensor[B, 4], or ``teeth``
             does not hold B items.
 
-    Example:
+    Examples:
         >>> s = localisation_scores(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[0.0, 0, 10, 5]]),
         ...                         [torch.tensor([[0.0, 0, 2, 2], [8, 8, 12, 12]])])
         >>> s["iou"].item(), s["tooth_coverage"].item(), s["all_teeth_inside"].item()

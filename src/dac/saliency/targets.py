@@ -39,7 +39,7 @@ def aspect_box(regions: Tensor, aspect: float, image_sizes: Tensor, min_width: T
     Returns:
         Tensor[B, 4] xyxy (as wide as the image allows, if the region needs more).
 
-    Example:
+    Examples:
         >>> aspect_box(torch.tensor([[10.0, 10.0, 30.0, 20.0]]), 0.5, torch.tensor([[100, 200]]))
         tensor([[10., 10., 30., 20.]])
     """
@@ -53,7 +53,7 @@ def aspect_box(regions: Tensor, aspect: float, image_sizes: Tensor, min_width: T
 def minimum_width(layer: DACrop, image_size: Sequence[int]) -> float:
     """The narrowest box ``layer`` can return on an image of ``image_size`` = (H, W), pixels.
 
-    Example:
+    Examples:
         >>> minimum_width(DACrop(output_size=(20, 37), pool_size=4, r_min_fraction=0.2), (192, 354))
         140.8
     """
@@ -78,7 +78,7 @@ def margin_target(regions: Tensor, margin: float, layer: DACrop, image_size: Seq
     Returns:
         Tensor[B, 4] xyxy.
 
-    Example:
+    Examples:
         >>> layer = DACrop(output_size=(20, 40), pool_size=4, r_min_fraction=0.05)
         >>> margin_target(torch.tensor([[40.0, 40, 80, 60]], dtype=torch.float64), 0.0, layer, (100, 200))
         tensor([[40., 40., 80., 60.]], dtype=torch.float64)
@@ -105,7 +105,7 @@ def region_masks(regions: Tensor, pooled_size: Sequence[int], pool_size: int) ->
     Returns:
         Tensor[B, 1, h, w] in ``regions``' dtype.
 
-    Example:
+    Examples:
         >>> region_masks(torch.tensor([[10.0, 0.0, 30.0, 10.0]]), (2, 4), 10)[0, 0]
         tensor([[0., 1., 1., 0.],
                 [0., 0., 0., 0.]])

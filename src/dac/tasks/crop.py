@@ -192,7 +192,7 @@ def settings_key(layer: torch.nn.Module, **options: Any) -> str:
     """The ``settings`` column of :func:`crop_archive`: :func:`settings_digest` of
     :func:`crop_settings` (same keyword options).
 
-    Example:
+    Examples:
         >>> settings_key(DACrop(pool_size=4)) == settings_key(DACrop(pool_size=4))
         True
         >>> settings_key(DACrop(pool_size=4)) == settings_key(DACrop(pool_size=5))

@@ -166,7 +166,7 @@ def check_fit_out(out_dir: str | Path, overwrite: bool, *, flags: bool = False) 
     ``overwrite`` is False: a trained stage (minutes of training) is never replaced
     without asking. ``flags`` names ``dac fit-saliency``'s options.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> check_fit_out(tempfile.mkdtemp(), overwrite=False)  # an empty folder: fine
     """

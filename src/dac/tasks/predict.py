@@ -119,7 +119,7 @@ class Predictor:
         DACInputError: a classifier that does not take one channel, or whose number
             of outputs is not the number of classes.
 
-    Example:
+    Examples:
         >>> from dac.train import PipelineConfig, build_pipeline
         >>> net = build_pipeline(PipelineConfig(kind="dac", input_size=(20, 37), pool_size=4), width=4)
         >>> p = Predictor(net.eval(), ["0", "1-3", "4-6", "7-11", "12-32"])

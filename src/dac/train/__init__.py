@@ -19,7 +19,7 @@ Modules: :mod:`~dac.train.config` (YAML), :mod:`~dac.train.models` (ResNets),
 (:class:`Engine`: fit / predict / checkpoints), :mod:`~dac.train.distributed`, :mod:`~dac.train.cv`
 (``dac cv`` / ``dac train``), :mod:`~dac.train.report` (summary and figures).
 
-Example:
+Examples:
     >>> from dac.train import PipelineConfig, build_pipeline
     >>> net = build_pipeline(PipelineConfig(kind="resize", input_size=(32, 32)), arch="resnet18", width=4)
     >>> net(torch.zeros(2, 1, 64, 118, dtype=torch.uint8)).shape

@@ -27,7 +27,7 @@ The paper's future-work idea is :func:`roi_rotation_crop`: rotate about the cent
 the found box and sample the rotated box from the *whole* image, with the angle
 limited per image so that the rotated box stays inside the image — no black corners.
 
-Example:
+Examples:
     >>> aug = BatchAugment(augmentation("paper"))
     >>> aug(torch.rand(3, 1, 20, 37)).shape
     torch.Size([3, 1, 20, 37])
@@ -92,7 +92,7 @@ def augmentation(preset: str, *, rotate: bool = True) -> AffineRanges | None:
         rotate: keep the preset's rotation (False when rotation is done about the box
             centre by :func:`roi_rotation_crop`).
 
-    Example:
+    Examples:
         >>> augmentation("paper").degrees, augmentation("paper", rotate=False).degrees
         (7.0, 0.0)
     """
@@ -164,7 +164,7 @@ def random_affine(images: Tensor, noise: Tensor, ranges: AffineRanges, *, paddin
     Returns:
         Tensor[B, C, H, W] of ``images``' dtype.
 
-    Example:
+    Examples:
         >>> x = torch.full((2, 1, 20, 37), 0.37)
         >>> y = random_affine(x, torch.rand(2, 6), PAPER_DAC_RANGES)
         >>> bool(torch.allclose(y, x))  # reflection padding: a flat image stays flat
@@ -233,7 +233,7 @@ def max_inside_rotation(boxes: Tensor, image_size: Sequence[int], limit: float, 
         Tensor[B] of angles in [0, limit]: every rotation by at most that much, either
         way, keeps the whole rotated box inside the image (0 for a box touching a border).
 
-    Example:
+    Examples:
         >>> max_inside_rotation(torch.tensor([[40.0, 30, 60, 40], [0, 0, 100, 50]]), (100, 100), 10.0)
         tensor([10.,  0.])
     """
@@ -287,7 +287,7 @@ def roi_rotation_crop(images: Tensor, boxes: Tensor, angles: Tensor, size: Seque
         Tensor[B, C, H_out, W_out], floating. With zero angles it equals the crop of the
         box (up to the sampling filter).
 
-    Example:
+    Examples:
         >>> img = torch.ones(1, 1, 60, 100)
         >>> box = torch.tensor([[30.0, 20, 70, 40]])
         >>> roi_rotation_crop(img, box, torch.tensor([20.0]), (10, 20)).min() > 0.999

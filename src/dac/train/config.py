@@ -19,7 +19,7 @@ belongs, a list where a mapping does) raise :class:`dac.DACInputError` naming th
 A pipeline's ``kind`` defaults to its name, so ``resize``, ``dac``, ``dac_e2e`` and
 ``stn`` need no ``kind``; other names (``resize_48``) must give one.
 
-Example:
+Examples:
     >>> cfg = config_from_dict({"train": {"folds": 3}, "pipelines": {"dac": {"epochs": 2}}})
     >>> cfg.train.folds, cfg.pipelines["dac"].kind, cfg.pipelines["dac"].input_size
     (3, 'dac', (200, 370))

@@ -8,7 +8,7 @@ splits each batch across ranks, makes BatchNorm normalise with the whole batch's
 statistics (:func:`sync_batchnorm`, on CPU and GPU alike), and gathers predictions.
 Only rank 0 writes files.
 
-Example:
+Examples:
     >>> rt = init_runtime("cpu")
     >>> rt.world_size, rt.is_main, all_gather(rt, 7)
     (1, True, [7])
@@ -196,7 +196,7 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     The parameters and buffers are kept (the same tensors), so optimisers and state
     dicts are unaffected; outside a multi-process run the layers behave as before.
 
-    Example:
+    Examples:
         >>> net = sync_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
         >>> type(net[1]).__name__
         'SyncBatchNorm2d'

@@ -78,7 +78,7 @@ class EvalModeGapWarning(RuntimeWarning):
 def seed_for(*parts: Any) -> int:
     """A 63-bit seed derived from ``parts`` (stable across runs and machines).
 
-    Example:
+    Examples:
         >>> seed_for(0, "order", 3) == seed_for(0, "order", 3) != seed_for(0, "order", 4)
         True
     """
@@ -92,7 +92,7 @@ def sample_noise(seed: int, epoch: int, indices: Sequence[int], dims: int) -> Te
     Row ``i`` depends only on ``(seed, epoch, indices[i])``: an image gets the same
     random transform whatever batch or process it is in.
 
-    Example:
+    Examples:
         >>> a, b = sample_noise(0, 1, [5, 9], 3), sample_noise(0, 1, [9], 3)
         >>> a.shape, torch.equal(a[1], b[0])
         (torch.Size([2, 3]), True)
@@ -107,7 +107,7 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     No batch is left with a handful of images (a lone last image would be a noisy
     BatchNorm batch and, split across processes, leave some with nothing).
 
-    Example:
+    Examples:
         >>> [b.size for b in epoch_batches(np.arange(50), 24)]
         [17, 17, 16]
     """
@@ -143,7 +143,7 @@ class Engine:
             caching front outputs.
         workers: DataLoader processes reading datasets that are not in memory.
 
-    Example:
+    Examples:
         >>> from dac.train.distributed import init_runtime
         >>> Engine(init_runtime("cpu"), batch_size=6).batch_size
         6

@@ -6,7 +6,7 @@ A file that cannot be read stops training with a :class:`dac.DACInputError` nami
 (also from DataLoader worker processes), and :func:`data_digest` identifies what a
 dataset holds (file list and labels), so a results folder is never resumed on other data.
 
-Example:
+Examples:
     >>> folds = stratified_folds([0, 1] * 6, k=3, seed=0)
     >>> [len(test) for test in folds], sorted(np.concatenate(folds).tolist()) == list(range(12))
     ([4, 4, 4], True)
@@ -103,7 +103,7 @@ def data_digest(dataset: ImageLabelDataset) -> str:
 
     Files edited in place without a change of size are not noticed (nothing is read).
 
-    Example:
+    Examples:
         >>> from dac.data.datasets import PhantomDataset
         >>> a = ImageLabelDataset(PhantomDataset(10, sizes=((96, 177),)), ["a"] * 5)
         >>> b = ImageLabelDataset(PhantomDataset(11, sizes=((96, 177),)), ["a"] * 5)
@@ -170,7 +170,7 @@ def holdout_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tupl
         DACInputError: a split that cannot hold every class on both sides: a class with
             one image, or fewer held-out (or training) images than classes.
 
-    Example:
+    Examples:
         >>> [part.tolist() for part in holdout_split([0, 0, 1, 1], 0.5)]
         [[1, 2], [0, 3]]
     """

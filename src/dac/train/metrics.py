@@ -3,7 +3,7 @@
 Computed from predicted class probabilities with scikit-learn's ``sklearn.metrics``;
 across folds: mean and sample standard deviation (``ddof = 1``; None for a single fold).
 
-Example:
+Examples:
     >>> labels = np.array([0, 1, 2, 2, 1])
     >>> probs = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .3, .6], [.5, .1, .4], [.6, .3, .1]])
     >>> m = classification_metrics(labels, probs)
@@ -38,7 +38,7 @@ def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.
         (fpr, tpr, thresholds), each array[K + 1] for K distinct scores; the first point
         is (0, 0).
 
-    Example:
+    Examples:
         >>> fpr, tpr, _ = roc_curve(np.array([0.9, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0]))
         >>> fpr.tolist(), tpr.tolist()
         ([0.0, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.0])
@@ -105,7 +105,7 @@ def classification_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof = 1) of the values that are not None.
 
-    Example:
+    Examples:
         >>> [round(v, 4) for v in mean_std([0.9, 0.8, None])], mean_std([0.5])
         ([0.85, 0.0707], (0.5, None))
     """
@@ -128,7 +128,7 @@ def summarize_folds(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ``confusion`` (summed over folds) and ``folds`` (each fold's numbers, without
         its ROC points, confusion matrix and training history).
 
-    Example:
+    Examples:
         >>> s = summarize_folds([{"accuracy": .5, "macro_auc": .7, "per_class_auc": [.7, .7], "confusion": [[1, 1], [0, 0]]},
         ...                      {"accuracy": .7, "macro_auc": .9, "per_class_auc": [.9, .9], "confusion": [[1, 0], [0, 1]]}])
         >>> round(s["accuracy_mean"], 6), round(s["macro_auc_std"], 6), s["confusion"]

@@ -5,7 +5,7 @@ scales every stage (torchvision's ResNets are ``width = 64``: stages of 64, 128,
 and 512 planes); small widths make CPU runs on phantoms fast while keeping the
 architecture.
 
-Example:
+Examples:
     >>> net = resnet("resnet18", num_classes=5, width=8)
     >>> net(torch.rand(2, 1, 48, 88)).shape
     torch.Size([2, 5])

@@ -21,7 +21,7 @@ differently sized Tensor[C, H, W], and returns a :class:`FrontOutput`: the crops
 (floats Tensor[B, C, h, w] in [0, 1]), their boxes and, for DAC, which searches did
 not converge. A front computes; it keeps nothing of a call (the engine counts).
 
-Example:
+Examples:
     >>> from dac.train.config import PipelineConfig
     >>> net = build_pipeline(PipelineConfig(kind="stn", input_size=(20, 37), localization_size=(32, 59)), width=4)
     >>> net(torch.randint(0, 255, (2, 1, 96, 177), dtype=torch.uint8)).shape
@@ -239,7 +239,7 @@ class OracleFront(nn.Module):
     Args:
         output_size: (H_out, W_out).
 
-    Example:
+    Examples:
         >>> front = OracleFront((20, 37))
         >>> out = front(torch.rand(2, 1, 96, 177), regions=torch.tensor([[10.0, 10, 60, 30], [0, 0, 177, 96]]))
         >>> out.crops.shape, [round(v, 2) for v in out.boxes[0].tolist()]
@@ -386,7 +386,7 @@ def standardize(images: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         Tensor[B, C, H, W]: each image with mean 0 and standard deviation ~1.
 
-    Example:
+    Examples:
         >>> y = standardize(0.37 + 0.03 * torch.randn(2, 1, 20, 37))
         >>> bool(y.mean().abs() < 1e-5), round(float(y.std()), 2)
         (True, 1.0)

@@ -110,7 +110,7 @@ def markdown_table(summary: dict[str, Any], classes: Sequence[str]) -> str:
     """Markdown tables: accuracy and macro AUC per pipeline (mean ± std over folds), the
     paper's numbers beside them where it has them, then per-class AUC.
 
-    Example:
+    Examples:
         >>> s = {"dac": {"kind": "dac", "input_size": [20, 37], "epochs": 2, "accuracy_mean": .5, "accuracy_std": .1,
         ...              "macro_auc_mean": .7, "macro_auc_std": .05, "per_class_auc_mean": [.7, .7],
         ...              "per_class_auc_std": [.1, .1], "train_seconds_mean": 3.0, "folds": [{}, {}]}}

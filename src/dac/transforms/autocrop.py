@@ -80,7 +80,7 @@ class AutoCrop(Transform):
         **dac_options: further keyword arguments of :class:`dac.DACrop` (``sharpness``,
             ``r_min_fraction``, ``antialias``, ...).
 
-    Example:
+    Examples:
         >>> from torchvision import tv_tensors
         >>> sample = {"image": tv_tensors.Image(torch.rand(1, 96, 160)),
         ...           "mask": tv_tensors.Mask(torch.zeros(96, 160, dtype=torch.uint8))}
@@ -132,7 +132,7 @@ class AutoCrop(Transform):
             ``height``, ``width`` (ints: the same box as torchvision's ``resized_crop``
             takes it) and ``image_size`` (H, W).
 
-        Example:
+        Examples:
             >>> AutoCrop((20, 37), 4).make_params([torch.zeros(1, 96, 160)])["box"]
             tensor([ 10.,  10., 150.,  86.])
         """
@@ -150,7 +150,7 @@ class AutoCrop(Transform):
             The input cropped to ``params["box"]`` and resized to ``output_size``, its type
             (and for images its dtype) kept.
 
-        Example:
+        Examples:
             >>> t = AutoCrop((20, 37), 4)
             >>> image = torch.rand(1, 96, 160)
             >>> t.transform(image, t.make_params([image])).shape

@@ -49,7 +49,7 @@ def boxes_to_original(boxes: Tensor, crop_box: Tensor, crop_size: Sequence[int])
     Returns:
         Tensor[..., N, 4] xyxy in original pixels, floating.
 
-    Example:
+    Examples:
         >>> boxes_to_original(torch.tensor([[0.0, 0.0, 10.0, 5.0]]),
         ...                   torch.tensor([100.0, 50.0, 300.0, 150.0]), (10, 20))
         tensor([[100.,  50., 200., 100.]])
@@ -74,7 +74,7 @@ def boxes_to_crop(boxes: Tensor, crop_box: Tensor, crop_size: Sequence[int]) -> 
     Returns:
         Tensor[..., N, 4] xyxy in crop pixels, floating.
 
-    Example:
+    Examples:
         >>> boxes_to_crop(torch.tensor([[100.0, 50.0, 200.0, 100.0]]),
         ...               torch.tensor([100.0, 50.0, 300.0, 150.0]), (10, 20))
         tensor([[ 0.,  0., 10.,  5.]])
@@ -100,7 +100,7 @@ def points_to_original(points: Tensor, crop_box: Tensor, crop_size: Sequence[int
     Returns:
         Tensor[..., N, 2] = (x, y) in original pixels, floating.
 
-    Example:
+    Examples:
         >>> points_to_original(torch.tensor([[10.0, 5.0]]),
         ...                    torch.tensor([100.0, 50.0, 300.0, 150.0]), (10, 20))
         tensor([[200., 100.]])
@@ -122,7 +122,7 @@ def points_to_crop(points: Tensor, crop_box: Tensor, crop_size: Sequence[int]) -
     Returns:
         Tensor[..., N, 2] = (x, y) in crop pixels, floating (outside the crop for points outside it).
 
-    Example:
+    Examples:
         >>> points_to_crop(torch.tensor([[200.0, 100.0]]),
         ...                torch.tensor([100.0, 50.0, 300.0, 150.0]), (10, 20))
         tensor([[10.,  5.]])
@@ -155,7 +155,7 @@ def heatmap_to_original(
         Tensor[C, H, W] (or Tensor[B, C, H, W]); floating for ``"bilinear"`` (float32 for
         integer maps), the input's dtype for ``"nearest"``.
 
-    Example:
+    Examples:
         >>> crop = torch.ones(1, 2, 4)
         >>> heatmap_to_original(crop, torch.tensor([2.0, 1.0, 6.0, 3.0]), (4, 8))[0]
         tensor([[0., 0., 0., 0., 0., 0., 0., 0.],
@@ -200,7 +200,7 @@ def heatmap_to_crop(heatmap: Tensor, crop_box: Tensor, crop_size: Sequence[int],
         Tensor[C, H_out, W_out] (or Tensor[B, C, H_out, W_out]); floating for
         ``"bilinear"`` (float32 for integer maps), the input's dtype for ``"nearest"``.
 
-    Example:
+    Examples:
         >>> labels = torch.arange(16).reshape(1, 4, 4)
         >>> heatmap_to_crop(labels, torch.tensor([1.0, 1.0, 3.0, 3.0]), (2, 2), mode="nearest")
         tensor([[[ 5,  6],

@@ -86,7 +86,7 @@ if _MONAI_ERROR is None:
             DACInputError: naming the key: a missing ``source_key``, an array that is not
                 2D channel-first, a key whose spatial shape differs from the source's.
 
-        Example:
+        Examples:
             >>> from monai.data import MetaTensor
             >>> t = DACropd(["image", "label"], (20, 37), 4, mode=("bilinear", "nearest"))
             >>> d = t({"image": MetaTensor(torch.rand(1, 160, 96)),
