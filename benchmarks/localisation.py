@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-size", default="200x370")
     parser.add_argument("--rmin", type=float, default=LEARNED_DEFAULTS["r_min_fraction"], help="learned rows' r_min_fraction (min width = 2 rmin W)")
     parser.add_argument("--factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], help="learned rows' gamma factor per stage")
-    parser.add_argument("--search", choices=("paper", "global"), default="paper", help="every row's DACrop search (training and scoring)")
+    parser.add_argument("--search", choices=("paper", "global"), default="paper", help="every row's DACrop search, training and scoring (default %(default)s; dac fit-saliency trains with global)")
     parser.add_argument("--stages", type=int, default=4, help="learned rows' stages (default 4, the paper's)")
     parser.add_argument("--steps", type=int, default=FIT_DEFAULTS["steps"], help="steps on the box loss")
     parser.add_argument("--mask-steps", type=int, default=FIT_DEFAULTS["mask_steps"], help="steps of the mask warm start (0: none)")

@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="narrowest box as a fraction of the image width (default %(default)s)")
     fit.add_argument("--sharpness-factor", type=float, default=LEARNED_DEFAULTS["sharpness_factor"], metavar="F",
                      help="gamma multiplier per stage (default %(default)s, the paper's Algorithm 1)")
-    fit.add_argument("--search", choices=("paper", "global"), default="paper",
+    fit.add_argument("--search", choices=("paper", "global"), default=LEARNED_DEFAULTS["search"],
                      help="how the box is found in training, stored with the stage for dac crop (default %(default)s)")
     fit.add_argument("--members", type=int, default=FIT_DEFAULTS["members"],
                      help="gates trained side by side and averaged: their boxes scatter less (default %(default)s)")

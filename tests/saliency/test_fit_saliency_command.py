@@ -290,11 +290,14 @@ class TestSearchOfTheStage:
         assert load_dacrop(tmp_path / "fit" / "saliency.pt").search_method == "global"
         assert load_dacrop(tmp_path / "fit" / "saliency.pt", search="paper").search_method == "paper"  # dac crop --search
 
-    def test_the_default_stays_the_paper_search(self, tmp_path):
-        from dac.saliency import load_dacrop
+    def test_the_default_is_the_global_search_and_paper_is_stored_when_asked(self, tmp_path):
+        from dac.saliency import LEARNED_DEFAULTS, load_dacrop
 
+        assert LEARNED_DEFAULTS["search"] == "global"  # chosen on the tuning phantoms
         assert main(["fit-saliency", "--out", str(tmp_path / "fit"), *TINY]) == 0
-        assert load_dacrop(tmp_path / "fit" / "saliency.pt").search_method == "paper"
+        assert load_dacrop(tmp_path / "fit" / "saliency.pt").search_method == "global"
+        assert main(["fit-saliency", "--out", str(tmp_path / "paper"), *TINY, "--search", "paper"]) == 0
+        assert load_dacrop(tmp_path / "paper" / "saliency.pt").search_method == "paper"
 
     def test_an_unknown_search_is_a_usage_error(self, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:

@@ -49,7 +49,7 @@ def train_saliency(
     pool_size: int = 10,
     r_min_fraction: float = LEARNED_DEFAULTS["r_min_fraction"],
     sharpness_factor: float = LEARNED_DEFAULTS["sharpness_factor"],
-    search: str = "paper",
+    search: str = LEARNED_DEFAULTS["search"],
     width: int = 16,
     members: int = FIT_DEFAULTS["members"],
     overwrite: bool = False,
