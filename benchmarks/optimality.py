@@ -6,7 +6,7 @@ Run (from the repository root)::
 
 On ``--count`` phantoms (``dac.data.phantoms.make_phantom``, seeds ``--seed`` .., height
 1536, widths alternating 2836 / 2860: the paper's two sizes; the default seeds
-7000-7099 are used by no other benchmark and by no choice of a default), the paper's
+7000-7099 are the localisation benchmark's test seeds: no default is chosen on them), the paper's
 max–min map (``DACrop().saliency_map``, float32, as in use) is searched by
 ``DACrop(search="paper")`` and ``DACrop(search="global")`` with every other setting
 at its default, and each found box is compared with
