@@ -199,6 +199,13 @@ class TestCropResize:
         torch.testing.assert_close(out, crop_resize(x.float() / 255, boxes, (10, 16)))
         assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
 
+    @pytest.mark.parametrize("dtype,scale", [(torch.uint16, 65535), (torch.int16, 32767)])
+    def test_wider_integer_images_crop_as_their_unit_range(self, dtype, scale):
+        # integer images are scaled in the row weights, not pixel by pixel: the same crop
+        x = torch.randint(0, 30000, (2, 1, 50, 80)).to(dtype)
+        boxes = torch.tensor([[5.3, 5.1, 45.2, 30.7], [0.0, 0.0, 80.0, 50.0]], dtype=torch.float64)
+        torch.testing.assert_close(crop_resize(x, boxes, (10, 16)), crop_resize(x.double() / scale, boxes, (10, 16)))
+
     def test_outside_image_is_zero(self):
         x = torch.rand(1, 1, 10, 10)
         out = crop_resize(x, torch.tensor([[20.0, 20.0, 30.0, 30.0]]), (4, 4))
