@@ -155,6 +155,11 @@ class TestConfig:
         assert list(quick.pipelines) == list(paper.pipelines) == list(KINDS)
         assert paper.model.arch == "resnet101" and paper.train.folds == 10
         assert (paper.pipelines["dac"].epochs, paper.pipelines["resize"].epochs) == (144, 96)
+        for path in sorted((ROOT / "configs").glob("*.yaml")):  # every config a page quotes loads
+            assert load_config(path).pipelines, path.name
+        searches = load_config(ROOT / "configs" / "searches.yaml").pipelines
+        assert [(searches[n].kind, searches[n].search) for n in searches] == [
+            ("dac", "paper"), ("dac", "global"), ("dac_e2e", "paper"), ("dac_e2e", "global")]
 
     def test_overrides_and_missing_files(self, tmp_path):
         cfg = load_config(ROOT / "configs" / "quick.yaml", data=str(tmp_path), device="cpu")
