@@ -78,6 +78,15 @@ class TestMaxMinPool:
         x = torch.rand(1, 1, 12, 12, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda t: max_min_pool(t, 4), (x,))
 
+    def test_tied_maxima_share_the_gradient_as_documented(self):
+        from dac.functional.pooling import window_extremes
+
+        x = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+        x[0, 0, 0, 0] = x[0, 0, 1, 0] = x[0, 0, 0, 1] = 1.0  # two tied columns, one of two tied rows
+        x.requires_grad_()
+        window_extremes(x, 2)[0][0, 0, 0, 0].backward()
+        assert x.grad[0, 0, :2, :2].tolist() == [[0.25, 0.5], [0.25, 0.0]]
+
     def test_module_equals_function(self):
         x = torch.rand(2, 1, 30, 30)
         torch.testing.assert_close(MaxMinPool(10)(x), max_min_pool(x, 10))

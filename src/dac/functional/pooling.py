@@ -45,7 +45,8 @@ def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
     ``uint8`` input gives the same map as the same image divided by 255.
 
     Differentiable for floating input: the gradient goes to the pixels that hold each
-    window's maximum and minimum (split evenly between ties).
+    window's maximum and minimum (ties share it: evenly among the tied columns of the
+    window, then evenly among the tied rows within each of them).
 
     Args:
         images: Tensor[B, C, H, W], C = 1 or 3, floating or integer dtype.
