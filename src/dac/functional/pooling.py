@@ -31,7 +31,9 @@ def to_unit_range(images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     scale = INTEGER_IMAGE_SCALE.get(images.dtype)
     if scale is None:
         raise DACInputError(f"images: unsupported dtype {images.dtype}")
-    return images.to(dtype or torch.get_default_dtype()) / scale
+    # In place on the converted copy (always a new tensor here): the same values as
+    # ``/ scale`` without a second temporary of the input's size (a fifth of a crop's time).
+    return images.to(dtype or torch.get_default_dtype()).div_(scale)
 
 
 def max_min_pool(images: Tensor, kernel_size: int = 10) -> Tensor:
