@@ -126,8 +126,7 @@ def run_row(args: tuple) -> dict:
     factor = row.get("factor", opts["factor"])
     stages = row.get("stages", opts["stages"])
     # the initial weights from the seed alone: the same whichever rows run, in whichever order
-    net = (SaliencyNet(k, width=opts["net_width"], members=opts["members"], context=opts["context"],
-                       generator=init_generator(opts["seed"]))
+    net = (SaliencyNet(k, width=opts["net_width"], members=opts["members"], generator=init_generator(opts["seed"]))
            if row["kind"] in ("saliency", "mask") else None)
     layer = DACrop(opts["output_size"], k, saliency=net, r_min_fraction=rmin, sharpness_factor=factor, stages=stages,
                    search=opts["search"])
@@ -280,7 +279,7 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
         "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
         "steps": args.steps, "mask_steps": args.mask_steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
         "mask_lr": args.mask_lr,
-        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "clip_norm": args.clip_norm, "search": args.search, "net_width": args.net_width, "members": args.members, "context": args.context, "seed": args.seed, "threads": args.threads,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "clip_norm": args.clip_norm, "search": args.search, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save,
     })
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -321,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-norm", type=float, default=FIT_DEFAULTS["clip_norm"], help="largest gradient norm of a box step (inf: no clip)")
     parser.add_argument("--net-width", type=int, default=16)
     parser.add_argument("--members", type=int, default=FIT_DEFAULTS["members"], help="gates of the learned saliency, trained side by side and averaged")
-    parser.add_argument("--context", action="store_true", help="learned rows: SaliencyNet(context=True), whole-arch column and row context")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default="all", help="comma-separated row numbers (0-based), 'all' or 'none' (only --cv rows)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (processes)")

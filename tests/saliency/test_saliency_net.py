@@ -7,7 +7,7 @@ import torch
 from conftest import textured_scene
 from dac import DACInputError, DACrop
 from dac.functional import max_min_pool
-from dac.saliency import ArchContext, BoxRegressor, SaliencyNet, feature_trunk, load_saliency, saliency_features, save_saliency
+from dac.saliency import BoxRegressor, SaliencyNet, feature_trunk, saliency_features
 
 SMALL = dict(output_size=(20, 37), pool_size=5)
 
@@ -29,11 +29,11 @@ class TestSaliencyNet:
                 net.gate.bias.fill_(bias)
             torch.testing.assert_close(net(images), gate * paper)
 
-    @pytest.mark.parametrize("members, context", [(1, False), (2, False), (2, True)])
-    def test_gradient_of_the_boxes_matches_finite_differences(self, members, context):
+    @pytest.mark.parametrize("members", [1, 2])
+    def test_gradient_of_the_boxes_matches_finite_differences(self, members):
         """d(loss on boxes) / d(parameters), through the implicit gradient of the box (float64)."""
         torch.manual_seed(0)
-        net = SaliencyNet(pool_size=5, width=4, dilations=(1, 2), members=members, context=context).double()
+        net = SaliencyNet(pool_size=5, width=4, dilations=(1, 2), members=members).double()
         with torch.no_grad():  # a gate that depends on the parameters (zero-initialised otherwise)
             net.gate.weight.normal_(0, 0.5)
             net.gate.bias.fill_(0.1)
@@ -44,13 +44,8 @@ class TestSaliencyNet:
         grads = torch.autograd.grad((layer.locate(images) * weights).sum(), params)
         gen = torch.Generator().manual_seed(3)
         direction = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
-        if context:  # every logit depends on every trunk ReLU: kinks within eps; the layers after the trunk are smooth
-            trunk = {id(p) for p in net.trunk.parameters()}
-            direction = [torch.zeros_like(d) if id(p) in trunk else d for p, d in zip(params, direction)]
         analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
-        # The trunk's ReLUs are kinks: a small step, as for max pooling (the FD error falls with it: 3e-5 at 1e-6);
-        # with the context the trunk is not moved, the rest is smooth and 1e-8 is rounding (passes 1e-5 .. 1e-7).
-        eps = 1e-6 if context else 1e-8
+        eps = 1e-8  # the trunk's ReLUs are kinks: a small step, as for max pooling (the FD error falls with it: 3e-5 at 1e-6)
         base = [p.detach().clone() for p in params]
         values = []
         for sign in (1, -1):
@@ -96,56 +91,12 @@ class TestSaliencyNet:
             SaliencyNet(pool_size=0)
         with pytest.raises(DACInputError, match="members"):
             SaliencyNet(members=0)
-        with pytest.raises(DACInputError, match="context"):
-            SaliencyNet(context="yes")
         with pytest.raises(DACInputError, match="features"):
             SaliencyNet().from_features(torch.rand(1, 3, 10, 10))
         with pytest.raises(DACInputError, match="features"):  # the box regressor's heat map draws the same map
             BoxRegressor(0.5).heat_logits(torch.rand(1, 3, 10, 10))
         with pytest.raises(DACInputError, match="features"):
             BoxRegressor(0.5)(torch.rand(3, 10, 10), (100, 100))
-
-
-class TestArchContext:
-    def test_untrained_it_is_still_the_paper_map_and_it_is_saved(self, tmp_path):
-        images = textured_scene(2, 300, 555, dtype=torch.float32)
-        net = SaliencyNet(pool_size=5, width=4, members=2, context=True, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(net(images), max_min_pool(images, 5))
-        assert net.config()["context"] is True
-        assert "context" not in SaliencyNet(pool_size=5).config()  # a stage without it keeps its settings key
-        with torch.no_grad():
-            net.gate.weight.normal_(0, 0.5)
-        save_saliency(net, tmp_path / "s.pt")
-        loaded = load_saliency(tmp_path / "s.pt")
-        assert loaded.context is not None
-        features = saliency_features(images, 5)
-        assert torch.equal(loaded.member_logits(features), net.member_logits(features))
-
-    def test_a_column_far_away_reaches_the_gate(self):
-        """Without it the gate sees 63 pooled pixels around itself; with it, the whole image."""
-        torch.manual_seed(0)
-        features = torch.rand(1, 5, 40, 300)
-        changed = features.clone()
-        changed[..., :20] = features[..., :20].flip(-1)  # the leftmost 20 columns mirrored: each image's statistics kept
-        net = SaliencyNet(pool_size=5, width=4, members=2, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            net.gate.weight.normal_(0, 0.5)
-        far = (net.member_logits(changed) - net.member_logits(features))[..., 200:]  # 180+ columns away
-        assert far.abs().amax() < 1e-5  # rounding of the standardisation's sums; the trunk sees 31 columns each side
-        context = ArchContext(4, groups=2, generator=torch.Generator().manual_seed(1))
-        hidden = torch.rand(1, 8, 20, 150)
-        moved = hidden.clone()
-        moved[..., :3] *= 2.0  # three columns at the left edge
-        assert (context(moved) - context(hidden))[..., 3:].abs().amax(dim=1).amin() > 1e-6  # every other column and row
-
-    def test_members_keep_their_own_context(self):
-        torch.manual_seed(0)
-        net = SaliencyNet(pool_size=5, width=4, dilations=(1, 2), members=2, context=True)
-        with torch.no_grad():
-            net.gate.weight.normal_(0, 0.5)
-        net.member_maps(torch.rand(1, 5, 12, 40))[:, 0].sum().backward()
-        for conv in (net.context.columns[0], net.context.rows[2]):
-            assert conv.weight.grad[4:].abs().sum() == 0 and conv.weight.grad[:4].abs().sum() > 0
 
 
 class TestSeededInitialisation:

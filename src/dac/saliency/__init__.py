@@ -22,7 +22,7 @@ Examples:
 from .augment import flip_left_right, stretch_and_shift
 from .features import FEATURES, check_features, saliency_features, standardize_features
 from .fit import FIT_DEFAULTS, FitHistory, FitOptions, box_loss, fit_region_masks, fit_saliency, init_generator, random_stream
-from .net import LEARNED_DEFAULTS, ArchContext, SaliencyNet, feature_trunk, trunk_map
+from .net import LEARNED_DEFAULTS, SaliencyNet, feature_trunk, trunk_map
 from .persist import SHIPPED_STAGE, load_dacrop, load_saliency, save_saliency
 from .regressor import BoxRegressor, fit_box_regressor
 from .scores import labelled_fit, localisation_scores
@@ -33,7 +33,7 @@ from .targets import aspect_box, margin_target, minimum_width, region_masks
 SaliencyNet.__module__ = __name__
 
 __all__ = [
-    "FEATURES", "FIT_DEFAULTS", "LEARNED_DEFAULTS", "SHIPPED_STAGE", "ArchContext", "BoxRegressor", "FitHistory", "FitOptions", "SaliencyNet",
+    "FEATURES", "FIT_DEFAULTS", "LEARNED_DEFAULTS", "SHIPPED_STAGE", "BoxRegressor", "FitHistory", "FitOptions", "SaliencyNet",
     "aspect_box", "box_loss", "check_features", "feature_trunk", "fit_box_regressor", "fit_region_masks", "fit_saliency",
     "flip_left_right", "init_generator", "labelled_fit", "load_dacrop", "load_saliency", "localisation_scores",
     "margin_target", "minimum_width", "random_stream", "region_masks", "save_saliency", "saliency_features",

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import DACInputError, check_int
+from .._checks import check_int
 from .features import FEATURES, check_features, saliency_features, standardize_features
 
-__all__ = ["ArchContext", "LEARNED_DEFAULTS", "SaliencyNet", "feature_trunk", "trunk_map"]
+__all__ = ["LEARNED_DEFAULTS", "SaliencyNet", "feature_trunk", "trunk_map"]
 
 #: The DACrop settings a learned saliency is trained and used with, unless asked
 #: otherwise: a narrower minimum box than the paper's 2/3.5 of the width (the learned
@@ -109,63 +109,7 @@ def initialised(layer: type[nn.Conv2d] | type[nn.Linear], *args: Any, generator:
     return module
 
 
-class ArchContext(nn.Module):
-    """Where each column and each row lies in the whole image, added to every pixel's features.
-
-    The trunk sees 630 input pixels around each window: it can tell teeth from a
-    collimator edge, but not where the arch ends, three times as far away. Per
-    column, this module takes the trunk's features averaged over the column (the
-    profile ``p``), and how much of the profile lies to its left and to its right
-    (``cumsum(p) / w`` from either end); per row, the same from the top and the
-    bottom. A small network per axis (1 x 1 convolutions, ReLU between) reads those
-    three numbers per channel and its output is added back, broadcast:
-    ``h + c(columns) + r(rows)``. Every entry of the context depends on the whole
-    image, with no chain of layers to pass it through. Grouped as the trunk (one
-    context per member).
-
-    Args:
-        width: hidden channels per group (the trunk's).
-        groups: the trunk's groups (members).
-        generator: draws the initial weights (as :func:`feature_trunk`).
-
-    Examples:
-        >>> context = ArchContext(4, generator=torch.Generator().manual_seed(0))
-        >>> context(torch.rand(2, 4, 6, 10)).shape
-        torch.Size([2, 4, 6, 10])
-    """
-
-    def __init__(self, width: int, groups: int = 1, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.groups = check_int(groups, "groups", 1)
-        channels = check_int(width, "width", 1) * self.groups
-
-        def reader() -> nn.Sequential:
-            return nn.Sequential(initialised(nn.Conv1d, 3 * channels, channels, 1, generator=generator, groups=self.groups),
-                                 nn.GELU(),
-                                 initialised(nn.Conv1d, channels, channels, 1, generator=generator, groups=self.groups))
-
-        self.columns = reader()
-        self.rows = reader()
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        """Tensor[B, C, h, w] -> Tensor[B, C, h, w]."""
-        columns = self.columns(self._placed(hidden.mean(dim=2)))  # [B, C, w]
-        rows = self.rows(self._placed(hidden.mean(dim=3)))  # [B, C, h]
-        return hidden + columns[:, :, None, :] + rows[:, :, :, None]
-
-    def _placed(self, profile: Tensor) -> Tensor:
-        """Profile Tensor[B, C, n] -> Tensor[B, 3 C, n]: per group, the profile, then its
-        share before and after each entry (cumulative sums / n)."""
-        n = profile.shape[-1]
-        before = profile.cumsum(-1) / n
-        after = profile.flip(-1).cumsum(-1).flip(-1) / n
-        b, c = profile.shape[:2]
-        grouped = [t.reshape(b, self.groups, c // self.groups, n) for t in (profile, before, after)]
-        return torch.cat(grouped, dim=2).reshape(b, 3 * c, n)
-
-
-def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor, copies: int = 1,
-              context: nn.Module | None = None) -> Tensor:
+def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor, copies: int = 1) -> Tensor:
     """``head(trunk(standardised features))`` upsampled (bilinear) back to the features' h x w.
 
     The map both learned localisers draw (:class:`SaliencyNet`'s gate logits, the box
@@ -177,8 +121,6 @@ def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor, copies: int =
         features: Tensor[B, 5, h, w].
         copies: the groups of a grouped trunk and head (:func:`feature_trunk`), each fed
             the features; their outputs side by side.
-        context: applied to the trunk's output before the head (an :class:`ArchContext`);
-            None: none.
 
     Returns:
         Tensor[B, O, h, w], in ``head``'s dtype.
@@ -189,10 +131,7 @@ def trunk_map(trunk: nn.Module, head: nn.Module, features: Tensor, copies: int =
     """
     x = check_features(features).to(next(head.parameters()).dtype)
     z = standardize_features(x).contiguous(memory_format=torch.channels_last)
-    if context is None:
-        out = head(trunk(z)) if copies == 1 else _by_group([*trunk, head], z, copies)
-    else:
-        out = head(context(trunk(z) if copies == 1 else _by_group(list(trunk), z, copies)))
+    out = head(trunk(z)) if copies == 1 else _by_group([*trunk, head], z, copies)
     return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False).contiguous()
 
 
@@ -238,8 +177,6 @@ class SaliencyNet(nn.Module):
         width: channels of each member's hidden layers.
         dilations: of the trunk's 3 x 3 convolutions after the first.
         members: gates averaged (1: a single net).
-        context: add an :class:`ArchContext` between the trunk and the gate (what each
-            column and row of the whole image says: where the arch lies).
         generator: draws the initial weights (None: the global random state, as
             ``nn.Conv2d`` does; given, the global state is left alone); not part of
             :meth:`config` (a loaded stage gets its weights from the file).
@@ -253,7 +190,7 @@ class SaliencyNet(nn.Module):
     """
 
     def __init__(self, pool_size: int = 10, width: int = 16, dilations: Sequence[int] = (1, 2, 4, 8), members: int = 1,
-                 context: bool = False, generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.pool_size = check_int(pool_size, "pool_size", 1)
         self.members = check_int(members, "members", 1)
@@ -264,10 +201,6 @@ class SaliencyNet(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self.log_scale = nn.Parameter(torch.zeros(()))
-        if not isinstance(context, bool):
-            raise DACInputError(f"context: expected True or False, got {context!r}")
-        # Drawn after the trunk and gate, so a net without it starts as it always did.
-        self.context = ArchContext(width, self.members, generator=generator) if context else None
 
     def forward(self, images: Tensor) -> Tensor:
         """Images Tensor[B, C, H, W] -> map Tensor[B, 1, H // k, W // k], >= 0."""
@@ -289,17 +222,14 @@ class SaliencyNet(nn.Module):
     def member_logits(self, features: Tensor) -> Tensor:
         """Each member's gate logits, Tensor[B, members, h, w] (what
         :func:`dac.saliency.fit_region_masks` fits)."""
-        return trunk_map(self.trunk, self.gate, features, self.members, self.context)
+        return trunk_map(self.trunk, self.gate, features, self.members)
 
     def _gated(self, features: Tensor, logits: Tensor) -> Tensor:
         return features[:, :1].to(logits) * 2 * torch.sigmoid(logits) * self.log_scale.exp()
 
     def extra_repr(self) -> str:
-        return (f"pool_size={self.pool_size}" + (f", members={self.members}" if self.members > 1 else "")
-                + (", context=True" if self.context is not None else ""))
+        return f"pool_size={self.pool_size}" + (f", members={self.members}" if self.members > 1 else "")
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (what :func:`dac.saliency.save_saliency` stores)."""
-        config = {"pool_size": self.pool_size, "width": self.width, "dilations": list(self.dilations), "members": self.members}
-        # Named only when on: the settings key of a stage without it (and archives cropped with it) is as before.
-        return config | {"context": True} if self.context is not None else config
+        return {"pool_size": self.pool_size, "width": self.width, "dilations": list(self.dilations), "members": self.members}
