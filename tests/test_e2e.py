@@ -272,3 +272,108 @@ class TestVanishingMap:
             boxes, info = layer.search(max_min_pool(image, 4) * scale)
             assert bool(torch.isfinite(boxes).all()) and bool(info.converged.all())
             assert torch.allclose(boxes, reference, atol=1e-3)
+
+
+class TestCandidates:
+    """The global search's maxima as candidate crops, weighted by their costs, in training."""
+
+    @staticmethod
+    def _layer(**kw):
+        from dac import DACrop
+        from dac.saliency import SaliencyNet
+
+        net = SaliencyNet(3, width=4, dilations=(1, 2), generator=torch.Generator().manual_seed(0)).double()
+        with torch.no_grad():  # a gate that depends on the parameters (zero-initialised otherwise)
+            net.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        return DACrop((20, 37), 3, saliency=net, search="global", r_min_fraction=0.1, sharpness_factor=4.0, **kw), net
+
+    def test_the_best_candidate_is_the_box_and_costs_are_eq3(self, scenes):
+        from dac.functional import dac_cost, fit_r_min
+
+        layer, net = self._layer()
+        images = torch.stack([scenes[i]["image"] for i in range(3)])
+        boxes, cost, distinct = layer.candidates(images)
+        assert boxes.shape == (3, 4, 4) and cost.shape == (3, 4) and distinct.dtype == torch.bool
+        with torch.no_grad():
+            located, info = layer.locate(images, return_info=True)
+        best = cost.detach().argmax(1)
+        torch.testing.assert_close(boxes[torch.arange(3), best], located)
+        saliency = layer.saliency_map(images).detach() * layer.saliency_scale
+        thetas = info.candidates
+        r_min = fit_r_min(*saliency.shape[-2:], layer.r_min_fraction, layer.aspect, saliency)
+        for k in range(4):
+            expected = dac_cost(thetas[:, k], saliency, r_min=r_min, aspect=layer.aspect, sharpness=layer.final_sharpness)
+            torch.testing.assert_close(cost[:, k].detach(), expected)
+
+    def test_cost_gradient_is_the_converged_cost_s_finite_difference(self, scenes):
+        """d f(theta*(p), p) / dp, with the search re-run at p +- eps: the envelope theorem (float64)."""
+        layer, net = self._layer()
+        images = torch.stack([scenes[i]["image"] for i in range(2)]).double() / 255
+        _, cost, distinct = layer.candidates(images)
+        weights = torch.tensor([[0.7, -0.3, 1.1, 0.4], [-0.8, 0.5, 0.2, 0.9]], dtype=torch.float64) * distinct
+        params = list(net.parameters())
+        grads = torch.autograd.grad((cost * weights).sum(), params, allow_unused=True)
+        gen = torch.Generator().manual_seed(3)
+        direction = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
+        analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction) if g is not None)
+        eps, values, base = 1e-6, [], [p.detach().clone() for p in params]
+        for sign in (1, -1):
+            with torch.no_grad():
+                for p, b, d in zip(params, base, direction):
+                    p.copy_(b + sign * eps * d)
+                values.append(float((layer.candidates(images)[1] * weights).sum()))
+        with torch.no_grad():
+            for p, b in zip(params, base):
+                p.copy_(b)
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert abs(fd) > 1e-3
+        assert abs(analytic - fd) <= 1e-5 * abs(fd), (analytic, fd)
+
+    def test_repeats_are_not_distinct_and_paper_search_refuses(self):
+        from dac import DACrop
+
+        blob = torch.zeros(1, 1, 60, 111)
+        blob[..., 20:40, 40:75] = 1.0  # one maximum: every candidate polishes to it
+        _, _, distinct = DACrop((20, 37), 3, search="global", r_min_fraction=0.1).candidates(blob)
+        assert distinct[0, 0] and not distinct[0, 1:].any()
+        with pytest.raises(DACInputError, match="search"):
+            DACrop((20, 37), 3).candidates(blob)
+
+    def test_front_trains_on_the_mixture_and_evaluates_the_best_box(self, scenes):
+        from dac.saliency import SaliencyNet
+        from dac.train.pipelines import Pipeline
+
+        net = SaliencyNet(3, width=4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            net.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        front = DACFront((20, 37), 3, saliency=net, search="global", r_min_fraction=0.1, sharpness_factor=4.0,
+                         candidates=3, candidate_power=2.0)
+        classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20 * 37, 5))
+        pipeline = Pipeline(front, classifier, augment=None).train()
+        images = torch.stack([scenes[i]["image"] for i in range(2)])
+        logits, out = pipeline(images, noise=torch.zeros(2, 0), return_front=True)
+        assert out.crops.shape == (6, 1, 20, 37) and out.log_weights.shape == (2, 3)
+        torch.testing.assert_close(out.log_weights.logsumexp(1), torch.zeros(2))
+        boxes, cost, distinct = front.crop.candidates(images)
+        weights = torch.where(distinct, cost.detach() ** 2, torch.zeros_like(cost))
+        weights = weights / weights.sum(1, keepdim=True)
+        p = torch.softmax(pipeline.classify(out.crops.detach()), -1).reshape(2, 3, 5)
+        torch.testing.assert_close(logits.exp(), (weights[:, :, None] * p).sum(1), rtol=1e-5, atol=1e-6)  # a mixture
+        torch.nn.functional.cross_entropy(logits, torch.tensor([1, 3])).backward()
+        assert float(net.gate.weight.grad.abs().sum()) > 0  # the task loss reaches the map through the weights
+        pipeline.eval()
+        with torch.no_grad():
+            out = front(images)
+            located = front.crop.locate(images)
+        assert out.log_weights is None and out.crops.shape == (2, 1, 20, 37)
+        torch.testing.assert_close(out.boxes, located)
+
+    def test_config_checks(self):
+        assert config_from_dict({"pipelines": {"dac_e2e": {"search": "global", "candidates": 4}}}).pipelines["dac_e2e"].candidates == 4
+        for raw in ({"dac": {"search": "global", "candidates": 4}}, {"dac_e2e": {"candidates": 4}},
+                    {"dac_e2e": {"search": "global", "candidates": 4, "edge_margin": 2}}, {"dac_e2e": {"candidates": 0}},
+                    {"dac_e2e": {"candidate_power": 0}}):
+            with pytest.raises(DACInputError, match="candidate"):
+                config_from_dict({"pipelines": raw})
+        with pytest.raises(DACInputError, match="candidates"):
+            DACFront((20, 37), 3, candidates=2)

@@ -288,6 +288,52 @@ class DACrop(nn.Module):
         _check_map(saliency)
         return self._search(saliency)
 
+    def candidates(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Every maximum the global search polished, with its cost: what a front that
+        learns which maximum to pick trains on.
+
+        The search runs without autograd; each candidate's f is then evaluated on the
+        map with autograd, so it is differentiable in the saliency stage's parameters.
+        At a stationary point that is f's whole derivative in the map (the box's own
+        move contributes ``grad_theta f . d theta = 0``); a candidate held by the image
+        border or not converged gets the part at its fixed box.
+
+        Args:
+            images: Tensor[B, C, H, W] of one size.
+
+        Returns:
+            ``(boxes, cost, distinct)``: boxes Tensor[B, K, 4] xyxy in input pixels
+            (detached; K = ``grid_candidates``, lattice order); their f (eq. 3 at the last
+            stage's sharpness) Tensor[B, K]; distinct Tensor[B, K] bool, False for a
+            candidate whose box overlaps an earlier one's by IoU > 0.9 (two grid maxima
+            polished to one maximum, or a map with fewer maxima repeating its best).
+            The box :meth:`locate` returns is the candidate of the highest f.
+
+        Raises:
+            DACInputError: ``search`` is not ``"global"``.
+        """
+        if self.search_method != "global":
+            raise DACInputError(f"search: candidates come from the global search; this DACrop has search={self.search_method!r}")
+        from .functional.cost import _cost_derivatives
+        from torchvision.ops import box_iou
+
+        saliency = self._saliency(images)
+        with _autocast_off(saliency.device):
+            dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
+            scaled = _lift_faint(saliency.to(dtype) * self.saliency_scale)
+            with torch.no_grad():
+                _, info = self._search(saliency.detach())  # as locate: the same maxima
+            batch, _, h, w = scaled.shape
+            count = info.candidates.shape[1]
+            thetas = info.candidates.reshape(-1, 3)
+            r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, scaled).repeat_interleave(count)
+            gamma = thetas.new_full((len(thetas),), self.final_sharpness)
+            cost, _, _ = _cost_derivatives(thetas, scaled[:, 0], r_min, self.aspect, gamma, 0)
+            boxes = theta_to_boxes(thetas, r_min, self.aspect, self.pool_size).reshape(batch, count, 4)
+            overlap = torch.stack([box_iou(b, b) for b in boxes.float()]).tril(-1)  # [B, K, K]: with earlier ones
+            distinct = ~(overlap > 0.9).any(dim=2)
+        return boxes, cost.reshape(batch, count), distinct
+
     def _locate_batch(self, images: Tensor) -> tuple[Tensor, DACSolverInfo]:
         return self._search(self._saliency(images))
 

@@ -166,6 +166,7 @@ class GlobalSearch(StagedAscent):
             mode,
             grad_enabled,
             near_tie,
+            theta.detach().reshape(batch, count, 3),
         )
 
 

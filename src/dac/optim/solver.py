@@ -111,6 +111,9 @@ class DACSolverInfo(th.OptimizerInfo):
             stage, and at the end (detached), for pictures like the paper's Fig. 6.
             The global search: Tensor[B, 3, 3] — Algorithm 1's start, the chosen
             grid box (before the polish) and the end.
+        candidates: Tensor[B, K, 3] — the global search: every polished candidate
+            (x_c, y_c, r), detached, in lattice order (the chosen one among them);
+            None for the staged ascent.
     """
 
     converged: Tensor = None  # type: ignore[assignment]
@@ -121,6 +124,7 @@ class DACSolverInfo(th.OptimizerInfo):
     residual_norm: Tensor = None  # type: ignore[assignment]
     stage_thetas: Tensor = None  # type: ignore[assignment]
     near_tie: Tensor = None  # type: ignore[assignment]
+    candidates: Optional[Tensor] = None
 
 
 def build_objective(
@@ -322,6 +326,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         mode: Any,
         grad_enabled: bool,
         near_tie: Optional[Tensor] = None,
+        candidates: Optional[Tensor] = None,
     ) -> DACSolverInfo:
         """Put the solution in the objective, fix its active set, take the implicit
         step, and describe it.
@@ -360,6 +365,7 @@ class StagedAscent(th.NonlinearLeastSquares):
             residual_norm=st.residual.abs().amax(-1),
             stage_thetas=torch.stack(stage_thetas, dim=1),
             near_tie=near_tie if near_tie is not None else torch.zeros_like(frozen),
+            candidates=candidates,
         )
 
     def _implicit_step(self) -> None:

@@ -164,6 +164,10 @@ class PipelineConfig:
         front_warmup: ``dac_e2e``: the first epochs train the classifier alone, on the
             crops of the untrained front (the paper's map: plain DAC crops, computed
             once); the rest of ``epochs`` train both. 0: both from the start.
+        candidates: ``dac_e2e`` with ``search: global``: train on the crops of the K best
+            maxima of each image's cost, weighted by ``f ** candidate_power``, the
+            output their mixture (:class:`dac.train.pipelines.DACFront`); 1: one box.
+        candidate_power: beta of those weights.
     """
 
     kind: str = field(default="dac", metadata={"check": lambda v, n: check_choice(v, PIPELINE_KINDS, n)})
@@ -182,6 +186,8 @@ class PipelineConfig:
     edge_margin: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
     edge_sharpness: tuple[float, float] = field(default=(0.25, 8.0), metadata={"check": lambda v, n: _positive_pair(v, n)})
     front_warmup: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
+    candidates: int = field(default=1, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    candidate_power: float = field(default=1.0, metadata={"check": lambda v, n: _positive(v, n)})
 
 
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -195,7 +201,7 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
 _LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
-                   "search": "paper"}
+                   "search": "paper", "candidates": 1, "candidate_power": 1.0}
 
 
 @dataclass
@@ -335,6 +341,11 @@ def _check(cfg: ExperimentConfig) -> None:
             raise DACInputError(f"pipelines.{name}.front_warmup: {p.front_warmup} must be below epochs ({p.epochs})")
         if p.roi_rotate_degrees and p.kind not in ("dac", "dac_e2e"):
             raise DACInputError(f"pipelines.{name}.roi_rotate_degrees: only DAC pipelines have a box to rotate about (kind {p.kind!r})")
+        if p.candidates > 1 and (p.kind != "dac_e2e" or p.search != "global"):
+            raise DACInputError(f"pipelines.{name}.candidates: only dac_e2e with search: global learns which maximum to pick "
+                                f"(kind {p.kind!r}, search {p.search!r})")
+        if p.candidates > 1 and (p.edge_margin or p.roi_rotate_degrees):
+            raise DACInputError(f"pipelines.{name}.candidates: not with edge_margin or roi_rotate_degrees (candidates are cropped hard)")
 
 
 def _positive(value: Any, name: str) -> float:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import Images, by_size
-from .._checks import DACInputError, check_angle, check_int, check_size
+from .._checks import DACInputError, check_angle, check_int, check_positive, check_size
 from ..functional.boxes import box_inside
 from ..functional.crop import crop_resize
 from ..functional.soft_crop import soft_crop
@@ -74,6 +74,9 @@ class FrontOutput(NamedTuple):
     crops: Tensor  #: Tensor[B, C, h, w] floating, in [0, 1]: what the classifier sees
     boxes: Tensor  #: Tensor[B, 4]: each crop's box (the whole image for a resize)
     unconverged: Tensor | None = None  #: Tensor[B] bool: DAC boxes short of a stationary point; None for other fronts
+    #: Tensor[B, K] log-weights of K candidate crops per image (crops are then Tensor[B K, ...],
+    #: image-major); None: one crop per image. See :class:`DACFront` ``candidates``.
+    log_weights: Tensor | None = None
 
 
 class ResizeFront(nn.Module):
@@ -137,6 +140,15 @@ class DACFront(nn.Module):
         r_min_fraction, sharpness_factor, search: ``DACrop``'s (paper: 1/3.5, 2, "paper").
         edge_margin: the soft edge's band in output pixels (0: hard crops).
         edge_sharpness: (first, last) sharpness per output pixel of the soft edge.
+        candidates: K > 1 (``search="global"``): in training, crop every maximum the
+            global search polished (:meth:`~dac.layer.DACrop.candidates`), weighted by
+            ``f_k ** candidate_power`` normalised over the image's distinct candidates;
+            the pipeline's output is then the mixture ``log sum_k w_k p(y | crop_k)``.
+            The task loss then tells the saliency which maximum holds what decides the
+            label (through the weights, the costs f_k of the candidates' boxes) rather
+            than nudging one box. Evaluation crops the candidate of the highest f (the box
+            ``DACrop`` returns). 1: one box, as plain DAC.
+        candidate_power: beta of the weights ``f_k ** beta`` (> 0).
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
@@ -156,10 +168,17 @@ class DACFront(nn.Module):
         search: str = "paper",
         edge_margin: int = 0,
         edge_sharpness: Sequence[float] = (0.25, 8.0),
+        candidates: int = 1,
+        candidate_power: float = 1.0,
     ) -> None:
         super().__init__()
+        self.candidates = check_int(candidates, "candidates", 1)
+        self.candidate_power = check_positive(candidate_power, "candidate_power")
+        grid = {"grid_candidates": self.candidates} if self.candidates > 1 else {}
         self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
-                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search)
+                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search, **grid)
+        if self.candidates > 1 and search != "global":
+            raise DACInputError(f"candidates: {self.candidates} candidates come from the global search, not search={search!r}")
         self.roi_rotate_degrees = check_angle(roi_rotate_degrees, "roi_rotate_degrees")
         self.edge_margin = check_int(edge_margin, "edge_margin", 0)
         if len(edge_sharpness) != 2 or not all(float(g) > 0 for g in edge_sharpness):
@@ -167,6 +186,8 @@ class DACFront(nn.Module):
         self.edge_sharpness = (float(edge_sharpness[0]), float(edge_sharpness[1]))
         if self.edge_margin and self.roi_rotate_degrees:
             raise DACInputError("edge_margin: not with roi_rotate_degrees (a rotated crop has no soft edge)")
+        if self.candidates > 1 and (self.edge_margin or self.roi_rotate_degrees):
+            raise DACInputError("candidates: not with edge_margin or roi_rotate_degrees (candidates are cropped hard)")
         self.progress = 0.0
 
     @property
@@ -208,6 +229,8 @@ class DACFront(nn.Module):
         return boxes, ~(info.converged | info.frozen)
 
     def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
+        if self.training and self.candidates > 1:
+            return self._candidate_crops(images)
         boxes, unconverged = self._search(images)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
@@ -220,9 +243,23 @@ class DACFront(nn.Module):
             crops = crop_resize(images, boxes, self.output_size, antialias=True)
         return FrontOutput(crops.float(), boxes, unconverged)
 
+    def _candidate_crops(self, images: Tensor) -> FrontOutput:
+        """Training with ``candidates``: every distinct candidate cropped, Tensor[B K, ...]
+        image-major, and their log-weights ``log(f_k ** beta / sum_j f_j ** beta)``."""
+        boxes, cost, distinct = self.crop.candidates(images)
+        batch, count = cost.shape
+        tiny = torch.finfo(cost.dtype).tiny
+        score = self.candidate_power * cost.clamp_min(tiny).log()
+        log_weights = torch.log_softmax(score.masked_fill(~distinct, -math.inf), dim=1)
+        crops = crop_resize(images.repeat_interleave(count, dim=0), boxes.reshape(-1, 4).to(cost.dtype), self.output_size,
+                            antialias=True)
+        best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
+        return FrontOutput(crops.float(), best, torch.zeros(batch, dtype=torch.bool, device=boxes.device), log_weights.float())
+
     def extra_repr(self) -> str:
         edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
-        return f"roi_rotate_degrees={self.roi_rotate_degrees}{edge}"
+        pick = f", candidates={self.candidates}, candidate_power={self.candidate_power}" if self.candidates > 1 else ""
+        return f"roi_rotate_degrees={self.roi_rotate_degrees}{edge}{pick}"
 
 
 class OracleFront(nn.Module):
@@ -470,6 +507,12 @@ class Pipeline(nn.Module):
         if crops is None:
             front = self.front(images, None if noise is None or not k else noise[:, :k])
             crops = front.crops
+        if front is not None and front.log_weights is not None:  # K candidate crops per image: their mixture
+            copies = front.log_weights.shape[1]
+            logits = self.classify(crops, None if noise is None else noise[:, k:].repeat_interleave(copies, dim=0))
+            log_p = torch.log_softmax(logits, dim=-1).reshape(count, copies, -1)
+            logits = torch.logsumexp(front.log_weights[:, :, None] + log_p, dim=1)  # log sum_k w_k p(y | crop_k)
+            return (logits, front) if return_front else logits
         logits = self.classify(crops, None if noise is None else noise[:, k:])
         return (logits, front) if return_front else logits
 
@@ -512,7 +555,8 @@ def build_pipeline(
         saliency = SaliencyNet(config.pool_size, width=config.saliency_width) if kind == "dac_e2e" else None
         front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees,
                          r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
-                         search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness)
+                         search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness,
+                         candidates=config.candidates, candidate_power=config.candidate_power)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     elif kind == "oracle":
