@@ -40,7 +40,8 @@ cuts its fit short, which depends on the machine's speed and load). Rows:
 * with ``--cv DIR ...`` (folders of ``dac cv`` on phantoms, one per seed), the rows
   trained from the task loss alone, with no box labels: ``dac`` (the paper's map, for
   reference), ``dac_e2e`` (DAC + a ``SaliencyNet`` trained through the box by the
-  classifier's loss) and ``stn`` (a spatial transformer), every fold's model scored on
+  classifier's loss), ``dac_global`` and ``dac_e2e_candidates`` (the global search; the
+  saliency trained to pick among its maxima) and ``stn`` (a spatial transformer), every fold's model scored on
   held-out phantoms at the size that CV trained on (``configs/quick.yaml``: 192 x 354),
   mean and standard deviation over all folds of all seeds (on the split's phantoms).
 
@@ -205,7 +206,7 @@ def task_loss_rows(cv_dirs: list[str], count: int, split: str) -> list[dict]:
         images = torch.stack([p.image for p in test])
         truth = torch.stack([p.roi for p in test])
         summary = json.loads((Path(folder) / "summary.json").read_text())
-        for name in ("dac", "dac_e2e", "stn"):
+        for name in ("dac", "dac_global", "dac_e2e", "dac_e2e_candidates", "stn"):
             if name not in summary:
                 continue
             seconds = {f["fold"]: f["train_seconds"] for f in summary[name]["folds"]}
@@ -223,6 +224,8 @@ def task_loss_rows(cv_dirs: list[str], count: int, split: str) -> list[dict]:
                     "train_s": seconds.get(fold, float("nan")), "size": [height, width],
                 })
     titles = {"dac": "DAC, paper map (trained classifier only)", "dac_e2e": "DAC end to end: SaliencyNet from the task loss",
+              "dac_global": "DAC, paper map, global search (trained classifier only)",
+              "dac_e2e_candidates": "DAC end to end, candidates: SaliencyNet from the task loss, global search",
               "stn": "STN from the task loss"}
     rows = []
     for name, runs in per.items():

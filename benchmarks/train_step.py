@@ -21,11 +21,14 @@ random labels (5 classes) go through three pipelines, each a full training step
 * ``dac_e2e_soft``: the same through the soft-edged crop of training
   (:class:`dac.train.DACFront` with ``edge_margin=--edge-margin``: the classifier sees
   (200 + 2m) x (370 + 2m)), the cost of the gradient that sees past the box's edges.
+* ``dac_e2e_candidates``: the ``dac_e2e`` front with ``candidates=--candidates`` (the
+  global search's maxima, each cropped; the output is their mixture weighted by
+  ``f ** 8``, :class:`dac.train.Pipeline`): the classifier sees K crops per image.
 
 Reported per pipeline: median and min seconds per step over ``--repeats`` (after one
 warm-up), and ``dac_over_resize`` / ``dac_e2e_over_resize`` = step time ratios
 (goal: the layer adds under 30%, i.e. ratio < 1.3), and ``dac_e2e_over_dac`` and
-``dac_e2e_soft_over_dac`` (goal: training through the box costs at most 1.5x plain DAC). Clocks are read after
+``dac_e2e_soft_over_dac``, ``dac_e2e_candidates_over_dac`` (goal: training through the box costs at most 1.5x plain DAC). Clocks are read after
 ``torch.cuda.synchronize()`` on CUDA.
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch import nn
 from _common import machine, time_it
 from dac import DACrop
 from dac.saliency import SaliencyNet
-from dac.train import DACFront
+from dac.train import DACFront, Pipeline
 
 OUTPUT_SIZE = (200, 370)
 
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edge-margin", type=int, default=8, help="dac_e2e_soft's band, output pixels (default %(default)s)")
+    parser.add_argument("--candidates", type=int, default=4, help="dac_e2e_candidates' K (default %(default)s)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     soft = Crops(DACFront(OUTPUT_SIZE, 10, saliency=SaliencyNet(10), edge_margin=args.edge_margin))
     pipelines = {"resize": Resize(), "dac": DACrop(output_size=OUTPUT_SIZE), "dac_e2e": DACrop(output_size=OUTPUT_SIZE, saliency=SaliencyNet(10)),
-                 "dac_e2e_soft": soft}
+                 "dac_e2e_soft": soft, "dac_e2e_candidates": None}
     record: dict = {
         "machine": machine(device),
         "arch": args.arch,
@@ -115,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, front in pipelines.items():
         torch.manual_seed(args.seed)
-        model = nn.Sequential(front, resnet(args.arch)).to(device)
+        if name == "dac_e2e_candidates":  # the mixture over K candidate crops: the Pipeline's own output
+            front = DACFront(OUTPUT_SIZE, 10, saliency=SaliencyNet(10), search="global", candidates=args.candidates,
+                             candidate_power=8.0)
+            model = Pipeline(front, resnet(args.arch), augment=None).to(device)
+            front = Crops(front)  # alone: its crops
+        else:
+            model = nn.Sequential(front, resnet(args.arch)).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step() -> None:
@@ -126,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def front_only() -> None:  # the layer alone: forward, and backward where it has parameters
             out = front(images)
+            if name == "dac_e2e_candidates":  # its parameters reach the loss through the weights, not the crops
+                out = front.front(images).log_weights
             if any(p.requires_grad for p in front.parameters()):
                 out.square().mean().backward()
 
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     record["dac_e2e_over_resize"] = record["pipelines"]["dac_e2e"]["median_s"] / base
     record["dac_e2e_over_dac"] = record["pipelines"]["dac_e2e"]["median_s"] / record["pipelines"]["dac"]["median_s"]
     record["dac_e2e_soft_over_dac"] = record["pipelines"]["dac_e2e_soft"]["median_s"] / record["pipelines"]["dac"]["median_s"]
+    record["dac_e2e_candidates_over_dac"] = record["pipelines"]["dac_e2e_candidates"]["median_s"] / record["pipelines"]["dac"]["median_s"]
     record["dac_e2e_front_over_dac_front"] = (
         record["pipelines"]["dac_e2e"]["front_median_s"] / record["pipelines"]["dac"]["front_median_s"]
     )
@@ -154,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dac_e2e / dac: step {record['dac_e2e_over_dac']:.2f}, front alone (forward + backward / forward) "
           f"{record['dac_e2e_front_over_dac_front']:.2f}")
     print(f"dac_e2e_soft / dac (edge margin {args.edge_margin}): step {record['dac_e2e_soft_over_dac']:.2f}")
+    print(f"dac_e2e_candidates / dac ({args.candidates} candidates): step {record['dac_e2e_candidates_over_dac']:.2f}")
     verdict = "reached" if record["dac_over_resize"] < 1.3 else "not reached"
     print(f"\ngoal: DACrop adds < 30% to the step: {verdict} (dac / resize = {record['dac_over_resize']:.2f})")
     if args.json:

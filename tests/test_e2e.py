@@ -352,12 +352,12 @@ class TestCandidates:
         pipeline = Pipeline(front, classifier, augment=None).train()
         images = torch.stack([scenes[i]["image"] for i in range(2)])
         logits, out = pipeline(images, noise=torch.zeros(2, 0), return_front=True)
-        assert out.crops.shape == (6, 1, 20, 37) and out.log_weights.shape == (2, 3)
+        assert out.crops.shape == (2, 3, 1, 20, 37) and out.log_weights.shape == (2, 3)
         torch.testing.assert_close(out.log_weights.logsumexp(1), torch.zeros(2))
         boxes, cost, distinct = front.crop.candidates(images)
         weights = torch.where(distinct, cost.detach() ** 2, torch.zeros_like(cost))
         weights = weights / weights.sum(1, keepdim=True)
-        p = torch.softmax(pipeline.classify(out.crops.detach()), -1).reshape(2, 3, 5)
+        p = torch.softmax(pipeline.classify(out.crops.detach().flatten(0, 1)), -1).reshape(2, 3, 5)
         torch.testing.assert_close(logits.exp(), (weights[:, :, None] * p).sum(1), rtol=1e-5, atol=1e-6)  # a mixture
         torch.nn.functional.cross_entropy(logits, torch.tensor([1, 3])).backward()
         assert float(net.gate.weight.grad.abs().sum()) > 0  # the task loss reaches the map through the weights
@@ -367,6 +367,21 @@ class TestCandidates:
             located = front.crop.locate(images)
         assert out.log_weights is None and out.crops.shape == (2, 1, 20, 37)
         torch.testing.assert_close(out.boxes, located)
+
+    def test_images_of_several_sizes_keep_their_own_candidates(self, scenes):
+        from dac.saliency import SaliencyNet
+        from dac.train.pipelines import Pipeline
+
+        front = DACFront((20, 37), 3, saliency=SaliencyNet(3, width=4, generator=torch.Generator().manual_seed(0)),
+                         search="global", r_min_fraction=0.1, candidates=3)
+        classifier = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 4)), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+        pipeline = Pipeline(front, classifier, augment=None).train()
+        small = DistractorDataset(2, seed=2, sizes=((64, 118),))
+        images = [scenes[0]["image"], small[0]["image"], scenes[1]["image"]]  # 96 x 177, 64 x 118, 96 x 177
+        with torch.no_grad():
+            mixed = pipeline(images, noise=torch.zeros(3, 0))
+            alone = [pipeline(image[None], noise=torch.zeros(1, 0))[0] for image in images]
+        torch.testing.assert_close(mixed, torch.stack(alone))
 
     def test_config_checks(self):
         assert config_from_dict({"pipelines": {"dac_e2e": {"search": "global", "candidates": 4}}}).pipelines["dac_e2e"].candidates == 4

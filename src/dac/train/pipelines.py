@@ -74,8 +74,9 @@ class FrontOutput(NamedTuple):
     crops: Tensor  #: Tensor[B, C, h, w] floating, in [0, 1]: what the classifier sees
     boxes: Tensor  #: Tensor[B, 4]: each crop's box (the whole image for a resize)
     unconverged: Tensor | None = None  #: Tensor[B] bool: DAC boxes short of a stationary point; None for other fronts
-    #: Tensor[B, K] log-weights of K candidate crops per image (crops are then Tensor[B K, ...],
-    #: image-major); None: one crop per image. See :class:`DACFront` ``candidates``.
+    #: Tensor[B, K] log-weights of K candidate crops per image (crops are then Tensor[B, K, C, h, w]:
+    #: a row per image, so batches of several sizes merge in order); None: one crop per image.
+    #: See :class:`DACFront` ``candidates``.
     log_weights: Tensor | None = None
 
 
@@ -210,7 +211,8 @@ class DACFront(nn.Module):
 
     def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
         """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> :class:`FrontOutput` (crops
-        Tensor[B, C, H_out, W_out] float, the boxes, the unconverged searches).
+        Tensor[B, C, H_out, W_out] float, the boxes, the unconverged searches; training
+        with ``candidates``: crops Tensor[B, K, C, H_out, W_out] and their log-weights).
 
         ``noise``: Tensor[B, 1] uniform numbers in [0, 1) that set each training crop's
         RoI rotation (drawn from torch's global RNG when None).
@@ -244,8 +246,8 @@ class DACFront(nn.Module):
         return FrontOutput(crops.float(), boxes, unconverged)
 
     def _candidate_crops(self, images: Tensor) -> FrontOutput:
-        """Training with ``candidates``: every distinct candidate cropped, Tensor[B K, ...]
-        image-major, and their log-weights ``log(f_k ** beta / sum_j f_j ** beta)``."""
+        """Training with ``candidates``: every candidate cropped, Tensor[B, K, C, h, w], and
+        their log-weights ``log(f_k ** beta / sum_j f_j ** beta)`` over the distinct ones."""
         boxes, cost, distinct = self.crop.candidates(images)
         batch, count = cost.shape
         tiny = torch.finfo(cost.dtype).tiny
@@ -254,7 +256,8 @@ class DACFront(nn.Module):
         crops = crop_resize(images.repeat_interleave(count, dim=0), boxes.reshape(-1, 4).to(cost.dtype), self.output_size,
                             antialias=True)
         best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
-        return FrontOutput(crops.float(), best, torch.zeros(batch, dtype=torch.bool, device=boxes.device), log_weights.float())
+        crops = crops.reshape(batch, count, *crops.shape[1:]).float()
+        return FrontOutput(crops, best, torch.zeros(batch, dtype=torch.bool, device=boxes.device), log_weights.float())
 
     def extra_repr(self) -> str:
         edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
@@ -509,6 +512,7 @@ class Pipeline(nn.Module):
             crops = front.crops
         if front is not None and front.log_weights is not None:  # K candidate crops per image: their mixture
             copies = front.log_weights.shape[1]
+            crops = crops.flatten(0, 1)  # [B, K, C, h, w] -> [B K, C, h, w], image-major
             logits = self.classify(crops, None if noise is None else noise[:, k:].repeat_interleave(copies, dim=0))
             log_p = torch.log_softmax(logits, dim=-1).reshape(count, copies, -1)
             logits = torch.logsumexp(front.log_weights[:, :, None] + log_p, dim=1)  # log sum_k w_k p(y | crop_k)
