@@ -16,7 +16,8 @@ The ``dac fit-saliency`` command is :func:`dac.tasks.fit_saliency.train_saliency
 Examples:
     >>> import torch
     >>> from dac import DACrop
-    >>> DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4)).locate(torch.rand(1, 1, 96, 177)).shape
+    >>> image = torch.rand(1, 1, 96, 177, generator=torch.Generator().manual_seed(0))
+    >>> DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4)).locate(image).shape
     torch.Size([1, 4])
 """
 from .augment import flip_left_right, stretch_and_shift
