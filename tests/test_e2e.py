@@ -383,6 +383,28 @@ class TestCandidates:
             alone = [pipeline(image[None], noise=torch.zeros(1, 0))[0] for image in images]
         torch.testing.assert_close(mixed, torch.stack(alone))
 
+    def test_front_clip_norm_holds_the_front_s_steps(self, scenes):
+        """A clip far below the gradient's norm: Adam's steps on the front shrink to ~lr g / eps."""
+        from dac.train.engine import Engine
+        from dac.train import init_runtime
+
+        config = PipelineConfig(kind="dac_e2e", input_size=(20, 37), pool_size=3, search="global", r_min_fraction=0.1,
+                                candidates=3, candidate_power=8.0)
+        moved = {}
+        for clip in (None, 1e-12):
+            torch.manual_seed(0)
+            net = build_pipeline(config, width=4)
+            with torch.no_grad():
+                net.front.saliency.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            before = [p.detach().clone() for p in net.front.parameters()]
+            history = Engine(init_runtime("cpu"), batch_size=5, eval_batch_size=10).fit(
+                net, scenes, np.arange(10), epochs=1, lr=1e-3, front_clip_norm=clip, recalibrate_bn=False)
+            moved[clip] = max(float((p.detach() - b).abs().max()) for p, b in zip(net.front.parameters(), before))
+            assert history[0]["front_grad_norm"] > 1e-6  # recorded before the clip
+        assert moved[None] > 1e-4 and moved[1e-12] < 1e-6, moved
+        with pytest.raises(DACInputError, match="front_clip_norm"):
+            config_from_dict({"pipelines": {"dac": {"front_clip_norm": 1.0}}})
+
     def test_config_checks(self):
         assert config_from_dict({"pipelines": {"dac_e2e": {"search": "global", "candidates": 4}}}).pipelines["dac_e2e"].candidates == 4
         for raw in ({"dac": {"search": "global", "candidates": 4}}, {"dac_e2e": {"candidates": 4}},

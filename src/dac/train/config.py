@@ -147,6 +147,9 @@ class PipelineConfig:
             box by up to this angle, sampled from the whole image (no black corners);
             0 disables. Replaces the preset's rotation.
         front_lr: learning rate of the front's own parameters (None: ``train.lr``).
+        front_clip_norm: the front's gradient norm per step is scaled down to this where
+            it is larger (None: no clip; a guard for ``candidates``' training, whose
+            collapses start with the front's gradient norm jumping 30-100 fold).
         r_min_fraction: DAC pipelines: ``DACrop``'s minimum half-width as a fraction of
             the image width (paper: 1/3.5, boxes at least 0.57 of the width wide).
         sharpness_factor: DAC pipelines: the search's gamma multiplier per stage (paper's
@@ -180,6 +183,7 @@ class PipelineConfig:
     localization_size: tuple[int, int] = field(default=(64, 118), metadata={"check": lambda v, n: _pair(v, n, 16)})
     roi_rotate_degrees: float = field(default=0.0, metadata={"check": lambda v, n: check_angle(v, n)})
     front_lr: float | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _positive(v, n)})
+    front_clip_norm: float | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _positive(v, n)})
     r_min_fraction: float = field(default=1 / 3.5, metadata={"check": lambda v, n: check_real(v, n, 0.0, 0.5, low_open=True)})
     sharpness_factor: float = field(default=2.0, metadata={"check": lambda v, n: check_real(v, n, 1.0, 16.0)})
     search: str = field(default="paper", metadata={"check": lambda v, n: check_choice(v, SEARCHES, n)})
@@ -201,7 +205,7 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
 _LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
-                   "search": "paper", "candidates": 1, "candidate_power": 1.0}
+                   "search": "paper", "candidates": 1, "candidate_power": 1.0, "front_clip_norm": None}
 
 
 @dataclass
@@ -341,6 +345,8 @@ def _check(cfg: ExperimentConfig) -> None:
             raise DACInputError(f"pipelines.{name}.front_warmup: {p.front_warmup} must be below epochs ({p.epochs})")
         if p.roi_rotate_degrees and p.kind not in ("dac", "dac_e2e"):
             raise DACInputError(f"pipelines.{name}.roi_rotate_degrees: only DAC pipelines have a box to rotate about (kind {p.kind!r})")
+        if p.front_clip_norm is not None and p.kind not in ("dac_e2e", "stn"):
+            raise DACInputError(f"pipelines.{name}.front_clip_norm: only dac_e2e and stn have a front to train (kind {p.kind!r})")
         if p.candidates > 1 and (p.kind != "dac_e2e" or p.search != "global"):
             raise DACInputError(f"pipelines.{name}.candidates: only dac_e2e with search: global learns which maximum to pick "
                                 f"(kind {p.kind!r}, search {p.search!r})")

@@ -309,6 +309,7 @@ class _Experiment:
             warmup = self._warmup(name, model, folder, source, train, seed, tag, progress) if pcfg.front_warmup else []
             history = warmup + engine.fit(
                 model, source, train, epochs=pcfg.epochs - pcfg.front_warmup, lr=self.config.train.lr, front_lr=pcfg.front_lr,
+                front_clip_norm=pcfg.front_clip_norm,
                 seed=seed, checkpoint=folder / "checkpoint.pt", callback=progress, recalibrate_bn=self.config.train.recalibrate_bn,
             )
         last = history[-1]

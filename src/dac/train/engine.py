@@ -165,6 +165,7 @@ class Engine:
         epochs: int,
         lr: float = 1e-3,
         front_lr: float | None = None,
+        front_clip_norm: float | None = None,
         seed: int = 0,
         checkpoint: str | Path | None = None,
         callback: Callback | None = None,
@@ -182,6 +183,9 @@ class Engine:
             train_indices: the items to train on.
             epochs: total epochs (a resumed run trains only the missing ones).
             lr: Adam learning rate (paper: 1e-3); ``front_lr`` for the front's parameters.
+            front_clip_norm: each step, the front's gradient is scaled down to this norm
+                where it is larger (None: not clipped); ``front_grad_norm`` records it
+                before the clip.
             seed: seeds the sample order and each image's random transform of every epoch.
             checkpoint: a file written after every epoch (by rank 0) and, if present,
                 resumed from: the model, the optimizer, the epoch, the history and the
@@ -247,7 +251,7 @@ class Engine:
         for epoch in range(start, epochs):
             if hasattr(model.front, "progress"):  # a schedule over training (the soft edge's sharpness)
                 model.front.progress = epoch / max(epochs - 1, 1)
-            record = self._epoch(net, model, optimizer, dataset, train_indices, seed, epoch, dims)
+            record = self._epoch(net, model, optimizer, dataset, train_indices, seed, epoch, dims, front_clip_norm)
             history.append(record)
             save(False)
             if callback:
@@ -274,7 +278,8 @@ class Engine:
         return history
 
     def _epoch(self, net: nn.Module, model: Pipeline, optimizer: torch.optim.Optimizer, dataset: Dataset,
-               train_indices: np.ndarray, seed: int, epoch: int, dims: int) -> dict[str, float]:
+               train_indices: np.ndarray, seed: int, epoch: int, dims: int,
+               front_clip_norm: float | None = None) -> dict[str, float]:
         """One epoch of Adam steps; its record (loss, accuracy, seconds, unconverged boxes)."""
         rt = self.rt
         began = time.perf_counter()
@@ -298,6 +303,8 @@ class Engine:
             if front_params:
                 front_norm += float(torch.linalg.vector_norm(torch.stack([
                     torch.linalg.vector_norm(p.grad) for p in front_params if p.grad is not None] or [torch.zeros(())])))
+                if front_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for p in front_params if p.grad is not None], front_clip_norm)
             optimizer.step()
             loss_sum += float(loss_total.detach())
             correct += float((logits.detach().argmax(1) == labels).sum())
