@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 
-def fold_boxes(folder: Path, name: str, threads: int) -> list[dict]:
+def fold_boxes(folder: Path, name: str) -> list[dict]:
     from dac.train import build_pipeline, load_config, load_pipeline
     from dac.train.folds import build_dataset
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|")
     for name in args.pipelines.split(","):
         for folder in args.folders:
-            rows = fold_boxes(Path(folder), name, args.threads)
+            rows = fold_boxes(Path(folder), name)
             record["results"].setdefault(name, {})[folder] = rows
             mean = {k: statistics.mean(r[k] for r in rows) for k in ("iou_untrained", "iou_trained", "iou_over_half", "moved_px")}
             print(f"| {name} | {folder} | {mean['iou_untrained']:.3f} -> {mean['iou_trained']:.3f} | "

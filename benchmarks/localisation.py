@@ -196,6 +196,11 @@ def task_loss_rows(cv_dirs: list[str], count: int, split: str) -> list[dict]:
     from dac.saliency import localisation_scores
     from dac.train import load_config, load_pipeline
 
+    titles = {"dac": "DAC, paper map (trained classifier only)",
+              "dac_global": "DAC, paper map, global search (trained classifier only)",
+              "dac_e2e": "DAC end to end: SaliencyNet from the task loss",
+              "dac_e2e_candidates": "DAC end to end, candidates: SaliencyNet from the task loss, global search",
+              "stn": "STN from the task loss"}
     per: dict[str, list[dict]] = {}
     for folder in cv_dirs:
         config = load_config(Path(folder) / "config.yaml")
@@ -206,7 +211,7 @@ def task_loss_rows(cv_dirs: list[str], count: int, split: str) -> list[dict]:
         images = torch.stack([p.image for p in test])
         truth = torch.stack([p.roi for p in test])
         summary = json.loads((Path(folder) / "summary.json").read_text())
-        for name in ("dac", "dac_global", "dac_e2e", "dac_e2e_candidates", "stn"):
+        for name in titles:  # the pipelines with a front to score, in the table's order
             if name not in summary:
                 continue
             seconds = {f["fold"]: f["train_seconds"] for f in summary[name]["folds"]}
@@ -223,10 +228,6 @@ def task_loss_rows(cv_dirs: list[str], count: int, split: str) -> list[dict]:
                     "accuracy": next(f["accuracy"] for f in summary[name]["folds"] if f["fold"] == fold),
                     "train_s": seconds.get(fold, float("nan")), "size": [height, width],
                 })
-    titles = {"dac": "DAC, paper map (trained classifier only)", "dac_e2e": "DAC end to end: SaliencyNet from the task loss",
-              "dac_global": "DAC, paper map, global search (trained classifier only)",
-              "dac_e2e_candidates": "DAC end to end, candidates: SaliencyNet from the task loss, global search",
-              "stn": "STN from the task loss"}
     rows = []
     for name, runs in per.items():
         row = {"row": titles[name], "kind": "task_loss", "pipeline": name, "models": len(runs), "runs": runs}

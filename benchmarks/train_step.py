@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             front = DACFront(OUTPUT_SIZE, 10, saliency=SaliencyNet(10), search="global", candidates=args.candidates,
                              candidate_power=8.0)
             model = Pipeline(front, resnet(args.arch), augment=None).to(device)
-            front = Crops(front)  # alone: its crops
         else:
             model = nn.Sequential(front, resnet(args.arch)).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -136,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def front_only() -> None:  # the layer alone: forward, and backward where it has parameters
             out = front(images)
-            if name == "dac_e2e_candidates":  # its parameters reach the loss through the weights, not the crops
-                out = front.front(images).log_weights
+            if name == "dac_e2e_candidates":  # a FrontOutput: its parameters reach the loss through the weights, not the crops
+                out = out.log_weights
             if any(p.requires_grad for p in front.parameters()):
                 out.square().mean().backward()
 

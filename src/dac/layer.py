@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from ._batching import Images, by_size
 from ._checks import DACInputError, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
 from .functional.boxes import fit_r_min, initial_theta, theta_to_boxes
+from .functional.cost import _cost_derivatives
 from .functional.crop import crop_resize
 from .functional.pooling import MaxMinPool
-from .optim.global_search import GlobalSearch, GridSchedule
+from .optim.global_search import GlobalSearch, GridSchedule, _iou
 from .optim.solver import AscentSchedule, DACSolverInfo, StagedAscent, build_objective
 
 __all__ = ["DACrop", "BACKWARD_MODES", "SEARCHES"]
@@ -314,15 +315,11 @@ class DACrop(nn.Module):
         """
         if self.search_method != "global":
             raise DACInputError(f"search: candidates come from the global search; this DACrop has search={self.search_method!r}")
-        from .functional.cost import _cost_derivatives
-        from torchvision.ops import box_iou
-
         saliency = self._saliency(images)
         with _autocast_off(saliency.device):
-            dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
-            scaled = _lift_faint(saliency.to(dtype) * self.saliency_scale)
             with torch.no_grad():
                 _, info = self._search(saliency.detach())  # as locate: the same maxima
+            scaled = self._searched_map(saliency)
             batch, _, h, w = scaled.shape
             count = info.candidates.shape[1]
             thetas = info.candidates.reshape(-1, 3)
@@ -330,17 +327,23 @@ class DACrop(nn.Module):
             gamma = thetas.new_full((len(thetas),), self.final_sharpness)
             cost, _, _ = _cost_derivatives(thetas, scaled[:, 0], r_min, self.aspect, gamma, 0)
             boxes = theta_to_boxes(thetas, r_min, self.aspect, self.pool_size).reshape(batch, count, 4)
-            overlap = torch.stack([box_iou(b, b) for b in boxes.float()]).tril(-1)  # [B, K, K]: with earlier ones
+            edges = boxes.float()[..., [0, 2, 1, 3]]  # (x1, x2, y1, y2), as _iou takes them
+            overlap = _iou(edges[:, :, None], edges[:, None, :]).tril(-1)  # [B, K, K]: with earlier ones
             distinct = ~(overlap > 0.9).any(dim=2)
         return boxes, cost.reshape(batch, count), distinct
 
     def _locate_batch(self, images: Tensor) -> tuple[Tensor, DACSolverInfo]:
         return self._search(self._saliency(images))
 
+    def _searched_map(self, saliency: Tensor) -> Tensor:
+        """The map as the search sees it: float32 (float64 kept), times ``saliency_scale``,
+        a faint map lifted (:func:`_lift_faint`)."""
+        dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
+        return _lift_faint(saliency.to(dtype) * self.saliency_scale)
+
     def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
         with _autocast_off(saliency.device):
-            dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
-            saliency = _lift_faint(saliency.to(dtype) * self.saliency_scale)
+            saliency = self._searched_map(saliency)
             batch, _, h, w = saliency.shape
             r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, saliency)
             theta0 = initial_theta(h, w, r_min, self.aspect, self.r_init_fraction)

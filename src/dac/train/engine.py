@@ -301,10 +301,11 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if front_params:
-                front_norm += float(torch.linalg.vector_norm(torch.stack([
-                    torch.linalg.vector_norm(p.grad) for p in front_params if p.grad is not None] or [torch.zeros(())])))
+                graded = [p for p in front_params if p.grad is not None]
+                front_norm += float(torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(p.grad) for p in graded] or [torch.zeros(())])))
                 if front_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_([p for p in front_params if p.grad is not None], front_clip_norm)
+                    torch.nn.utils.clip_grad_norm_(graded, front_clip_norm)
             optimizer.step()
             loss_sum += float(loss_total.detach())
             correct += float((logits.detach().argmax(1) == labels).sum())

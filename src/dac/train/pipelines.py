@@ -510,14 +510,14 @@ class Pipeline(nn.Module):
         if crops is None:
             front = self.front(images, None if noise is None or not k else noise[:, :k])
             crops = front.crops
+        noise = None if noise is None else noise[:, k:]
         if front is not None and front.log_weights is not None:  # K candidate crops per image: their mixture
             copies = front.log_weights.shape[1]
             crops = crops.flatten(0, 1)  # [B, K, C, h, w] -> [B K, C, h, w], image-major
-            logits = self.classify(crops, None if noise is None else noise[:, k:].repeat_interleave(copies, dim=0))
-            log_p = torch.log_softmax(logits, dim=-1).reshape(count, copies, -1)
-            logits = torch.logsumexp(front.log_weights[:, :, None] + log_p, dim=1)  # log sum_k w_k p(y | crop_k)
-            return (logits, front) if return_front else logits
-        logits = self.classify(crops, None if noise is None else noise[:, k:])
+            log_p = torch.log_softmax(self.classify(crops, None if noise is None else noise.repeat_interleave(copies, dim=0)), dim=-1)
+            logits = torch.logsumexp(front.log_weights[:, :, None] + log_p.reshape(count, copies, -1), dim=1)  # log sum_k w_k p(y | crop_k)
+        else:
+            logits = self.classify(crops, noise)
         return (logits, front) if return_front else logits
 
     def classify(self, crops: Tensor, noise: Tensor | None = None) -> Tensor:
