@@ -24,11 +24,14 @@ random labels (5 classes) go through three pipelines, each a full training step
 * ``dac_e2e_candidates``: the ``dac_e2e`` front with ``candidates=--candidates`` (the
   global search's maxima, each cropped; the output is their mixture weighted by
   ``f ** 8``, :class:`dac.train.Pipeline`): the classifier sees K crops per image.
+* ``dac_e2e_sampled``: the same candidates, one drawn per image by its weight
+  (``candidate_sampling``; the loss is :meth:`dac.train.Pipeline.training_loss`, the
+  weights' gradient a score-function term): the classifier sees one crop per image.
 
-Reported per pipeline: median and min seconds per step over ``--repeats`` (after one
+``--pipelines`` picks rows (resize and dac always run). Reported per pipeline: median and min seconds per step over ``--repeats`` (after one
 warm-up), and ``dac_over_resize`` / ``dac_e2e_over_resize`` = step time ratios
 (goal: the layer adds under 30%, i.e. ratio < 1.3), and ``dac_e2e_over_dac`` and
-``dac_e2e_soft_over_dac``, ``dac_e2e_candidates_over_dac`` (goal: training through the box costs at most 1.5x plain DAC). Clocks are read after
+``dac_e2e_soft_over_dac``, ``dac_e2e_candidates_over_dac``, ``dac_e2e_sampled_over_dac`` (goal: training through the box costs at most 1.5x plain DAC). Clocks are read after
 ``torch.cuda.synchronize()`` on CUDA.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ from dac.saliency import SaliencyNet
 from dac.train import DACFront, Pipeline
 
 OUTPUT_SIZE = (200, 370)
+PIPELINES = ("resize", "dac", "dac_e2e", "dac_e2e_soft", "dac_e2e_candidates", "dac_e2e_sampled")
 
 
 def make_batch(batch: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--edge-margin", type=int, default=8, help="dac_e2e_soft's band, output pixels (default %(default)s)")
     parser.add_argument("--candidates", type=int, default=4, help="dac_e2e_candidates' K (default %(default)s)")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES),
+                        help="comma-separated rows to run; resize and dac always run (the ratios' references)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    chosen = {"resize", "dac", *(n.strip() for n in args.pipelines.split(",") if n.strip())}
+    unknown = chosen - set(PIPELINES)
+    if unknown:
+        parser.error(f"--pipelines: unknown {sorted(unknown)}; choose from {', '.join(PIPELINES)}")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     images, labels = make_batch(args.batch, args.height, args.width, args.seed)
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     soft = Crops(DACFront(OUTPUT_SIZE, 10, saliency=SaliencyNet(10), edge_margin=args.edge_margin))
     pipelines = {"resize": Resize(), "dac": DACrop(output_size=OUTPUT_SIZE), "dac_e2e": DACrop(output_size=OUTPUT_SIZE, saliency=SaliencyNet(10)),
-                 "dac_e2e_soft": soft, "dac_e2e_candidates": None}
+                 "dac_e2e_soft": soft, "dac_e2e_candidates": None, "dac_e2e_sampled": None}
     record: dict = {
         "machine": machine(device),
         "arch": args.arch,
@@ -118,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         "pipelines": {},
     }
     for name, front in pipelines.items():
+        if name not in chosen:
+            continue
         torch.manual_seed(args.seed)
-        if name == "dac_e2e_candidates":  # the mixture over K candidate crops: the Pipeline's own output
+        candidates = name in ("dac_e2e_candidates", "dac_e2e_sampled")
+        if candidates:  # K candidate crops, their mixture (or one drawn per image): the Pipeline's own loss
             front = DACFront(OUTPUT_SIZE, 10, saliency=SaliencyNet(10), search="global", candidates=args.candidates,
-                             candidate_power=8.0)
+                             candidate_power=8.0, candidate_sampling=name == "dac_e2e_sampled")
             model = Pipeline(front, resnet(args.arch), augment=None).to(device)
         else:
             model = nn.Sequential(front, resnet(args.arch)).to(device)
@@ -129,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images), labels)
+            if candidates:
+                logits, out = model(images, return_front=True)
+                loss = model.training_loss(logits, labels, out) / len(labels)
+            else:
+                loss = F.cross_entropy(model(images), labels)
             loss.backward()
             optimizer.step()
 
         def front_only() -> None:  # the layer alone: forward, and backward where it has parameters
             out = front(images)
-            if name == "dac_e2e_candidates":  # a FrontOutput: its parameters reach the loss through the weights, not the crops
-                out = out.log_weights
+            if candidates:  # a FrontOutput: its parameters reach the loss through the weights, not the crops
+                out = out.log_weights if out.log_weights is not None else out.sample_log_weight
             if any(p.requires_grad for p in front.parameters()):
                 out.square().mean().backward()
 
@@ -149,24 +166,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8s} median {statistics.median(times):7.3f} s/step  min {min(times):7.3f}  "
               f"front alone {statistics.median(front_times):7.3f} s", flush=True)
 
-    base = record["pipelines"]["resize"]["median_s"]
-    record["dac_over_resize"] = record["pipelines"]["dac"]["median_s"] / base
-    record["dac_e2e_over_resize"] = record["pipelines"]["dac_e2e"]["median_s"] / base
-    record["dac_e2e_over_dac"] = record["pipelines"]["dac_e2e"]["median_s"] / record["pipelines"]["dac"]["median_s"]
-    record["dac_e2e_soft_over_dac"] = record["pipelines"]["dac_e2e_soft"]["median_s"] / record["pipelines"]["dac"]["median_s"]
-    record["dac_e2e_candidates_over_dac"] = record["pipelines"]["dac_e2e_candidates"]["median_s"] / record["pipelines"]["dac"]["median_s"]
-    record["dac_e2e_front_over_dac_front"] = (
-        record["pipelines"]["dac_e2e"]["front_median_s"] / record["pipelines"]["dac"]["front_median_s"]
-    )
+    runs = record["pipelines"]
+    base, dac = runs["resize"]["median_s"], runs["dac"]["median_s"]
+    record["dac_over_resize"] = dac / base
+    for name in chosen - {"resize", "dac"}:
+        record[f"{name}_over_dac"] = runs[name]["median_s"] / dac
+    if "dac_e2e" in runs:
+        record["dac_e2e_over_resize"] = runs["dac_e2e"]["median_s"] / base
+        record["dac_e2e_front_over_dac_front"] = runs["dac_e2e"]["front_median_s"] / runs["dac"]["front_median_s"]
     print()
     print(f"| pipeline ({args.arch}, batch {args.batch}, {args.height}x{args.width} uint8) | s/step (median) | s/step (min) | / resize | front alone s |")
     print("|---|---:|---:|---:|---:|")
-    for name, rec in record["pipelines"].items():
+    for name, rec in runs.items():
         print(f"| {name} | {rec['median_s']:.3f} | {rec['min_s']:.3f} | {rec['median_s'] / base:.2f} | {rec['front_median_s']:.3f} |")
-    print(f"dac_e2e / dac: step {record['dac_e2e_over_dac']:.2f}, front alone (forward + backward / forward) "
-          f"{record['dac_e2e_front_over_dac_front']:.2f}")
-    print(f"dac_e2e_soft / dac (edge margin {args.edge_margin}): step {record['dac_e2e_soft_over_dac']:.2f}")
-    print(f"dac_e2e_candidates / dac ({args.candidates} candidates): step {record['dac_e2e_candidates_over_dac']:.2f}")
+    if "dac_e2e" in runs:
+        print(f"dac_e2e / dac: step {record['dac_e2e_over_dac']:.2f}, front alone (forward + backward / forward) "
+              f"{record['dac_e2e_front_over_dac_front']:.2f}")
+    if "dac_e2e_soft" in runs:
+        print(f"dac_e2e_soft / dac (edge margin {args.edge_margin}): step {record['dac_e2e_soft_over_dac']:.2f}")
+    if "dac_e2e_candidates" in runs:
+        print(f"dac_e2e_candidates / dac ({args.candidates} candidates): step {record['dac_e2e_candidates_over_dac']:.2f}")
+    if "dac_e2e_sampled" in runs:
+        print(f"dac_e2e_sampled / dac ({args.candidates} candidates, one drawn per image): step "
+              f"{record['dac_e2e_sampled_over_dac']:.2f}")
     verdict = "reached" if record["dac_over_resize"] < 1.3 else "not reached"
     print(f"\ngoal: DACrop adds < 30% to the step: {verdict} (dac / resize = {record['dac_over_resize']:.2f})")
     if args.json:

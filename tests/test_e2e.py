@@ -405,12 +405,113 @@ class TestCandidates:
         with pytest.raises(DACInputError, match="front_clip_norm"):
             config_from_dict({"pipelines": {"dac": {"front_clip_norm": 1.0}}})
 
+    @staticmethod
+    def _sampling_pipeline(sampling: bool):
+        from dac.saliency import SaliencyNet
+        from dac.train.pipelines import Pipeline
+
+        net = SaliencyNet(3, width=4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            net.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        front = DACFront((20, 37), 3, saliency=net, search="global", r_min_fraction=0.1, sharpness_factor=4.0,
+                         candidates=3, candidate_power=2.0, candidate_sampling=sampling)
+        torch.manual_seed(0)
+        classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20 * 37, 5))
+        return Pipeline(front, classifier, augment=None).train()
+
+    def test_sampling_draws_each_candidate_by_its_weight(self, scenes):
+        pipeline = self._sampling_pipeline(True)
+        images = torch.stack([scenes[i]["image"] for i in range(2)])
+        boxes, cost, distinct = pipeline.front.crop.candidates(images)
+        weights = torch.where(distinct, cost.detach().double() ** 2, torch.zeros((), dtype=torch.float64))
+        weights = weights / weights.sum(1, keepdim=True)
+        draws = 400
+        u = ((torch.arange(draws, dtype=torch.float64) + 0.5) / draws).repeat_interleave(2)[:, None]
+        with torch.no_grad():
+            out = pipeline.front(images.repeat(draws, 1, 1, 1), noise=u)
+        assert out.crops.shape == (2 * draws, 1, 20, 37) and out.log_weights is None
+        picked = (out.boxes.reshape(draws, 2, 1, 4) - boxes.detach()[None]).abs().amax(-1).argmin(-1)  # [draws, 2]
+        share = torch.stack([(picked == k).double().mean(0) for k in range(3)], 1)
+        assert (share <= 1.01 / draws + weights).all() and (share >= weights - 1.01 / draws).all(), (share, weights)
+        assert not share[~distinct].any()  # a repeated maximum is never drawn
+        expected = weights.log().gather(1, picked.T).T.float()
+        torch.testing.assert_close(out.sample_log_weight.reshape(draws, 2), expected, rtol=1e-5, atol=1e-5)
+
+    def test_sampled_gradient_averages_to_the_expected_loss_s(self, scenes):
+        """Batch of one (baseline 0): sum_k w_k * (the gradient when k is drawn) = d/dp sum_k w_k nll_k, exactly."""
+        images = scenes[0]["image"][None]
+        label = torch.tensor([2])
+        mixture = self._sampling_pipeline(False)
+        _, out = mixture(images, noise=torch.zeros(1, 0), return_front=True)
+        nll = torch.nn.functional.cross_entropy(mixture.classify(out.crops.flatten(0, 1)), label.repeat(3), reduction="none")
+        weights = out.log_weights[0].exp()
+        params = [p for p in mixture.parameters() if p.requires_grad]
+        exact = torch.autograd.grad((weights * nll).sum(), params, allow_unused=True)
+        drawn = self._sampling_pipeline(True)
+        mine = [p for p in drawn.parameters() if p.requires_grad]  # the same values, another module
+        assert all(torch.equal(a, b) for a, b in zip(params, mine))
+        drawn_weights = weights.detach().double()
+        cumulative = drawn_weights.cumsum(0)
+        estimate = [torch.zeros_like(p) for p in params]
+        for k in range(3):
+            if drawn_weights[k] < 1e-9:
+                continue
+            u = (cumulative[k] - drawn_weights[k] / 2).reshape(1, 1)  # inside k's interval
+            logits, front = drawn(images, noise=u, return_front=True)
+            grads = torch.autograd.grad(drawn.training_loss(logits, label, front), mine, allow_unused=True)
+            for e, g in zip(estimate, grads):
+                if g is not None:
+                    e += float(drawn_weights[k]) * g
+        assert exact[0] is not None and float(exact[0].abs()) > 1e-4  # the map's scale gets a gradient (through the weights)
+        for e, g in zip(estimate, exact):
+            torch.testing.assert_close(e, torch.zeros_like(e) if g is None else g, rtol=1e-4, atol=1e-6)
+
+    def test_training_loss_value_is_the_cross_entropy_and_its_baseline_leaves_one_out(self):
+        from dac.train.pipelines import FrontOutput, Pipeline
+
+        pipeline = Pipeline(torch.nn.Identity(), torch.nn.Identity())
+        logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+        labels = torch.tensor([0, 1, 2, 3])
+        log_w = torch.log(torch.tensor([0.5, 0.2, 0.9, 0.3])).requires_grad_()
+        front = FrontOutput(torch.zeros(4, 1, 2, 2), torch.zeros(4, 4), sample_log_weight=log_w)
+        loss = pipeline.training_loss(logits, labels, front)
+        nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        torch.testing.assert_close(loss, nll.sum())
+        loss.backward()
+        torch.testing.assert_close(log_w.grad, nll - (nll.sum() - nll) / 3)
+        torch.testing.assert_close(pipeline.training_loss(logits, labels), nll.sum())
+
+    def test_sampling_trains_the_front_and_the_same_seed_gives_the_same_weights(self, scenes):
+        from dac.train.engine import Engine
+        from dac.train import init_runtime
+
+        config = config_from_dict({"pipelines": {"dac_e2e": {
+            "input_size": [20, 37], "pool_size": 3, "search": "global", "r_min_fraction": 0.1, "candidates": 3,
+            "candidate_power": 8.0, "candidate_sampling": True}}}).pipelines["dac_e2e"]
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            net = build_pipeline(config, width=4)
+            assert net.front.candidate_sampling and net.noise_dims >= 1
+            with torch.no_grad():
+                net.front.saliency.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            before = [p.detach().clone() for p in net.front.parameters()]
+            history = Engine(init_runtime("cpu"), batch_size=5, eval_batch_size=10).fit(
+                net, scenes, np.arange(10), epochs=1, lr=1e-3, seed=4, recalibrate_bn=False)
+            assert history[0]["front_grad_norm"] > 1e-6
+            assert max(float((p.detach() - b).abs().max()) for p, b in zip(net.front.parameters(), before)) > 1e-5
+            runs.append([p.detach().clone() for p in net.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
     def test_config_checks(self):
         assert config_from_dict({"pipelines": {"dac_e2e": {"search": "global", "candidates": 4}}}).pipelines["dac_e2e"].candidates == 4
         for raw in ({"dac": {"search": "global", "candidates": 4}}, {"dac_e2e": {"candidates": 4}},
                     {"dac_e2e": {"search": "global", "candidates": 4, "edge_margin": 2}}, {"dac_e2e": {"candidates": 0}},
-                    {"dac_e2e": {"candidate_power": 0}}):
+                    {"dac_e2e": {"candidate_power": 0}}, {"dac_e2e": {"search": "global", "candidate_sampling": True}},
+                    {"dac_e2e": {"search": "global", "candidates": 4, "candidate_sampling": "yes"}}):
             with pytest.raises(DACInputError, match="candidate"):
                 config_from_dict({"pipelines": raw})
         with pytest.raises(DACInputError, match="candidates"):
             DACFront((20, 37), 3, candidates=2)
+        with pytest.raises(DACInputError, match="candidate_sampling"):
+            DACFront((20, 37), 3, search="global", candidate_sampling=True)

@@ -171,6 +171,10 @@ class PipelineConfig:
             maxima of each image's cost, weighted by ``f ** candidate_power``, the
             output their mixture (:class:`dac.train.pipelines.DACFront`); 1: one box.
         candidate_power: beta of those weights.
+        candidate_sampling: with ``candidates``: train on one candidate per image, drawn
+            by its weight (the expected loss, its weights' gradient a score-function
+            estimate) instead of the mixture of all K: the classifier sees one crop per
+            image.
     """
 
     kind: str = field(default="dac", metadata={"check": lambda v, n: check_choice(v, PIPELINE_KINDS, n)})
@@ -192,6 +196,7 @@ class PipelineConfig:
     front_warmup: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
     candidates: int = field(default=1, metadata={"check": lambda v, n: check_int(v, n, 1)})
     candidate_power: float = field(default=1.0, metadata={"check": lambda v, n: _positive(v, n)})
+    candidate_sampling: bool = field(default=False, metadata={"check": lambda v, n: _bool(v, n)})
 
 
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -205,7 +210,8 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
 _LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
-                   "search": "paper", "candidates": 1, "candidate_power": 1.0, "front_clip_norm": None}
+                   "search": "paper", "candidates": 1, "candidate_power": 1.0, "front_clip_norm": None,
+                   "candidate_sampling": False}
 
 
 @dataclass
@@ -350,6 +356,8 @@ def _check(cfg: ExperimentConfig) -> None:
         if p.candidates > 1 and (p.kind != "dac_e2e" or p.search != "global"):
             raise DACInputError(f"pipelines.{name}.candidates: only dac_e2e with search: global learns which maximum to pick "
                                 f"(kind {p.kind!r}, search {p.search!r})")
+        if p.candidate_sampling and p.candidates < 2:
+            raise DACInputError(f"pipelines.{name}.candidate_sampling: draws one of several candidates; set candidates > 1")
         if p.candidates > 1 and (p.edge_margin or p.roi_rotate_degrees):
             raise DACInputError(f"pipelines.{name}.candidates: not with edge_margin or roi_rotate_degrees (candidates are cropped hard)")
 

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -296,7 +295,7 @@ class Engine:
             noise = sample_noise(seed, epoch, mine[step], dims).to(rt.device)
             logits, front = net(**self._inputs(batch), noise=noise, return_front=True)
             # the mean over the global batch, however it is split: DDP averages the processes' gradients
-            loss_total = F.cross_entropy(logits, labels, reduction="sum")
+            loss_total = model.training_loss(logits, labels, front)  # cross-entropy, plus a drawn candidate's term
             loss = loss_total * (rt.world_size / batches[step].size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -78,6 +78,9 @@ class FrontOutput(NamedTuple):
     #: a row per image, so batches of several sizes merge in order); None: one crop per image.
     #: See :class:`DACFront` ``candidates``.
     log_weights: Tensor | None = None
+    #: Tensor[B] the log-weight of the one candidate drawn per image (``candidate_sampling``):
+    #: its gradient carries the score-function term of :meth:`Pipeline.training_loss`; None otherwise.
+    sample_log_weight: Tensor | None = None
 
 
 class ResizeFront(nn.Module):
@@ -150,6 +153,13 @@ class DACFront(nn.Module):
             than nudging one box. Evaluation crops the candidate of the highest f (the box
             ``DACrop`` returns). 1: one box, as plain DAC.
         candidate_power: beta of the weights ``f_k ** beta`` (> 0).
+        candidate_sampling: with ``candidates``: crop one candidate per image, drawn by
+            its weight (from the image's noise column, as the RoI rotation would), instead
+            of all K: the classifier sees one crop per image, as in plain DAC. The
+            objective is then the expected loss ``sum_k w_k (-log p(y | crop_k))`` (an upper
+            bound of the mixture's), whose gradient in the weights is a score-function
+            term added by :meth:`Pipeline.training_loss`. Costs a K-th of the mixture's
+            classifier passes.
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
@@ -171,10 +181,16 @@ class DACFront(nn.Module):
         edge_sharpness: Sequence[float] = (0.25, 8.0),
         candidates: int = 1,
         candidate_power: float = 1.0,
+        candidate_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.candidates = check_int(candidates, "candidates", 1)
         self.candidate_power = check_positive(candidate_power, "candidate_power")
+        if not isinstance(candidate_sampling, bool):
+            raise DACInputError(f"candidate_sampling: expected True or False, got {candidate_sampling!r}")
+        if candidate_sampling and self.candidates < 2:
+            raise DACInputError("candidate_sampling: draws one of several candidates; set candidates > 1")
+        self.candidate_sampling = candidate_sampling
         grid = {"grid_candidates": self.candidates} if self.candidates > 1 else {}
         self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
                            r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search, **grid)
@@ -206,7 +222,8 @@ class DACFront(nn.Module):
         """The map the box is searched on (``MaxMinPool`` for plain DAC)."""
         return self.crop.saliency
 
-    #: Uniform numbers read per image (the RoI rotation angle).
+    #: Uniform numbers read per image (the RoI rotation angle, or which candidate is drawn:
+    #: the two never go together).
     noise_dims = 1
 
     def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
@@ -217,7 +234,7 @@ class DACFront(nn.Module):
         ``noise``: Tensor[B, 1] uniform numbers in [0, 1) that set each training crop's
         RoI rotation (drawn from torch's global RNG when None).
         """
-        if self.training and self.roi_rotate_degrees > 0 and noise is None:
+        if self.training and (self.roi_rotate_degrees > 0 or self.candidate_sampling) and noise is None:
             noise = torch.rand(len(images), self.noise_dims)
         return by_size(images, self._crop_batch, noise)
 
@@ -232,7 +249,7 @@ class DACFront(nn.Module):
 
     def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
         if self.training and self.candidates > 1:
-            return self._candidate_crops(images)
+            return self._candidate_crops(images, noise)
         boxes, unconverged = self._search(images)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
@@ -245,23 +262,34 @@ class DACFront(nn.Module):
             crops = crop_resize(images, boxes, self.output_size, antialias=True)
         return FrontOutput(crops.float(), boxes, unconverged)
 
-    def _candidate_crops(self, images: Tensor) -> FrontOutput:
+    def _candidate_crops(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
         """Training with ``candidates``: every candidate cropped, Tensor[B, K, C, h, w], and
-        their log-weights ``log(f_k ** beta / sum_j f_j ** beta)`` over the distinct ones."""
+        their log-weights ``log(f_k ** beta / sum_j f_j ** beta)`` over the distinct ones;
+        with ``candidate_sampling`` one drawn per image (inverse CDF of ``noise[:, 0]``)."""
         boxes, cost, distinct = self.crop.candidates(images)
         batch, count = cost.shape
         tiny = torch.finfo(cost.dtype).tiny
         score = self.candidate_power * cost.clamp_min(tiny).log()
         log_weights = torch.log_softmax(score.masked_fill(~distinct, -math.inf), dim=1)
+        unconverged = torch.zeros(batch, dtype=torch.bool, device=boxes.device)
+        if self.candidate_sampling:
+            # the first k whose cumulative weight passes u * total: never a zero-weight (repeated) candidate
+            cumulative = log_weights.detach().double().exp().cumsum(1)
+            u = noise[:, :1].to(cumulative) * cumulative[:, -1:]
+            pick = torch.searchsorted(cumulative, u, right=True).clamp_max(count - 1)
+            drawn = boxes.gather(1, pick[:, :, None].expand(-1, 1, 4))[:, 0]
+            crops = crop_resize(images, drawn.to(cost.dtype), self.output_size, antialias=True).float()
+            return FrontOutput(crops, drawn, unconverged, sample_log_weight=log_weights.gather(1, pick)[:, 0].float())
         crops = crop_resize(images.repeat_interleave(count, dim=0), boxes.reshape(-1, 4).to(cost.dtype), self.output_size,
                             antialias=True)
         best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
         crops = crops.reshape(batch, count, *crops.shape[1:]).float()
-        return FrontOutput(crops, best, torch.zeros(batch, dtype=torch.bool, device=boxes.device), log_weights.float())
+        return FrontOutput(crops, best, unconverged, log_weights.float())
 
     def extra_repr(self) -> str:
         edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
-        pick = f", candidates={self.candidates}, candidate_power={self.candidate_power}" if self.candidates > 1 else ""
+        pick = (f", candidates={self.candidates}, candidate_power={self.candidate_power}"
+                f"{', candidate_sampling=True' if self.candidate_sampling else ''}") if self.candidates > 1 else ""
         return f"roi_rotate_degrees={self.roi_rotate_degrees}{edge}{pick}"
 
 
@@ -520,6 +548,32 @@ class Pipeline(nn.Module):
             logits = self.classify(crops, noise)
         return (logits, front) if return_front else logits
 
+    def training_loss(self, logits: Tensor, labels: Tensor, front: FrontOutput | None = None) -> Tensor:
+        """The summed cross-entropy of a training batch, and the front's score-function term.
+
+        For a front that drew one candidate per image (``candidate_sampling``) the
+        loss's value is the cross-entropy's; its gradient also has, per image,
+        ``(nll_i - b_i) * d log w_i``, the REINFORCE estimate of the expected loss's
+        gradient in the weights, with ``b_i`` the mean loss of the batch's *other*
+        images (a baseline that does not depend on image i's draw, so the estimate
+        stays unbiased; 0 for a batch of one).
+
+        Args:
+            logits: Tensor[B, num_classes] of :meth:`forward` (``return_front=True``).
+            labels: Tensor[B] class indices.
+            front: the :class:`FrontOutput` that came with them (None: plain cross-entropy).
+
+        Returns:
+            A scalar: the sum over the batch.
+        """
+        nll = F.cross_entropy(logits, labels, reduction="none")
+        loss = nll.sum()
+        if front is not None and front.sample_log_weight is not None:
+            others = (nll.sum() - nll).detach() / max(nll.numel() - 1, 1) if nll.numel() > 1 else torch.zeros_like(nll)
+            log_w = front.sample_log_weight.to(nll.dtype)
+            loss = loss + ((nll.detach() - others) * (log_w - log_w.detach())).sum()  # value 0, gradient the estimate's
+        return loss
+
     def classify(self, crops: Tensor, noise: Tensor | None = None) -> Tensor:
         """Logits of a front's crops: augmentation (training mode), standardisation, classifier."""
         if isinstance(self.augment, BatchAugment):
@@ -560,7 +614,8 @@ def build_pipeline(
         front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees,
                          r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
                          search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness,
-                         candidates=config.candidates, candidate_power=config.candidate_power)
+                         candidates=config.candidates, candidate_power=config.candidate_power,
+                         candidate_sampling=config.candidate_sampling)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     elif kind == "oracle":
