@@ -40,8 +40,8 @@ cuts its fit short, which depends on the machine's speed and load). Rows:
 * with ``--cv DIR ...`` (folders of ``dac cv`` on phantoms, one per seed), the rows
   trained from the task loss alone, with no box labels: ``dac`` (the paper's map, for
   reference), ``dac_e2e`` (DAC + a ``SaliencyNet`` trained through the box by the
-  classifier's loss), ``dac_global`` and ``dac_e2e_candidates`` (the global search; the
-  saliency trained to pick among its maxima) and ``stn`` (a spatial transformer), every fold's model scored on
+  classifier's loss), ``dac_global``, ``dac_e2e_candidates`` and ``dac_e2e_sampled`` (the
+  global search; the saliency trained to pick among its maxima) and ``stn`` (a spatial transformer), every fold's model scored on
   held-out phantoms at the size that CV trained on (``configs/quick.yaml``: 192 x 354),
   mean and standard deviation over all folds of all seeds (on the split's phantoms).
 
@@ -200,6 +200,7 @@ def task_loss_rows(cv_dirs: list[str], count: int, split: str) -> list[dict]:
               "dac_global": "DAC, paper map, global search (trained classifier only)",
               "dac_e2e": "DAC end to end: SaliencyNet from the task loss",
               "dac_e2e_candidates": "DAC end to end, candidates: SaliencyNet from the task loss, global search",
+              "dac_e2e_sampled": "DAC end to end, one candidate drawn per image: SaliencyNet from the task loss, global search",
               "stn": "STN from the task loss"}
     per: dict[str, list[dict]] = {}
     for folder in cv_dirs:

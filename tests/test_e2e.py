@@ -481,6 +481,37 @@ class TestCandidates:
         torch.testing.assert_close(log_w.grad, nll - (nll.sum() - nll) / 3)
         torch.testing.assert_close(pipeline.training_loss(logits, labels), nll.sum())
 
+    def test_best_baseline_is_the_best_candidate_s_loss_under_the_same_augmentation(self, scenes):
+        from dac.train.pipelines import FrontOutput, Pipeline
+        from dac.train.augment import BatchAugment, augmentation
+
+        pipeline = self._sampling_pipeline(True)
+        pipeline.front.candidate_baseline = "best"
+        pipeline.augment = BatchAugment(augmentation("paper"))
+        images = torch.stack([scenes[i]["image"] for i in range(3)])
+        noise = torch.rand(3, pipeline.noise_dims, generator=torch.Generator().manual_seed(5))
+        logits, out = pipeline(images, noise=noise, return_front=True)
+        with torch.no_grad():
+            best = pipeline.front.crop.locate(images)
+        expected = crop_resize(images, best, (20, 37), antialias=True).float()
+        torch.testing.assert_close(out.baseline_crops, expected)
+        with torch.no_grad():  # the same augmentation columns as the drawn crops
+            again = pipeline.classify(expected, noise[:, pipeline._front_noise:])
+        torch.testing.assert_close(out.baseline_logits, again)
+        assert not out.baseline_logits.requires_grad
+        labels = torch.tensor([0, 3, 4])
+        log_w = out.sample_log_weight.detach().requires_grad_()
+        loss = pipeline.training_loss(logits.detach(), labels, out._replace(sample_log_weight=log_w))
+        loss.backward()
+        nll = torch.nn.functional.cross_entropy(logits.detach(), labels, reduction="none")
+        base = torch.nn.functional.cross_entropy(out.baseline_logits, labels, reduction="none")
+        torch.testing.assert_close(log_w.grad, nll - base)
+        with pytest.raises(DACInputError, match="candidate_baseline"):
+            DACFront((20, 37), 3, search="global", candidates=2, candidate_baseline="best")
+        with pytest.raises(DACInputError, match="candidate_baseline"):
+            DACFront((20, 37), 3, search="global", candidates=2, candidate_sampling=True, candidate_baseline="worst")
+        assert FrontOutput(torch.zeros(1), torch.zeros(1)).baseline_logits is None
+
     def test_sampling_trains_the_front_and_the_same_seed_gives_the_same_weights(self, scenes):
         from dac.train.engine import Engine
         from dac.train import init_runtime
@@ -508,7 +539,9 @@ class TestCandidates:
         for raw in ({"dac": {"search": "global", "candidates": 4}}, {"dac_e2e": {"candidates": 4}},
                     {"dac_e2e": {"search": "global", "candidates": 4, "edge_margin": 2}}, {"dac_e2e": {"candidates": 0}},
                     {"dac_e2e": {"candidate_power": 0}}, {"dac_e2e": {"search": "global", "candidate_sampling": True}},
-                    {"dac_e2e": {"search": "global", "candidates": 4, "candidate_sampling": "yes"}}):
+                    {"dac_e2e": {"search": "global", "candidates": 4, "candidate_sampling": "yes"}},
+                    {"dac_e2e": {"search": "global", "candidates": 4, "candidate_baseline": "best"}},
+                    {"dac_e2e": {"search": "global", "candidates": 4, "candidate_sampling": True, "candidate_baseline": "x"}}):
             with pytest.raises(DACInputError, match="candidate"):
                 config_from_dict({"pipelines": raw})
         with pytest.raises(DACInputError, match="candidates"):

@@ -64,6 +64,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 TRAINING_REVISION = 3  # 3: the STN front resamples with crop_resize, as the DAC front does
 
 
+#: What a drawn candidate's loss is compared with (``candidate_baseline``; :class:`dac.train.DACFront`).
+CANDIDATE_BASELINES = ("batch", "best")
+
 @dataclass
 class DataConfig:
     """Where the images come from.
@@ -175,6 +178,9 @@ class PipelineConfig:
             by its weight (the expected loss, its weights' gradient a score-function
             estimate) instead of the mixture of all K: the classifier sees one crop per
             image.
+        candidate_baseline: with ``candidate_sampling``: ``batch`` (the drawn crop's loss
+            against the batch's other images') or ``best`` (against the loss of the same
+            image's best candidate: one more forward pass of the classifier).
     """
 
     kind: str = field(default="dac", metadata={"check": lambda v, n: check_choice(v, PIPELINE_KINDS, n)})
@@ -197,6 +203,7 @@ class PipelineConfig:
     candidates: int = field(default=1, metadata={"check": lambda v, n: check_int(v, n, 1)})
     candidate_power: float = field(default=1.0, metadata={"check": lambda v, n: _positive(v, n)})
     candidate_sampling: bool = field(default=False, metadata={"check": lambda v, n: _bool(v, n)})
+    candidate_baseline: str = field(default="batch", metadata={"check": lambda v, n: check_choice(v, CANDIDATE_BASELINES, n)})
 
 
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -211,7 +218,7 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
 _LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
                    "search": "paper", "candidates": 1, "candidate_power": 1.0, "front_clip_norm": None,
-                   "candidate_sampling": False}
+                   "candidate_sampling": False, "candidate_baseline": "batch"}
 
 
 @dataclass
@@ -356,6 +363,8 @@ def _check(cfg: ExperimentConfig) -> None:
         if p.candidates > 1 and (p.kind != "dac_e2e" or p.search != "global"):
             raise DACInputError(f"pipelines.{name}.candidates: only dac_e2e with search: global learns which maximum to pick "
                                 f"(kind {p.kind!r}, search {p.search!r})")
+        if p.candidate_baseline != "batch" and not p.candidate_sampling:
+            raise DACInputError(f"pipelines.{name}.candidate_baseline: only for candidate_sampling: true")
         if p.candidate_sampling and p.candidates < 2:
             raise DACInputError(f"pipelines.{name}.candidate_sampling: draws one of several candidates; set candidates > 1")
         if p.candidates > 1 and (p.edge_margin or p.roi_rotate_degrees):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import Images, by_size
-from .._checks import DACInputError, check_angle, check_int, check_positive, check_size
+from .._checks import DACInputError, check_angle, check_choice, check_int, check_positive, check_size
 from ..functional.boxes import box_inside
 from ..functional.crop import crop_resize
 from ..functional.soft_crop import soft_crop
@@ -46,7 +46,7 @@ from ..functional.pooling import to_unit_range
 from ..layer import DACrop, quiet_unconverged
 from ..saliency import SaliencyNet
 from .augment import BatchAugment, augmentation, max_inside_rotation, roi_rotation_crop
-from .config import PipelineConfig
+from .config import CANDIDATE_BASELINES, PipelineConfig
 from .models import resnet
 
 __all__ = [
@@ -81,6 +81,12 @@ class FrontOutput(NamedTuple):
     #: Tensor[B] the log-weight of the one candidate drawn per image (``candidate_sampling``):
     #: its gradient carries the score-function term of :meth:`Pipeline.training_loss`; None otherwise.
     sample_log_weight: Tensor | None = None
+    #: Tensor[B, C, h, w] the best candidate's crop per image, for the drawn one's baseline
+    #: (``candidate_baseline="best"``); None otherwise.
+    baseline_crops: Tensor | None = None
+    #: Tensor[B, num_classes] the classifier's logits of ``baseline_crops`` (no gradient),
+    #: set by :meth:`Pipeline.forward`.
+    baseline_logits: Tensor | None = None
 
 
 class ResizeFront(nn.Module):
@@ -160,6 +166,13 @@ class DACFront(nn.Module):
             bound of the mixture's), whose gradient in the weights is a score-function
             term added by :meth:`Pipeline.training_loss`. Costs a K-th of the mixture's
             classifier passes.
+        candidate_baseline: with ``candidate_sampling``, what the drawn candidate's loss
+            is compared with in the score-function term: ``"batch"``, the mean loss of
+            the batch's other images; ``"best"``, the loss of the same image's best
+            candidate (one more classifier pass per image, forward only, with the same
+            augmentation and in training mode, so BatchNorm's running statistics see
+            those crops too). Neither depends on the image's own draw: both keep the
+            estimate unbiased; ``"best"`` compares candidates of the same image.
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
@@ -182,6 +195,7 @@ class DACFront(nn.Module):
         candidates: int = 1,
         candidate_power: float = 1.0,
         candidate_sampling: bool = False,
+        candidate_baseline: str = "batch",
     ) -> None:
         super().__init__()
         self.candidates = check_int(candidates, "candidates", 1)
@@ -191,6 +205,9 @@ class DACFront(nn.Module):
         if candidate_sampling and self.candidates < 2:
             raise DACInputError("candidate_sampling: draws one of several candidates; set candidates > 1")
         self.candidate_sampling = candidate_sampling
+        self.candidate_baseline = check_choice(candidate_baseline, CANDIDATE_BASELINES, "candidate_baseline")
+        if self.candidate_baseline != "batch" and not candidate_sampling:
+            raise DACInputError("candidate_baseline: only with candidate_sampling=True (the mixture needs no baseline)")
         grid = {"grid_candidates": self.candidates} if self.candidates > 1 else {}
         self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
                            r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search, **grid)
@@ -279,7 +296,12 @@ class DACFront(nn.Module):
             pick = torch.searchsorted(cumulative, u, right=True).clamp_max(count - 1)
             drawn = boxes.gather(1, pick[:, :, None].expand(-1, 1, 4))[:, 0]
             crops = crop_resize(images, drawn.to(cost.dtype), self.output_size, antialias=True).float()
-            return FrontOutput(crops, drawn, unconverged, sample_log_weight=log_weights.gather(1, pick)[:, 0].float())
+            sample_log_weight = log_weights.gather(1, pick)[:, 0].float()
+            baseline = None
+            if self.candidate_baseline == "best":
+                best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
+                baseline = crop_resize(images, best.to(cost.dtype), self.output_size, antialias=True).float()
+            return FrontOutput(crops, drawn, unconverged, sample_log_weight=sample_log_weight, baseline_crops=baseline)
         crops = crop_resize(images.repeat_interleave(count, dim=0), boxes.reshape(-1, 4).to(cost.dtype), self.output_size,
                             antialias=True)
         best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
@@ -289,7 +311,8 @@ class DACFront(nn.Module):
     def extra_repr(self) -> str:
         edge = f", edge_margin={self.edge_margin}, edge_sharpness={self.edge_sharpness}" if self.edge_margin else ""
         pick = (f", candidates={self.candidates}, candidate_power={self.candidate_power}"
-                f"{', candidate_sampling=True' if self.candidate_sampling else ''}") if self.candidates > 1 else ""
+                f"{f', candidate_sampling=True, candidate_baseline={self.candidate_baseline!r}' if self.candidate_sampling else ''}"
+                ) if self.candidates > 1 else ""
         return f"roi_rotate_degrees={self.roi_rotate_degrees}{edge}{pick}"
 
 
@@ -546,6 +569,9 @@ class Pipeline(nn.Module):
             logits = torch.logsumexp(front.log_weights[:, :, None] + log_p.reshape(count, copies, -1), dim=1)  # log sum_k w_k p(y | crop_k)
         else:
             logits = self.classify(crops, noise)
+        if front is not None and front.baseline_crops is not None:  # the drawn candidate's baseline: the best one's loss
+            with torch.no_grad():
+                front = front._replace(baseline_logits=self.classify(front.baseline_crops, noise))
         return (logits, front) if return_front else logits
 
     def training_loss(self, logits: Tensor, labels: Tensor, front: FrontOutput | None = None) -> Tensor:
@@ -554,9 +580,10 @@ class Pipeline(nn.Module):
         For a front that drew one candidate per image (``candidate_sampling``) the
         loss's value is the cross-entropy's; its gradient also has, per image,
         ``(nll_i - b_i) * d log w_i``, the REINFORCE estimate of the expected loss's
-        gradient in the weights, with ``b_i`` the mean loss of the batch's *other*
-        images (a baseline that does not depend on image i's draw, so the estimate
-        stays unbiased; 0 for a batch of one).
+        gradient in the weights. The baseline ``b_i`` does not depend on image i's draw,
+        so the estimate stays unbiased: the loss of the image's best candidate where the
+        front gave its logits (``candidate_baseline="best"``), otherwise the mean loss of
+        the batch's *other* images (0 for a batch of one).
 
         Args:
             logits: Tensor[B, num_classes] of :meth:`forward` (``return_front=True``).
@@ -569,9 +596,14 @@ class Pipeline(nn.Module):
         nll = F.cross_entropy(logits, labels, reduction="none")
         loss = nll.sum()
         if front is not None and front.sample_log_weight is not None:
-            others = (nll.sum() - nll).detach() / max(nll.numel() - 1, 1) if nll.numel() > 1 else torch.zeros_like(nll)
+            if front.baseline_logits is not None:
+                baseline = F.cross_entropy(front.baseline_logits.to(nll.dtype), labels, reduction="none")
+            elif nll.numel() > 1:
+                baseline = (nll.sum() - nll).detach() / (nll.numel() - 1)
+            else:
+                baseline = torch.zeros_like(nll)
             log_w = front.sample_log_weight.to(nll.dtype)
-            loss = loss + ((nll.detach() - others) * (log_w - log_w.detach())).sum()  # value 0, gradient the estimate's
+            loss = loss + ((nll.detach() - baseline) * (log_w - log_w.detach())).sum()  # value 0, gradient the estimate's
         return loss
 
     def classify(self, crops: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -615,7 +647,7 @@ def build_pipeline(
                          r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
                          search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness,
                          candidates=config.candidates, candidate_power=config.candidate_power,
-                         candidate_sampling=config.candidate_sampling)
+                         candidate_sampling=config.candidate_sampling, candidate_baseline=config.candidate_baseline)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     elif kind == "oracle":
