@@ -368,20 +368,25 @@ class TestCandidates:
         assert out.log_weights is None and out.crops.shape == (2, 1, 20, 37)
         torch.testing.assert_close(out.boxes, located)
 
-    def test_images_of_several_sizes_keep_their_own_candidates(self, scenes):
+    @pytest.mark.parametrize("sampling", [False, True])
+    def test_images_of_several_sizes_keep_their_own_candidates(self, scenes, sampling):
         from dac.saliency import SaliencyNet
         from dac.train.pipelines import Pipeline
 
         front = DACFront((20, 37), 3, saliency=SaliencyNet(3, width=4, generator=torch.Generator().manual_seed(0)),
-                         search="global", r_min_fraction=0.1, candidates=3)
+                         search="global", r_min_fraction=0.1, candidates=3, candidate_sampling=sampling)
         classifier = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 4)), torch.nn.Flatten(), torch.nn.Linear(16, 5))
         pipeline = Pipeline(front, classifier, augment=None).train()
         small = DistractorDataset(2, seed=2, sizes=((64, 118),))
         images = [scenes[0]["image"], small[0]["image"], scenes[1]["image"]]  # 96 x 177, 64 x 118, 96 x 177
+        noise = torch.tensor([[0.9], [0.5], [0.99]]) if sampling else torch.zeros(3, 0)  # the draws: each image's own
         with torch.no_grad():
-            mixed = pipeline(images, noise=torch.zeros(3, 0))
-            alone = [pipeline(image[None], noise=torch.zeros(1, 0))[0] for image in images]
-        torch.testing.assert_close(mixed, torch.stack(alone))
+            mixed, out = pipeline(images, noise=noise, return_front=True)
+            alone = [pipeline(image[None], noise=noise[i : i + 1], return_front=True) for i, image in enumerate(images)]
+        torch.testing.assert_close(mixed, torch.cat([a[0] for a in alone]))
+        if sampling:
+            torch.testing.assert_close(out.boxes, torch.cat([a[1].boxes for a in alone]))
+            torch.testing.assert_close(out.sample_log_weight, torch.cat([a[1].sample_log_weight for a in alone]))
 
     def test_front_clip_norm_holds_the_front_s_steps(self, scenes):
         """A clip far below the gradient's norm: Adam's steps on the front shrink to ~lr g / eps."""

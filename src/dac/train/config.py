@@ -67,6 +67,7 @@ TRAINING_REVISION = 3  # 3: the STN front resamples with crop_resize, as the DAC
 #: What a drawn candidate's loss is compared with (``candidate_baseline``; :class:`dac.train.DACFront`).
 CANDIDATE_BASELINES = ("batch", "best")
 
+
 @dataclass
 class DataConfig:
     """Where the images come from.
