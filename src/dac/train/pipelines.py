@@ -583,7 +583,8 @@ class Pipeline(nn.Module):
         gradient in the weights. The baseline ``b_i`` does not depend on image i's draw,
         so the estimate stays unbiased: the loss of the image's best candidate where the
         front gave its logits (``candidate_baseline="best"``), otherwise the mean loss of
-        the batch's *other* images (0 for a batch of one).
+        the batch's *other* images (0 for a batch of one; under DDP, of this process's
+        share of the batch).
 
         Args:
             logits: Tensor[B, num_classes] of :meth:`forward` (``return_front=True``).
