@@ -246,10 +246,12 @@ class DACFront(nn.Module):
     def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
         """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> :class:`FrontOutput` (crops
         Tensor[B, C, H_out, W_out] float, the boxes, the unconverged searches; training
-        with ``candidates``: crops Tensor[B, K, C, H_out, W_out] and their log-weights).
+        with ``candidates``: crops Tensor[B, K, C, H_out, W_out] and their log-weights, or with
+        ``candidate_sampling`` one drawn crop per image and its log-weight).
 
         ``noise``: Tensor[B, 1] uniform numbers in [0, 1) that set each training crop's
-        RoI rotation (drawn from torch's global RNG when None).
+        RoI rotation, or which candidate it is drawn from (``candidate_sampling``); drawn
+        from torch's global RNG when None.
         """
         if self.training and (self.roi_rotate_degrees > 0 or self.candidate_sampling) and noise is None:
             noise = torch.rand(len(images), self.noise_dims)
