@@ -8,7 +8,8 @@ Run (from the repository root), on a results folder of ``dac cv`` on generated d
 For every fold of each pipeline: its trained front's boxes on that fold's test images
 (eval mode, the boxes ``dac predict`` would crop), and the same front untrained (the
 pipeline as built before training: for ``dac_e2e`` the paper's map, since an untrained
-``SaliencyNet`` is that map), each scored by IoU with the true region; then the mean
+``SaliencyNet`` is that map; for ``stn`` the initial box, set by the head's bias alone),
+each scored by IoU with the true region; then the mean
 over the folds. A box learned from the task loss alone that looks where the label is
 decided moves toward the true region; one that learned nothing keeps its IoU.
 """
@@ -36,10 +37,11 @@ def fold_boxes(folder: Path, name: str) -> list[dict]:
         raise SystemExit(f"{folder}: trained on {config.data.source!r}, whose true regions are not known")
     data = build_dataset(config.data, seed=config.seed)
     folds = json.loads((folder / "folds.json").read_text())
+    # the same for every fold: its boxes do not depend on the random weights (see the docstring)
+    untrained = build_pipeline(config.pipelines[name], arch=config.model.arch, width=config.model.width).eval()
     rows = []
     for fold, test in enumerate(folds):
         trained = load_pipeline(folder, name, fold)
-        untrained = build_pipeline(config.pipelines[name], arch=config.model.arch, width=config.model.width).eval()
         items = [data[i] for i in test]
         images = torch.stack([item["image"] for item in items])
         truth = torch.stack([torch.as_tensor(item["roi"]) for item in items]).float()

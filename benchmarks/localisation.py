@@ -41,8 +41,8 @@ cuts its fit short, which depends on the machine's speed and load). Rows:
   trained from the task loss alone, with no box labels: ``dac`` (the paper's map, for
   reference), ``dac_e2e`` (DAC + a ``SaliencyNet`` trained through the box by the
   classifier's loss), ``dac_global``, ``dac_e2e_candidates`` and ``dac_e2e_sampled`` (the
-  global search; the saliency trained to pick among its maxima) and ``stn`` (a spatial transformer), every fold's model scored on
-  held-out phantoms at the size that CV trained on (``configs/quick.yaml``: 192 x 354),
+  global search; the saliency trained to pick among its maxima) and ``stn`` (a spatial
+  transformer), every fold's model scored on held-out phantoms at the size that CV trained on (``configs/quick.yaml``: 192 x 354),
   mean and standard deviation over all folds of all seeds (on the split's phantoms).
 
 Columns: mean IoU with the true region, the ceiling (the mean IoU of the best box of the

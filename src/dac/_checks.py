@@ -147,6 +147,13 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     return v
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """A bool (``True``/``False`` in Python, ``true``/``false`` in YAML), nothing else truthy."""
+    if not isinstance(value, bool):
+        raise DACInputError(f"{name}: expected True or False (true or false in YAML), got {value!r}")
+    return value
+
+
 def check_real(
     value: Any, name: str, low: float = float("-inf"), high: float = float("inf"), *,
     low_open: bool = False, high_open: bool = False, what: str = "a number",

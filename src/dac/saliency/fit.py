@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import DACInputError, check_int, check_pool_size, check_real
+from .._checks import DACInputError, check_bool, check_int, check_pool_size, check_real
 from ..layer import DACrop, quiet_unconverged
 from .augment import flip_left_right, stretch_and_shift
 from .features import FEATURES
@@ -171,8 +171,7 @@ class FitOptions:
         check_real(self.stretch, name("stretch"), 0, 0.5, high_open=True, what="a fraction (the largest relative change of the width)")
         check_real(self.shift, name("shift"), 0, 0.5, high_open=True, what="a fraction of the image width")
         check_real(self.clip_norm, name("clip_norm"), 0, inf, low_open=True, what="a number (inf: no clipping)")
-        if not isinstance(self.flip, bool):
-            raise DACInputError(f"{name('flip')}: expected True or False, got {self.flip!r}")
+        check_bool(self.flip, name("flip"))
         if self.time_limit is not None:
             check_real(self.time_limit, name("time_limit"), 0, inf, low_open=True, high_open=True, what="seconds")
 

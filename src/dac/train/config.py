@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import DACInputError, check_angle, check_choice, check_device, check_int, check_real
+from .._checks import DACInputError, check_angle, check_bool, check_choice, check_device, check_int, check_real
 from ..layer import BACKWARD_MODES, SEARCHES
 
 __all__ = [
@@ -87,8 +87,8 @@ class DataConfig:
     source: str = field(default="phantom", metadata={"check": lambda v, n: _text(v, n)})
     length: int = field(default=1000, metadata={"check": lambda v, n: check_int(v, n, 1)})
     sizes: tuple[tuple[int, int], ...] = field(default=((1536, 2836), (1536, 2860)), metadata={"check": lambda v, n: _sizes(v, n, 64)})
-    gray8: bool = field(default=True, metadata={"check": lambda v, n: _bool(v, n)})
-    cache_images: bool = field(default=False, metadata={"check": lambda v, n: _bool(v, n)})
+    gray8: bool = field(default=True, metadata={"check": lambda v, n: check_bool(v, n)})
+    cache_images: bool = field(default=False, metadata={"check": lambda v, n: check_bool(v, n)})
     workers: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
 
 
@@ -129,7 +129,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata={"check": lambda v, n: check_int(v, n, 1)})
     threads: int | None = field(default=None, metadata={"check": lambda v, n: None if v is None else check_int(v, n, 1)})
     holdout: float = field(default=0.1, metadata={"check": lambda v, n: check_real(v, n, 0.0, 1.0, high_open=True)})
-    recalibrate_bn: bool = field(default=True, metadata={"check": lambda v, n: _bool(v, n)})
+    recalibrate_bn: bool = field(default=True, metadata={"check": lambda v, n: check_bool(v, n)})
 
 
 @dataclass
@@ -203,7 +203,7 @@ class PipelineConfig:
     front_warmup: int = field(default=0, metadata={"check": lambda v, n: check_int(v, n, 0)})
     candidates: int = field(default=1, metadata={"check": lambda v, n: check_int(v, n, 1)})
     candidate_power: float = field(default=1.0, metadata={"check": lambda v, n: _positive(v, n)})
-    candidate_sampling: bool = field(default=False, metadata={"check": lambda v, n: _bool(v, n)})
+    candidate_sampling: bool = field(default=False, metadata={"check": lambda v, n: check_bool(v, n)})
     candidate_baseline: str = field(default="batch", metadata={"check": lambda v, n: check_choice(v, CANDIDATE_BASELINES, n)})
 
 
@@ -374,12 +374,6 @@ def _check(cfg: ExperimentConfig) -> None:
 
 def _positive(value: Any, name: str) -> float:
     return check_real(value, name, 0.0, float("inf"), low_open=True, high_open=True)
-
-
-def _bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise DACInputError(f"{name}: expected true or false, got {value!r}")
-    return value
 
 
 def _text(value: Any, name: str) -> str:

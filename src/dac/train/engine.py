@@ -301,10 +301,10 @@ class Engine:
             loss.backward()
             if front_params:
                 graded = [p for p in front_params if p.grad is not None]
-                front_norm += float(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(p.grad) for p in graded] or [torch.zeros(())])))
+                norm = torch.nn.utils.get_total_norm([p.grad for p in graded])  # once: recorded, then clipped to
+                front_norm += float(norm)
                 if front_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(graded, front_clip_norm)
+                    torch.nn.utils.clip_grads_with_norm_(graded, front_clip_norm, norm)
             optimizer.step()
             loss_sum += float(loss_total.detach())
             correct += float((logits.detach().argmax(1) == labels).sum())

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import Images, by_size
-from .._checks import DACInputError, check_angle, check_choice, check_int, check_positive, check_size
+from .._checks import DACInputError, check_angle, check_bool, check_choice, check_int, check_positive, check_size
 from ..functional.boxes import box_inside
 from ..functional.crop import crop_resize
 from ..functional.soft_crop import soft_crop
@@ -200,8 +200,7 @@ class DACFront(nn.Module):
         super().__init__()
         self.candidates = check_int(candidates, "candidates", 1)
         self.candidate_power = check_positive(candidate_power, "candidate_power")
-        if not isinstance(candidate_sampling, bool):
-            raise DACInputError(f"candidate_sampling: expected True or False, got {candidate_sampling!r}")
+        check_bool(candidate_sampling, "candidate_sampling")
         if candidate_sampling and self.candidates < 2:
             raise DACInputError("candidate_sampling: draws one of several candidates; set candidates > 1")
         self.candidate_sampling = candidate_sampling
@@ -291,22 +290,25 @@ class DACFront(nn.Module):
         score = self.candidate_power * cost.clamp_min(tiny).log()
         log_weights = torch.log_softmax(score.masked_fill(~distinct, -math.inf), dim=1)
         unconverged = torch.zeros(batch, dtype=torch.bool, device=boxes.device)
+
+        def take(index: Tensor) -> Tensor:  # Tensor[B] candidate index -> its box, Tensor[B, 4]
+            return boxes.gather(1, index[:, None, None].expand(-1, 1, 4))[:, 0]
+
+        best = take(cost.detach().argmax(1))
         if self.candidate_sampling:
             # the first k whose cumulative weight passes u * total: never a zero-weight (repeated) candidate
             cumulative = log_weights.detach().double().exp().cumsum(1)
             u = noise[:, :1].to(cumulative) * cumulative[:, -1:]
             pick = torch.searchsorted(cumulative, u, right=True).clamp_max(count - 1)
-            drawn = boxes.gather(1, pick[:, :, None].expand(-1, 1, 4))[:, 0]
+            drawn = take(pick[:, 0])
             crops = crop_resize(images, drawn.to(cost.dtype), self.output_size, antialias=True).float()
             sample_log_weight = log_weights.gather(1, pick)[:, 0].float()
             baseline = None
             if self.candidate_baseline == "best":
-                best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
                 baseline = crop_resize(images, best.to(cost.dtype), self.output_size, antialias=True).float()
             return FrontOutput(crops, drawn, unconverged, sample_log_weight=sample_log_weight, baseline_crops=baseline)
         crops = crop_resize(images.repeat_interleave(count, dim=0), boxes.reshape(-1, 4).to(cost.dtype), self.output_size,
                             antialias=True)
-        best = boxes.gather(1, cost.detach().argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
         crops = crops.reshape(batch, count, *crops.shape[1:]).float()
         return FrontOutput(crops, best, unconverged, log_weights.float())
 
