@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from dac import DACInputError, DACrop
-from dac.data.datasets import ImageFolderDataset, PhantomDataset, collate_images
+from dac.data.datasets import ImageFolderDataset, ImageLabelDataset, PhantomDataset, collate_images
 from dac.data.phantoms import CLASS_EDGES, CLASS_NAMES, make_phantom, restoration_class
 from dac.functional import max_min_pool
 
@@ -286,6 +286,45 @@ class TestImageFolderDataset:
             ImageFolderDataset(tmp_path / "nowhere")
         with pytest.raises(DACInputError, match="directory or a .csv"):
             ImageFolderDataset(tmp_path / "a.png")
+
+
+    def test_regions_table_gives_each_item_its_roi(self, tmp_path):
+        write_png(tmp_path / "a" / "x.png", 1, size=(40, 60))
+        write_png(tmp_path / "b" / "y.png", 2, size=(30, 50))
+        boxes = tmp_path / "boxes.csv"
+        boxes.write_text("path,x1,y1,x2,y2\nb/y.png,5,6,45,28\nother.png,0,0,1,1\na/x.png, 1, 2, 60, 40\n")
+        ds = ImageFolderDataset(tmp_path, reader=pil_reader)  # no table: no roi
+        assert "roi" not in ds[0] and ds.boxes is None
+        ds = ImageFolderDataset(tmp_path, reader=pil_reader, regions=boxes)  # rows matched by file, extra rows ignored
+        assert ds[0]["roi"].tolist() == [1.0, 2.0, 60.0, 40.0] and ds[0]["roi"].dtype == torch.float32
+        assert ds[1]["roi"].tolist() == [5.0, 6.0, 45.0, 28.0]
+        assert ImageLabelDataset(ds, ds.classes)[1]["roi"].tolist() == [5.0, 6.0, 45.0, 28.0]
+
+    def test_regions_errors_name_the_table_and_the_file(self, tmp_path):
+        write_png(tmp_path / "a" / "x.png", 1, size=(40, 60))
+        write_png(tmp_path / "b" / "y.png", 2, size=(30, 50))
+        boxes = tmp_path / "boxes.csv"
+        cases = {
+            "b/y.png,5,6,45,28\n": r"boxes\.csv.*no box for '.*x\.png'",
+            "a/x.png,1,2,60,40\na/x.png,1,2,60,41\nb/y.png,5,6,45,28\n": r"line 2.*second, different box.*x\.png",
+            "path,x,y,w,h\na/x.png,1,2,3,4\n": "names other columns",
+            "a/x.png,1,2,60\n": r"line 1.*expected path,x1,y1,x2,y2",
+            "a/x.png,1,2,sixty,40\n": "not four numbers",
+            "a/x.png,10,2,5,40\n": "not xyxy",
+            "a/x.png,nan,2,5,40\n": "not xyxy",
+            "path,x1,y1,x2,y2\n": "lists no images",
+        }
+        for text, pattern in cases.items():
+            boxes.write_text(text)
+            with pytest.raises(DACInputError, match="regions: .*" + pattern):
+                ImageFolderDataset(tmp_path, reader=pil_reader, regions=boxes)
+        with pytest.raises(DACInputError, match="regions: .*not a file"):
+            ImageFolderDataset(tmp_path, reader=pil_reader, regions=tmp_path / "nowhere.csv")
+        boxes.write_text("a/x.png,1,2,61,40\nb/y.png,5,6,45,28\n")  # one pixel wider than the image: said when read
+        ds = ImageFolderDataset(tmp_path, reader=pil_reader, regions=boxes)
+        assert ds[1]["roi"].tolist() == [5.0, 6.0, 45.0, 28.0]
+        with pytest.raises(DACInputError, match=r"regions: the box .*x\.png.*not inside its 60x40 image"):
+            ds[0]
 
 
 class TestCollate:

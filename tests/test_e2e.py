@@ -1,7 +1,9 @@
 """Training through the box: the oracle front, the soft-edged crop, warm starts and schedules."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from dac import DACInputError
 from dac.data.datasets import DistractorDataset, MemoryDataset
 from dac.functional import crop_resize
 from dac.saliency import aspect_box
-from dac.train import Engine, PipelineConfig, build_pipeline, config_from_dict, init_runtime, run_cv
+from dac.train import Engine, PipelineConfig, build_pipeline, config_from_dict, init_runtime, load_config, run_cv
 from dac.train.pipelines import OracleFront
 
 TINY = {
@@ -80,6 +82,64 @@ class TestDistractorRuns:
         assert "oracle (true region)" in (tmp_path / "cv" / "summary.md").read_text()
         again = run_cv(config, tmp_path / "again", figures=False)  # the same seed gives the same numbers
         assert again["oracle"]["accuracy_mean"] == summary["oracle"]["accuracy_mean"]
+
+
+class TestOracleOnFiles:
+    """A folder's true regions come from a ``path,x1,y1,x2,y2`` table (``data.regions`` / ``--regions``)."""
+
+    @pytest.fixture
+    def folder(self, tmp_path):
+        """(class folders of 12 distractor scenes as PNG, the table of their regions, a config with the oracle row)."""
+        from PIL import Image
+
+        scenes = DistractorDataset(12, seed=2, sizes=((96, 177),))
+        rows = ["path,x1,y1,x2,y2"]
+        for i in range(len(scenes)):
+            item = scenes[i]
+            name = f"{scenes.classes[item['label']]}/{i}.png"
+            (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(item["image"][0].numpy()).save(tmp_path / "images" / name)
+            rows.append(f"{name},{','.join(str(v) for v in item['roi'].tolist())}")
+        (tmp_path / "images" / "boxes.csv").write_text("\n".join(rows) + "\n")
+        config = tmp_path / "oracle.yaml"
+        config.write_text(json.dumps({**TINY, "data": {**TINY["data"], "source": "phantom"},
+                                      "pipelines": {"oracle": {"epochs": 1, "input_size": [20, 37]}}}))
+        return tmp_path / "images", tmp_path / "images" / "boxes.csv", config, scenes
+
+    def test_cv_crops_the_regions_of_the_table(self, folder, tmp_path, capsys):
+        from dac.cli import main
+        from dac.train.folds import build_dataset
+
+        images, boxes, config, scenes = folder
+        cfg = load_config(config, data=str(images), regions=str(boxes))
+        dataset = build_dataset(cfg.data)
+        by_name = {Path(path).name: i for i, (path, _) in enumerate(dataset.base.samples)}
+        for i in range(len(scenes)):  # each file's item carries its own scene's region
+            assert torch.equal(dataset[by_name[f"{i}.png"]]["roi"], scenes[i]["roi"])
+        out = tmp_path / "cv"
+        argv = ["cv", "--config", str(config), "--data", str(images), "--out", str(out), "--quiet"]
+        assert main(argv[:5] + ["--out", str(tmp_path / "bare"), "--quiet"]) == 2  # without the table: one line saying what is missing
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "regions" in err and "--regions" in err
+        assert main(argv + ["--regions", str(boxes)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert np.isfinite(summary["oracle"]["accuracy_mean"])
+        lines = boxes.read_text().splitlines()
+        lines[1] = lines[1].rsplit(",", 4)[0] + ",0,0,30,20"  # one region changed: other data, not resumed
+        boxes.write_text("\n".join(lines) + "\n")
+        capsys.readouterr()
+        assert main(argv + ["--regions", str(boxes)]) == 2
+        assert "other data" in capsys.readouterr().err
+
+    def test_regions_are_for_files_only(self, folder):
+        from dac.train.folds import build_dataset
+
+        _, boxes, config, _ = folder
+        cfg = load_config(config, regions=str(boxes))  # the config's source is generated phantoms
+        with pytest.raises(DACInputError, match="data.regions: generated data"):
+            build_dataset(cfg.data)
+        with pytest.raises(DACInputError, match="--regions: .*not a file"):
+            load_config(config, regions=str(boxes.parent / "nowhere.csv"))
 
 
 # ----------------------------------------------------------------------------- soft-edged crop

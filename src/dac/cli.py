@@ -216,6 +216,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=summary, description=text)
         cmd.add_argument("--config", required=True, metavar="PATH", help="YAML config (e.g. configs/quick.yaml, configs/paper.yaml)")
         cmd.add_argument("--data", metavar="DIR|CSV", help="images: a folder with one sub-folder per class, or a CSV of path,label (overrides the config's data.source)")
+        cmd.add_argument("--regions", metavar="CSV", help="every image's true region: a CSV of path,x1,y1,x2,y2 (overrides "
+                         "data.regions; the oracle pipeline crops them)")
         cmd.add_argument("--out", required=True, metavar="DIR", help="results folder")
         cmd.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
         cmd.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -441,7 +443,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import load_config, train_pipeline
 
-    config = load_config(args.config, data=args.data, device=args.device)
+    config = load_config(args.config, data=args.data, regions=args.regions, device=args.device)
     metrics = train_pipeline(config, args.out, pipeline=args.pipeline)
     if "accuracy" in metrics and os.environ.get("RANK", "0") == "0":
         print(f"dac train: {metrics['pipeline']}: held-out accuracy {metrics['accuracy']:.3f}, "
@@ -454,7 +456,7 @@ def _cv(args: argparse.Namespace) -> int:
     from .viz import require_matplotlib
 
     require_matplotlib()
-    config = load_config(args.config, data=args.data, device=args.device)
+    config = load_config(args.config, data=args.data, regions=args.regions, device=args.device)
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()] if args.pipelines else None
     run_cv(config, args.out, pipelines=pipelines)
     if os.environ.get("RANK", "0") == "0":

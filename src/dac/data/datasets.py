@@ -23,7 +23,7 @@ from .._checks import DACInputError, check_int
 from .distractors import DISTRACTOR_CLASSES, distractor_class, make_distractor_scene
 from .io import IMAGE_SUFFIXES, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
-from .tables import read_csv_rows
+from .tables import read_box_rows, read_csv_rows
 
 __all__ = [
     "DistractorDataset",
@@ -168,16 +168,25 @@ class ImageFolderDataset(Dataset):
     (``"12-32"`` is class 4, not the 3rd name in string order), so ``classes`` is then
     :data:`CLASS_NAMES`.
 
+    With ``regions`` (a ``path,x1,y1,x2,y2`` table, :func:`dac.data.tables.read_box_rows`:
+    the one ``dac fit-saliency --data`` reads) every item also carries its true region
+    ``roi`` (Tensor[4] float32, xyxy in input pixels), as generated data does: what the
+    ``oracle`` pipeline crops and what box benchmarks compare with. Every image needs a
+    row; rows for other files are ignored. The box is checked against the image when the
+    item is read (``transform`` must keep the image's geometry).
+
     Args:
         root_or_csv: a directory of class folders, or a ``.csv`` file.
         transform: applied to each image Tensor[C, H, W] from ``reader``, or None.
         reader: ``path -> Tensor[C, H, W]``; default :func:`dac.data.io.read_image`
             (imported on first use).
+        regions: a table of every image's true region, or None.
 
     Attributes:
         classes: class names, index = label.
         samples: list of (path, label), path a str.
         labels: list of every sample's label.
+        boxes: every sample's region ``[x1, y1, x2, y2]`` (with ``regions``), else None.
 
     Examples:
         >>> import tempfile, pathlib
@@ -196,6 +205,7 @@ class ImageFolderDataset(Dataset):
         *,
         transform: Callable[[Tensor], Any] | None = None,
         reader: Callable[[str], Tensor] | None = None,
+        regions: str | Path | None = None,
     ) -> None:
         if not isinstance(root_or_csv, (str, Path)):
             raise DACInputError(f"root_or_csv: expected a path, got {type(root_or_csv).__name__}")
@@ -214,6 +224,7 @@ class ImageFolderDataset(Dataset):
         self.root = source
         self.transform = transform
         self.reader = reader
+        self.boxes = None if regions is None else _boxes_of(self.samples, regions)
 
     @property
     def labels(self) -> list[int]:
@@ -228,7 +239,14 @@ class ImageFolderDataset(Dataset):
         image = (self.reader or read_image)(path)
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "label": label, "path": path}
+        item = {"image": image, "label": label, "path": path}
+        if self.boxes is not None:
+            box = self.boxes[_item_index(index, len(self.samples))]
+            height, width = image.shape[-2:]
+            if box[2] > width or box[3] > height:
+                raise DACInputError(f"regions: the box {box} of {_shown(path)!r} is not inside its {width}x{height} image")
+            item["roi"] = torch.tensor(box, dtype=torch.float32)
+        return item
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r}, {len(self)} images, classes={self.classes})"
@@ -428,6 +446,24 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
         classes = _class_order([label for _, _, label in rows])
         labels = [classes.index(label) for _, _, label in rows]
     return classes, [(file, label) for (_, file, _), label in zip(rows, labels)]
+
+
+def _boxes_of(samples: list[tuple[str, int]], regions: str | Path) -> list[list[float]]:
+    """Each sample's box from a ``path,x1,y1,x2,y2`` table, matched by the file's resolved path."""
+    if not isinstance(regions, (str, Path)):
+        raise DACInputError(f"regions: expected a path to a .csv file or None, got {type(regions).__name__}")
+    if not Path(regions).is_file():
+        raise DACInputError(f"regions: {str(regions)!r} is not a file (expected a CSV of path,x1,y1,x2,y2)")
+    table: dict[str, list[float]] = {}
+    for line, file, box in read_box_rows(regions, "regions"):
+        key = os.path.realpath(file)
+        if table.setdefault(key, box) != box:
+            raise DACInputError(f"regions: {str(regions)!r} line {line}: a second, different box for '{_shown(str(file))}'")
+    missing = [path for path, _ in samples if os.path.realpath(path) not in table]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DACInputError(f"regions: {str(regions)!r} has no box for '{_shown(missing[0])}'{more}")
+    return [table[os.path.realpath(path)] for path, _ in samples]
 
 
 def _shown(path: str) -> str:

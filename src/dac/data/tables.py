@@ -1,5 +1,9 @@
 """CSV files users hand to dac (``path,label`` lists, labelled boxes): one reader for all.
 
+* :func:`read_csv_rows` — the rows of any of them.
+* :func:`read_box_rows` — a ``path,x1,y1,x2,y2`` table of labelled regions (``dac
+  fit-saliency --data``, a folder's ``data.regions``).
+
 Read as ``dac crop`` reads its own table: UTF-8, with or without a byte-order mark;
 bytes that are not UTF-8 (a file name written by a Latin-1 tool, say) are kept as
 Python's ``surrogateescape`` characters, so that a path names exactly the file whose
@@ -9,12 +13,16 @@ spaces.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
 from .._checks import DACInputError
 
-__all__ = ["read_csv_rows"]
+__all__ = ["BOX_HEADER", "read_box_rows", "read_csv_rows"]
+
+#: The header of a table of labelled regions: xyxy in input pixels (torchvision's boxes).
+BOX_HEADER = ("path", "x1", "y1", "x2", "y2")
 
 
 def read_csv_rows(path: str | os.PathLike, name: str = "csv") -> list[tuple[int, list[str]]]:
@@ -48,3 +56,54 @@ def read_csv_rows(path: str | os.PathLike, name: str = "csv") -> list[tuple[int,
     except csv.Error as err:
         raise DACInputError(f"{name}: {os.fspath(path)!r} is not a CSV file ({err})") from None
     return [(line, cells) for line, cells in rows if any(cells)]
+
+
+def read_box_rows(path: str | os.PathLike, name: str) -> list[tuple[int, Path, list[float]]]:
+    """The rows of a ``path,x1,y1,x2,y2`` table: one image per row, its labelled region
+    xyxy in input pixels; an optional header row :data:`BOX_HEADER`; relative paths from
+    the table's folder. Read by :func:`read_csv_rows`.
+
+    Whether a file exists and whether its box lies inside its image are the caller's
+    to check (they need the image).
+
+    Args:
+        path: the table.
+        name: how the caller names the argument, for error messages (``data``, ``data.regions``).
+
+    Returns:
+        ``[(line, file, [x1, y1, x2, y2]), ...]`` in the table's order.
+
+    Raises:
+        DACInputError: naming ``name``, the table and the line: a row that is not a path and
+            four finite numbers with ``0 <= x1 < x2`` and ``0 <= y1 < y2``, a header naming
+            other columns (an xywh or y-first table is not read as xyxy); or no rows.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     p = Path(folder, "boxes.csv")
+        ...     _ = p.write_text("path,x1,y1,x2,y2\\na.png, 10, 5, 50, 40\\n")
+        ...     [(line, file.name, box) for line, file, box in read_box_rows(p, "regions")]
+        [(2, 'a.png', [10.0, 5.0, 50.0, 40.0])]
+    """
+    shown = repr(os.fspath(path))
+    rows = []
+    for line, cells in read_csv_rows(path, name):
+        if line == 1 and cells[0].lower() in ("path", "file", "image"):
+            if tuple(c.lower() for c in cells[1:]) != BOX_HEADER[1:]:
+                raise DACInputError(f"{name}: {shown}: the header {cells!r} names other columns; expected "
+                                    f"{','.join(BOX_HEADER)} (xyxy, input pixels)")
+            continue
+        if len(cells) != 5 or not cells[0]:
+            raise DACInputError(f"{name}: {shown} line {line}: expected {','.join(BOX_HEADER)} (UTF-8), got {cells!r}")
+        try:
+            box = [float(v) for v in cells[1:]]
+        except ValueError:
+            raise DACInputError(f"{name}: {shown} line {line}: the box {cells[1:]} is not four numbers") from None
+        if not all(map(math.isfinite, box)) or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            raise DACInputError(f"{name}: {shown} line {line}: the box {box} is not xyxy with 0 <= x1 < x2 and 0 <= y1 < y2")
+        file = Path(cells[0]) if Path(cells[0]).is_absolute() else Path(path).parent / cells[0]
+        rows.append((line, file, box))
+    if not rows:
+        raise DACInputError(f"{name}: {shown} lists no images")
+    return rows

@@ -182,7 +182,7 @@ def read_labelled_images(csv_path: str | Path, pool_size: int) -> tuple[list[Ten
 
     The CSV: one image per row, its labelled region xyxy in input pixels; an optional
     header row ``path,x1,y1,x2,y2``; relative paths from the CSV's folder; read by
-    :func:`dac.data.tables.read_csv_rows` (UTF-8 with or without a BOM, bytes that are
+    :func:`dac.data.tables.read_box_rows` (UTF-8 with or without a BOM, bytes that are
     not UTF-8, such as a Latin-1 file name, kept as the file system's bytes). Each image is read as ``dac crop`` reads
     it (:func:`dac.data.io.read_input`: 8- and 16-bit PNG, TIFF, JPEG, DICOM, ...), so the
     features are those the stage will search.
@@ -201,24 +201,14 @@ def read_labelled_images(csv_path: str | Path, pool_size: int) -> tuple[list[Ten
             image, an image that cannot be read; or a CSV with no images.
     """
     from ..data.io import ImageReadError, read_input
-    from ..data.tables import read_csv_rows
+    from ..data.tables import read_box_rows
 
     csv_path = Path(csv_path)
     shown = repr(str(csv_path))
     features, regions, sizes = [], [], []
-    for line, cells in read_csv_rows(csv_path, "data"):
-        if line == 1 and cells[0].lower() in ("path", "file", "image"):
-            if [c.lower() for c in cells[1:]] != ["x1", "y1", "x2", "y2"]:  # xywh, y first...: not read as xyxy
-                raise DACInputError(f"data: {shown}: the header {cells!r} names other columns; expected path,x1,y1,x2,y2 (xyxy, input pixels)")
-            continue
-        if len(cells) != 5:
-            raise DACInputError(f"data: {shown} line {line}: expected path,x1,y1,x2,y2 (UTF-8), got {cells!r}")
-        file = Path(cells[0]) if Path(cells[0]).is_absolute() else csv_path.parent / cells[0]
+    for line, file, box in read_box_rows(csv_path, "data"):
         try:
-            box = [float(v) for v in cells[1:]]
             image, _ = read_input(str(file))
-        except ValueError:
-            raise DACInputError(f"data: {shown} line {line}: the box {cells[1:]} is not four numbers") from None
         except ImageReadError as err:
             raise DACInputError(f"data: {shown} line {line}: {err}") from None
         height, width = image.shape[-2:]

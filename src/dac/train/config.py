@@ -76,6 +76,9 @@ class DataConfig:
         source: ``"phantom"`` (generated :class:`dac.data.datasets.PhantomDataset`),
             ``"distractors"`` (generated :class:`dac.data.datasets.DistractorDataset`) or a
             path: a folder with one sub-folder per class, or a CSV of ``path,label``.
+        regions: for a folder or CSV source, a CSV of ``path,x1,y1,x2,y2``: every image's true
+            region (the ``oracle`` pipeline crops it; :class:`dac.data.datasets.ImageFolderDataset`);
+            None: not known. Generated data carries its own.
         length: number of generated images (phantom and distractors only).
         sizes: generated (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).
         gray8: convert real images to 8-bit gray first (the paper's preprocessing).
@@ -85,6 +88,7 @@ class DataConfig:
     """
 
     source: str = field(default="phantom", metadata={"check": lambda v, n: _text(v, n)})
+    regions: str | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _text(v, n)})
     length: int = field(default=1000, metadata={"check": lambda v, n: check_int(v, n, 1)})
     sizes: tuple[tuple[int, int], ...] = field(default=((1536, 2836), (1536, 2860)), metadata={"check": lambda v, n: _sizes(v, n, 64)})
     gray8: bool = field(default=True, metadata={"check": lambda v, n: check_bool(v, n)})
@@ -248,6 +252,10 @@ class ExperimentConfig:
         d["data"].pop("cache_images")
         if d["data"]["source"] not in GENERATED:
             d["data"]["source"] = "files"
+        if d["data"]["regions"] is None:  # added later: counts only when set
+            d["data"].pop("regions")
+        else:
+            d["data"]["regions"] = "files"  # what the table holds is in the data digest
         for p in d["pipelines"].values():  # settings added later count only when set, so older folders still match
             for key, default in _LATER_DEFAULTS.items():
                 if p.get(key) == default:
@@ -256,12 +264,14 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_config(path: str | Path | None = None, *, data: str | None = None, device: str | None = None) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, *, data: str | None = None, regions: str | None = None,
+                device: str | None = None) -> ExperimentConfig:
     """Read a YAML config (None: the defaults), then apply command-line overrides.
 
     Args:
         path: a ``.yaml`` file.
         data: overrides ``data.source``: a folder of class folders or a CSV of path,label.
+        regions: overrides ``data.regions``: a CSV of path,x1,y1,x2,y2.
         device: overrides ``train.device``.
 
     Raises:
@@ -289,6 +299,10 @@ def load_config(path: str | Path | None = None, *, data: str | None = None, devi
         if not Path(data).exists():
             raise DACInputError(f"--data: {data!r} does not exist")
         cfg.data.source = str(data)
+    if regions is not None:
+        if not Path(regions).is_file():
+            raise DACInputError(f"--regions: {regions!r} is not a file (expected a CSV of path,x1,y1,x2,y2)")
+        cfg.data.regions = str(regions)
     if device is not None:
         cfg.train.device = _available_device(device, "--device")
     return cfg

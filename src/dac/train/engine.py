@@ -466,7 +466,8 @@ def _regions(model: Pipeline, batch: dict[str, Any], device: torch.device) -> di
         return {}
     if "roi" not in batch:
         raise DACInputError("regions: the oracle pipeline crops each image's true region; this data does not carry "
-                            "regions (data.source: phantom or distractors do)")
+                            "regions (data.source: phantom or distractors do; for a folder or CSV, give data.regions or --regions: a CSV "
+                            "of path,x1,y1,x2,y2)")
     roi = batch["roi"]
     return {"regions": (torch.stack(roi) if isinstance(roi, list) else roi).to(device)}
 

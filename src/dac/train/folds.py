@@ -55,6 +55,9 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
     Raises:
         DACInputError: the source does not exist, lists no images, or has one class.
     """
+    if config.regions is not None and config.source in ("phantom", "distractors"):
+        raise DACInputError(f"data.regions: generated data ({config.source}) carries its own regions; "
+                            "data.regions is for a folder or a CSV of images")
     if config.source == "phantom":
         base: Dataset = PhantomDataset(config.length, seed=seed, sizes=config.sizes, bits=8)
         classes: Sequence[str] = CLASS_NAMES
@@ -68,7 +71,10 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
             raise DACInputError(f"data.source: {config.source!r} does not exist (expected 'phantom', a folder or a CSV)")
 
         reader = functools.partial(read_image, gray=True)
-        base = ImageFolderDataset(config.source, reader=reader, transform=to_gray8 if config.gray8 else None)
+        if config.regions is not None and not Path(config.regions).is_file():
+            raise DACInputError(f"data.regions: {config.regions!r} is not a file (expected a CSV of path,x1,y1,x2,y2)")
+        base = ImageFolderDataset(config.source, reader=reader, transform=to_gray8 if config.gray8 else None,
+                                  regions=config.regions)
         classes = base.classes
     dataset = ReadableImages(base, classes)
     if len(set(dataset.labels)) < 2:
@@ -99,7 +105,8 @@ class ReadableImages(ImageLabelDataset):
 
 def data_digest(dataset: ImageLabelDataset) -> str:
     """A short hash of what a dataset holds: its classes and every item's label, and for
-    files their paths (relative to the folder or CSV) and sizes; for phantoms their recipe.
+    files their paths (relative to the folder or CSV), sizes and true regions (where
+    given); for phantoms their recipe.
 
     Files edited in place without a change of size are not noticed (nothing is read).
 
@@ -122,6 +129,8 @@ def data_digest(dataset: ImageLabelDataset) -> str:
                 size = -1
             rel = os.path.relpath(path, root) if Path(path).is_relative_to(root) else str(path)
             items.append([rel, int(label), size])
+        if base.boxes is not None:  # the true regions, where given, are part of the data
+            items.append(base.boxes)
     elif isinstance(base, (PhantomDataset, DistractorDataset)):
         items = [repr(base), list(map(int, dataset.labels))]
     else:

@@ -357,7 +357,7 @@ class OracleFront(nn.Module):
         """
         if regions is None:
             raise DACInputError("regions: the oracle pipeline crops each image's true region; it needs data that carries "
-                                "them (data.source: phantom or distractors)")
+                                "them (data.source: phantom or distractors, or a folder with data.regions / --regions)")
         regions = torch.as_tensor(regions) if not isinstance(regions, Tensor) else regions
         if regions.ndim != 2 or regions.shape != (len(images), 4):
             raise DACInputError(f"regions: expected Tensor[{len(images)}, 4] (one xyxy box per image), got {tuple(regions.shape)}")
