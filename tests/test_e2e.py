@@ -298,6 +298,76 @@ class TestWarmStart:
         assert again["dac_e2e"]["accuracy_mean"] == first["dac_e2e"]["accuracy_mean"]
 
 
+
+class TestStageWarmStart:
+    """``saliency_init``: the saliency net starts from a ``dac fit-saliency`` stage."""
+
+    @pytest.fixture
+    def stage(self, tmp_path):
+        from dac.saliency import SaliencyNet, save_saliency
+
+        net = SaliencyNet(3, width=4, members=2, generator=torch.Generator().manual_seed(5))
+        torch.nn.init.normal_(net.gate.weight, generator=torch.Generator().manual_seed(6))  # not the paper's map
+        save_saliency(net, tmp_path / "stage.pt")
+        return net, tmp_path / "stage.pt"
+
+    def test_both_dac_kinds_start_from_the_stage_and_dac_keeps_it(self, stage):
+        from dac.saliency import SaliencyNet
+
+        net, path = stage
+        for kind in ("dac", "dac_e2e"):
+            cfg = PipelineConfig(kind=kind, input_size=(20, 37), pool_size=3, saliency_width=4, saliency_members=2,
+                                 saliency_init=str(path))
+            model = build_pipeline(cfg, width=4)
+            saliency = model.front.crop.saliency
+            assert all(torch.equal(a, b) for a, b in zip(saliency.state_dict().values(), net.state_dict().values()))
+            assert model.front_is_fixed == (kind == "dac")  # plain DAC: the stage fixed, its crops cached
+            assert all(p.requires_grad == (kind == "dac_e2e") for p in saliency.parameters())
+            bare = build_pipeline(cfg, width=4, load_stage=False)  # for a checkpoint's weights: the architecture only
+            assert not torch.equal(bare.front.crop.saliency.gate.weight, net.gate.weight)
+        images = torch.rand(2, 1, 96, 177)
+        assert not torch.equal(model.front.crop.saliency(images), SaliencyNet(3, width=4, members=2)(images))
+
+    def test_a_stage_that_does_not_fit_is_refused_naming_what_differs(self, stage, tmp_path):
+        _, path = stage
+        with pytest.raises(DACInputError, match=r"saliency_init: .*members 2 \(pipeline: 1\).*saliency_members"):
+            build_pipeline(PipelineConfig(kind="dac_e2e", input_size=(20, 37), pool_size=3, saliency_width=4,
+                                          saliency_init=str(path)), width=4)
+        with pytest.raises(DACInputError, match=r"saliency_init: .*pool_size 3 \(pipeline: 4\)"):
+            build_pipeline(PipelineConfig(kind="dac_e2e", input_size=(20, 37), pool_size=4, saliency_width=4,
+                                          saliency_members=2, saliency_init=str(path)), width=4)
+        (tmp_path / "junk.pt").write_bytes(b"not a stage")
+        for bad in (tmp_path / "junk.pt", tmp_path / "nowhere.pt"):
+            with pytest.raises(DACInputError, match="^saliency_init: "):
+                build_pipeline(PipelineConfig(kind="dac_e2e", input_size=(20, 37), pool_size=3, saliency_init=str(bad)), width=4)
+        with pytest.raises(DACInputError, match="pipelines.stn.saliency_init"):
+            config_from_dict({"pipelines": {"stn": {"saliency_init": str(path)}}})
+
+    def test_cv_records_the_stage_and_refuses_another(self, stage, tmp_path):
+        from dac.saliency import SaliencyNet, save_saliency
+        from dac.train import load_pipeline
+
+        net, path = stage
+        pipe = {"epochs": 1, "input_size": [20, 37], "pool_size": 3, "saliency_width": 4, "saliency_members": 2,
+                "saliency_init": str(path), "front_lr": 0.01}
+        raw = {**TINY, "data": {**TINY["data"], "length": 10}, "pipelines": {"dac_e2e": pipe}}
+        config = config_from_dict(raw)
+        moved = config_from_dict({**raw, "pipelines": {"dac_e2e": {**pipe, "saliency_init": "elsewhere/stage.pt"}}})
+        assert config.fingerprint() == moved.fingerprint()  # the path is not part of it, the content is checked apart
+        assert config.fingerprint() != config_from_dict({**raw, "pipelines": {"dac_e2e": {**pipe, "saliency_init": None}}}).fingerprint()
+        run_cv(config, tmp_path / "cv", figures=False)
+        recorded = json.loads((tmp_path / "cv" / "run.json").read_text())["stages"]
+        assert list(recorded) == ["dac_e2e"] and len(recorded["dac_e2e"]) == 64
+        other = SaliencyNet(3, width=4, members=2, generator=torch.Generator().manual_seed(7))
+        save_saliency(other, path)  # the stage changed under the same name: not resumed
+        with pytest.raises(DACInputError, match="pipelines.dac_e2e.saliency_init: .*another stage"):
+            run_cv(config, tmp_path / "cv", figures=False)
+        path.unlink()  # a trained model no longer needs the stage's file
+        model = load_pipeline(tmp_path / "cv", "dac_e2e", fold=0)
+        assert model(torch.rand(2, 1, 96, 177)).shape == (2, 5)
+        with pytest.raises(DACInputError, match="pipelines.dac_e2e.saliency_init: cannot read"):
+            run_cv(config, tmp_path / "new", figures=False)
+
 class _Faint(torch.nn.Module):
     """A saliency stage whose map has vanished (what a saturated gate gives)."""
 

@@ -150,6 +150,14 @@ class PipelineConfig:
         backward_mode: DACrop backward mode (``dac_e2e``): implicit | unroll | truncated | dlm.
         saliency_width: channels of the learned saliency net's hidden layers (``dac_e2e``,
             :class:`dac.saliency.SaliencyNet`).
+        saliency_members: gates of that net, averaged (``SaliencyNet``'s ``members``).
+        saliency_init: a trained stage (``saliency.pt`` of ``dac fit-saliency``) the saliency
+            net starts from instead of the paper's map: ``dac_e2e`` trains on from it,
+            ``dac`` keeps it fixed (its crops cached). Its pool size, width and members must
+            be the pipeline's (``pool_size``, ``saliency_width``, ``saliency_members``);
+            the pipeline's own ``r_min_fraction``, ``sharpness_factor`` and ``search`` are
+            used, not the stage's. None: the paper's map. The file is read when a run
+            starts; a results folder records its digest and refuses a changed stage.
         localization_size: (H, W) the STN's localisation net sees.
         roi_rotate_degrees: DAC pipelines: rotate each crop about the centre of its
             box by up to this angle, sampled from the whole image (no black corners);
@@ -195,6 +203,8 @@ class PipelineConfig:
     pool_size: int = field(default=10, metadata={"check": lambda v, n: check_int(v, n, 1)})
     backward_mode: str = field(default="implicit", metadata={"check": lambda v, n: check_choice(v, BACKWARD_MODES, n)})
     saliency_width: int = field(default=16, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    saliency_members: int = field(default=1, metadata={"check": lambda v, n: check_int(v, n, 1)})
+    saliency_init: str | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _text(v, n)})
     localization_size: tuple[int, int] = field(default=(64, 118), metadata={"check": lambda v, n: _pair(v, n, 16)})
     roi_rotate_degrees: float = field(default=0.0, metadata={"check": lambda v, n: check_angle(v, n)})
     front_lr: float | None = field(default=None, metadata={"check": lambda v, n: None if v is None else _positive(v, n)})
@@ -223,7 +233,7 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
 _LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
                    "search": "paper", "candidates": 1, "candidate_power": 1.0, "front_clip_norm": None,
-                   "candidate_sampling": False, "candidate_baseline": "batch"}
+                   "candidate_sampling": False, "candidate_baseline": "batch", "saliency_members": 1, "saliency_init": None}
 
 
 @dataclass
@@ -260,6 +270,8 @@ class ExperimentConfig:
             for key, default in _LATER_DEFAULTS.items():
                 if p.get(key) == default:
                     p.pop(key)
+            if "saliency_init" in p:  # the stage's path is not part of it; its content is checked by digest (run.json)
+                p["saliency_init"] = "stage"
         d["revision"] = TRAINING_REVISION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -369,6 +381,8 @@ def _check(cfg: ExperimentConfig) -> None:
             raise DACInputError(f"pipelines.{name}.edge_margin: only DAC pipelines have a box to soften (kind {p.kind!r})")
         if p.edge_margin and p.roi_rotate_degrees:
             raise DACInputError(f"pipelines.{name}.edge_margin: not with roi_rotate_degrees (a rotated crop has no soft edge)")
+        if p.saliency_init is not None and p.kind not in ("dac", "dac_e2e"):
+            raise DACInputError(f"pipelines.{name}.saliency_init: only DAC pipelines search a saliency map (kind {p.kind!r})")
         if p.front_warmup >= p.epochs:
             raise DACInputError(f"pipelines.{name}.front_warmup: {p.front_warmup} must be below epochs ({p.epochs})")
         if p.roi_rotate_degrees and p.kind not in ("dac", "dac_e2e"):

@@ -27,6 +27,7 @@ the ``dac.train`` logger (the command line shows it on stderr).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -210,7 +211,8 @@ def load_pipeline(out_dir: str | Path, pipeline: str, fold: int | None = None) -
             f"pipeline, fold: the checkpoint {str(folder / 'checkpoint.pt')!r} is unfinished (epoch {state.get('epoch', '?')} "
             f"of {state.get('epochs', '?')}): its run was interrupted; run the same command again to complete it"
         )
-    model = build_pipeline(config.pipelines[pipeline], arch=config.model.arch, width=config.model.width, num_classes=len(classes))
+    model = build_pipeline(config.pipelines[pipeline], arch=config.model.arch, width=config.model.width, num_classes=len(classes),
+                           load_stage=False)  # a warm start's stage is in the checkpoint's weights
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -239,13 +241,31 @@ class _Experiment:
         """Create the results folder, or check that it holds this very run (see :func:`_prepare_out`)."""
         _prepare_out(self, command, data_digest(self.dataset))
 
+    def stages(self) -> dict[str, str]:
+        """The sha256 of each pipeline's ``saliency_init`` stage (warm starts), by pipeline name."""
+        digests = {}
+        for name, p in self.config.pipelines.items():
+            if p.saliency_init is not None:
+                try:
+                    digests[name] = hashlib.sha256(Path(p.saliency_init).read_bytes()).hexdigest()
+                except OSError as err:
+                    raise DACInputError(f"pipelines.{name}.saliency_init: cannot read {p.saliency_init!r}: "
+                                        f"{(err.strerror or str(err)).lower()}") from None
+        return digests
+
     def log(self, message: str, level: int = logging.INFO) -> None:
         if self.rt.is_main:
             _log.log(level, message)
 
     def build(self, name: str) -> Pipeline:
         config = self.config
-        return build_pipeline(config.pipelines[name], arch=config.model.arch, width=config.model.width, num_classes=len(self.classes))
+        try:
+            return build_pipeline(config.pipelines[name], arch=config.model.arch, width=config.model.width,
+                                  num_classes=len(self.classes))
+        except DACInputError as err:
+            if str(err).startswith("saliency_init:"):
+                raise DACInputError(f"pipelines.{name}.{err}") from None
+            raise
 
     def images(self) -> Dataset:
         """The raw images: read into memory on first use when ``data.cache_images``."""
@@ -355,7 +375,7 @@ def _write_predictions(path: Path, index: np.ndarray, labels: np.ndarray, probs:
 def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
     """Create the results folder with run.json and config.yaml, or check that it holds this very run on this very data."""
     out, config, rt, n = run.out, run.config, run.rt, len(run.labels)
-    fingerprint = config.fingerprint()
+    fingerprint, stages = config.fingerprint(), run.stages()
     run_file = out / "run.json"
     if run_file.is_file():
         try:
@@ -366,6 +386,12 @@ def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
             raise DACInputError(
                 f"--out: {str(out)!r} holds results of another run (dac {previous.get('command', '?')}, config "
                 f"{previous.get('fingerprint', '?')}; this is dac {command}, config {fingerprint}); choose a new folder"
+            )
+        changed = sorted(k for k in set(stages) | set(previous.get("stages", {})) if stages.get(k) != previous.get("stages", {}).get(k))
+        if changed:
+            raise DACInputError(
+                f"pipelines.{changed[0]}.saliency_init: {str(out)!r} holds results trained from another stage (its file "
+                f"changed since): choose a new folder, or restore the stage it was run with"
             )
         if previous.get("data") != digest:
             raise DACInputError(
@@ -384,7 +410,8 @@ def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
         write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
         import dac
 
-        write_json(run_file, {"command": command, "fingerprint": fingerprint, "data": digest, "classes": run.classes, "images": n,
+        write_json(run_file, {"command": command, "fingerprint": fingerprint, "data": digest, **({"stages": stages} if stages else {}),
+                              "classes": run.classes, "images": n,
                               "dac_version": dac.__version__, "torch": torch.__version__, "world_size": rt.world_size,
                               "threads": torch.get_num_threads()})
     barrier(rt)

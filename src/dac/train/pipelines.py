@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,7 @@ from ..functional.crop import crop_resize
 from ..functional.soft_crop import soft_crop
 from ..functional.pooling import to_unit_range
 from ..layer import DACrop, quiet_unconverged
-from ..saliency import SaliencyNet
+from ..saliency import SaliencyNet, load_saliency
 from .augment import BatchAugment, augmentation, max_inside_rotation, roi_rotation_crop
 from .config import CANDIDATE_BASELINES, PipelineConfig
 from .models import resnet
@@ -59,6 +60,7 @@ __all__ = [
     "Standardize",
     "build_pipeline",
     "standardize",
+    "start_from_stage",
 ]
 
 #: (rows, columns) of the feature map the STN's localisation head reads, flattened.
@@ -620,6 +622,25 @@ class Pipeline(nn.Module):
         return self.classifier(self.normalize(crops))
 
 
+def start_from_stage(net: SaliencyNet, path: str | Path) -> None:
+    """Copy a trained stage's weights (``saliency.pt`` of ``dac fit-saliency``) into ``net``, in place.
+
+    Raises:
+        DACInputError: naming ``saliency_init``: no such file, not a stage, or a stage of
+            another pool size, width, dilations or number of members than ``net``.
+    """
+    try:
+        stage = load_saliency(path)
+    except DACInputError as err:
+        raise DACInputError(f"saliency_init: {str(err).removeprefix('saliency: ')}") from None
+    if stage.config() != net.config():
+        have, want = stage.config(), net.config()
+        differ = ", ".join(f"{k} {have[k]} (pipeline: {want[k]})" for k in want if have[k] != want[k])
+        raise DACInputError(f"saliency_init: {str(path)!r} is a stage of {differ}; set the pipeline's pool_size / "
+                            f"saliency_width / saliency_members to the stage's")
+    net.load_state_dict(stage.state_dict())
+
+
 def build_pipeline(
     config: PipelineConfig,
     *,
@@ -627,6 +648,7 @@ def build_pipeline(
     width: int = 64,
     num_classes: int = 5,
     channels: int = 1,
+    load_stage: bool = True,
 ) -> Pipeline:
     """The network of one pipeline: its front, its augmentation, a fresh ResNet.
 
@@ -635,6 +657,9 @@ def build_pipeline(
         arch, width: the ResNet (see :func:`dac.train.models.resnet`).
         num_classes: outputs.
         channels: image channels (1: the paper's grayscale).
+        load_stage: with ``config.saliency_init``, read the stage's weights into the
+            saliency net (False: its architecture only, for weights loaded next from a
+            checkpoint).
 
     Returns:
         A :class:`Pipeline`, randomly initialised from torch's global RNG (the ResNet
@@ -647,7 +672,13 @@ def build_pipeline(
     if kind == "resize":
         front: nn.Module = ResizeFront(size)
     elif kind in ("dac", "dac_e2e"):
-        saliency = SaliencyNet(config.pool_size, width=config.saliency_width) if kind == "dac_e2e" else None
+        saliency = None
+        if kind == "dac_e2e" or config.saliency_init is not None:
+            saliency = SaliencyNet(config.pool_size, width=config.saliency_width, members=config.saliency_members)
+        if config.saliency_init is not None:
+            if load_stage:
+                start_from_stage(saliency, config.saliency_init)
+            saliency.requires_grad_(kind == "dac_e2e")  # plain DAC keeps the stage fixed
         front = DACFront(size, config.pool_size, config.backward_mode, saliency, config.roi_rotate_degrees,
                          r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
                          search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness,
