@@ -355,9 +355,13 @@ class TestStageWarmStart:
         moved = config_from_dict({**raw, "pipelines": {"dac_e2e": {**pipe, "saliency_init": "elsewhere/stage.pt"}}})
         assert config.fingerprint() == moved.fingerprint()  # the path is not part of it, the content is checked apart
         assert config.fingerprint() != config_from_dict({**raw, "pipelines": {"dac_e2e": {**pipe, "saliency_init": None}}}).fingerprint()
-        run_cv(config, tmp_path / "cv", figures=False)
+        both = config_from_dict({**raw, "pipelines": {"dac_e2e": pipe, "plain": {**pipe, "kind": "dac"}}})
+        run_cv(both, tmp_path / "cv", pipelines=["plain"], figures=False)  # a stage is read and recorded when its pipeline runs
+        assert list(json.loads((tmp_path / "cv" / "run.json").read_text())["stages"]) == ["plain"]
+        run_cv(both, tmp_path / "cv", figures=False)
         recorded = json.loads((tmp_path / "cv" / "run.json").read_text())["stages"]
-        assert list(recorded) == ["dac_e2e"] and len(recorded["dac_e2e"]) == 64
+        assert sorted(recorded) == ["dac_e2e", "plain"] and len(recorded["dac_e2e"]) == 64
+        config = both
         other = SaliencyNet(3, width=4, members=2, generator=torch.Generator().manual_seed(7))
         save_saliency(other, path)  # the stage changed under the same name: not resumed
         with pytest.raises(DACInputError, match="pipelines.dac_e2e.saliency_init: .*another stage"):

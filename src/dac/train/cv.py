@@ -97,7 +97,7 @@ def run_cv(
     run = _Experiment(config, out_dir)
     k = config.train.folds
     folds = stratified_folds(run.labels, k, config.seed)
-    run.prepare("cv")
+    run.prepare("cv", names)
     out = run.out
     if run.rt.is_main:
         write_json(out / "folds.json", [f.tolist() for f in folds])
@@ -163,7 +163,7 @@ def train_pipeline(
     (name,) = _pipeline_names(config, [pipeline])
     run = _Experiment(config, out_dir)
     train, test = holdout_split(run.labels, config.train.holdout, config.seed)
-    run.prepare("train")
+    run.prepare("train", [name])
     metrics = run.train_and_evaluate(
         name, run.out / name, run.source(name), train, test, seed=seed_for(config.seed, "train"), tag=name,
         callback=_tagged(callback, {"pipeline": name}), extra={},
@@ -237,14 +237,16 @@ class _Experiment:
                              workers=config.data.workers)
         self._images: Dataset | None = None
 
-    def prepare(self, command: str) -> None:
-        """Create the results folder, or check that it holds this very run (see :func:`_prepare_out`)."""
-        _prepare_out(self, command, data_digest(self.dataset))
+    def prepare(self, command: str, names: list[str]) -> None:
+        """Create the results folder, or check that it holds this very run (see :func:`_prepare_out`);
+        ``names``: the pipelines this call trains."""
+        _prepare_out(self, command, data_digest(self.dataset), self.stages(names))
 
-    def stages(self) -> dict[str, str]:
-        """The sha256 of each pipeline's ``saliency_init`` stage (warm starts), by pipeline name."""
+    def stages(self, names: list[str]) -> dict[str, str]:
+        """The sha256 of the ``saliency_init`` stage (a warm start) of each of ``names`` that has one."""
         digests = {}
-        for name, p in self.config.pipelines.items():
+        for name in names:
+            p = self.config.pipelines[name]
             if p.saliency_init is not None:
                 try:
                     digests[name] = hashlib.sha256(Path(p.saliency_init).read_bytes()).hexdigest()
@@ -372,10 +374,11 @@ def _write_predictions(path: Path, index: np.ndarray, labels: np.ndarray, probs:
     write_text(path, buffer.getvalue())
 
 
-def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
-    """Create the results folder with run.json and config.yaml, or check that it holds this very run on this very data."""
+def _prepare_out(run: _Experiment, command: str, digest: str, stages: dict[str, str]) -> None:
+    """Create the results folder with run.json and config.yaml, or check that it holds this very run on this very
+    data, from the same warm-start ``stages`` (sha256 by pipeline; those first trained now are added to run.json)."""
     out, config, rt, n = run.out, run.config, run.rt, len(run.labels)
-    fingerprint, stages = config.fingerprint(), run.stages()
+    fingerprint = config.fingerprint()
     run_file = out / "run.json"
     if run_file.is_file():
         try:
@@ -387,7 +390,8 @@ def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
                 f"--out: {str(out)!r} holds results of another run (dac {previous.get('command', '?')}, config "
                 f"{previous.get('fingerprint', '?')}; this is dac {command}, config {fingerprint}); choose a new folder"
             )
-        changed = sorted(k for k in set(stages) | set(previous.get("stages", {})) if stages.get(k) != previous.get("stages", {}).get(k))
+        recorded = previous.get("stages", {})
+        changed = sorted(k for k in stages if k in recorded and stages[k] != recorded[k])
         if changed:
             raise DACInputError(
                 f"pipelines.{changed[0]}.saliency_init: {str(out)!r} holds results trained from another stage (its file "
@@ -399,6 +403,11 @@ def _prepare_out(run: _Experiment, command: str, digest: str) -> None:
                 f"{previous.get('data', '?')}; the data now has {n} images, digest {digest}: files, labels or classes changed); "
                 f"its folds would mix two datasets: choose a new folder, or restore the data it was run on"
             )
+        if any(k not in recorded for k in stages):  # a pipeline trained here for the first time: its stage recorded
+            barrier(rt)
+            if rt.is_main:
+                write_json(run_file, {**previous, "stages": {**recorded, **stages}})
+            barrier(rt)
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DACInputError(f"--out: {str(out)!r} exists and is not a dac results folder; choose a new or empty folder")
