@@ -133,7 +133,7 @@ def run_row(args: tuple) -> dict:
                    search=opts["search"])
     fit = dict(steps=opts["steps"], mask_steps=opts["mask_steps"], batch_size=opts["batch_size"], lr=opts["lr"], mask_lr=opts["mask_lr"],
                coverage_weight=opts["coverage_weight"], margin=opts["margin"], stretch=opts["stretch"], shift=opts["shift"],
-               clip_norm=opts["clip_norm"], time_limit=opts["time_limit"], seed=opts["seed"])
+               clip_norm=opts["clip_norm"], border=opts["border"], time_limit=opts["time_limit"], seed=opts["seed"])
     features = [it["features"].float() for it in train]
     regions = torch.stack([it["roi"] for it in train]) if train else None
     sizes = [(height, width)] * len(train)
@@ -284,7 +284,7 @@ def run_rows(rows: list[dict], args: argparse.Namespace, opts: dict, height: int
         "output_size": tuple(int(v) for v in args.output_size.lower().split("x")), "rmin": args.rmin, "factor": args.factor, "stages": args.stages,
         "steps": args.steps, "mask_steps": args.mask_steps, "time_limit": args.time_limit, "batch_size": args.batch_size, "lr": args.lr,
         "mask_lr": args.mask_lr,
-        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "clip_norm": args.clip_norm, "search": args.search, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
+        "coverage_weight": args.coverage_weight, "margin": args.margin, "stretch": args.stretch, "shift": args.shift, "clip_norm": args.clip_norm, "border": args.border, "search": args.search, "net_width": args.net_width, "members": args.members, "seed": args.seed, "threads": args.threads,
         "data": str(data), "save": args.save,
     })
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stretch", type=float, default=FIT_DEFAULTS["stretch"], help="augmentation: left-right stretch range (0: none)")
     parser.add_argument("--shift", type=float, default=FIT_DEFAULTS["shift"], help="augmentation: largest move, image widths (0: none)")
     parser.add_argument("--clip-norm", type=float, default=FIT_DEFAULTS["clip_norm"], help="largest gradient norm of a box step (inf: no clip)")
+    parser.add_argument("--border", type=float, default=FIT_DEFAULTS["border"], help="augmentation: share of images given a collimator border beside the region")
     parser.add_argument("--net-width", type=int, default=16)
     parser.add_argument("--members", type=int, default=FIT_DEFAULTS["members"], help="gates of the learned saliency, trained side by side and averaged")
     parser.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dac.saliency import flip_left_right, region_masks, stretch_and_shift
+from dac.saliency import FitOptions, film_border, flip_left_right, region_masks, saliency_features, stretch_and_shift
+from dac import DACInputError
+import pytest
 
 
 class TestAugment:
@@ -53,3 +55,33 @@ class TestAugment:
         flipped, moved = flip_left_right(features, regions, 10, torch.tensor([True, False]))
         torch.testing.assert_close(flipped[:, :1], region_masks(moved, (4, 10), 10))
         assert torch.equal(flipped[1], features[1]) and torch.equal(moved[1], regions[1])
+
+
+class TestFilmBorder:
+    def test_a_flat_border_beside_the_region_and_never_over_it(self):
+        k, h, w = 10, 6, 40
+        features = saliency_features(torch.randint(60, 200, (8, 1, h * k, w * k), dtype=torch.uint8), k)
+        regions = torch.tensor([[120.0, 10, 300, 50]] * 8)  # pooled columns 12..30
+        out = film_border(features, regions, k, np.random.default_rng(3), 1.0, (2, 5))
+        changed = (out != features).any(dim=1).any(dim=1)  # [b, w] columns that changed
+        for i in range(8):
+            cols = changed[i].nonzero().flatten()
+            assert len(cols) > 0
+            left = bool(cols[0] == 0)
+            assert torch.equal(cols, torch.arange(cols[0], cols[-1] + 1))  # one run of columns from an edge
+            assert (cols[-1] <= 12 - 2) if left else (cols[0] >= 30 + 2 and cols[-1] == w - 1)
+            border = out[i, :, :, cols]
+            assert border[0].max() < 0.25 and border[4].max() < 0.05  # flat: small range and spread
+        sides = {bool(changed[i, 0]) for i in range(8)}
+        assert sides == {True, False}  # both sides drawn
+        # the same draws give the same border; share 0 changes nothing; no room on a side: left alone
+        again = film_border(features, regions, k, np.random.default_rng(3), 1.0, (2, 5))
+        assert torch.equal(again, out)
+        assert film_border(features, regions, k, np.random.default_rng(3), 0.0) is features
+        full = torch.tensor([[5.0, 10, 395, 50]] * 8)
+        assert torch.equal(film_border(features, full, k, np.random.default_rng(3), 1.0), features)
+
+    def test_the_option_is_checked(self):
+        assert FitOptions(border=0.5).border == 0.5 and FitOptions().border == 0.0
+        with pytest.raises(DACInputError, match="border"):
+            FitOptions(border=1.5)

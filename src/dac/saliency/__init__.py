@@ -20,7 +20,7 @@ Examples:
     >>> DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4)).locate(image).shape
     torch.Size([1, 4])
 """
-from .augment import flip_left_right, stretch_and_shift
+from .augment import film_border, flip_left_right, stretch_and_shift
 from .features import FEATURES, check_features, saliency_features, standardize_features
 from .fit import FIT_DEFAULTS, FitHistory, FitOptions, box_loss, fit_region_masks, fit_saliency, init_generator, random_stream
 from .net import LEARNED_DEFAULTS, SaliencyNet, feature_trunk, trunk_map
@@ -36,7 +36,7 @@ SaliencyNet.__module__ = __name__
 __all__ = [
     "FEATURES", "FIT_DEFAULTS", "LEARNED_DEFAULTS", "SHIPPED_STAGE", "BoxRegressor", "FitHistory", "FitOptions", "SaliencyNet",
     "aspect_box", "box_loss", "check_features", "feature_trunk", "fit_box_regressor", "fit_region_masks", "fit_saliency",
-    "flip_left_right", "init_generator", "labelled_fit", "load_dacrop", "load_saliency", "localisation_scores",
+    "film_border", "flip_left_right", "init_generator", "labelled_fit", "load_dacrop", "load_saliency", "localisation_scores",
     "margin_target", "minimum_width", "random_stream", "region_masks", "save_saliency", "saliency_features",
     "standardize_features", "stretch_and_shift", "trunk_map",
 ]

@@ -3,6 +3,8 @@
 * :func:`flip_left_right` — mirror chosen images of a batch (features and regions).
 * :func:`stretch_and_shift` — stretch each image left-right about its region's centre,
   then move it by whole pooled pixels; the region moves alike and never leaves the grid.
+* :func:`film_border` — cover the columns beyond one end of chosen images' regions with
+  a flat collimator border (dark or bright, with noise), a little way from the region.
 
 Both work on cached :func:`~dac.saliency.saliency_features` (not on images) and draw
 from an explicit ``numpy.random.Generator``.
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["flip_left_right", "stretch_and_shift"]
+from .features import saliency_features
+
+__all__ = ["film_border", "flip_left_right", "stretch_and_shift"]
 
 
 def flip_left_right(features: Tensor, regions: Tensor, pool_size: int, mirror: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,3 +116,61 @@ def stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: np
     x, y = x + dx[:, None], y + dy[:, None]
     return moved.contiguous(), k * torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=-1)
 
+
+
+def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.random.Generator, share: float,
+                gap: tuple[int, int] = (1, 10)) -> Tensor:
+    """Chosen images with a collimator border beside one end of their region: the
+    columns from the image's left (or right) edge to ``g`` pooled pixels before the
+    region (``g`` drawn from ``gap``, inclusive) hold the features of a flat border,
+    as a film whose collimator edge comes close to the arch.
+
+    Each image is chosen with probability ``share``; its side is drawn, its level dark
+    (uniform in [0, 0.06], 7 in 10) or bright ([0.85, 1]), with read and shot noise as
+    :func:`dac.data.phantoms.make_phantom` draws them, quantised to 8 bits: the border's
+    features are :func:`~dac.saliency.saliency_features` of such a strip. Regions are
+    untouched (the border never reaches them); an image whose region leaves no room on
+    the drawn side is left as it is.
+
+    Args:
+        features: Tensor[b, 5, h, w].
+        regions: Tensor[b, 4] xyxy, input pixels.
+        pool_size: k.
+        rng: draws ``b`` choices, then per chosen image its side, gap, level and noise.
+        share: probability of a border per image, in [0, 1].
+        gap: the fewest and most pooled pixels between the border and the region.
+
+    Returns:
+        Tensor[b, 5, h, w] (a new tensor where anything changed).
+
+    Examples:
+        >>> f = torch.zeros(2, 5, 4, 20)
+        >>> out = film_border(f, torch.tensor([[80.0, 0, 120, 40]] * 2), 10, np.random.default_rng(0), 1.0, (2, 2))
+        >>> [int((out[i].abs().sum(dim=(0, 1)) > 0).sum()) for i in range(2)]  # 6 columns up to 2 before the region
+        [6, 6]
+    """
+    b, _, h, w = features.shape
+    k = int(pool_size)
+    chosen = rng.random(b) < share
+    if not chosen.any():
+        return features
+    out = features.clone()
+    for i in np.flatnonzero(chosen):
+        left = rng.random() < 0.5
+        g = int(rng.integers(gap[0], gap[1] + 1))
+        x1, x2 = float(regions[i, 0]) / k, float(regions[i, 2]) / k
+        cols = int(np.floor(x1)) - g if left else w - (int(np.ceil(x2)) + g)
+        bright = rng.random() < 0.3
+        level = rng.uniform(0.85, 1.0) if bright else rng.uniform(0.0, 0.06)
+        read, shot = rng.uniform(0.004, 0.012), rng.uniform(0.01, 0.03)
+        if cols < 1:
+            continue
+        std = np.sqrt(read * read + shot * shot * level)
+        strip = np.clip(level + std * rng.standard_normal((h * k, cols * k)), 0.0, 1.0)
+        strip = torch.from_numpy(np.rint(strip * 255).astype(np.uint8))[None, None]
+        border = saliency_features(strip, k)[0].to(out)
+        if left:
+            out[i, :, :, :cols] = border
+        else:
+            out[i, :, :, w - cols:] = border
+    return out

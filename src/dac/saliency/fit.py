@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .._checks import DACInputError, check_bool, check_int, check_pool_size, check_real
 from ..layer import DACrop, quiet_unconverged
-from .augment import flip_left_right, stretch_and_shift
+from .augment import film_border, flip_left_right, stretch_and_shift
 from .features import FEATURES
 from .net import SaliencyNet
 from .targets import margin_target, region_masks
@@ -70,7 +70,7 @@ LOG_EVERY = 20
 #: :class:`FitOptions`'s defaults.
 FIT_DEFAULTS = {
     "count": 32, "members": 2, "steps": 600, "mask_steps": 400, "batch_size": 8, "lr": 3e-3, "mask_lr": 1e-2,
-    "coverage_weight": 16.0, "margin": 0.015, "stretch": 0.1, "shift": 0.035, "clip_norm": 1.0,
+    "coverage_weight": 16.0, "margin": 0.015, "stretch": 0.1, "shift": 0.035, "clip_norm": 1.0, "border": 0.0,
 }
 
 _STREAMS = ("init", "mask", "box")
@@ -126,6 +126,8 @@ class FitOptions:
             such step fills Adam's second moment, shrinks the steps after it for
             hundreds of steps, and the fit stalls with its loss high.
         flip: mirror about half of each batch left-right (features and boxes).
+        border: the share of images given a collimator border beside one end of their
+            region (:func:`~dac.saliency.augment.film_border`; 0: none), in [0, 1].
         time_limit: seconds for the whole fit, warm start included: each phase stops
             after the step that passes it (None: no limit).
         flags: name the options as ``dac fit-saliency``'s (``--mask-steps``) in errors.
@@ -153,6 +155,7 @@ class FitOptions:
     shift: float = FIT_DEFAULTS["shift"]
     clip_norm: float = FIT_DEFAULTS["clip_norm"]
     flip: bool = True
+    border: float = FIT_DEFAULTS["border"]
     time_limit: float | None = None
     flags: InitVar[bool] = False
 
@@ -172,6 +175,7 @@ class FitOptions:
         check_real(self.shift, name("shift"), 0, 0.5, high_open=True, what="a fraction of the image width")
         check_real(self.clip_norm, name("clip_norm"), 0, inf, low_open=True, what="a number (inf: no clipping)")
         check_bool(self.flip, name("flip"))
+        check_real(self.border, name("border"), 0, 1, what="a share of the images")
         if self.time_limit is not None:
             check_real(self.time_limit, name("time_limit"), 0, inf, low_open=True, high_open=True, what="seconds")
 
@@ -523,6 +527,8 @@ def _draw(
         target_regions = regions[torch.as_tensor(pick, device=regions.device)].to(feats.device, torch.float64)
         if options.flip:
             feats, target_regions = flip_left_right(feats, target_regions, pool_size, torch.as_tensor(rng.random(len(pick)) < 0.5))
+        if options.border:
+            feats = film_border(feats, target_regions, pool_size, rng, options.border)
         if options.stretch or options.shift:
             feats, target_regions = stretch_and_shift(feats, target_regions, pool_size, rng, options.stretch, options.shift)
         yield feats, target_regions, key[1]
