@@ -235,13 +235,14 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.samples[_item_index(index, len(self.samples))]
+        index = _item_index(index, len(self.samples))
+        path, label = self.samples[index]
         image = (self.reader or read_image)(path)
         if self.transform is not None:
             image = self.transform(image)
         item = {"image": image, "label": label, "path": path}
         if self.boxes is not None:
-            box = self.boxes[_item_index(index, len(self.samples))]
+            box = self.boxes[index]
             height, width = image.shape[-2:]
             if box[2] > width or box[3] > height:
                 raise DACInputError(f"regions: the box {box} of {_shown(path)!r} is not inside its {width}x{height} image")
