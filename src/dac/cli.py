@@ -184,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--clip-norm", type=float, default=FIT_DEFAULTS["clip_norm"], metavar="NORM",
                      help="largest gradient norm of a step through the box (default %(default)s; inf: no clipping): "
                      "a box on a nearly flat ridge of the cost has a huge implicit gradient")
+    fit.add_argument("--border", type=float, default=FIT_DEFAULTS["border"], metavar="SHARE",
+                     help="share of training images given a flat collimator border beside one end of their region "
+                     "(default %(default)s; 0: none): films whose border comes close to the region")
     fit.add_argument("--seed", type=int, default=0,
                      help="phantoms, initial weights, batches and augmentation (default %(default)s)")
     fit.add_argument("--overwrite", action="store_true", help="replace OUT/saliency.pt if OUT holds one (default: refuse)")
@@ -386,7 +389,8 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     from .tasks.fit_saliency import train_saliency
 
     options = FitOptions(steps=args.steps, mask_steps=args.mask_steps, time_limit=args.time_limit, coverage_weight=args.coverage_weight,
-                         margin=args.margin, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm, flags=True)
+                         margin=args.margin, stretch=args.stretch, shift=args.shift, clip_norm=args.clip_norm,
+                         border=args.border, flags=True)
     given = _search_options(args)
     summary = train_saliency(  # progress through the dac.saliency logger (main shows it unless --quiet)
         args.out, options, count=args.count, data=args.data, seed=args.seed, image_size=args.image_size,

@@ -13,7 +13,7 @@ from dac import DACInputError
 from dac.cli import main
 from dac.data import io as dio
 from dac.data.phantoms import make_phantom
-from dac.saliency import SaliencyNet, saliency_features
+from dac.saliency import FIT_DEFAULTS, SaliencyNet, saliency_features
 
 SMALL = ["--image-size", "192x354", "--pool-size", "4", "--size", "20x37"]
 TINY = [*SMALL, "--count", "2", "--steps", "2", "--mask-steps", "2", "--quiet"]
@@ -29,9 +29,13 @@ class TestCommandLine:
         from dac.saliency import load_dacrop
 
         small = ["--image-size", "192x354", "--pool-size", "4", "--size", "20x37"]
-        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--count", "3", "--steps", "2", "--mask-steps", "3", "--quiet", *small]) == 0
+        assert main(["fit-saliency", "--out", str(tmp_path / "fit"), "--count", "3", "--steps", "2", "--mask-steps", "3", "--quiet", "--border", "0.25",
+                     *small]) == 0
         summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
         assert summary["steps"] == 2 and summary["mask_steps"] == 3
+        # fit.json records how the stage was trained: every option, the ones given and the defaults
+        assert summary["options"]["border"] == 0.25 and summary["options"]["margin"] == FIT_DEFAULTS["margin"]
+        assert summary["options"]["clip_norm"] == FIT_DEFAULTS["clip_norm"] and summary["options"]["steps"] == 2
         assert summary["dacrop"]["r_min_fraction"] == 0.2 and summary["dacrop"]["sharpness_factor"] == 4.0
         layer = load_dacrop(tmp_path / "fit" / "saliency.pt")
         assert isinstance(layer.saliency, SaliencyNet) and layer.pool_size == 4 and layer.output_size == (20, 37)
@@ -148,7 +152,8 @@ class TestCommandLine:
 
     @pytest.mark.parametrize("option, value", [("--margin", "0.7"), ("--margin", "-0.1"), ("--margin", "nan"), ("--mask-steps", "-1"),
                                                ("--coverage-weight", "nan"), ("--coverage-weight", "-1"), ("--time-limit", "0"),
-                                               ("--time-limit", "nan"), ("--stretch", "0.5"), ("--shift", "-0.01"), ("--clip-norm", "0")])
+                                               ("--time-limit", "nan"), ("--stretch", "0.5"), ("--shift", "-0.01"), ("--clip-norm", "0"),
+                                               ("--border", "1.5"), ("--border", "nan")])
     def test_bad_fit_option_is_a_usage_error(self, tmp_path, capsys, option, value):
         from dac.cli import main
 

@@ -81,6 +81,16 @@ class TestFilmBorder:
         full = torch.tensor([[5.0, 10, 395, 50]] * 8)
         assert torch.equal(film_border(features, full, k, np.random.default_rng(3), 1.0), features)
 
+    def test_room_for_one_pooled_column_leaves_the_image_as_it_is(self):
+        # One pooled column is too narrow for the border's own features (two pooling
+        # windows a side); such an image is left alone, not an error mid-fit.
+        k, h, w = 4, 6, 40
+        features = saliency_features(torch.randint(60, 200, (6, 1, h * k, w * k), dtype=torch.uint8), k)
+        regions = torch.tensor([[8.0, 4, 152, 20]] * 6)  # pooled columns 2..38: one column's room at gap 1
+        assert torch.equal(film_border(features, regions, k, np.random.default_rng(0), 1.0, (1, 1)), features)
+        two = torch.tensor([[12.0, 4, 148, 20]] * 6)  # two columns' room on either side: bordered
+        assert not torch.equal(film_border(features, two, k, np.random.default_rng(0), 1.0, (1, 1)), features)
+
     def test_the_option_is_checked(self):
         assert FitOptions(border=0.5).border == 0.5 and FitOptions().border == 0.0
         with pytest.raises(DACInputError, match="border"):

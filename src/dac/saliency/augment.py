@@ -129,8 +129,8 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
     (uniform in [0, 0.06], 7 in 10) or bright ([0.85, 1]), with read and shot noise as
     :func:`dac.data.phantoms.make_phantom` draws them, quantised to 8 bits: the border's
     features are :func:`~dac.saliency.saliency_features` of such a strip. Regions are
-    untouched (the border never reaches them); an image whose region leaves no room on
-    the drawn side is left as it is.
+    untouched (the border never reaches them); an image whose region leaves fewer than
+    two pooled columns on the drawn side is left as it is.
 
     Args:
         features: Tensor[b, 5, h, w].
@@ -163,7 +163,7 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
         bright = rng.random() < 0.3
         level = rng.uniform(0.85, 1.0) if bright else rng.uniform(0.0, 0.06)
         read, shot = rng.uniform(0.004, 0.012), rng.uniform(0.01, 0.03)
-        if cols < 1:
+        if cols < 2:  # no room, or one pooled column: too narrow for the strip's own features (two windows)
             continue
         std = np.sqrt(read * read + shot * shot * level)
         strip = np.clip(level + std * rng.standard_normal((h * k, cols * k)), 0.0, 1.0)

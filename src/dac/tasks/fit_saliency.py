@@ -12,8 +12,10 @@ box steps; ``dac fit-saliency`` prints it unless ``--quiet``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -124,6 +126,8 @@ def train_saliency(
         "last_loss": float(np.mean(history.loss[-10:])) if history.loss else None,
         **_box_counts(history), "clipped_steps": history.clipped,
         **labelled_fit(net, layer, features, regions), "dacrop": settings,
+        # how it trained (non-finite numbers as text: JSON has none)
+        "options": {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in dataclasses.asdict(options).items()},
     }
     save_saliency(net, out / "saliency.pt", dacrop=json.dumps(settings), source=source)
     from .._files import write_json
