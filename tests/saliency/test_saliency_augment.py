@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dac.saliency import FitOptions, film_border, flip_left_right, region_masks, saliency_features, stretch_and_shift
+from dac.saliency import FIT_DEFAULTS, FitOptions, film_border, flip_left_right, region_masks, saliency_features, stretch_and_shift
 from dac import DACInputError
 import pytest
 
@@ -92,6 +92,6 @@ class TestFilmBorder:
         assert not torch.equal(film_border(features, two, k, np.random.default_rng(0), 1.0, (1, 1)), features)
 
     def test_the_option_is_checked(self):
-        assert FitOptions(border=0.5).border == 0.5 and FitOptions().border == 0.0
+        assert FitOptions(border=0.5).border == 0.5 and FitOptions().border == FIT_DEFAULTS["border"] == 0.5
         with pytest.raises(DACInputError, match="border"):
             FitOptions(border=1.5)
