@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from dac.saliency import FIT_DEFAULTS, FitOptions, film_border, flip_left_right, region_masks, saliency_features, stretch_and_shift
 from dac import DACInputError
-import pytest
+from dac.saliency import FIT_DEFAULTS, FitOptions, film_border, flip_left_right, region_masks, saliency_features, stretch_and_shift
 
 
 class TestAugment:

@@ -6,8 +6,8 @@
 * :func:`film_border` — cover the columns beyond one end of chosen images' regions with
   a flat collimator border (dark or bright, with noise), a little way from the region.
 
-Both work on cached :func:`~dac.saliency.saliency_features` (not on images) and draw
-from an explicit ``numpy.random.Generator``.
+All work on cached :func:`~dac.saliency.saliency_features` (not on images); the random
+ones draw from an explicit ``numpy.random.Generator``.
 
 Convention: regions are xyxy in input pixels; pooled pixel ``j`` spans ``[k j, k (j + 1))``.
 """
@@ -115,7 +115,6 @@ def stretch_and_shift(features: Tensor, regions: Tensor, pool_size: int, rng: np
     moved = features.permute(0, 2, 3, 1)[picked, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     x, y = x + dx[:, None], y + dy[:, None]
     return moved.contiguous(), k * torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=-1)
-
 
 
 def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.random.Generator, share: float,
