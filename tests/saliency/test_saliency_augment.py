@@ -72,6 +72,10 @@ class TestFilmBorder:
             assert (cols[-1] <= 12 - 2) if left else (cols[0] >= 30 + 2 and cols[-1] == w - 1)
             border = out[i, :, :, cols]
             assert border[0].max() < 0.25 and border[4].max() < 0.05  # flat: small range and spread
+            # a dark ([0, 0.06]) or bright ([0.85, 1]) level, with the phantoms' read and shot noise
+            level, spread = float(border[1].mean()), float(border[4].mean())
+            assert level <= 0.065 or level >= 0.845
+            assert (0.003 if level > 0.01 else 0.0) < spread < 0.035
         sides = {bool(changed[i, 0]) for i in range(8)}
         assert sides == {True, False}  # both sides drawn
         # the same draws give the same border; share 0 changes nothing; no room on a side: left alone

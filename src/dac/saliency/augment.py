@@ -135,7 +135,8 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
         features: Tensor[b, 5, h, w].
         regions: Tensor[b, 4] xyxy, input pixels.
         pool_size: k.
-        rng: draws ``b`` choices, then per chosen image its side, gap, level and noise.
+        rng: draws ``b`` choices, then per chosen image its side, gap, level, noise levels
+            and the seed of its noise (drawn by a ``torch.Generator``).
         share: probability of a border per image, in [0, 1].
         gap: the fewest and most pooled pixels between the border and the region.
 
@@ -164,9 +165,12 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
         read, shot = rng.uniform(0.004, 0.012), rng.uniform(0.01, 0.03)
         if cols < 2:  # no room, or one pooled column: too narrow for the strip's own features (two windows)
             continue
-        std = np.sqrt(read * read + shot * shot * level)
-        strip = np.clip(level + std * rng.standard_normal((h * k, cols * k)), 0.0, 1.0)
-        strip = torch.from_numpy(np.rint(strip * 255).astype(np.uint8))[None, None]
+        std = float(np.sqrt(read * read + shot * shot * level))
+        # The noise from torch's generator, seeded from rng: ~3x faster than numpy's normals
+        # in float64 (a strip is ~1M pixels; this was a fifth of a fit's time), as reproducible.
+        noise = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        strip = torch.randn(h * k, cols * k, generator=noise).mul_(std).add_(level).clamp_(0.0, 1.0)
+        strip = strip.mul_(255).round_().to(torch.uint8)[None, None]  # 8 bits, rounding half to even as np.rint
         border = saliency_features(strip, k)[0].to(out)
         if left:
             out[i, :, :, :cols] = border
