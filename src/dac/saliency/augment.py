@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._film import BRIGHT_BORDER, BRIGHT_BORDER_SHARE, DARK_BORDER, READ_NOISE, SHOT_NOISE
 from .features import saliency_features
 
 __all__ = ["film_border", "flip_left_right", "stretch_and_shift"]
@@ -125,8 +126,9 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
     as a film whose collimator edge comes close to the arch.
 
     Each image is chosen with probability ``share``; its side is drawn, its level dark
-    (uniform in [0, 0.06], 7 in 10) or bright ([0.85, 1]), with read and shot noise as
-    :func:`dac.data.phantoms.make_phantom` draws them, quantised to 8 bits: the border's
+    (uniform in [0, 0.06], 7 in 10) or bright ([0.85, 1]), with read and shot noise, as
+    :func:`dac.data.phantoms.make_phantom` draws them (the ranges of ``dac._film``, shared),
+    quantised to 8 bits: the border's
     features are :func:`~dac.saliency.saliency_features` of such a strip. Regions are
     untouched (the border never reaches them); an image whose region leaves fewer than
     two pooled columns on the drawn side is left as it is.
@@ -160,9 +162,9 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
         g = int(rng.integers(gap[0], gap[1] + 1))
         x1, x2 = float(regions[i, 0]) / k, float(regions[i, 2]) / k
         cols = int(np.floor(x1)) - g if left else w - (int(np.ceil(x2)) + g)
-        bright = rng.random() < 0.3
-        level = rng.uniform(0.85, 1.0) if bright else rng.uniform(0.0, 0.06)
-        read, shot = rng.uniform(0.004, 0.012), rng.uniform(0.01, 0.03)
+        bright = rng.random() < BRIGHT_BORDER_SHARE
+        level = rng.uniform(*BRIGHT_BORDER) if bright else rng.uniform(*DARK_BORDER)
+        read, shot = rng.uniform(*READ_NOISE), rng.uniform(*SHOT_NOISE)
         if cols < 2:  # no room, or one pooled column: too narrow for the strip's own features (two windows)
             continue
         std = float(np.sqrt(read * read + shot * shot * level))
