@@ -168,8 +168,8 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
         if cols < 2:  # no room, or one pooled column: too narrow for the strip's own features (two windows)
             continue
         std = float(np.sqrt(read * read + shot * shot * level))
-        # The noise from torch's generator, seeded from rng: ~3x faster than numpy's normals
-        # in float64 (a strip is ~1M pixels; this was a fifth of a fit's time), as reproducible.
+        # The noise from torch's generator, seeded from rng: ~3x faster than numpy's float64
+        # normals (a strip is ~1M pixels; they took ~a fifth of a box step), as reproducible.
         noise = torch.Generator().manual_seed(int(rng.integers(2**63)))
         strip = torch.randn(h * k, cols * k, generator=noise).mul_(std).add_(level).clamp_(0.0, 1.0)
         strip = strip.mul_(255).round_().to(torch.uint8)[None, None]  # 8 bits, rounding half to even as np.rint
