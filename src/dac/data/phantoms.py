@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import DACInputError, check_int
-from .._film import BRIGHT_BORDER, BRIGHT_BORDER_SHARE, DARK_BORDER, READ_NOISE, SHOT_NOISE
+from .._film import border_level, noise_levels
 
 __all__ = ["CLASS_EDGES", "CLASS_NAMES", "Phantom", "make_phantom", "phantom_class", "restoration_class"]
 
@@ -502,8 +502,7 @@ def _frame(rng: np.random.Generator, image: Tensor, roi: Tensor) -> None:
     x1, y1, x2, y2 = roi.tolist()
     room = (x1, y1, width - x2, height - y2)  # left, top, right, bottom
     sizes = (width, height, width, height)
-    bright = rng.random() < BRIGHT_BORDER_SHARE
-    level = float(rng.uniform(*BRIGHT_BORDER) if bright else rng.uniform(*DARK_BORDER))
+    level = border_level(rng)
     edges = []
     for side in range(4):
         wanted = int(rng.uniform(0.01, 0.07) * sizes[side]) if rng.random() < 0.65 else 0
@@ -528,7 +527,7 @@ def _frame(rng: np.random.Generator, image: Tensor, roi: Tensor) -> None:
 
 def _add_noise(rng: np.random.Generator, gen: torch.Generator, image: Tensor) -> None:
     """Gaussian read noise plus signal-dependent (Poisson-like) noise; in place, clamped to [0, 1]."""
-    read, shot = float(rng.uniform(*READ_NOISE)), float(rng.uniform(*SHOT_NOISE))
+    read, shot = noise_levels(rng)
     std = image.mul(shot * shot).add_(read * read).sqrt_()
     image.add_(std.mul_(torch.randn(image.shape, generator=gen))).clamp_(0, 1)
 

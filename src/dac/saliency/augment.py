@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._film import BRIGHT_BORDER, BRIGHT_BORDER_SHARE, DARK_BORDER, READ_NOISE, SHOT_NOISE
+from .._film import border_level, noise_levels
 from .features import saliency_features
 
 __all__ = ["film_border", "flip_left_right", "stretch_and_shift"]
@@ -127,9 +127,9 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
 
     Each image is chosen with probability ``share``; its side is drawn, its level dark
     (uniform in [0, 0.06], 7 in 10) or bright ([0.85, 1]), with read and shot noise, as
-    :func:`dac.data.phantoms.make_phantom` draws them (the ranges of ``dac._film``, shared),
-    quantised to 8 bits: the border's
-    features are :func:`~dac.saliency.saliency_features` of such a strip. Regions are
+    :func:`dac.data.phantoms.make_phantom` draws them (both draw from ``dac._film``),
+    quantised to 8 bits: the border's features are
+    :func:`~dac.saliency.saliency_features` of such a strip. Regions are
     untouched (the border never reaches them); an image whose region leaves fewer than
     two pooled columns on the drawn side is left as it is.
 
@@ -162,9 +162,8 @@ def film_border(features: Tensor, regions: Tensor, pool_size: int, rng: np.rando
         g = int(rng.integers(gap[0], gap[1] + 1))
         x1, x2 = float(regions[i, 0]) / k, float(regions[i, 2]) / k
         cols = int(np.floor(x1)) - g if left else w - (int(np.ceil(x2)) + g)
-        bright = rng.random() < BRIGHT_BORDER_SHARE
-        level = rng.uniform(*BRIGHT_BORDER) if bright else rng.uniform(*DARK_BORDER)
-        read, shot = rng.uniform(*READ_NOISE), rng.uniform(*SHOT_NOISE)
+        level = border_level(rng)
+        read, shot = noise_levels(rng)
         if cols < 2:  # no room, or one pooled column: too narrow for the strip's own features (two windows)
             continue
         std = float(np.sqrt(read * read + shot * shot * level))
