@@ -110,7 +110,7 @@ def grid_cost(
             shrunk to divide the centre's range (r steps are half of it, y_c steps
             ``aspect`` times it).
         chunk_elements: largest number of grid entries (over the batch) computed at
-            once (None: a quarter of the maps' size); bounds the temporary memory.
+            once (None: a quarter of the maps' size, at least 2^16); bounds the temporary memory.
 
     Returns:
         ``(cost, grid)``: cost Tensor[B, n_r, n_y, n_x] in the saliency's dtype, -inf
@@ -154,10 +154,15 @@ def _grid_cost(
     return cost, grid
 
 
+_MIN_CHUNK = 1 << 16  # grid entries per chunk at the least (by default)
+
+
 def _levels(saliency: Tensor, grid: BoxGrid, chunk_elements: int | None) -> int:
-    """r levels per chunk: about a quarter of the maps' size by default."""
+    """r levels per chunk: about a quarter of the maps' size by default, and at least
+    2^16 entries (256 KB in float32), so that one small map is scored in one chunk (at
+    batch 1 each chunk's ~60 small operations, not their arithmetic, are the time)."""
     batch, h, w = saliency.shape
-    budget = chunk_elements if chunk_elements is not None else batch * h * w // 4
+    budget = chunk_elements if chunk_elements is not None else max(batch * h * w // 4, _MIN_CHUNK)
     return max(1, budget // (batch * grid.n_y * grid.n_x))
 
 

@@ -42,7 +42,7 @@ from ..functional.cost import _cost_derivatives
 from ..functional.grid import _grid_candidates
 from ..functional.rectangle import box_edges
 from ..functional.stationarity import shift_into_image
-from .solver import AscentSchedule, DACSolverInfo, StagedAscent, differentiated_from
+from .solver import AscentSchedule, DACSolverInfo, StagedAscent, _stalled, differentiated_from
 
 __all__ = ["GridSchedule", "GlobalSearch"]
 
@@ -126,20 +126,23 @@ class GlobalSearch(StagedAscent):
         eta = sched.step_size * sched.step_factor ** (sched.stages - 1)  # the last stage's
         converged = torch.zeros(theta.shape[0], dtype=torch.bool, device=theta.device)
         iterations = torch.zeros(theta.shape[0], dtype=torch.long, device=theta.device)
+        untested_run = torch.zeros_like(iterations)
         step = 0
         while step < total:
             differentiated = grad_enabled and step >= grad_from
             with torch.set_grad_enabled(differentiated):
-                new_theta, done, _ = self._polish_step(theta, saliency, r_min_k, gamma_k, eta, sums)
-                # Converged boxes stay put, except in differentiated steps, where the
-                # (zero-length) Newton step carries the derivative.
-                keep = converged if not differentiated else torch.zeros_like(converged)
+                new_theta, done, _, untested = self._polish_step(theta, saliency, r_min_k, gamma_k, eta, sums)
+                # Converged (and stalled) boxes stay put, except in differentiated steps,
+                # where the (zero-length) Newton step carries the derivative.
+                settled = converged | _stalled(untested_run)
+                keep = settled if not differentiated else torch.zeros_like(converged)
                 theta = torch.where(keep[:, None], theta, new_theta)
-                iterations += (~converged).long()
-                converged = converged | done
+                iterations += (~settled).long()
+                converged = converged | (done & ~settled)
+                untested_run = torch.where(settled | (untested & ~done), untested_run + (~settled).long(), 0)
                 if verbose:
                     print(f"polish step {step}: {int(converged.sum())}/{theta.shape[0]} candidates converged")
-                if bool(converged.all()) and step + 1 < grad_from:
+                if bool((converged | _stalled(untested_run)).all()) and step + 1 < grad_from:
                     step = grad_from  # skip the no-op steps before the differentiated ones
                     continue
             step += 1

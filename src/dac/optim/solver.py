@@ -9,7 +9,9 @@ the last stage's sharpness: Newton steps on the stationarity residual, shifted
 (Levenberg–Marquardt) where the reduced Hessian is not negative definite, capped at
 ``newton_max_step`` pixels and backtracked so that f never drops — else one more
 clipped ascent step — until a plain Newton step is below ``eps**0.75 * max(h, w)``
-saliency pixels.
+saliency pixels, or a box has taken :data:`STALL_STEPS` plain steps in a row too short
+for f to judge yet too long to converge (a nearly flat map: it stops there, not
+converged).
 
 Backward modes (Theseus' names): ``unroll`` differentiates every step; ``truncated``
 the last ``backward_num_iterations`` steps; ``implicit`` runs the loop without
@@ -200,9 +202,12 @@ class StagedAscent(th.NonlinearLeastSquares):
         acceptable length take a clipped ascent step instead.
 
         Returns:
-            (theta, converged, frozen): converged where an unshifted, uncapped, full
-            Newton step was taken and it moved less than ``eps**0.75 * max(h, w)``
-            saliency pixels; frozen as in :class:`~dac.functional.Stationarity`.
+            (theta, converged, frozen, untested): converged where an unshifted,
+            uncapped, full Newton step was taken and it moved less than
+            ``eps**0.75 * max(h, w)`` saliency pixels; frozen as in
+            :class:`~dac.functional.Stationarity`; untested where such a step moved
+            less than ``sqrt(eps) * max(h, w)`` (f cannot judge it; see
+            :func:`_stalled`).
         """
         h, w = saliency.shape[1:]
         aspect = self.cost.aspect
@@ -223,6 +228,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         new_theta = shift_into_image(theta + step, h, w, r_min, aspect, reflect=False)
         pending = torch.ones_like(st.frozen)
         converged = torch.zeros_like(pending)
+        untested = torch.zeros_like(pending)
         for length in (1.0, 0.5, 0.25, 0.125):
             trial = shift_into_image(theta + length * delta, h, w, r_min, aspect, reflect=False)
             with torch.no_grad():
@@ -235,13 +241,14 @@ class StagedAscent(th.NonlinearLeastSquares):
                     # on a 283-wide map) where f is concave gains less than f's own rounding
                     # (float32 sums over the map: ~2e-5 of f, above the slack): the f test
                     # cannot judge it and would reject it at random; it is taken untested.
-                    accept = accept | (pending & exact & (moved <= eps**0.5 * max(h, w)))
+                    untested = pending & exact & (moved <= eps**0.5 * max(h, w))
+                    accept = accept | untested
                     converged = accept & exact & (moved <= eps**0.75 * max(h, w))
             new_theta = torch.where(accept[:, None], trial, new_theta)
             pending = pending & ~accept
             if not bool(pending.any()):
                 break
-        return new_theta, converged, st.frozen
+        return new_theta, converged, st.frozen, untested
 
     # ------------------------------------------------------------- main loop
     def _optimize_impl(  # type: ignore[override]
@@ -266,6 +273,7 @@ class StagedAscent(th.NonlinearLeastSquares):
         iterations = torch.zeros(batch, dtype=torch.long, device=theta.device)
         converged = torch.zeros(batch, dtype=torch.bool, device=theta.device)
         frozen = torch.zeros_like(converged)
+        untested_run = torch.zeros(batch, dtype=torch.long, device=theta.device)
         eta = sched.step_size
         step = 0
         while step < total:
@@ -280,16 +288,18 @@ class StagedAscent(th.NonlinearLeastSquares):
                     if (step + 1) % sched.steps_per_stage == 0:
                         stage_thetas.append(theta.detach())
                 else:
-                    new_theta, done, frozen = self._polish_step(theta, saliency, r_min, gamma_final, eta, sums)
-                    # Converged boxes stay put, except in differentiated steps, where
-                    # the (zero-length) Newton step carries the derivative.
-                    keep = converged if not differentiated else torch.zeros_like(converged)
+                    new_theta, done, frozen, untested = self._polish_step(theta, saliency, r_min, gamma_final, eta, sums)
+                    # Converged (and stalled) boxes stay put, except in differentiated
+                    # steps, where the (zero-length) Newton step carries the derivative.
+                    settled = converged | _stalled(untested_run)
+                    keep = settled if not differentiated else torch.zeros_like(converged)
                     theta = torch.where(keep[:, None], theta, new_theta)
-                    iterations += (~converged).long()
-                    converged = converged | done
+                    iterations += (~settled).long()
+                    converged = converged | (done & ~settled)
+                    untested_run = torch.where(settled | (untested & ~done), untested_run + (~settled).long(), 0)
                     if verbose:
                         print(f"polish step {step - sched.ascent_steps}: {int(converged.sum())}/{batch} converged")
-                    if bool(converged.all()) and step + 1 < grad_from:
+                    if bool((converged | _stalled(untested_run)).all()) and step + 1 < grad_from:
                         step = grad_from  # skip the no-op steps before the differentiated ones
                         continue
             step += 1
@@ -385,6 +395,21 @@ class StagedAscent(th.NonlinearLeastSquares):
         # not elsewhere) while its derivative is the implicit one: d(delta)/dS.
         delta = delta - delta.detach()
         self.objective.retract_vars_sequence(delta, linearization.ordering, force_update=True)
+
+
+STALL_STEPS = 3  #: untested Newton steps in a row after which a box stops polishing
+
+
+def _stalled(untested_run: Tensor) -> Tensor:
+    """Boxes whose last :data:`STALL_STEPS` polish steps were full Newton steps shorter
+    than ``sqrt(eps) * max(h, w)`` that did not converge: Tensor[B] bool.
+
+    Below that length Newton converges quadratically where f is smooth (one such step
+    lands within ``eps**0.75 * max(h, w)``, the convergence test); steps that stay
+    longer wander in the rounding of a nearly flat f (a map of uniform noise in float32:
+    0.01 px at random, for all 50 steps). Such boxes stop there, not converged.
+    """
+    return untested_run >= STALL_STEPS
 
 
 def differentiated_from(mode: th.BackwardMode, total: int, backward_num_iterations: Optional[int]) -> int:
