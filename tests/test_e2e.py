@@ -687,3 +687,43 @@ class TestCandidates:
             DACFront((20, 37), 3, candidates=2)
         with pytest.raises(DACInputError, match="candidate_sampling"):
             DACFront((20, 37), 3, search="global", candidate_sampling=True)
+
+
+class TestLearnedConstants:
+    """``learn_constants``: DACrop's r_min and sharpness trained with the front."""
+
+    @pytest.mark.parametrize("extra", [{}, {"search": "global", "candidates": 3, "candidate_power": 8.0, "candidate_sampling": True}])
+    def test_a_fit_moves_the_constants_and_a_checkpoint_keeps_them(self, scenes, extra):
+        config = config_from_dict({"pipelines": {"dac_e2e": {
+            "input_size": [20, 37], "pool_size": 3, "r_min_fraction": 0.1, "learn_constants": ["sharpness", "r_min"],
+            **extra}}}).pipelines["dac_e2e"]
+        assert config.learn_constants == ("r_min", "sharpness")
+        torch.manual_seed(0)
+        net = build_pipeline(config, width=4)
+        crop = net.front.crop
+        assert crop.learn == ("r_min", "sharpness")
+        start = (float(crop.r_min_value.detach()), float(crop.sharpness_gain.detach()))
+        assert start[0] == pytest.approx(0.1) and start[1] == pytest.approx(1.0)
+        Engine(init_runtime("cpu"), batch_size=5, eval_batch_size=10).fit(
+            net, scenes, np.arange(10), epochs=1, lr=1e-3, front_lr=1e-2, seed=4, recalibrate_bn=False)
+        # The sharpness reaches every candidate's cost and every box: it moves.
+        assert float(crop.sharpness_gain.detach()) != pytest.approx(start[1], abs=1e-4)
+        assert 0 < float(crop.r_min_value.detach()) < 0.5
+        torch.manual_seed(1)
+        again = build_pipeline(config, width=4)
+        again.load_state_dict(net.state_dict())
+        assert torch.equal(again.front.crop.sharpness_logit, crop.sharpness_logit)
+
+    def test_config_checks_and_fingerprint(self):
+        base = config_from_dict({"pipelines": {"dac_e2e": {}}})
+        same = config_from_dict({"pipelines": {"dac_e2e": {"learn_constants": []}}})
+        assert base.fingerprint() == same.fingerprint()  # the default leaves old results valid
+        learned = config_from_dict({"pipelines": {"dac_e2e": {"learn_constants": ["r_min"]}}})
+        assert learned.fingerprint() != base.fingerprint()
+        for raw, match in (({"dac": {"learn_constants": ["r_min"]}}, "only dac_e2e"),
+                           ({"dac_e2e": {"learn_constants": "r_min"}}, "learn_constants"),
+                           ({"dac_e2e": {"learn_constants": ["width"]}}, "learn_constants"),
+                           ({"dac_e2e": {"learn_constants": ["r_min", "r_min"]}}, "repeated"),
+                           ({"dac_e2e": {"learn_constants": ["r_min"], "r_min_fraction": 0.5}}, "below 0.5")):
+            with pytest.raises(DACInputError, match=match):
+                config_from_dict({"pipelines": raw})

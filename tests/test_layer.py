@@ -546,3 +546,77 @@ def test_cuda_matches_cpu():
     crops.sum().backward()
     assert crops.device.type == "cuda" and torch.isfinite(x.grad).all()
     torch.testing.assert_close(boxes.cpu(), cpu_boxes, rtol=0, atol=1e-2)
+
+
+def _held_and_free_scene() -> torch.Tensor:
+    """Two float64 images: a small edge-rich patch (its box held at the minimum width)
+    and a wide textured region (its box free)."""
+    g = torch.Generator().manual_seed(0)
+    images = 0.02 * torch.rand(2, 1, 96, 160, dtype=torch.float64, generator=g)
+    images[0, :, 40:56, 60:80] += 0.8
+    images[1, :, 10:80, 20:150] += 0.3 + 0.5 * torch.rand(70, 130, dtype=torch.float64, generator=g)
+    return images
+
+
+class TestLearnedConstants:
+    """``DACrop(learn=...)``: r_min and the sharpness as bounded parameters trained by the
+    box's gradient (issue: the paper's constants, learned)."""
+
+    @pytest.mark.parametrize("search", SEARCHES)
+    def test_gradient_matches_finite_differences_of_converged_boxes(self, search):
+        images = _held_and_free_scene()
+        layer = DACrop(output_size=(20, 37), pool_size=4, search=search, sharpness=0.1, r_min_fraction=0.15,
+                       learn=("r_min", "sharpness")).double()
+        weights = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        boxes, info = layer.locate(images, return_info=True)
+        assert bool(info.converged.all())
+        (boxes * weights).sum().backward()
+        for param in (layer.r_min_logit, layer.sharpness_logit):
+            step = 1e-5
+            with torch.no_grad():
+                param += step
+                up = layer.locate(images)
+                param -= 2 * step
+                down = layer.locate(images)
+                param += step
+            fd = float(((up - down) * weights).sum()) / (2 * step)
+            assert float(param.grad) == pytest.approx(fd, rel=1e-5, abs=1e-7)
+        assert float(layer.sharpness_logit.grad) != 0.0
+
+    def test_r_min_moves_a_box_held_at_the_minimum_width_only(self):
+        images = _held_and_free_scene()
+        layer = DACrop(output_size=(20, 37), pool_size=4, search="global", sharpness=0.1, r_min_fraction=0.15,
+                       learn=("r_min",)).double()
+        boxes, info = layer.locate(images, return_info=True)
+        assert info.held[:, 2].tolist() == [-1, 0]  # r held at 0 on the patch, free on the region
+        width = boxes[:, 2] - boxes[:, 0]
+        (grad_held,) = torch.autograd.grad(width[0], layer.r_min_logit, retain_graph=True)
+        (grad_free,) = torch.autograd.grad(width[1], layer.r_min_logit)
+        assert float(grad_held) > 0 and abs(float(grad_free)) < 1e-6 * abs(float(grad_held))
+
+    def test_starts_at_the_set_constants_and_stays_in_bounds(self):
+        images = torch.rand(2, 1, 60, 100, generator=torch.Generator().manual_seed(2))
+        plain = DACrop(**SMALL, search="global", r_min_fraction=0.2)
+        learned = DACrop(**SMALL, search="global", r_min_fraction=0.2, learn=["sharpness", "r_min"])
+        assert learned.learn == ("r_min", "sharpness") and plain.learn == ()
+        assert [n for n, _ in plain.named_parameters()] == []
+        torch.testing.assert_close(learned.locate(images), plain.locate(images), rtol=0, atol=1e-3)
+        with torch.no_grad():
+            learned.r_min_logit.fill_(1e4)
+            learned.sharpness_logit.fill_(-1e4)
+        assert float(learned.r_min_value.detach()) <= 0.5 and float(learned.sharpness_gain.detach()) == pytest.approx(0.25)
+        assert torch.isfinite(learned.locate(images)).all()
+        assert learned.config()["learn"] == ["r_min", "sharpness"] and "learn" not in plain.config()
+
+    def test_candidates_costs_learn_the_sharpness(self):
+        layer = DACrop(**SMALL, search="global", learn=("sharpness",))
+        _, cost, _ = layer.candidates(torch.rand(2, 1, 60, 100, generator=torch.Generator().manual_seed(3)))
+        (grad,) = torch.autograd.grad(cost.sum(), layer.sharpness_logit)
+        assert torch.isfinite(grad) and float(grad) != 0.0
+
+    @pytest.mark.parametrize("learn, r_min_fraction, match", [
+        ("r_min", 0.2, "learn"), (("width",), 0.2, "learn"), (("r_min",), 0.5, "r_min_fraction"),
+    ])
+    def test_bad_learn_names_the_argument(self, learn, r_min_fraction, match):
+        with pytest.raises(DACInputError, match=match):
+            DACrop(**SMALL, learn=learn, r_min_fraction=r_min_fraction)

@@ -18,10 +18,12 @@ from .functional.pooling import MaxMinPool
 from .optim.global_search import GlobalSearch, GridSchedule, _iou
 from .optim.solver import AscentSchedule, DACSolverInfo, StagedAscent, build_objective
 
-__all__ = ["DACrop", "BACKWARD_MODES", "SEARCHES"]
+__all__ = ["DACrop", "BACKWARD_MODES", "SEARCHES", "LEARNABLE"]
 
 BACKWARD_MODES = ("implicit", "unroll", "truncated", "dlm")
 SEARCHES = ("paper", "global")
+LEARNABLE = ("r_min", "sharpness")  #: the paper's constants DACrop(learn=...) can train
+SHARPNESS_RANGE = 4.0  #: a learned sharpness stays within [1/4, 4] times the set one
 
 
 class DACrop(nn.Module):
@@ -108,6 +110,14 @@ class DACrop(nn.Module):
         grid_candidates: ``search="global"``: grid maxima polished per image.
         tie_tolerance: ``search="global"``: relative gap in f under which a
             separate maximum is a near tie.
+        learn: paper's constants trained with the box's gradient (as parameters of
+            this module), a subset of :data:`LEARNABLE`: ``"r_min"``, the minimum
+            half-width as ``r_min_fraction = 0.5 sigmoid(p)`` (bounded in (0, 0.5),
+            starting at ``r_min_fraction``, which must then be below 0.5); ``"sharpness"``,
+            every stage's gamma times ``4 ** tanh(q)`` (within [1/4, 4] times the set
+            one, starting at 1). Their current values: :attr:`r_min_value`,
+            :attr:`sharpness_gain`. The box depends on r_min only where it is held at
+            the minimum width (elsewhere the box's own r absorbs a change of r_min).
 
     Examples:
         >>> layer = DACrop(output_size=(20, 37), pool_size=4)
@@ -143,6 +153,7 @@ class DACrop(nn.Module):
         grid_step: float = 4.0,
         grid_candidates: int = 4,
         tie_tolerance: float = 1e-3,
+        learn: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.output_size = check_size(output_size, "output_size")
@@ -174,6 +185,15 @@ class DACrop(nn.Module):
             raise DACInputError(f"search: expected one of {SEARCHES}, got {search!r}")
         self.search_method = search.lower()
         self.grid = GridSchedule(step=grid_step, candidates=grid_candidates, tie_tolerance=tie_tolerance)
+        if isinstance(learn, str) or not all(isinstance(name, str) and name in LEARNABLE for name in learn):
+            raise DACInputError(f"learn: expected names among {LEARNABLE}, got {learn!r}")
+        self.learn = tuple(name for name in LEARNABLE if name in learn)
+        if "r_min" in self.learn:
+            if self.r_min_fraction >= 0.5:
+                raise DACInputError(f"r_min_fraction: a learned r_min starts below 0.5 (its bound), got {self.r_min_fraction}")
+            self.r_min_logit = nn.Parameter(torch.logit(torch.tensor(2.0 * self.r_min_fraction, dtype=torch.float64)).float())
+        if "sharpness" in self.learn:
+            self.sharpness_logit = nn.Parameter(torch.zeros(()))
 
     @property
     def aspect(self) -> float:
@@ -182,8 +202,39 @@ class DACrop(nn.Module):
 
     @property
     def final_sharpness(self) -> float:
-        """gamma of the last stage: the cost whose maximum the box is."""
+        """gamma of the last stage: the cost whose maximum the box is (as set; a learned
+        sharpness multiplies it by :attr:`sharpness_gain`)."""
         return self.sharpness * self.schedule.sharpness_factor ** (self.schedule.stages - 1)
+
+    @property
+    def r_min_value(self) -> Tensor:
+        """The minimum half-width as a fraction of the map's width, Tensor[] (learned
+        with ``learn=("r_min",)``, else ``r_min_fraction``)."""
+        if "r_min" in self.learn:
+            return 0.5 * torch.sigmoid(self.r_min_logit)
+        return torch.tensor(self.r_min_fraction)
+
+    @property
+    def sharpness_gain(self) -> Tensor:
+        """The factor on every stage's sharpness, Tensor[] (learned with
+        ``learn=("sharpness",)``, else 1)."""
+        if "sharpness" in self.learn:
+            return SHARPNESS_RANGE ** torch.tanh(self.sharpness_logit)
+        return torch.tensor(1.0)
+
+    def _r_min(self, h: int, w: int, like: Tensor) -> Tensor:
+        """r_min of a batch of h x w maps, Tensor[B] in ``like``'s dtype (differentiable in
+        the learned fraction)."""
+        if "r_min" not in self.learn:
+            return fit_r_min(h, w, self.r_min_fraction, self.aspect, like)
+        r_min = (w * self.r_min_value).to(like.dtype).clamp_max(min(w / 2.0, h / (2.0 * self.aspect)))
+        return r_min.expand(like.shape[0]).contiguous()
+
+    def _final_sharpness(self, like: Tensor) -> Tensor:
+        """The searched gamma, Tensor[1, 1] in ``like``'s dtype (differentiable when learned)."""
+        if "sharpness" not in self.learn:
+            return like.new_full((1, 1), self.final_sharpness)
+        return (self.final_sharpness * self.sharpness_gain).to(like.dtype).reshape(1, 1)
 
     # ----------------------------------------------------------------- public
     def forward(
@@ -225,7 +276,7 @@ class DACrop(nn.Module):
         ``image_size`` = (H, W) to xyxy boxes in input pixels, Tensor[..., 4]."""
         h, w = int(image_size[0]) // self.pool_size, int(image_size[1]) // self.pool_size
         flat = thetas.reshape(-1, 3)
-        r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, flat)
+        r_min = self._r_min(h, w, flat).detach()
         return theta_to_boxes(flat, r_min, self.aspect, self.pool_size).reshape(*thetas.shape[:-1], 4)
 
     def extra_repr(self) -> str:
@@ -238,6 +289,7 @@ class DACrop(nn.Module):
             f"max_step={s.max_step}, polish_steps={s.polish_steps}, "
             f"r_min_fraction={self.r_min_fraction:.4g}, saliency_scale={self.saliency_scale}, "
             f"search={self.search_method!r}"
+            + (f", learn={self.learn}" if self.learn else "")
             + (
                 f", grid_step={self.grid.step}, grid_candidates={self.grid.candidates}, "
                 f"tie_tolerance={self.grid.tie_tolerance}"
@@ -323,8 +375,8 @@ class DACrop(nn.Module):
             batch, _, h, w = scaled.shape
             count = info.candidates.shape[1]
             thetas = info.candidates.reshape(-1, 3)
-            r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, scaled).repeat_interleave(count)
-            gamma = thetas.new_full((len(thetas),), self.final_sharpness)
+            r_min = self._r_min(h, w, scaled).repeat_interleave(count)
+            gamma = self._final_sharpness(scaled).reshape(1).expand(len(thetas))
             cost, _, _ = _cost_derivatives(thetas, scaled[:, 0], r_min, self.aspect, gamma, 0)
             boxes = theta_to_boxes(thetas, r_min, self.aspect, self.pool_size).reshape(batch, count, 4)
             edges = boxes.float()[..., [0, 2, 1, 3]]  # (x1, x2, y1, y2), as _iou takes them
@@ -345,9 +397,9 @@ class DACrop(nn.Module):
         with _autocast_off(saliency.device):
             saliency = self._searched_map(saliency)
             batch, _, h, w = saliency.shape
-            r_min = fit_r_min(h, w, self.r_min_fraction, self.aspect, saliency)
-            theta0 = initial_theta(h, w, r_min, self.aspect, self.r_init_fraction)
-            sharpness = saliency.new_full((1, 1), self.final_sharpness)
+            r_min = self._r_min(h, w, saliency)
+            theta0 = initial_theta(h, w, r_min.detach(), self.aspect, self.r_init_fraction)
+            sharpness = self._final_sharpness(saliency)
             objective, _, inputs = build_objective(theta0, saliency, sharpness, r_min[:, None], self.aspect)
             if self.search_method == "global":
                 optimizer: StagedAscent = GlobalSearch(objective, self.schedule, self.grid)
@@ -411,7 +463,7 @@ class DACrop(nn.Module):
             "antialias": self.antialias,
             "saliency": stage,
             "search": self.search_method,
-        } | ({"grid": {f.name: getattr(self.grid, f.name) for f in dataclasses.fields(self.grid)}}
+        } | ({"learn": list(self.learn)} if self.learn else {}) | ({"grid": {f.name: getattr(self.grid, f.name) for f in dataclasses.fields(self.grid)}}
              if self.search_method == "global" else {})
 
 

@@ -194,6 +194,9 @@ class PipelineConfig:
         candidate_baseline: with ``candidate_sampling``: ``batch`` (the drawn crop's loss
             against the batch's other images') or ``best`` (against the loss of the same
             image's best candidate: one more forward pass of the classifier).
+        learn_constants: ``dac_e2e``: the paper's constants trained with the front, at
+            ``front_lr``, a subset of ``[r_min, sharpness]`` (``DACrop(learn=...)``:
+            the minimum half-width and a factor on the search's sharpness, bounded).
     """
 
     kind: str = field(default="dac", metadata={"check": lambda v, n: check_choice(v, PIPELINE_KINDS, n)})
@@ -219,6 +222,7 @@ class PipelineConfig:
     candidate_power: float = field(default=1.0, metadata={"check": lambda v, n: _positive(v, n)})
     candidate_sampling: bool = field(default=False, metadata={"check": lambda v, n: check_bool(v, n)})
     candidate_baseline: str = field(default="batch", metadata={"check": lambda v, n: check_choice(v, CANDIDATE_BASELINES, n)})
+    learn_constants: tuple[str, ...] = field(default=(), metadata={"check": lambda v, n: _learnable(v, n)})
 
 
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -233,7 +237,8 @@ _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Pipeline settings added after TRAINING_REVISION 3, at their defaults (left out of the fingerprint).
 _LATER_DEFAULTS = {"r_min_fraction": 1 / 3.5, "sharpness_factor": 2.0, "edge_margin": 0, "edge_sharpness": [0.25, 8.0], "front_warmup": 0,
                    "search": "paper", "candidates": 1, "candidate_power": 1.0, "front_clip_norm": None,
-                   "candidate_sampling": False, "candidate_baseline": "batch", "saliency_members": 1, "saliency_init": None}
+                   "candidate_sampling": False, "candidate_baseline": "batch", "saliency_members": 1, "saliency_init": None,
+                   "learn_constants": []}
 
 
 @dataclass
@@ -396,8 +401,24 @@ def _check(cfg: ExperimentConfig) -> None:
             raise DACInputError(f"pipelines.{name}.candidate_baseline: only for candidate_sampling: true")
         if p.candidate_sampling and p.candidates < 2:
             raise DACInputError(f"pipelines.{name}.candidate_sampling: draws one of several candidates; set candidates > 1")
+        if p.learn_constants and p.kind != "dac_e2e":
+            raise DACInputError(f"pipelines.{name}.learn_constants: only dac_e2e trains its front (kind {p.kind!r})")
+        if "r_min" in p.learn_constants and p.r_min_fraction >= 0.5:
+            raise DACInputError(f"pipelines.{name}.learn_constants: a learned r_min starts below 0.5 (r_min_fraction {p.r_min_fraction})")
         if p.candidates > 1 and (p.edge_margin or p.roi_rotate_degrees):
             raise DACInputError(f"pipelines.{name}.candidates: not with edge_margin or roi_rotate_degrees (candidates are cropped hard)")
+
+
+def _learnable(value: Any, name: str) -> tuple[str, ...]:
+    from ..layer import LEARNABLE
+
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise DACInputError(f"{name}: expected a list of names among {list(LEARNABLE)}, got {value!r}")
+    for item in value:
+        check_choice(item, LEARNABLE, name)
+    if len(set(value)) != len(value):
+        raise DACInputError(f"{name}: names repeated in {list(value)}")
+    return tuple(item for item in LEARNABLE if item in value)
 
 
 def _positive(value: Any, name: str) -> float:

@@ -175,6 +175,8 @@ class DACFront(nn.Module):
             augmentation and in training mode, so BatchNorm's running statistics see
             those crops too). Neither depends on the image's own draw: both keep the
             estimate unbiased; ``"best"`` compares candidates of the same image.
+        learn_constants: ``DACrop``'s ``learn``: r_min and / or the search's sharpness
+            trained with the front (bounded parameters of :attr:`crop`).
 
     Attributes:
         crop: the :class:`~dac.layer.DACrop` (its ``saliency`` is the stage above).
@@ -198,6 +200,7 @@ class DACFront(nn.Module):
         candidate_power: float = 1.0,
         candidate_sampling: bool = False,
         candidate_baseline: str = "batch",
+        learn_constants: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.candidates = check_int(candidates, "candidates", 1)
@@ -211,7 +214,8 @@ class DACFront(nn.Module):
             raise DACInputError("candidate_baseline: only with candidate_sampling=True (the mixture needs no baseline)")
         grid = {"grid_candidates": self.candidates} if self.candidates > 1 else {}
         self.crop = DACrop(output_size=output_size, pool_size=pool_size, backward_mode=backward_mode, saliency=saliency,
-                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search, **grid)
+                           r_min_fraction=r_min_fraction, sharpness_factor=sharpness_factor, search=search,
+                           learn=learn_constants, **grid)
         if self.candidates > 1 and search != "global":
             raise DACInputError(f"candidates: {self.candidates} candidates come from the global search, not search={search!r}")
         self.roi_rotate_degrees = check_angle(roi_rotate_degrees, "roi_rotate_degrees")
@@ -683,7 +687,8 @@ def build_pipeline(
                          r_min_fraction=config.r_min_fraction, sharpness_factor=config.sharpness_factor,
                          search=config.search, edge_margin=config.edge_margin, edge_sharpness=config.edge_sharpness,
                          candidates=config.candidates, candidate_power=config.candidate_power,
-                         candidate_sampling=config.candidate_sampling, candidate_baseline=config.candidate_baseline)
+                         candidate_sampling=config.candidate_sampling, candidate_baseline=config.candidate_baseline,
+                         learn_constants=config.learn_constants)
     elif kind == "stn":
         front = SpatialTransformerCrop(size, config.localization_size, channels)
     elif kind == "oracle":
