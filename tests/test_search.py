@@ -143,6 +143,25 @@ class TestGridCandidates:
         torch.testing.assert_close(cost.amax(1), whole_cost.flatten(1).amax(1), rtol=1e-12, atol=0)
 
 
+def test_tied_maxima_do_not_depend_on_the_chunks():
+    """Defect: ``topk`` chose among equal grid maxima (plateaus of a map of equal blocks)
+    in an order of its own, which depended on how the grid was cut into chunks, that is
+    on the batch size: the same map gave other candidates in another batch."""
+    g = torch.Generator().manual_seed(0)
+    kw = dict(r_min=6.0, aspect=0.5, sharpness=0.8, step=1.0, count=4)
+    differ = 0
+    for _ in range(60):
+        s = torch.zeros(1, 1, 24, 44)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            x, y = int(torch.randint(0, 36, (1,), generator=g)), int(torch.randint(0, 16, (1,), generator=g))
+            s[..., y : y + 6, x : x + 8] = 1.0
+        whole, cost = grid_candidates(s, **kw)
+        for chunk in (200, 1000, 5000):
+            t, c = grid_candidates(s, chunk_elements=chunk, **kw)
+            differ += not torch.equal(t, whole)
+    assert differ == 0
+
+
 def _layer(search, **kw):
     # Small maps: r_min 1/3.5 of the width and the final sharpness 0.8 per pixel.
     return DACrop(**SMALL, search=search, sharpness=0.1, sharpness_factor=2.0, stages=4, **kw)

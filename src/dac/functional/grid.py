@@ -277,14 +277,16 @@ def _grid_candidates(
     best_index = torch.zeros(batch, 0, dtype=torch.long, device=saliency.device)
     for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=1):
         values, index = _local_maxima(f, count)  # index within the chunk's inner levels
+        # Both in lattice order (later chunks hold later boxes), so ties go to the earlier box.
         best_values = torch.cat((best_values, values), dim=1)
         best_index = torch.cat((best_index, index + k0 * plane), dim=1)
-        best_values, order = best_values.topk(min(count, best_values.shape[1]), dim=1)
+        best_values, order = _top(best_values, count)
         best_index = best_index.gather(1, order)
     # Fewer maxima than asked (or none above -inf): repeat the best one.
-    best_index = torch.where(best_values > float("-inf"), best_index, best_index[:, :1])
+    first_best = best_index.gather(1, best_values.argmax(dim=1, keepdim=True))
+    best_index = torch.where(best_values > float("-inf"), best_index, first_best)
     if best_index.shape[1] < count:
-        best_index = torch.cat((best_index, best_index[:, :1].expand(batch, count - best_index.shape[1])), dim=1)
+        best_index = torch.cat((best_index, first_best.expand(batch, count - best_index.shape[1])), dim=1)
     index, _ = best_index.sort(dim=1)  # lattice order
     thetas = grid.thetas(index, saliency.dtype)
     values = _cost_at(saliency, grid, gamma, index)
@@ -314,4 +316,23 @@ def _local_maxima(f: Tensor, count: int) -> tuple[Tensor, Tensor]:
         del ext
     inner = f[:, 1:-1]
     flat = inner.masked_fill((inner < peak[:, 1:-1]) | (inner == float("-inf")), float("-inf")).flatten(1)
-    return flat.topk(min(count, flat.shape[1]), dim=1)
+    return _top(flat, count)
+
+
+def _top(values: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest of ``values`` Tensor[B, N] per row, exact ties going to the
+    earlier position, returned in position order: (values, positions).
+
+    ``topk`` alone picks among equal values in an order of its own, which then depended
+    on how the grid was cut into chunks (that is, on the batch size): a plateau of equal
+    maxima gave other candidates, and other boxes, in another batch.
+    """
+    k = min(count, values.shape[1])
+    kth = values.topk(k, dim=1).values[:, -1:]
+    above = values > kth
+    tied = values == kth
+    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    position = torch.arange(values.shape[1], 0, -1, device=values.device)  # earlier -> larger key
+    _, order = torch.where(take, position, 0).topk(k, dim=1)  # distinct keys: exact
+    order, _ = order.sort(dim=1)
+    return values.gather(1, order), order
