@@ -427,7 +427,7 @@ class DACrop(nn.Module):
         if missed:
             warnings.warn(
                 f"DACrop: {missed} of {batch} boxes did not reach a stationary point; "
-                f"their {self.backward_mode} gradients are approximate (raise polish_steps)",
+                f"their {self.backward_mode} gradients are approximate (raise polish_steps; where the map is nearly flat, search it in float64)",
                 RuntimeWarning,
                 stacklevel=4,
             )
