@@ -225,10 +225,8 @@ class DACrop(nn.Module):
     def _r_min(self, h: int, w: int, like: Tensor) -> Tensor:
         """r_min of a batch of h x w maps, Tensor[B] in ``like``'s dtype (differentiable in
         the learned fraction)."""
-        if "r_min" not in self.learn:
-            return fit_r_min(h, w, self.r_min_fraction, self.aspect, like)
-        r_min = (w * self.r_min_value).to(like.dtype).clamp_max(min(w / 2.0, h / (2.0 * self.aspect)))
-        return r_min.expand(like.shape[0]).contiguous()
+        fraction = self.r_min_value if "r_min" in self.learn else self.r_min_fraction
+        return fit_r_min(h, w, fraction, self.aspect, like)
 
     def _final_sharpness(self, like: Tensor) -> Tensor:
         """The searched gamma, Tensor[1, 1] in ``like``'s dtype (differentiable when learned)."""

@@ -19,13 +19,16 @@ from .stationarity import r_upper, shift_into_image
 __all__ = ["box_inside", "fit_r_min", "initial_theta", "theta_to_boxes"]
 
 
-def fit_r_min(h: int, w: int, r_min_fraction: float, aspect: float, like: Tensor) -> Tensor:
+def fit_r_min(h: int, w: int, r_min_fraction: float | Tensor, aspect: float, like: Tensor) -> Tensor:
     """The paper's ``r_min = w * r_min_fraction`` (1/3.5), clipped so the box fits.
+
+    ``r_min_fraction`` may be a Tensor[] (a learned fraction, ``DACrop(learn=("r_min",))``):
+    the result is then differentiable in it.
 
     Returns:
         Tensor[B] on ``like``'s device and dtype (B = like.shape[0]).
     """
-    r_min = torch.full((like.shape[0],), w * r_min_fraction, dtype=like.dtype, device=like.device)
+    r_min = _as_batch(w * r_min_fraction, like)
     return torch.minimum(r_min, torch.full_like(r_min, min(w / 2.0, h / (2.0 * aspect))))
 
 
