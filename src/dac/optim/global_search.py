@@ -131,15 +131,10 @@ class GlobalSearch(StagedAscent):
         while step < total:
             differentiated = grad_enabled and step >= grad_from
             with torch.set_grad_enabled(differentiated):
-                new_theta, done, _, untested = self._polish_step(theta, saliency, r_min_k, gamma_k, eta, sums)
-                # Converged (and stalled) boxes stay put, except in differentiated steps,
-                # where the (zero-length) Newton step carries the derivative.
-                settled = converged | _stalled(untested_run)
-                keep = settled if not differentiated else torch.zeros_like(converged)
-                theta = torch.where(keep[:, None], theta, new_theta)
-                iterations += (~settled).long()
-                converged = converged | (done & ~settled)
-                untested_run = torch.where(settled | (untested & ~done), untested_run + (~settled).long(), 0)
+                theta, converged, untested_run, took = self._polish_round(
+                    theta, converged, untested_run, differentiated, saliency, r_min_k, gamma_k, eta, sums
+                )
+                iterations += took
                 if verbose:
                     print(f"polish step {step}: {int(converged.sum())}/{theta.shape[0]} candidates converged")
                 if bool((converged | _stalled(untested_run)).all()) and step + 1 < grad_from:

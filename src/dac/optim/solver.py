@@ -202,12 +202,10 @@ class StagedAscent(th.NonlinearLeastSquares):
         acceptable length take a clipped ascent step instead.
 
         Returns:
-            (theta, converged, frozen, untested): converged where an unshifted,
-            uncapped, full Newton step was taken and it moved less than
-            ``eps**0.75 * max(h, w)`` saliency pixels; frozen as in
-            :class:`~dac.functional.Stationarity`; untested where such a step moved
-            less than ``sqrt(eps) * max(h, w)`` (f cannot judge it; see
-            :func:`_stalled`).
+            (theta, converged, untested): converged where an unshifted, uncapped,
+            full Newton step was taken and it moved less than ``eps**0.75 * max(h,
+            w)`` saliency pixels; untested where such a step moved less than
+            ``sqrt(eps) * max(h, w)`` (f cannot judge it; see :func:`_stalled`).
         """
         h, w = saliency.shape[1:]
         aspect = self.cost.aspect
@@ -248,7 +246,27 @@ class StagedAscent(th.NonlinearLeastSquares):
             pending = pending & ~accept
             if not bool(pending.any()):
                 break
-        return new_theta, converged, st.frozen, untested
+        return new_theta, converged, untested
+
+    def _polish_round(
+        self, theta: Tensor, converged: Tensor, untested_run: Tensor, differentiated: bool,
+        saliency: Tensor, r_min: Tensor, gamma: Tensor, eta: float, sums: _MapSums,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One :meth:`_polish_step` for every box not yet settled (converged, or stalled:
+        :func:`_stalled`). Settled boxes stay put, except in differentiated steps, where
+        the (zero-length) Newton step carries the derivative.
+
+        Returns:
+            (theta, converged, untested_run, took): took is Tensor[B] long, 1 for the
+            boxes that were not settled before this step (their iteration count).
+        """
+        new_theta, done, untested = self._polish_step(theta, saliency, r_min, gamma, eta, sums)
+        settled = converged | _stalled(untested_run)
+        keep = settled if not differentiated else torch.zeros_like(settled)
+        theta = torch.where(keep[:, None], theta, new_theta)
+        converged = converged | (done & ~settled)
+        untested_run = torch.where(settled | (untested & ~done), untested_run + (~settled).long(), 0)
+        return theta, converged, untested_run, (~settled).long()
 
     # ------------------------------------------------------------- main loop
     def _optimize_impl(  # type: ignore[override]
@@ -272,7 +290,6 @@ class StagedAscent(th.NonlinearLeastSquares):
         stage_thetas = [theta.detach()]
         iterations = torch.zeros(batch, dtype=torch.long, device=theta.device)
         converged = torch.zeros(batch, dtype=torch.bool, device=theta.device)
-        frozen = torch.zeros_like(converged)
         untested_run = torch.zeros(batch, dtype=torch.long, device=theta.device)
         eta = sched.step_size
         step = 0
@@ -288,15 +305,10 @@ class StagedAscent(th.NonlinearLeastSquares):
                     if (step + 1) % sched.steps_per_stage == 0:
                         stage_thetas.append(theta.detach())
                 else:
-                    new_theta, done, frozen, untested = self._polish_step(theta, saliency, r_min, gamma_final, eta, sums)
-                    # Converged (and stalled) boxes stay put, except in differentiated
-                    # steps, where the (zero-length) Newton step carries the derivative.
-                    settled = converged | _stalled(untested_run)
-                    keep = settled if not differentiated else torch.zeros_like(converged)
-                    theta = torch.where(keep[:, None], theta, new_theta)
-                    iterations += (~settled).long()
-                    converged = converged | (done & ~settled)
-                    untested_run = torch.where(settled | (untested & ~done), untested_run + (~settled).long(), 0)
+                    theta, converged, untested_run, took = self._polish_round(
+                        theta, converged, untested_run, differentiated, saliency, r_min, gamma_final, eta, sums
+                    )
+                    iterations += took
                     if verbose:
                         print(f"polish step {step - sched.ascent_steps}: {int(converged.sum())}/{batch} converged")
                     if bool((converged | _stalled(untested_run)).all()) and step + 1 < grad_from:
