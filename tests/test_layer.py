@@ -327,6 +327,25 @@ class TestIndependentCalls:
         for (i, rep), boxes in results.items():
             torch.testing.assert_close(boxes, expected[(i + rep) % 6], rtol=0, atol=1e-9)
 
+    @pytest.mark.parametrize("search", SEARCHES)
+    def test_without_autograd_the_results_are_ordinary_tensors(self, search):
+        # The search runs in inference mode when autograd is off; what comes out must not
+        # be an inference tensor (those cannot be saved for backward or changed in place).
+        images = textured_scene(2, 300, 555)
+        layer = DACrop(**SMALL, search=search)
+        with torch.no_grad():
+            crops, boxes, info = layer(images, return_boxes=True)
+        tensors = {"crops": crops, "boxes": boxes} | {
+            name: value for name, value in vars(info).items() if isinstance(value, torch.Tensor)
+        }
+        assert {"converged", "cost", "stage_thetas", "held"} <= set(tensors)
+        assert [name for name, t in tensors.items() if t.is_inference()] == []
+        boxes += 1.0  # in place, outside inference mode
+        scale = torch.ones(4, dtype=boxes.dtype, requires_grad=True)
+        (boxes * scale).sum().backward()  # saved for backward
+        torch.testing.assert_close(scale.grad, boxes.sum(0))
+        torch.testing.assert_close(boxes - 1.0, layer.locate(images.clone().requires_grad_()).detach(), rtol=0, atol=0)
+
     def test_nothing_of_a_call_outlives_it(self):
         layer = DACrop(**SMALL)
         for size in ((300, 555), (240, 500), (200, 410)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Any, Sequence
 
@@ -392,6 +393,16 @@ class DACrop(nn.Module):
         return _lift_faint(saliency.to(dtype) * self.saliency_scale)
 
     def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
+        if torch.is_grad_enabled():
+            return self._run_search(saliency)
+        # Without autograd the search runs in inference mode (less overhead per operation:
+        # at batch 1 it is bound by that, not by arithmetic); what it returns is cloned out
+        # of it, so that callers get ordinary tensors.
+        with torch.inference_mode():
+            boxes, info = self._run_search(saliency)
+        return boxes.clone(), _out_of_inference(info)
+
+    def _run_search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
         with _autocast_off(saliency.device):
             saliency = self._searched_map(saliency)
             batch, _, h, w = saliency.shape
@@ -444,8 +455,6 @@ class DACrop(nn.Module):
             >>> DACrop(output_size=(20, 37), pool_size=4).config()["pool_size"]
             4
         """
-        import dataclasses
-
         saliency = self.saliency
         stage = {"class": f"{type(saliency).__module__}.{type(saliency).__qualname__}"}
         if callable(getattr(saliency, "config", None)):
@@ -486,6 +495,20 @@ def _check_not_meta(images: Images | Tensor, name: str = "images") -> None:
                 f"{label}: on the meta device, which holds shapes but no values; DACrop's box depends on "
                 "the pixels (move the tensor to a real device, e.g. .to('cpu'))"
             )
+
+
+def _out_of_inference(info: DACSolverInfo) -> DACSolverInfo:
+    """``info`` with its tensors (inference tensors, made in ``torch.inference_mode``) cloned
+    into ordinary ones."""
+
+    def cloned(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {key: cloned(item) for key, item in value.items()}
+        return value
+
+    return dataclasses.replace(info, **{f.name: cloned(getattr(info, f.name)) for f in dataclasses.fields(info) if f.init})
 
 
 def _lift_faint(saliency: Tensor) -> Tensor:

@@ -110,12 +110,37 @@ class CostGrid(NamedTuple):
     coordinates ``0 .. w-1`` then the y coordinates ``0 .. h-1``. ``edges @ select``
     puts each column's low edge (x1 or y1) in the first row and its negated high
     edge (-x2 or -y2) in the second, so ``coords - edges @ select`` is
-    ``(x - low, high - x)``. ``m_edges`` is M = d(edges)/d(theta).
+    ``(x - low, high - x)``. ``m_edges`` is M = d(edges)/d(theta). ``picks`` are the
+    flat positions, in the 6 x 6 tables of profile products (``q`` and ``o`` in
+    :func:`_cost_derivatives`), of the 4 first and 16 second edge derivatives;
+    ``picks_first`` those of the first ones in the 3 x 3 tables of order 1.
     """
 
     coords: Tensor  #: Tensor[2, n] = (c, -c)
     select: Tensor  #: Tensor[4, 2 n]
     m_edges: Tensor  #: Tensor[4, 3]
+    picks: Tensor  #: Tensor[20] long
+    picks_first: Tensor  #: Tensor[4] long
+
+
+def _edge_picks(rows: int) -> list[int]:
+    """Flat positions ``rows i + j`` (i a row of the y profiles, j of the x profiles; rows
+    0 value, 1 d/low, 2 d/high, 3 d2/low2, 4 d2/low/high, 5 d2/high2) of the first
+    derivatives in the edges (x1, x2, y1, y2), then of the second, row-major 4 x 4."""
+    second_x = ((3, 4), (4, 5))  # d2/dx1dx1, d2/dx1dx2 / d2/dx2dx1, d2/dx2dx2
+
+    def at(e: int, f: int) -> tuple[int, int]:
+        if e < 2 and f < 2:
+            return 0, second_x[e][f]
+        if e >= 2 and f >= 2:
+            return second_x[e - 2][f - 2], 0
+        x, y = (e, f) if e < 2 else (f, e)
+        return 1 + y - 2, 1 + x
+
+    first = [(0, 1), (0, 2), (1, 0), (2, 0)]
+    if rows == 3:
+        return [3 * i + j for i, j in first]
+    return [6 * i + j for i, j in first + [at(e, f) for e in range(4) for f in range(4)]]
 
 
 def cost_grid(h: int, w: int, aspect: float, like: Tensor) -> CostGrid:
@@ -128,7 +153,8 @@ def cost_grid(h: int, w: int, aspect: float, like: Tensor) -> CostGrid:
     select[2, 0, w:] = 1.0  # y1
     select[1, 1, :w] = -1.0  # -x2
     select[3, 1, w:] = -1.0  # -y2
-    return CostGrid(torch.stack((c, -c)), select.reshape(4, 2 * n), edge_jacobian(aspect, like))
+    picks = [torch.tensor(_edge_picks(rows), dtype=torch.long, device=like.device) for rows in (6, 3)]
+    return CostGrid(torch.stack((c, -c)), select.reshape(4, 2 * n), edge_jacobian(aspect, like), *picks)
 
 
 def _cost_derivatives(
@@ -197,11 +223,13 @@ def _cost_derivatives(
     f_a = m * (1.0 + area_in * inv_k)
     f_z = area_in * m * lam
 
-    # First derivatives of A and Z in the edges (x1, x2, y1, y2).
-    a_e = torch.stack((q[:, 0, 1], q[:, 0, 2], q[:, 1, 0], q[:, 2, 0]), dim=-1)
-    z_e = torch.stack(
-        (sx[:, 1] * v_sum, sx[:, 2] * v_sum, u_sum * sy[:, 1], u_sum * sy[:, 2]), dim=-1
-    )
+    # Derivatives of A and Z in the edges (x1, x2, y1, y2), read off two 6 x 6 tables at
+    # grid.picks: q[i, j] = py_i^T S px_j holds every one of A (A = v^T S u), and
+    # o[i, j] = (sum py_i)(sum px_j) every one of Z = (sum v)(sum u), at the same places.
+    o = sy[:, :, None] * sx[:, None, :]
+    picks = grid.picks_first if order == 1 else grid.picks
+    picked = torch.stack((q, o), dim=1).flatten(2).index_select(2, picks)  # [B, 2, 4 or 20]
+    a_e, z_e = picked[:, 0, :4], picked[:, 1, :4]
     m_edges = grid.m_edges
     grad = (f_a[:, None] * a_e + f_z[:, None] * z_e) @ m_edges
     if order == 1:
@@ -211,20 +239,7 @@ def _cost_derivatives(
     f_aa = 2.0 * m * inv_k * (1.0 + area_in * inv_k)
     f_az = m * lam + area_in * m * (lam * inv_k + inv_k.square())
     f_zz = area_in * m * (lam.square() + lam_z)
-
-    # Second derivatives of A and Z in the edges; indices of q / sx / sy:
-    # 0 value, 1 d/low, 2 d/high, 3 d2/low2, 4 d2/low/high, 5 d2/high2.
-    def sym2(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        return torch.stack((torch.stack((a, b), -1), torch.stack((b, c), -1)), -2)
-
-    a_xx = sym2(q[:, 0, 3], q[:, 0, 4], q[:, 0, 5])
-    a_yy = sym2(q[:, 3, 0], q[:, 4, 0], q[:, 5, 0])
-    a_xy = q[:, 1:3, 1:3].transpose(1, 2)  # [x_k, y_l] = py_l^T S px_k
-    z_xx = sym2(sx[:, 3], sx[:, 4], sx[:, 5]) * v_sum[:, None, None]
-    z_yy = sym2(sy[:, 3], sy[:, 4], sy[:, 5]) * u_sum[:, None, None]
-    z_xy = sx[:, 1:3, None] * sy[:, None, 1:3]
-    a_ee = torch.cat((torch.cat((a_xx, a_xy), 2), torch.cat((a_xy.transpose(1, 2), a_yy), 2)), 1)
-    z_ee = torch.cat((torch.cat((z_xx, z_xy), 2), torch.cat((z_xy.transpose(1, 2), z_yy), 2)), 1)
+    a_ee, z_ee = picked[:, 0, 4:].reshape(-1, 4, 4), picked[:, 1, 4:].reshape(-1, 4, 4)
 
     def outer(p: Tensor, r: Tensor) -> Tensor:
         return p[:, :, None] * r[:, None, :]

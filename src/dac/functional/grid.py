@@ -273,10 +273,12 @@ def _grid_candidates(
     batch, h, w = saliency.shape
     grid = box_grid(h, w, r_min, aspect, step)
     plane = grid.n_y * grid.n_x
-    best_values = saliency.new_full((batch, 0), float("-inf"))
-    best_index = torch.zeros(batch, 0, dtype=torch.long, device=saliency.device)
+    best_values, best_index = saliency.new_empty(0), saliency.new_empty(0)  # set by the first chunk
     for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=1):
         values, index = _local_maxima(f, count)  # index within the chunk's inner levels
+        if k0 == 0:  # the first chunk's best are the running best (one chunk for one map)
+            best_values, best_index = values, index
+            continue
         # Both in lattice order (later chunks hold later boxes), so ties go to the earlier box.
         best_values = torch.cat((best_values, values), dim=1)
         best_index = torch.cat((best_index, index + k0 * plane), dim=1)
@@ -315,7 +317,8 @@ def _local_maxima(f: Tensor, count: int) -> tuple[Tensor, Tensor]:
         peak = torch.maximum(torch.maximum(ext.narrow(dim, 0, n), ext.narrow(dim, 1, n)), ext.narrow(dim, 2, n))
         del ext
     inner = f[:, 1:-1]
-    flat = inner.masked_fill((inner < peak[:, 1:-1]) | (inner == float("-inf")), float("-inf")).flatten(1)
+    # (NaN, from an f that under- or overflowed, is no maximum: _top counts on comparable values.)
+    flat = inner.masked_fill(~(inner >= peak[:, 1:-1]) | (inner == float("-inf")), float("-inf")).flatten(1)
     return _top(flat, count)
 
 
@@ -331,8 +334,6 @@ def _top(values: Tensor, count: int) -> tuple[Tensor, Tensor]:
     kth = values.topk(k, dim=1).values[:, -1:]
     above = values > kth
     tied = values == kth
-    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
-    position = torch.arange(values.shape[1], 0, -1, device=values.device)  # earlier -> larger key
-    _, order = torch.where(take, position, 0).topk(k, dim=1)  # distinct keys: exact
-    order, _ = order.sort(dim=1)
+    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))  # k per row
+    order = take.nonzero()[:, 1].reshape(values.shape[0], k)  # row-major: position order
     return values.gather(1, order), order

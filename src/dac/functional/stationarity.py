@@ -100,19 +100,17 @@ def held_bounds(theta: Tensor, grad: Tensor, h: int, w: int, r_min: Tensor, aspe
         Tensor[B, 3] int8 in {-1, 0, +1} for (x_c, y_c, r).
     """
     tol = 64 * torch.finfo(theta.dtype).eps * float(max(h, w))
-    g_x, g_y, g_r = grad.unbind(-1)
-    x_lo, x_hi, y_lo, y_hi = centre_bounds(theta, h, w, r_min, aspect)
+    # Both centre coordinates at once: columns (x_c, y_c), their bounds as in _centre_range.
+    half = (r_min + theta[:, 2])[:, None] * theta.new_tensor([1.0, aspect])
+    low_bound, high_bound = half - 0.5, theta.new_tensor([w - 0.5, h - 0.5]) - half
+    centre, g_centre = theta[:, :2], grad[:, :2]
     # A box as wide (tall) as the image has no room to move: its centre is held
     # whichever way the gradient points.
-    x_pinned = x_hi - x_lo <= tol
-    y_pinned = y_hi - y_lo <= tol
-    x_low = (theta[:, 0] - x_lo <= tol) & ((g_x < 0) | (x_pinned & (g_x <= 0)))
-    x_high = (x_hi - theta[:, 0] <= tol) & ((g_x > 0) | x_pinned) & ~x_low
-    y_low = (theta[:, 1] - y_lo <= tol) & ((g_y < 0) | (y_pinned & (g_y <= 0)))
-    y_high = (y_hi - theta[:, 1] <= tol) & ((g_y > 0) | y_pinned) & ~y_low
+    pinned = high_bound - low_bound <= tol
+    low = (centre - low_bound <= tol) & ((g_centre < 0) | (pinned & (g_centre <= 0)))
+    high = (high_bound - centre <= tol) & ((g_centre > 0) | pinned) & ~low
     held = torch.zeros(theta.shape, dtype=torch.int8, device=theta.device)
-    held[:, 0] = x_high.to(torch.int8) - x_low.to(torch.int8)
-    held[:, 1] = y_high.to(torch.int8) - y_low.to(torch.int8)
+    held[:, :2] = high.to(torch.int8) - low.to(torch.int8)
     g_reduced = (_follow_r(held, aspect, theta.dtype) * grad).sum(-1)
     r = theta[:, 2]
     r_low = (r <= tol) & (g_reduced < 0)
