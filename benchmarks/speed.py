@@ -42,7 +42,12 @@ to rounding.
 
 ``--compile``: the global search's grid scoring (``dac.functional.grid._grid_candidates``)
 eager against ``torch.compile``-d, on this batch's maps and on one map: the first call
-(compilation included) and the median of ``--repeats`` calls after it.
+(compilation included) and the median of ``--repeats`` calls after it; and ``locate`` of
+the batch's first image (global search) with the polish's per-step functions (the
+stationarity residual and f, :mod:`dac.optim.solver`, and the final one of
+:mod:`dac.optim.cost_function`) eager against ``torch.compile``-d, patched in for this
+measurement only (the library runs them eager): the first call, and the median of
+``--repeats1`` calls beside the image's pooling alone.
 
 Each item is run once to warm up and then ``--repeats`` times; the median (and the
 min) per image is reported. Ratios come from one run: ``layer_over_floor`` (batch B),
@@ -237,6 +242,7 @@ def measure(batch: int, height: int, width: int, repeats: int, device: torch.dev
         }
     if opts.compile:
         record["compile"] = compile_timing(pooled, repeats, device)
+        record["compile_polish"] = compile_polish_timing(images[:1], opts.repeats1, device)
     return record
 
 
@@ -313,6 +319,39 @@ def compile_timing(pooled: torch.Tensor, repeats: int, device: torch.device) -> 
     return result
 
 
+def compile_polish_timing(one: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    """``locate`` of one image, the polish's per-step functions eager and ``torch.compile``-d
+    (patched into :mod:`dac.optim.solver` and :mod:`dac.optim.cost_function` here only):
+    first call and median (ms), the pooling's median, and the largest box difference (px)."""
+    from unittest import mock
+
+    import dac.optim.cost_function as cost_function
+    import dac.optim.solver as solver
+
+    layer = DACrop(output_size=OUTPUT_SIZE, pool_size=POOL_SIZE, search="global")
+    result: dict = {}
+    boxes = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        wrap = (lambda fn: fn) if mode == "eager" else (lambda fn: torch.compile(fn, dynamic=False))
+        with mock.patch.object(solver, "stationarity_residual", wrap(solver.stationarity_residual)), \
+                mock.patch.object(solver, "_cost_derivatives", wrap(solver._cost_derivatives)), \
+                mock.patch.object(cost_function, "stationarity_residual", wrap(cost_function.stationarity_residual)), \
+                torch.no_grad():
+            sync(device)
+            start = time.perf_counter()
+            layer.locate(one)
+            sync(device)
+            first = time.perf_counter() - start
+            times, boxes[mode] = time_it(lambda: layer.locate(one), repeats, device)
+            pool, _ = time_it(lambda: layer.saliency_map(one), repeats, device)
+        result[mode] = {"first_call_ms": 1000 * first, "median_ms": 1000 * statistics.median(times),
+                        "pool_ms": 1000 * statistics.median(pool)}
+        result[mode]["locate_over_pool"] = result[mode]["median_ms"] / result[mode]["pool_ms"]
+    result["max_box_diff_px"] = float((boxes["eager"] - boxes["compiled"]).abs().max())
+    return result
+
+
 # ----------------------------------------------------------------------- output
 def markdown(record: dict) -> str:
     floor = record["floor_ms_per_image"]
@@ -345,6 +384,14 @@ def markdown(record: dict) -> str:
         for label, e in record["compile"].items():
             lines.append(f"| {label} | {e['eager']['first_call_ms']:.1f} / {e['eager']['median_ms']:.2f} | "
                          f"{e['compiled']['first_call_ms']:.0f} / {e['compiled']['median_ms']:.2f} |")
+    if "compile_polish" in record:
+        c = record["compile_polish"]
+        lines += ["", "| batch 1, global search, the polish's functions | first call ms | locate ms | pool ms | locate / pool |",
+                  "|---|---:|---:|---:|---:|"]
+        for mode in ("eager", "compiled"):
+            e = c[mode]
+            lines.append(f"| {mode} | {e['first_call_ms']:.0f} | {e['median_ms']:.2f} | {e['pool_ms']:.2f} | {e['locate_over_pool']:.2f}x |")
+        lines.append(f"\nlargest box difference, eager against compiled: {c['max_box_diff_px']:.2g} px")
     return "\n".join(lines)
 
 
@@ -398,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="time the dense reference search")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
-    parser.add_argument("--compile", action="store_true", help="time torch.compile of the grid scoring")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile of the grid scoring and of the polish's functions")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (needs matplotlib)")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)

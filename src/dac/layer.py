@@ -393,17 +393,12 @@ class DACrop(nn.Module):
         return _lift_faint(saliency.to(dtype) * self.saliency_scale)
 
     def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
-        if torch.is_grad_enabled():
-            return self._run_search(saliency)
         # Without autograd the search runs in inference mode (less overhead per operation:
         # at batch 1 it is bound by that, not by arithmetic); what it returns is cloned out
-        # of it, so that callers get ordinary tensors.
-        with torch.inference_mode():
-            boxes, info = self._run_search(saliency)
-        return boxes.clone(), _out_of_inference(info)
-
-    def _run_search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
-        with _autocast_off(saliency.device):
+        # of it, so that callers get ordinary tensors. (One function, not a wrapper: the
+        # caller's map is let go when ``saliency`` is rebound, as it is below.)
+        inference = not torch.is_grad_enabled()
+        with _autocast_off(saliency.device), torch.inference_mode() if inference else contextlib.nullcontext():
             saliency = self._searched_map(saliency)
             batch, _, h, w = saliency.shape
             r_min = self._r_min(h, w, saliency)
@@ -429,7 +424,10 @@ class DACrop(nn.Module):
                 # One Newton step at the converged box has zero Jacobian in theta: its first
                 # derivative is exact, its second misses how the start moves (46 % off).
                 theta = _FirstOrderOnly.apply(theta, "truncated with backward_num_iterations=1")
-            return theta_to_boxes(theta, r_min, self.aspect, self.pool_size), info
+            boxes = theta_to_boxes(theta, r_min, self.aspect, self.pool_size)
+        if inference:
+            return boxes.clone(), _out_of_inference(info)
+        return boxes, info
 
     def _warn_if_inexact(self, info: DACSolverInfo, batch: int) -> None:
         missed = int((~(info.converged | info.frozen)).sum())

@@ -14,9 +14,9 @@ Rooms, one concept each:
 The ``dac fit-saliency`` command is :func:`dac.tasks.fit_saliency.train_saliency`.
 
 Examples:
-    >>> import torch
     >>> from dac import DACrop
-    >>> image = torch.rand(1, 1, 96, 177, generator=torch.Generator().manual_seed(0))
+    >>> from dac.data.phantoms import make_phantom
+    >>> image = make_phantom(0, 96, 177).image[None]  # uint8 [1, 1, 96, 177]
     >>> DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4)).locate(image).shape
     torch.Size([1, 4])
 """

@@ -182,10 +182,10 @@ class SaliencyNet(nn.Module):
             :meth:`config` (a loaded stage gets its weights from the file).
 
     Examples:
-        >>> import torch
         >>> from dac import DACrop
+        >>> from dac.data.phantoms import make_phantom
         >>> layer = DACrop(output_size=(20, 37), pool_size=4, saliency=SaliencyNet(4))
-        >>> layer(torch.rand(1, 1, 96, 177)).shape
+        >>> layer(make_phantom(0, 96, 177).image[None]).shape
         torch.Size([1, 1, 20, 37])
     """
 
