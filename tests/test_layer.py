@@ -665,6 +665,7 @@ class TestLearnedConstants:
 
     @pytest.mark.parametrize("learn, r_min_fraction, match", [
         ("r_min", 0.2, "learn"), (("width",), 0.2, "learn"), (("r_min",), 0.5, "r_min_fraction"),
+        (3, 0.2, "learn"), (None, 0.2, "learn"),  # not a sequence: TypeError from a loop before
     ])
     def test_bad_learn_names_the_argument(self, learn, r_min_fraction, match):
         with pytest.raises(DACInputError, match=match):

@@ -112,7 +112,7 @@ class DACrop(nn.Module):
         tie_tolerance: ``search="global"``: relative gap in f under which a
             separate maximum is a near tie.
         learn: paper's constants trained with the box's gradient (as parameters of
-            this module), a subset of :data:`LEARNABLE`: ``"r_min"``, the minimum
+            this module), a list or tuple of names from :data:`LEARNABLE`: ``"r_min"``, the minimum
             half-width as ``r_min_fraction = 0.5 sigmoid(p)`` (bounded in (0, 0.5),
             starting at ``r_min_fraction``, which must then be below 0.5); ``"sharpness"``,
             every stage's gamma times ``4 ** tanh(q)`` (within [1/4, 4] times the set
@@ -186,7 +186,7 @@ class DACrop(nn.Module):
             raise DACInputError(f"search: expected one of {SEARCHES}, got {search!r}")
         self.search_method = search.lower()
         self.grid = GridSchedule(step=grid_step, candidates=grid_candidates, tie_tolerance=tie_tolerance)
-        if isinstance(learn, str) or not all(isinstance(name, str) and name in LEARNABLE for name in learn):
+        if not isinstance(learn, (list, tuple)) or not all(isinstance(name, str) and name in LEARNABLE for name in learn):
             raise DACInputError(f"learn: expected names among {LEARNABLE}, got {learn!r}")
         self.learn = tuple(name for name in LEARNABLE if name in learn)
         if "r_min" in self.learn:
