@@ -234,3 +234,13 @@ class TestCropResize:
     def test_bad_input(self, boxes, size, match):
         with pytest.raises(DACInputError, match=match):
             crop_resize(torch.rand(1, 1, 10, 10), boxes, size)
+
+    @pytest.mark.parametrize("antialias", ["false", 0, None])
+    def test_antialias_is_a_bool(self, antialias):
+        # A truthy string from a config ("false") was taken as True: an aliased crop asked
+        # for, an anti-aliased one made.
+        box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        with pytest.raises(DACInputError, match="antialias"):
+            crop_resize(torch.rand(1, 1, 10, 10), box, (4, 4), antialias=antialias)
+        with pytest.raises(DACInputError, match="antialias"):
+            CropResize((4, 4), antialias=antialias)

@@ -131,6 +131,7 @@ class TestBadInput:
             (dict(output_size=(20.0, 37)), "output_size"),
             (dict(stages=2.5), r"stages: expected an int >= 1"),
             (dict(saliency="maxmin"), "saliency: expected an nn.Module"),
+            (dict(antialias="false"), "antialias"),  # truthy: taken as True before
         ],
     )
     def test_bad_arguments(self, kwargs, match):

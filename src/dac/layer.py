@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batching import Images, by_size
-from ._checks import DACInputError, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
+from ._checks import DACInputError, check_bool, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
 from .functional.boxes import fit_r_min, initial_theta, theta_to_boxes
 from .functional.cost import _cost_derivatives
 from .functional.crop import crop_resize
@@ -181,7 +181,7 @@ class DACrop(nn.Module):
         self.saliency_scale = check_positive(saliency_scale, "saliency_scale")
         self.backward_num_iterations = check_int(backward_num_iterations, "backward_num_iterations", 1)
         self.dlm_epsilon = check_positive(dlm_epsilon, "dlm_epsilon")
-        self.antialias = bool(antialias)
+        self.antialias = check_bool(antialias, "antialias")
         if not isinstance(search, str) or search.lower() not in SEARCHES:
             raise DACInputError(f"search: expected one of {SEARCHES}, got {search!r}")
         self.search_method = search.lower()

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_boxes, check_image_batch, check_size
+from .._checks import check_bool, check_boxes, check_image_batch, check_size
 from .pooling import to_unit_range
 
 __all__ = ["crop_resize", "CropResize"]
@@ -53,6 +53,7 @@ def crop_resize(
     batch, channels, height, width = images.shape
     check_boxes(boxes, batch)
     out_h, out_w = check_size(size)
+    antialias = check_bool(antialias, "antialias")  # a truthy string such as "false" is not True
     if not boxes.dtype.is_floating_point:
         boxes = boxes.to(torch.get_default_dtype())
     out_dtype = images.dtype if images.dtype.is_floating_point else boxes.dtype
@@ -109,7 +110,7 @@ class CropResize(nn.Module):
     def __init__(self, size: Sequence[int], *, antialias: bool = True) -> None:
         super().__init__()
         self.size = check_size(size)
-        self.antialias = bool(antialias)
+        self.antialias = check_bool(antialias, "antialias")
 
     def forward(self, images: Tensor, boxes: Tensor) -> Tensor:
         return crop_resize(images, boxes, self.size, antialias=self.antialias)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import DACInputError, check_boxes, check_image_batch, check_int, check_size
+from .._checks import DACInputError, check_bool, check_boxes, check_image_batch, check_int, check_size
 from .crop import crop_resize
 from .rectangle import edge_profiles
 
@@ -129,7 +129,7 @@ class SoftCrop(nn.Module):
         self.margin = check_int(margin, "margin", 0)
         edge_weights((1, 1), 0, sharpness)  # checks it
         self.sharpness = float(sharpness)
-        self.antialias = bool(antialias)
+        self.antialias = check_bool(antialias, "antialias")
 
     def forward(self, images: Tensor, boxes: Tensor) -> Tensor:
         return soft_crop(images, boxes, self.size, margin=self.margin, sharpness=self.sharpness, antialias=self.antialias)
