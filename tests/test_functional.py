@@ -172,6 +172,19 @@ class TestSoftRectangleAndCost:
         with pytest.raises(DACInputError, match="theta: contains NaN"):
             dac_cost(torch.full((2, 3), float("nan")), s, sharpness=0.1, **self.kw)
 
+    @pytest.mark.parametrize("r_min", [float("nan"), float("inf"), 0.0, -2.0, None, "x", torch.tensor([3.0, float("nan")]),
+                                       torch.ones(3)])
+    def test_bad_r_min_names_it(self, r_min):
+        # NaN and inf gave a NaN cost, None and strings a TypeError from torch, before.
+        with pytest.raises(DACInputError, match="r_min"):
+            dac_cost(torch.zeros(2, 3), torch.rand(2, 1, 10, 10), sharpness=0.1, r_min=r_min, aspect=0.5)
+
+    def test_soft_rectangle_sizes_are_ints(self):
+        theta = torch.tensor([[5.0, 5.0, 0.0]])
+        for height, width in ((None, 20), (10, 2.5), (10, float("nan")), (0, 20)):
+            with pytest.raises(DACInputError, match="height|width"):
+                soft_rectangle(theta, height, width, r_min=3.0, aspect=0.5, sharpness=1.0)
+
 
 class TestCropResize:
     @pytest.mark.parametrize("size", [(40, 50), (157, 301), (300, 500), (31, 77)])

@@ -97,10 +97,21 @@ def dac_cost_derivatives(
             f"theta: dtype/device {theta.dtype}/{theta.device} differ from saliency's "
             f"{saliency.dtype}/{saliency.device}"
         )
-    gamma = _as_batch(sharpness, theta)
-    if not bool((gamma > 0).all()) or not bool(torch.isfinite(gamma).all()):
-        raise DACInputError("sharpness: expected finite values > 0")
-    return _cost_derivatives(theta, saliency, _as_batch(r_min, theta), float(aspect), gamma, order)
+    gamma = _positive_batch(sharpness, "sharpness", theta)
+    return _cost_derivatives(theta, saliency, _positive_batch(r_min, "r_min", theta), float(aspect), gamma, order)
+
+
+def _positive_batch(value: Tensor | float, name: str, like: Tensor) -> Tensor:
+    """A number, Tensor[] or Tensor[B] of finite values > 0, as Tensor[B] like ``like``."""
+    if not isinstance(value, Tensor):
+        check_positive(value, name)
+    try:
+        values = _as_batch(value, like)
+    except RuntimeError:
+        raise DACInputError(f"{name}: expected a number or Tensor[{like.shape[0]}], got shape {tuple(value.shape)}") from None
+    if not bool((values > 0).all()) or not bool(torch.isfinite(values).all()):
+        raise DACInputError(f"{name}: expected finite values > 0")
+    return values
 
 
 class CostGrid(NamedTuple):

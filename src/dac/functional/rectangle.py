@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import DACInputError, check_positive, check_theta
+from .._checks import DACInputError, check_int, check_positive, check_theta
 
 __all__ = ["soft_rectangle", "box_edges"]
 
@@ -115,8 +115,7 @@ def soft_rectangle(
         (torch.Size([1, 80, 148]), 1.0, 0.0)
     """
     check_theta(theta)
-    if int(height) < 1 or int(width) < 1:
-        raise DACInputError(f"height, width: expected positive sizes, got {height}x{width}")
+    height, width = check_int(height, "height", 1), check_int(width, "width", 1)
     check_positive(aspect, "aspect")
     gamma = _as_batch(sharpness, theta)
     if not (gamma > 0).all():
