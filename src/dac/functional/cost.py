@@ -138,15 +138,15 @@ def _edge_picks(rows: int) -> list[int]:
     """Flat positions ``rows i + j`` (i a row of the y profiles, j of the x profiles; rows
     0 value, 1 d/low, 2 d/high, 3 d2/low2, 4 d2/low/high, 5 d2/high2) of the first
     derivatives in the edges (x1, x2, y1, y2), then of the second, row-major 4 x 4."""
-    second_x = ((3, 4), (4, 5))  # d2/dx1dx1, d2/dx1dx2 / d2/dx2dx1, d2/dx2dx2
+    second = ((3, 4), (4, 5))  # the row of d2/(low or high)(low or high) of one axis
 
-    def at(e: int, f: int) -> tuple[int, int]:
-        if e < 2 and f < 2:
-            return 0, second_x[e][f]
-        if e >= 2 and f >= 2:
-            return second_x[e - 2][f - 2], 0
-        x, y = (e, f) if e < 2 else (f, e)
-        return 1 + y - 2, 1 + x
+    def at(e: int, f: int) -> tuple[int, int]:  # (y row, x row) of d2 / d edge_e d edge_f
+        xs, ys = [k for k in (e, f) if k < 2], [k - 2 for k in (e, f) if k >= 2]
+        if not ys:  # both x edges: v itself times u's second derivative
+            return 0, second[xs[0]][xs[1]]
+        if not xs:
+            return second[ys[0]][ys[1]], 0
+        return 1 + ys[0], 1 + xs[0]  # one of each: both first derivatives
 
     first = [(0, 1), (0, 2), (1, 0), (2, 0)]
     if rows == 3:
