@@ -112,11 +112,11 @@ class DACrop(nn.Module):
         tie_tolerance: ``search="global"``: relative gap in f under which a
             separate maximum is a near tie.
         learn: paper's constants trained with the box's gradient (as parameters of
-            this module), a list or tuple of names from :data:`LEARNABLE`: ``"r_min"``, the minimum
-            half-width as ``r_min_fraction = 0.5 sigmoid(p)`` (bounded in (0, 0.5),
-            starting at ``r_min_fraction``, which must then be below 0.5); ``"sharpness"``,
-            every stage's gamma times ``4 ** tanh(q)`` (within [1/4, 4] times the set
-            one, starting at 1). Their current values: :attr:`r_min_value`,
+            this module), a list or tuple of names from :data:`LEARNABLE`:
+            ``"r_min"``, the minimum half-width as ``r_min_fraction = 0.5 sigmoid(p)``
+            (bounded in (0, 0.5), starting at ``r_min_fraction``, which must then be
+            below 0.5); ``"sharpness"``, every stage's gamma times ``4 ** tanh(q)``
+            (within [1/4, 4] times the set one, starting at 1). Their current values: :attr:`r_min_value`,
             :attr:`sharpness_gain`. The box depends on r_min only where it is held at
             the minimum width (elsewhere the box's own r absorbs a change of r_min).
 
