@@ -377,6 +377,32 @@ class TestIndependentCalls:
             layer.locate(textured_scene(2, 300, 555))
         assert alive_during_search == [False]
 
+    @pytest.mark.parametrize("search", SEARCHES)
+    def test_without_autograd_the_objective_dies_with_the_call(self, search, monkeypatch):
+        # Theseus' Objective refers to itself (a bound method): garbage that held the
+        # searched map until the next collection, through the crop (4 MB at batch 24).
+        import gc
+
+        import dac.layer
+
+        objectives: list[weakref.ref] = []
+        build = dac.layer.build_objective
+
+        def spy(*args, **kwargs):
+            built = build(*args, **kwargs)
+            objectives.append(weakref.ref(built[0]))
+            return built
+
+        monkeypatch.setattr(dac.layer, "build_objective", spy)
+        layer = DACrop(**SMALL, search=search)
+        gc.disable()
+        try:
+            with torch.no_grad():
+                layer(textured_scene(2, 300, 555))
+            assert len(objectives) == 1 and objectives[0]() is None
+        finally:
+            gc.enable()
+
     def test_nothing_of_a_call_outlives_it(self):
         layer = DACrop(**SMALL)
         for size in ((300, 555), (240, 500), (200, 410)):
