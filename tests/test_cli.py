@@ -272,7 +272,7 @@ def test_min_width_and_schedule_from_the_command_line(tmp_path: Path, capsys):
     recorded = json.loads((tmp_path / "narrow" / "settings.json").read_text())[settings["narrow"]]
     assert recorded["layer"]["r_min_fraction"] == pytest.approx(0.075)
     assert json.loads((tmp_path / "alg1" / "settings.json").read_text())[settings["alg1"]]["layer"]["schedule"]["sharpness_factor"] == 4
-    for bad in (["--min-width", "0"], ["--min-width", "1.5"], ["--sharpness-factor", "-2"]):
+    for bad in (["--min-width", "0"], ["--min-width", "1.5"], ["--sharpness-factor", "-2"], ["--sharpness-factor", "inf"]):
         capsys.readouterr()
         assert main([*args, "--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err

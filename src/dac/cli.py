@@ -376,8 +376,8 @@ def _search_options(args: argparse.Namespace) -> dict:
             raise DACInputError(f"--min-width: expected a fraction of the image width in (0, 1], got {args.min_width:g}")
         given["r_min_fraction"] = args.min_width / 2
     if args.sharpness_factor is not None:
-        if not args.sharpness_factor > 0:
-            raise DACInputError(f"--sharpness-factor: expected a positive number, got {args.sharpness_factor:g}")
+        if not 0 < args.sharpness_factor < float("inf"):
+            raise DACInputError(f"--sharpness-factor: expected a finite number > 0, got {args.sharpness_factor:g}")
         given["sharpness_factor"] = args.sharpness_factor
     if getattr(args, "search", None) is not None:
         given["search"] = args.search
