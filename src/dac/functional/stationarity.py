@@ -100,9 +100,12 @@ def held_bounds(theta: Tensor, grad: Tensor, h: int, w: int, r_min: Tensor, aspe
         Tensor[B, 3] int8 in {-1, 0, +1} for (x_c, y_c, r).
     """
     tol = 64 * torch.finfo(theta.dtype).eps * float(max(h, w))
-    # Both centre coordinates at once: columns (x_c, y_c), their bounds as in _centre_range.
-    half = (r_min + theta[:, 2])[:, None] * theta.new_tensor([1.0, aspect])
-    low_bound, high_bound = half - 0.5, theta.new_tensor([w - 0.5, h - 0.5]) - half
+    # Both centre coordinates at once: columns (x_c, y_c), their bounds as in _centre_range
+    # (built from theta alone: no host-to-device copy, which would wait for the device).
+    r_total = r_min + theta[:, 2]
+    half_h = aspect * r_total
+    low_bound = torch.stack((r_total - 0.5, half_h - 0.5), dim=-1)
+    high_bound = torch.stack((w - 0.5 - r_total, h - 0.5 - half_h), dim=-1)
     centre, g_centre = theta[:, :2], grad[:, :2]
     # A box as wide (tall) as the image has no room to move: its centre is held
     # whichever way the gradient points.
