@@ -317,7 +317,7 @@ def _local_maxima(f: Tensor, count: int) -> tuple[Tensor, Tensor]:
         peak = torch.maximum(torch.maximum(ext.narrow(dim, 0, n), ext.narrow(dim, 1, n)), ext.narrow(dim, 2, n))
         del ext
     inner = f[:, 1:-1]
-    # (NaN, from an f that under- or overflowed, is no maximum: _top counts on comparable values.)
+    # (NaN, from an f that under- or overflowed, is no maximum: _top compares values.)
     flat = inner.masked_fill(~(inner >= peak[:, 1:-1]) | (inner == float("-inf")), float("-inf")).flatten(1)
     return _top(flat, count)
 
@@ -334,6 +334,9 @@ def _top(values: Tensor, count: int) -> tuple[Tensor, Tensor]:
     kth = values.topk(k, dim=1).values[:, -1:]
     above = values > kth
     tied = values == kth
-    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))  # k per row
-    order = take.nonzero()[:, 1].reshape(values.shape[0], k)  # row-major: position order
+    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    # The taken positions in order, without a host sync (nonzero would wait for a GPU).
+    position = torch.arange(values.shape[1], 0, -1, device=values.device)  # earlier -> larger key
+    _, order = torch.where(take, position, 0).topk(k, dim=1)  # distinct keys: exact
+    order, _ = order.sort(dim=1)
     return values.gather(1, order), order
