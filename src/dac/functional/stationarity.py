@@ -100,12 +100,9 @@ def held_bounds(theta: Tensor, grad: Tensor, h: int, w: int, r_min: Tensor, aspe
         Tensor[B, 3] int8 in {-1, 0, +1} for (x_c, y_c, r).
     """
     tol = 64 * torch.finfo(theta.dtype).eps * float(max(h, w))
-    # Both centre coordinates at once: columns (x_c, y_c), their bounds as in _centre_range
-    # (built from theta alone: no host-to-device copy, which would wait for the device).
-    r_total = r_min + theta[:, 2]
-    half_h = aspect * r_total
-    low_bound = torch.stack((r_total - 0.5, half_h - 0.5), dim=-1)
-    high_bound = torch.stack((w - 0.5 - r_total, h - 0.5 - half_h), dim=-1)
+    # Both centre coordinates at once: columns (x_c, y_c).
+    x_lo, x_hi, y_lo, y_hi = centre_bounds(theta, h, w, r_min, aspect)
+    low_bound, high_bound = torch.stack((x_lo, y_lo), dim=-1), torch.stack((x_hi, y_hi), dim=-1)
     centre, g_centre = theta[:, :2], grad[:, :2]
     # A box as wide (tall) as the image has no room to move: its centre is held
     # whichever way the gradient points.
