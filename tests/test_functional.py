@@ -184,6 +184,10 @@ class TestSoftRectangleAndCost:
         for height, width in ((None, 20), (10, 2.5), (10, float("nan")), (0, 20)):
             with pytest.raises(DACInputError, match="height|width"):
                 soft_rectangle(theta, height, width, r_min=3.0, aspect=0.5, sharpness=1.0)
+        # r_min and the sharpness as dac_cost checks them (a NaN r_min gave a NaN field).
+        for r_min, sharpness, name in ((float("nan"), 1.0, "r_min"), (3.0, float("inf"), "sharpness")):
+            with pytest.raises(DACInputError, match=name):
+                soft_rectangle(theta, 10, 20, r_min=r_min, aspect=0.5, sharpness=sharpness)
 
 
 class TestCropResize:

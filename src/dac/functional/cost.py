@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import DACInputError, check_positive, check_saliency, check_theta
-from .rectangle import _as_batch, _profiles, box_edges, edge_jacobian
+from .rectangle import _positive_batch, _profiles, box_edges, edge_jacobian
 
 __all__ = ["dac_cost", "dac_cost_derivatives"]
 
@@ -99,19 +99,6 @@ def dac_cost_derivatives(
         )
     gamma = _positive_batch(sharpness, "sharpness", theta)
     return _cost_derivatives(theta, saliency, _positive_batch(r_min, "r_min", theta), float(aspect), gamma, order)
-
-
-def _positive_batch(value: Tensor | float, name: str, like: Tensor) -> Tensor:
-    """A number, Tensor[] or Tensor[B] of finite values > 0, as Tensor[B] like ``like``."""
-    if not isinstance(value, Tensor):
-        check_positive(value, name)
-    try:
-        values = _as_batch(value, like)
-    except RuntimeError:
-        raise DACInputError(f"{name}: expected a number or Tensor[{like.shape[0]}], got shape {tuple(value.shape)}") from None
-    if not bool((values > 0).all()) or not bool(torch.isfinite(values).all()):
-        raise DACInputError(f"{name}: expected finite values > 0")
-    return values
 
 
 class CostGrid(NamedTuple):

@@ -117,12 +117,10 @@ def soft_rectangle(
     check_theta(theta)
     height, width = check_int(height, "height", 1), check_int(width, "width", 1)
     check_positive(aspect, "aspect")
-    gamma = _as_batch(sharpness, theta)
-    if not (gamma > 0).all():
-        raise DACInputError("sharpness: expected values > 0")
-    x1, x2, y1, y2 = box_edges(theta, r_min, aspect).unbind(-1)
-    xs = torch.arange(int(width), dtype=theta.dtype, device=theta.device)
-    ys = torch.arange(int(height), dtype=theta.dtype, device=theta.device)
+    gamma = _positive_batch(sharpness, "sharpness", theta)
+    x1, x2, y1, y2 = box_edges(theta, _positive_batch(r_min, "r_min", theta), aspect).unbind(-1)
+    xs = torch.arange(width, dtype=theta.dtype, device=theta.device)
+    ys = torch.arange(height, dtype=theta.dtype, device=theta.device)
     u = edge_profiles(xs, x1, x2, gamma, 0)[:, 0]
     v = edge_profiles(ys, y1, y2, gamma, 0)[:, 0]
     return v[:, :, None] * u[:, None, :]
@@ -132,3 +130,16 @@ def _as_batch(value: Tensor | float, like: Tensor) -> Tensor:
     """A float, Tensor[] or Tensor[B] (or [B, 1]) as Tensor[B] on ``like``'s device/dtype."""
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(-1)
     return t.expand(like.shape[0]) if t.numel() == 1 else t.reshape(like.shape[0])
+
+
+def _positive_batch(value: Tensor | float, name: str, like: Tensor) -> Tensor:
+    """A number, Tensor[] or Tensor[B] of finite values > 0, as Tensor[B] like ``like``."""
+    if not isinstance(value, Tensor):
+        check_positive(value, name)
+    try:
+        values = _as_batch(value, like)
+    except RuntimeError:
+        raise DACInputError(f"{name}: expected a number or Tensor[{like.shape[0]}], got shape {tuple(value.shape)}") from None
+    if not bool((values > 0).all()) or not bool(torch.isfinite(values).all()):
+        raise DACInputError(f"{name}: expected finite values > 0")
+    return values
