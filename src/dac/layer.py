@@ -116,9 +116,10 @@ class DACrop(nn.Module):
             ``"r_min"``, the minimum half-width as ``r_min_fraction = 0.5 sigmoid(p)``
             (bounded in (0, 0.5), starting at ``r_min_fraction``, which must then be
             below 0.5); ``"sharpness"``, every stage's gamma times ``4 ** tanh(q)``
-            (within [1/4, 4] times the set one, starting at 1). Their current values: :attr:`r_min_value`,
-            :attr:`sharpness_gain`. The box depends on r_min only where it is held at
-            the minimum width (elsewhere the box's own r absorbs a change of r_min).
+            (within [1/4, 4] times the set one, starting at 1). Their current values:
+            :attr:`r_min_value`, :attr:`sharpness_gain`. The box depends on r_min only
+            where it is held at the minimum width (elsewhere the box's own r absorbs a
+            change of r_min).
 
     Examples:
         >>> layer = DACrop(output_size=(20, 37), pool_size=4)

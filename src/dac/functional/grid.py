@@ -273,17 +273,15 @@ def _grid_candidates(
     batch, h, w = saliency.shape
     grid = box_grid(h, w, r_min, aspect, step)
     plane = grid.n_y * grid.n_x
-    best_values, best_index = saliency.new_empty(0), saliency.new_empty(0)  # set by the first chunk
     for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=1):
         values, index = _local_maxima(f, count)  # index within the chunk's inner levels
-        if k0 == 0:  # the first chunk's best are the running best (one chunk for one map)
-            best_values, best_index = values, index
-            continue
-        # Both in lattice order (later chunks hold later boxes), so ties go to the earlier box.
-        best_values = torch.cat((best_values, values), dim=1)
-        best_index = torch.cat((best_index, index + k0 * plane), dim=1)
-        best_values, order = _top(best_values, count)
-        best_index = best_index.gather(1, order)
+        if k0 > 0:  # merged with the running best (the first chunk's are it: one chunk for one map)
+            # Both in lattice order (later chunks hold later boxes), so ties go to the earlier box.
+            values = torch.cat((best_values, values), dim=1)
+            index = torch.cat((best_index, index + k0 * plane), dim=1)
+            values, order = _top(values, count)
+            index = index.gather(1, order)
+        best_values, best_index = values, index
     # Fewer maxima than asked (or none above -inf): repeat the best one.
     first_best = best_index.gather(1, best_values.argmax(dim=1, keepdim=True))
     best_index = torch.where(best_values > float("-inf"), best_index, first_best)
