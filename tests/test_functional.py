@@ -203,6 +203,42 @@ class TestCropResize:
         out = crop_resize(x, torch.tensor([[4.0, 6.0, 16.0, 12.0]], dtype=torch.float64), (6, 12))
         torch.testing.assert_close(out, x[:, :, 6:12, 4:16])
 
+    @pytest.mark.parametrize("antialias", [True, False])
+    def test_equals_dense_resampling_matrices_for_mixed_boxes(self, antialias):
+        # The bands are an implementation detail: the crop is Wy @ image @ Wx^T with the
+        # triangle filter written out over every input pixel. One batch mixes a box
+        # shrunk ~5x (bands of 16 output rows reading windows), one grown, one partly
+        # outside the image, and three channels; the boxes' gradients agree too.
+        x = torch.rand(3, 3, 90, 140, dtype=torch.float64)
+        boxes = torch.tensor(
+            [[3.2, 1.7, 137.9, 88.4], [40.3, 30.1, 47.9, 35.2], [-20.5, 60.2, 60.7, 110.3]],
+            dtype=torch.float64,
+        )
+        size = (18, 35)
+
+        def matrix(low, high, n_in, n_out):
+            scale = (high - low) / n_out
+            support = scale.clamp_min(1.0) if antialias else torch.ones_like(scale)
+            centre = low + (torch.arange(n_out, dtype=x.dtype) + 0.5) * scale - 0.5
+            pixels = torch.arange(n_in, dtype=x.dtype)
+            w = (1 - (pixels[None, :] - centre[:, None]).abs() / support).clamp_min(0)
+            total = w.sum(1, keepdim=True)
+            return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), w)
+
+        def dense(boxes):
+            return torch.stack([
+                matrix(b[1], b[3], 90, size[0]) @ x[i] @ matrix(b[0], b[2], 140, size[1]).T
+                for i, b in enumerate(boxes)
+            ])
+
+        b1, b2 = boxes.clone().requires_grad_(), boxes.clone().requires_grad_()
+        out, ref = crop_resize(x, b1, size, antialias=antialias), dense(b2)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        weights = torch.rand_like(ref)
+        (out * weights).sum().backward()
+        (ref * weights).sum().backward()
+        torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-10, atol=1e-10)
+
     def test_does_not_alias_when_shrinking(self):
         # One-pixel stripes: a 2000-px box going to 370 px must average them to ~0.5.
         x = (torch.arange(2400) % 2).double().expand(1, 1, 100, 2400).contiguous()

@@ -63,20 +63,62 @@ def crop_resize(
 
     weights_y, index_y = _axis_filter(boxes[:, 1], boxes[:, 3], height, out_h, antialias)
     weights_x, index_x = _axis_filter(boxes[:, 0], boxes[:, 2], width, out_w, antialias)
+    bands_y, window_y = _bands(weights_y, index_y)
+    bands_x, window_x = _bands(weights_x, index_x)
+    n_y, span_y = bands_y.shape[1], bands_y.shape[3]
+    n_x, span_x = bands_x.shape[1], bands_x.shape[3]
+    first_x, last_x = index_x[:, 0, 0].tolist(), index_x[:, -1, -1].tolist()  # one sync per call
 
-    taps_y, taps_x = index_y.shape[-1], index_x.shape[-1]
     crops = []
     for b in range(batch):
-        # Only the columns the crop reads, then rows first: gather every tap's input
-        # rows at once (still in the input dtype), weight and sum -> [C, H_out, W'].
-        lo, hi = int(index_x[b].min()), int(index_x[b].max()) + 1
-        rows = images[b, :, :, lo:hi].index_select(1, index_y[b].reshape(-1))
-        rows = to_unit_range(rows, dtype).reshape(channels, out_h, taps_y, hi - lo)
-        rows = torch.einsum("ok,cokw->cow", weights_y[b], rows)
-        # Then columns -> [C, H_out, W_out].
-        cols = rows.index_select(2, (index_x[b] - lo).reshape(-1)).reshape(channels, out_h, out_w, taps_x)
-        crops.append(torch.einsum("cpqk,qk->cpq", cols, weights_x[b]))
+        # Only the columns the crop reads; rows first: each band's window of rows
+        # (still in the input dtype), then one product per band -> [H_out, C, W'].
+        lo, hi = first_x[b], last_x[b] + 1
+        rows = images[b, :, :, lo:hi].index_select(1, window_y[b])
+        rows = to_unit_range(rows, dtype).transpose(0, 1).reshape(n_y, span_y, channels * (hi - lo))
+        rows = torch.bmm(bands_y[b], rows).view(n_y * _BAND, channels, hi - lo)[:out_h]
+        # Then columns, the same way on the transposed rows -> [C, H_out, W_out].
+        cols = rows.permute(2, 0, 1).reshape(hi - lo, out_h * channels).index_select(0, window_x[b] - lo)
+        cols = torch.bmm(bands_x[b], cols.view(n_x, span_x, out_h * channels))
+        crops.append(cols.view(n_x * _BAND, out_h, channels)[:out_w].permute(2, 1, 0))
     return torch.stack(crops).to(out_dtype)
+
+
+# Output pixels per band. A band's taps read a window of consecutive input pixels, so
+# resampling is one small dense product per band: reading ~1.2x the box instead of
+# gathering every tap's rows (~2.6x at 5 input pixels per output pixel), and a cheap
+# backward. 16 was fastest forward and backward at the paper's size (8 to 32 tried).
+_BAND = 16
+
+
+def _bands(weights: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """The taps of :func:`_axis_filter` as dense band matrices over input windows.
+
+    Output pixels are grouped in bands of ``_BAND`` (the last band padded with zero
+    weights); band ``j`` reads the window of ``span`` consecutive input pixels from
+    its first tap (``span`` the widest band's, the same for all).
+
+    Returns:
+        matrices Tensor[B, bands, _BAND, span] (``weights`` scattered to their window
+        positions, so differentiable in them) and windows Tensor[B, bands * span]
+        (long input indices, clamped to each image's last tap: those columns weigh 0).
+    """
+    batch, n_out, taps = weights.shape
+    bands = -(-n_out // _BAND)
+    pad = bands * _BAND - n_out
+    if pad:
+        weights = torch.cat([weights, weights.new_zeros(batch, pad, taps)], 1)
+        index = torch.cat([index, index[:, -1:].expand(batch, pad, taps)], 1)
+    weights = weights.reshape(batch, bands, _BAND * taps)
+    index = index.reshape(batch, bands, _BAND * taps)
+    start = index[..., :1]  # taps ascend within an output pixel and with it
+    with torch.no_grad():
+        span = int((index[..., -1:] - start).max()) + 1
+        offsets = torch.arange(_BAND, device=index.device).repeat_interleave(taps) * span
+        positions = torch.arange(span, device=index.device)
+        windows = torch.minimum(start + positions, index[:, -1:, -1:]).reshape(batch, bands * span)
+    matrices = weights.new_zeros(batch, bands, _BAND * span).scatter_add(2, index - start + offsets, weights)
+    return matrices.view(batch, bands, _BAND, span), windows
 
 
 def _axis_filter(low: Tensor, high: Tensor, n_in: int, n_out: int, antialias: bool) -> tuple[Tensor, Tensor]:
