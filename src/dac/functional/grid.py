@@ -148,9 +148,9 @@ def _grid_cost(
 ) -> tuple[Tensor, BoxGrid]:
     """Unchecked core of :func:`grid_cost`; saliency is Tensor[B, h, w]."""
     grid = box_grid(saliency.shape[1], saliency.shape[2], r_min, aspect, step)
-    cost = saliency.new_empty(saliency.shape[0], grid.n_r, grid.n_y, grid.n_x)
+    cost = saliency.new_full((saliency.shape[0], grid.n_r, grid.n_y, grid.n_x), float("-inf"))
     for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=0):
-        cost[:, k0:k1] = f
+        cost[:, k0:k1, : f.shape[2], : f.shape[3]] = f
     return cost, grid
 
 
@@ -167,8 +167,12 @@ def _levels(saliency: Tensor, grid: BoxGrid, chunk_elements: int | None) -> int:
 
 
 def _grid_levels(saliency: Tensor, grid: BoxGrid, gamma: float, levels: int, halo: int):
-    """Yield ``(k0, k1, f)``: f Tensor[B, k1 - k0 + 2 halo, n_y, n_x] of r levels
-    ``k0 - halo .. k1 + halo - 1`` (-inf outside the lattice and outside the feasible set)."""
+    """Yield ``(k0, k1, f)``: f Tensor[B, k1 - k0 + 2 halo, m_y, m_x] of r levels
+    ``k0 - halo .. k1 + halo - 1`` (-inf outside the lattice and outside the feasible set).
+
+    Only the window ``i < m_y, j < m_x`` of each chunk is scored, ``m = n - k`` at its
+    lowest level ``k = max(k0 - halo, 0)``: no box of the chunk is feasible outside it
+    (``i + k < n_y``, ``j + k < n_x``), and about two thirds of the whole lattice is not."""
     batch, h, w = saliency.shape
     n_r, n_y, n_x = grid.n_r, grid.n_y, grid.n_x
     r_min, aspect = grid.r_min, grid.aspect
@@ -193,7 +197,8 @@ def _grid_levels(saliency: Tensor, grid: BoxGrid, gamma: float, levels: int, hal
     for k0 in range(0, n_r, levels):
         k1 = min(n_r, k0 + levels)
         ks = torch.arange(k0 - halo, k1 + halo, device=saliency.device)  # r levels of this chunk
-        size = (batch, len(ks), n_y, n_x)
+        m_y, m_x = n_y - max(k0 - halo, 0), n_x - max(k0 - halo, 0)  # the chunk's feasible window
+        size = (batch, len(ks), m_y, m_x)
         kr = ks.clamp_min(0).to(saliency.dtype)
         r_total = r_min + kr * grid.step_r
         norm_x = 1.0 / -torch.expm1(-2.0 * gamma * r_total)  # 1 / (1 - e^-c), c = g (x2 - x1)
@@ -211,14 +216,15 @@ def _grid_levels(saliency: Tensor, grid: BoxGrid, gamma: float, levels: int, hal
         area_in.sub_(corner(n_y, 0, 1, 0)).add_(corner(n_y, n_x, 1, 1))
         area_in.mul_((norm_x * norm_y)[None, :, None, None])
         kl = ks[:, None]
-        u_sum = (sum_x[halo : halo + n_x] - sum_x[(halo + n_x + j.long() + kl).clamp_max(len(sum_x) - 1)]) * norm_x[:, None]
-        v_sum = (sum_y[halo : halo + n_y] - sum_y[(halo + n_y + i.long() + kl).clamp_max(len(sum_y) - 1)]) * norm_y[:, None]
+        jw, iw = j[:m_x].long(), i[:m_y].long()
+        u_sum = (sum_x[halo : halo + m_x] - sum_x[(halo + n_x + jw + kl).clamp_max(len(sum_x) - 1)]) * norm_x[:, None]
+        v_sum = (sum_y[halo : halo + m_y] - sum_y[(halo + n_y + iw + kl).clamp_max(len(sum_y) - 1)]) * norm_y[:, None]
         z_sum = v_sum[None, :, :, None] * u_sum[None, :, None, :]  # Z, [1, levels, n_y, n_x]
         # f = (A / Z) / ((T - A) / (N - Z) + 1), with the clamps of the separable cost.
         outside = (n - z_sum).clamp_min_(eps * n)
         denominator = (total - area_in).clamp_min_(0.0).add_(outside).mul_(z_sum)
         f = area_in.mul_(outside).div_(denominator)
-        invalid = ((j.long() + kl[:, :, None]) >= n_x) | ((i.long() + kl)[:, :, None] >= n_y) | (kl[:, :, None] < 0) | (kl[:, :, None] >= n_r)
+        invalid = ((jw + kl[:, :, None]) >= n_x) | ((iw + kl)[:, :, None] >= n_y) | (kl[:, :, None] < 0) | (kl[:, :, None] >= n_r)
         yield k0, k1, f.masked_fill_(invalid[None], float("-inf"))
 
 
@@ -274,7 +280,11 @@ def _grid_candidates(
     grid = box_grid(h, w, r_min, aspect, step)
     plane = grid.n_y * grid.n_x
     for k0, k1, f in _grid_levels(saliency, grid, gamma, _levels(saliency, grid, chunk_elements), halo=1):
-        values, index = _local_maxima(f, count)  # index within the chunk's inner levels
+        values, index = _local_maxima(f, count)  # index within the chunk's inner levels and window
+        m_y, m_x = f.shape[2], f.shape[3]
+        if m_x < grid.n_x:  # to the lattice's flat index (the same order: k, then i, then j)
+            level, rest = torch.div(index, m_y * m_x, rounding_mode="floor"), index % (m_y * m_x)
+            index = (level * grid.n_y + torch.div(rest, m_x, rounding_mode="floor")) * grid.n_x + rest % m_x
         if k0 > 0:  # merged with the running best (the first chunk's are it: one chunk for one map)
             # Both in lattice order (later chunks hold later boxes), so ties go to the earlier box.
             values = torch.cat((best_values, values), dim=1)
