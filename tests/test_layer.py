@@ -132,11 +132,26 @@ class TestBadInput:
             (dict(stages=2.5), r"stages: expected an int >= 1"),
             (dict(saliency="maxmin"), "saliency: expected an nn.Module"),
             (dict(antialias="false"), "antialias"),  # truthy: taken as True before
+            # absurd sharpness ended in a torch linear-algebra error at the first call
+            (dict(sharpness=1e30), r"sharpness: .* reaches 8e\+30"),
+            (dict(sharpness_factor=1e30), r"sharpness: .* sharpness_factor=1e\+30"),
+            (dict(sharpness_factor=1e300), r"sharpness: .* reaches inf"),  # a float power past 1.8e308
         ],
     )
     def test_bad_arguments(self, kwargs, match):
         with pytest.raises(DACInputError, match=match):
             DACrop(**{**SMALL, **kwargs})
+
+    @pytest.mark.parametrize("search", SEARCHES)
+    def test_a_map_too_large_for_float32_names_saliency_scale(self, search):
+        # saliency_scale 1e20 ended in a torch linear-algebra error; 1e15 is still searched
+        # (the same box as the default's: eq. 3's + 1 no longer matters there).
+        images = textured_scene(1, 300, 555, dtype=torch.float32)
+        with pytest.raises(DACInputError, match=r"saliency_scale: the map times saliency_scale=1e\+20 sums to"):
+            DACrop(**SMALL, search=search, saliency_scale=1e20).locate(images)
+        assert torch.isfinite(DACrop(**SMALL, search=search, saliency_scale=1e15).locate(images)).all()
+        # a float64 map has the room
+        assert torch.isfinite(DACrop(**SMALL, search=search, saliency_scale=1e20).locate(images.double())).all()
 
     def test_blank_image_stays_at_start_with_zero_gradient(self):
         images = torch.full((2, 1, 300, 555), 0.5, dtype=torch.float64)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from typing import Any, Sequence
 
@@ -24,6 +25,10 @@ __all__ = ["DACrop", "BACKWARD_MODES", "SEARCHES", "LEARNABLE"]
 BACKWARD_MODES = ("implicit", "unroll", "truncated", "dlm")
 SEARCHES = ("paper", "global")
 LEARNABLE = ("r_min", "sharpness")  #: the paper's constants DACrop(learn=...) can train
+#: Steepest sigmoid of any stage, per saliency pixel. Far sharper than any search uses (the
+#: paper ends at 0.2); beyond it the soft rectangle is a hard step in float32, the
+#: search's derivatives vanish, and at ~1e30 they overflowed into a torch error.
+MAX_SHARPNESS = 1e6
 SHARPNESS_RANGE = 4.0  #: a learned sharpness stays within [1/4, 4] times the set one
 
 
@@ -85,7 +90,8 @@ class DACrop(nn.Module):
             W // k] in the paper's units (the max–min range of [0, 1] images), e.g.
             :class:`dac.saliency.SaliencyNet`. Default (None): ``MaxMinPool(pool_size)``,
             the paper's map. Its parameters get gradients through the box.
-        sharpness: gamma of the first stage, per saliency pixel (paper: 0.025).
+        sharpness: gamma of the first stage, per saliency pixel (paper: 0.025); no stage's
+            may exceed ``MAX_SHARPNESS`` (1e6).
         step_size: eta of the first stage (paper: 96).
         stages: number of stages (paper: 4).
         sharpness_factor: gamma multiplier per stage. Paper text: 2 (0.025 -> 0.2);
@@ -177,6 +183,13 @@ class DACrop(nn.Module):
             polish_steps=polish_steps,
             newton_max_step=newton_max_step,
         )
+        steepest = max(self.sharpness, self.final_sharpness)
+        if not steepest <= MAX_SHARPNESS:
+            raise DACInputError(
+                f"sharpness: the stages' sharpness reaches {steepest:.3g} per saliency pixel "
+                f"(sharpness={self.sharpness:g} times sharpness_factor={self.schedule.sharpness_factor:g} per stage, "
+                f"{self.schedule.stages} stages); at most {MAX_SHARPNESS:g}"
+            )
         self.r_min_fraction = check_positive(r_min_fraction, "r_min_fraction")
         self.r_init_fraction = check_positive(r_init_fraction, "r_init_fraction")
         self.saliency_scale = check_positive(saliency_scale, "saliency_scale")
@@ -206,7 +219,10 @@ class DACrop(nn.Module):
     def final_sharpness(self) -> float:
         """gamma of the last stage: the cost whose maximum the box is (as set; a learned
         sharpness multiplies it by :attr:`sharpness_gain`)."""
-        return self.sharpness * self.schedule.sharpness_factor ** (self.schedule.stages - 1)
+        try:
+            return self.sharpness * self.schedule.sharpness_factor ** (self.schedule.stages - 1)
+        except OverflowError:  # a float power beyond 1.8e308
+            return math.inf
 
     @property
     def r_min_value(self) -> Tensor:
@@ -391,7 +407,19 @@ class DACrop(nn.Module):
         """The map as the search sees it: float32 (float64 kept), times ``saliency_scale``,
         a faint map lifted (:func:`_lift_faint`)."""
         dtype = torch.float64 if saliency.dtype == torch.float64 else torch.float32
-        return _lift_faint(saliency.to(dtype) * self.saliency_scale)
+        scaled = saliency.to(dtype) * self.saliency_scale
+        # The cost's derivatives multiply sums over the map: in float32 the search ended
+        # in a torch linear-algebra error once a map summed to ~3e21-9e21 (phantoms at two
+        # sizes, saliency_scale 1e19 and 3e18). The limit, the square root of the dtype's
+        # range (1.8e19 in float32), leaves ~100x of room.
+        largest, limit = float(scaled.detach().sum(dim=(1, 2, 3)).max()), math.sqrt(torch.finfo(dtype).max)
+        if not largest <= limit:
+            raise DACInputError(
+                f"saliency_scale: the map times saliency_scale={self.saliency_scale:g} sums to {largest:.3g} in an "
+                f"image, more than the search's {dtype} arithmetic holds ({limit:.3g}); lower saliency_scale "
+                "or the map, or search a float64 map"
+            )
+        return _lift_faint(scaled)
 
     def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
         # Without autograd the search runs in inference mode (less overhead per operation:
