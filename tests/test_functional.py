@@ -208,7 +208,7 @@ class TestCropResize:
         # The bands are an implementation detail: the crop is Wy @ image @ Wx^T with the
         # triangle filter written out over every input pixel. One batch mixes a box
         # shrunk ~5x (bands of 16 output rows reading windows), one grown, one partly
-        # outside the image, and three channels; the boxes' gradients agree too.
+        # outside the image, and three channels; the gradients in boxes and image agree too.
         x = torch.rand(3, 3, 90, 140, dtype=torch.float64)
         boxes = torch.tensor(
             [[3.2, 1.7, 137.9, 88.4], [40.3, 30.1, 47.9, 35.2], [-20.5, 60.2, 60.7, 110.3]],
@@ -225,19 +225,21 @@ class TestCropResize:
             total = w.sum(1, keepdim=True)
             return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), w)
 
-        def dense(boxes):
+        def dense(images, boxes):
             return torch.stack([
-                matrix(b[1], b[3], 90, size[0]) @ x[i] @ matrix(b[0], b[2], 140, size[1]).T
+                matrix(b[1], b[3], 90, size[0]) @ images[i] @ matrix(b[0], b[2], 140, size[1]).T
                 for i, b in enumerate(boxes)
             ])
 
         b1, b2 = boxes.clone().requires_grad_(), boxes.clone().requires_grad_()
-        out, ref = crop_resize(x, b1, size, antialias=antialias), dense(b2)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = crop_resize(x1, b1, size, antialias=antialias), dense(x2, b2)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         weights = torch.rand_like(ref)
         (out * weights).sum().backward()
         (ref * weights).sum().backward()
         torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
 
     def test_does_not_alias_when_shrinking(self):
         # One-pixel stripes: a 2000-px box going to 370 px must average them to ~0.5.
