@@ -219,7 +219,7 @@ def _grid_levels(saliency: Tensor, grid: BoxGrid, gamma: float, levels: int, hal
         jw, iw = j[:m_x].long(), i[:m_y].long()
         u_sum = (sum_x[halo : halo + m_x] - sum_x[(halo + n_x + jw + kl).clamp_max(len(sum_x) - 1)]) * norm_x[:, None]
         v_sum = (sum_y[halo : halo + m_y] - sum_y[(halo + n_y + iw + kl).clamp_max(len(sum_y) - 1)]) * norm_y[:, None]
-        z_sum = v_sum[None, :, :, None] * u_sum[None, :, None, :]  # Z, [1, levels, n_y, n_x]
+        z_sum = v_sum[None, :, :, None] * u_sum[None, :, None, :]  # Z, [1, levels, m_y, m_x]
         # f = (A / Z) / ((T - A) / (N - Z) + 1), with the clamps of the separable cost.
         outside = (n - z_sum).clamp_min_(eps * n)
         denominator = (total - area_in).clamp_min_(0.0).add_(outside).mul_(z_sum)
