@@ -7,15 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dac import DACInputError
+from dac import DACInputError, DACrop
 from dac.functional import (
     CropResize,
     MaxMinPool,
     crop_resize,
     dac_cost,
     dac_cost_derivatives,
+    fit_r_min,
+    initial_theta,
     max_min_pool,
     soft_rectangle,
+    theta_to_boxes,
     to_unit_range,
 )
 
@@ -299,3 +302,39 @@ class TestCropResize:
             crop_resize(torch.rand(1, 1, 10, 10), box, (4, 4), antialias=antialias)
         with pytest.raises(DACInputError, match="antialias"):
             CropResize((4, 4), antialias=antialias)
+
+
+class TestBoxHelpers:
+    """Defect: the public box helpers took NaN or None without a named error (a NaN box,
+    or a TypeError from inside); the layer calls their unchecked cores."""
+
+    @pytest.mark.parametrize(
+        "call,match",
+        [
+            (lambda: fit_r_min(40, 71, None, 0.5, torch.zeros(2)), "r_min_fraction"),
+            (lambda: fit_r_min(40, 71, float("nan"), 0.5, torch.zeros(2)), "r_min_fraction"),
+            (lambda: fit_r_min(40, 71, torch.tensor(-0.1), 0.5, torch.zeros(2)), "r_min_fraction"),
+            (lambda: fit_r_min(40.5, 71, 0.2, 0.5, torch.zeros(2)), "h: expected an int"),
+            (lambda: fit_r_min(40, 71, 0.2, 0.5, None), "like"),
+            (lambda: initial_theta(40, 71, torch.tensor([float("nan")]), 0.5, 0.4), "r_min"),
+            (lambda: initial_theta(40, 71, torch.tensor([10.0]), 0.5, None), "r_init_fraction"),
+            (lambda: theta_to_boxes(torch.tensor([[float("nan"), 1.0, 0.0]]), 10.0, 0.5, 10), "theta: contains NaN"),
+            (lambda: theta_to_boxes(torch.tensor([[1.0, 1.0, 0.0]]), None, 0.5, 10), "r_min"),
+            (lambda: theta_to_boxes(torch.tensor([[1.0, 1.0, 0.0]]), 10.0, 0.5, 0), "kernel_size"),
+            (lambda: DACrop((20, 37), 5).thetas_to_boxes(torch.zeros(2, 4), (100, 200)), "thetas"),
+            (lambda: DACrop((20, 37), 5).thetas_to_boxes(torch.zeros(2, 3), (3, 200)), "image_size"),
+        ],
+    )
+    def test_bad_arguments_are_named(self, call, match):
+        with pytest.raises(DACInputError, match=match):
+            call()
+
+    def test_good_arguments_as_before(self):
+        torch.testing.assert_close(fit_r_min(40, 71, 0.2, 0.5, torch.zeros(2)), torch.full((2,), 14.2))
+        r_min = torch.tensor([10.0], dtype=torch.float64, requires_grad=True)
+        fit = fit_r_min(40, 71, torch.tensor(0.2, requires_grad=True), 0.5, torch.zeros(1))
+        assert fit.requires_grad  # a learned fraction stays differentiable
+        torch.testing.assert_close(initial_theta(40, 71, r_min.detach(), 0.5, 0.4), torch.tensor([[35.0, 19.5, 18.4]], dtype=torch.float64))
+        boxes = theta_to_boxes(torch.tensor([[9.5, 4.5, 0.0]], dtype=torch.float64), r_min, 0.5, 10)
+        torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, 200.0, 100.0]], dtype=torch.float64))
+        assert boxes.requires_grad

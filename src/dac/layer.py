@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._batching import Images, by_size
 from ._checks import DACInputError, check_bool, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
-from .functional.boxes import fit_r_min, initial_theta, theta_to_boxes
+from .functional.boxes import _fit_r_min, _initial_theta, _theta_to_boxes, theta_to_boxes
 from .functional.cost import _cost_derivatives
 from .functional.crop import crop_resize
 from .functional.pooling import MaxMinPool
@@ -244,7 +244,7 @@ class DACrop(nn.Module):
         """r_min of a batch of h x w maps, Tensor[B] in ``like``'s dtype (differentiable in
         the learned fraction)."""
         fraction = self.r_min_value if "r_min" in self.learn else self.r_min_fraction
-        return fit_r_min(h, w, fraction, self.aspect, like)
+        return _fit_r_min(h, w, fraction, self.aspect, like)
 
     def _final_sharpness(self, like: Tensor) -> Tensor:
         """The searched gamma, Tensor[1, 1] in ``like``'s dtype (differentiable when learned)."""
@@ -290,7 +290,12 @@ class DACrop(nn.Module):
     def thetas_to_boxes(self, thetas: Tensor, image_size: Sequence[int]) -> Tensor:
         """Map search parameters (e.g. ``info.stage_thetas``, Tensor[..., 3]) of images of
         ``image_size`` = (H, W) to xyxy boxes in input pixels, Tensor[..., 4]."""
-        h, w = int(image_size[0]) // self.pool_size, int(image_size[1]) // self.pool_size
+        height, width = check_size(image_size, "image_size")
+        h, w = height // self.pool_size, width // self.pool_size
+        if h < 1 or w < 1:
+            raise DACInputError(f"image_size: {(height, width)} is smaller than one pooling window ({self.pool_size})")
+        if not isinstance(thetas, Tensor) or thetas.ndim == 0 or thetas.shape[-1] != 3:
+            raise DACInputError(f"thetas: expected a Tensor[..., 3] = (x_c, y_c, r), got {getattr(thetas, 'shape', type(thetas).__name__)}")
         flat = thetas.reshape(-1, 3)
         r_min = self._r_min(h, w, flat).detach()
         return theta_to_boxes(flat, r_min, self.aspect, self.pool_size).reshape(*thetas.shape[:-1], 4)
@@ -394,7 +399,7 @@ class DACrop(nn.Module):
             r_min = self._r_min(h, w, scaled).repeat_interleave(count)
             gamma = self._final_sharpness(scaled).reshape(1).expand(len(thetas))
             cost, _, _ = _cost_derivatives(thetas, scaled[:, 0], r_min, self.aspect, gamma, 0)
-            boxes = theta_to_boxes(thetas, r_min, self.aspect, self.pool_size).reshape(batch, count, 4)
+            boxes = _theta_to_boxes(thetas, r_min, self.aspect, self.pool_size).reshape(batch, count, 4)
             edges = boxes.float()[..., [0, 2, 1, 3]]  # (x1, x2, y1, y2), as _iou takes them
             overlap = _iou(edges[:, :, None], edges[:, None, :]).tril(-1)  # [B, K, K]: with earlier ones
             distinct = ~(overlap > 0.9).any(dim=2)
@@ -431,7 +436,7 @@ class DACrop(nn.Module):
             saliency = self._searched_map(saliency)
             batch, _, h, w = saliency.shape
             r_min = self._r_min(h, w, saliency)
-            theta0 = initial_theta(h, w, r_min.detach(), self.aspect, self.r_init_fraction)
+            theta0 = _initial_theta(h, w, r_min.detach(), self.aspect, self.r_init_fraction)
             sharpness = self._final_sharpness(saliency)
             objective, _, inputs = build_objective(theta0, saliency, sharpness, r_min[:, None], self.aspect)
             if self.search_method == "global":
@@ -453,7 +458,7 @@ class DACrop(nn.Module):
                 # One Newton step at the converged box has zero Jacobian in theta: its first
                 # derivative is exact, its second misses how the start moves (46 % off).
                 theta = _FirstOrderOnly.apply(theta, "truncated with backward_num_iterations=1")
-            boxes = theta_to_boxes(theta, r_min, self.aspect, self.pool_size)
+            boxes = _theta_to_boxes(theta, r_min, self.aspect, self.pool_size)
         if inference:
             _release(objective)
             return boxes.clone(), _out_of_inference(info)

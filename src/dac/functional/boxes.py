@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import DACInputError, check_int, check_positive, check_theta
 from .rectangle import _as_batch, box_edges
 from .stationarity import r_upper, shift_into_image
 
@@ -28,6 +29,15 @@ def fit_r_min(h: int, w: int, r_min_fraction: float | Tensor, aspect: float, lik
     Returns:
         Tensor[B] on ``like``'s device and dtype (B = like.shape[0]).
     """
+    h, w, aspect = check_int(h, "h", 1), check_int(w, "w", 1), check_positive(aspect, "aspect")
+    _check_positive_values(r_min_fraction, "r_min_fraction")
+    if not isinstance(like, Tensor) or like.ndim == 0 or not like.dtype.is_floating_point:
+        raise DACInputError(f"like: expected a floating Tensor[B, ...] (the batch's device and dtype), got {_describe(like)}")
+    return _fit_r_min(h, w, r_min_fraction, aspect, like)
+
+
+def _fit_r_min(h: int, w: int, r_min_fraction: float | Tensor, aspect: float, like: Tensor) -> Tensor:
+    """Unchecked core of :func:`fit_r_min` (the layer's arguments are checked once)."""
     r_min = _as_batch(w * r_min_fraction, like)
     return torch.minimum(r_min, torch.full_like(r_min, min(w / 2.0, h / (2.0 * aspect))))
 
@@ -42,6 +52,16 @@ def initial_theta(h: int, w: int, r_min: Tensor, aspect: float, r_init_fraction:
     Returns:
         Tensor[B, 3] = (x_c, y_c, r).
     """
+    h, w, aspect = check_int(h, "h", 1), check_int(w, "w", 1), check_positive(aspect, "aspect")
+    r_init_fraction = check_positive(r_init_fraction, "r_init_fraction")
+    if not isinstance(r_min, Tensor) or r_min.ndim != 1 or not r_min.dtype.is_floating_point:
+        raise DACInputError(f"r_min: expected a floating Tensor[B] (see fit_r_min), got {_describe(r_min)}")
+    _check_positive_values(r_min, "r_min")
+    return _initial_theta(h, w, r_min, aspect, r_init_fraction)
+
+
+def _initial_theta(h: int, w: int, r_min: Tensor, aspect: float, r_init_fraction: float) -> Tensor:
+    """Unchecked core of :func:`initial_theta`."""
     centre_x = torch.full_like(r_min, (w - 1) / 2.0)
     centre_y = torch.full_like(r_min, (h - 1) / 2.0)
     r = (w * r_init_fraction - r_min).clamp_min(0.0)
@@ -64,6 +84,13 @@ def theta_to_boxes(theta: Tensor, r_min: Tensor | float, aspect: float, kernel_s
         >>> theta_to_boxes(torch.tensor([[9.5, 4.5, 0.0]]), 10.0, 0.5, 10)
         tensor([[  0.,   0., 200., 100.]])
     """
+    check_theta(theta)
+    _check_positive_values(r_min, "r_min")
+    return _theta_to_boxes(theta, r_min, check_positive(aspect, "aspect"), check_int(kernel_size, "kernel_size", 1))
+
+
+def _theta_to_boxes(theta: Tensor, r_min: Tensor | float, aspect: float, kernel_size: int) -> Tensor:
+    """Unchecked core of :func:`theta_to_boxes`."""
     x1, x2, y1, y2 = box_edges(theta, _as_batch(r_min, theta), aspect).unbind(-1)
     return kernel_size * (torch.stack((x1, y1, x2, y2), dim=-1) + 0.5)
 
@@ -99,3 +126,18 @@ def box_inside(centres: Tensor, widths: Tensor, aspect: float, image_sizes: Tens
     cy = torch.minimum(torch.maximum(centres[:, 1], h / 2), height - h / 2)
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
+
+def _check_positive_values(value: float | Tensor, name: str) -> None:
+    """A number, or a floating Tensor whose values are all finite and > 0."""
+    if not isinstance(value, Tensor):
+        check_positive(value, name)
+        return
+    if not value.dtype.is_floating_point:
+        raise DACInputError(f"{name}: expected a floating Tensor, got {value.dtype}")
+    detached = value.detach()
+    if not bool((torch.isfinite(detached) & (detached > 0)).all()):
+        raise DACInputError(f"{name}: expected finite values > 0")
+
+
+def _describe(value: object) -> str:
+    return f"Tensor of shape {tuple(value.shape)} and {value.dtype}" if isinstance(value, Tensor) else repr(value)
