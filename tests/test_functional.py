@@ -207,7 +207,8 @@ class TestCropResize:
         torch.testing.assert_close(out, x[:, :, 6:12, 4:16])
 
     @pytest.mark.parametrize("antialias", [True, False])
-    def test_equals_dense_resampling_matrices_for_mixed_boxes(self, antialias):
+    @pytest.mark.parametrize("huge", [False, True])
+    def test_equals_dense_resampling_matrices_for_mixed_boxes(self, antialias, huge):
         # The bands are an implementation detail: the crop is Wy @ image @ Wx^T with the
         # triangle filter written out over every input pixel. One batch mixes a box
         # shrunk ~5x (bands of 16 output rows reading windows), one grown, one partly
@@ -217,6 +218,11 @@ class TestCropResize:
             [[3.2, 1.7, 137.9, 88.4], [40.3, 30.1, 47.9, 35.2], [-20.5, 60.2, 60.7, 110.3]],
             dtype=torch.float64,
         )
+        if huge:  # a box in the wrong units: its footprints are wider than the image
+            # (1e10 px asked for 20 GB of filter taps; now as many taps as the image has
+            # pixels, for every box of the batch)
+            x = x[:2]
+            boxes = torch.tensor([[3.2, 1.7, 137.9, 88.4], [-1e10, -7e9, 1e10, 5e9]], dtype=torch.float64)
         size = (18, 35)
 
         def matrix(low, high, n_in, n_out):

@@ -131,6 +131,12 @@ def _axis_filter(low: Tensor, high: Tensor, n_in: int, n_out: int, antialias: bo
     with torch.no_grad():
         taps = int(torch.ceil(2 * support.max()).item()) + 1
         first = torch.floor(centre - support[:, None]) + 1
+        if taps > n_in:
+            # A footprint wider than the image (a box in the wrong units: 1e10 px asked for
+            # 20 GB of taps): only the image's pixels can weigh, so n_in taps from the
+            # first one inside; taps past the footprint get the triangle's weight 0.
+            taps = n_in
+            first = first.clamp(0, n_in - 1)
         index = first[..., None] + torch.arange(taps, dtype=low.dtype, device=low.device)
     weights = (1.0 - (index - centre[..., None]).abs() / support[:, None, None]).clamp_min(0.0)
     inside = (index >= 0) & (index <= n_in - 1)
