@@ -111,6 +111,9 @@ class TestGridCost:
             (dict(sharpness=-1.0), "sharpness"),
             (dict(saliency=-torch.ones(1, 1, 10, 20)), "saliency: expected values >= 0"),
             (dict(saliency=torch.ones(1, 1, 1, 20)), "saliency: needs at least 2x2"),
+            # a step of 1e-4 asked torch for 55 PB (a tinier one raised ZeroDivisionError)
+            (dict(step=1e-4), r"step: a step of 0.0001 .* use a step of at least 0.0\d+"),
+            (dict(step=5e-324), "step: a step of 4.94066e-324"),
         ],
     )
     def test_bad_input_names_the_argument(self, kwargs, match):
@@ -160,6 +163,13 @@ def test_tied_maxima_do_not_depend_on_the_chunks():
             t, c = grid_candidates(s, chunk_elements=chunk, **kw)
             differ += not torch.equal(t, whole)
     assert differ == 0
+
+
+def test_a_grid_step_too_fine_for_the_map_names_grid_step():
+    # The layer's grid over a 60 x 111 map at a step of 0.01 would hold ~1e10 boxes.
+    images = torch.rand(1, 1, 300, 555)
+    with pytest.raises(DACInputError, match="grid_step: a step of 0.01 saliency pixels"):
+        DACrop(output_size=(20, 37), pool_size=5, search="global", grid_step=0.01).locate(images)
 
 
 def _layer(search, **kw):

@@ -72,6 +72,31 @@ class BoxGrid(NamedTuple):
         return torch.stack((x_c, y_c, r), dim=-1)
 
 
+#: Most boxes one map's grid may hold: 2^27 (~134 million, ~512 steps along each axis).
+#: A finer step asks for more memory and time than a coarse-to-fine search needs (the
+#: polish refines the best boxes): a step of 1e-4 on a 20 x 40 map asked for 55 PB.
+MAX_GRID_BOXES = 1 << 27
+
+
+def check_grid_size(h: int, w: int, r_min: float, aspect: float, step: float, name: str = "step") -> None:
+    """Refuse a ``step`` whose lattice over an h x w map would hold more than
+    :data:`MAX_GRID_BOXES` boxes, naming the argument ``name`` and a step that fits."""
+    x_range = max(w - 2.0 * r_min, 0.0)
+    y_range = max(h - 2.0 * aspect * r_min, 0.0)
+    try:  # in floats: counts no int could hold
+        n_x, n_y = x_range / step + 2, y_range / aspect / step + 2
+        boxes = min(n_x, n_y) * n_y * n_x
+    except (OverflowError, ZeroDivisionError):
+        boxes = math.inf
+    if boxes > MAX_GRID_BOXES:
+        # boxes ~ (x_range / s) (y_range / (aspect s)) min(...): the s that gives the most allowed
+        fits = 1.01 * (min(x_range, y_range / aspect) * x_range * (y_range / aspect) / MAX_GRID_BOXES) ** (1 / 3)
+        raise DACInputError(
+            f"{name}: a step of {step:g} saliency pixels gives ~{boxes:.3g} grid boxes on a {h} x {w} map, "
+            f"more than {MAX_GRID_BOXES}; use a step of at least {fits:.3g}"
+        )
+
+
 def box_grid(h: int, w: int, r_min: float, aspect: float, step: float) -> BoxGrid:
     """The lattice of boxes over the feasible set of an h x w map (see module doc)."""
     x_range = max(w - 2.0 * r_min, 0.0)  # x_hi - x_lo at r = 0
@@ -136,6 +161,7 @@ def _check_grid_args(saliency: Tensor, r_min: float, aspect: float, sharpness: f
     r_min = check_positive(r_min, "r_min")
     if r_min > min(w, h / aspect) / 2 + 1e-9:
         raise DACInputError(f"r_min: {r_min} does not fit a {h} x {w} map at aspect {aspect} (at most {min(w, h / aspect) / 2})")
+    check_grid_size(h, w, r_min, aspect, step)
     if chunk_elements is not None:
         check_int(chunk_elements, "chunk_elements", 1)
     if bool((saliency < 0).any()):
