@@ -78,7 +78,7 @@ class BoxGrid(NamedTuple):
 MAX_GRID_BOXES = 1 << 27
 
 
-def check_grid_size(h: int, w: int, r_min: float, aspect: float, step: float, name: str = "step") -> None:
+def _check_grid_size(h: int, w: int, r_min: float, aspect: float, step: float, name: str = "step") -> None:
     """Refuse a ``step`` whose lattice over an h x w map would hold more than
     :data:`MAX_GRID_BOXES` boxes, naming the argument ``name`` and a step that fits."""
     x_range = max(w - 2.0 * r_min, 0.0)
@@ -161,7 +161,7 @@ def _check_grid_args(saliency: Tensor, r_min: float, aspect: float, sharpness: f
     r_min = check_positive(r_min, "r_min")
     if r_min > min(w, h / aspect) / 2 + 1e-9:
         raise DACInputError(f"r_min: {r_min} does not fit a {h} x {w} map at aspect {aspect} (at most {min(w, h / aspect) / 2})")
-    check_grid_size(h, w, r_min, aspect, step)
+    _check_grid_size(h, w, r_min, aspect, step)
     if chunk_elements is not None:
         check_int(chunk_elements, "chunk_elements", 1)
     if bool((saliency < 0).any()):

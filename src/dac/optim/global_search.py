@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..functional.cost import _cost_derivatives
-from ..functional.grid import _grid_candidates, check_grid_size
+from ..functional.grid import _grid_candidates, _check_grid_size
 from ..functional.rectangle import box_edges
 from ..functional.stationarity import shift_into_image
 from .solver import AscentSchedule, DACSolverInfo, StagedAscent, _stalled, differentiated_from
@@ -117,7 +117,7 @@ class GlobalSearch(StagedAscent):
         with torch.no_grad():
             # One r_min and one sharpness per batch (the layer's): two host reads per call.
             r_min_0, gamma_0 = float(r_min[0]), float(gamma[0])
-            check_grid_size(h, w, r_min_0, aspect, self.grid.step, "grid_step")
+            _check_grid_size(h, w, r_min_0, aspect, self.grid.step, "grid_step")
             grid_thetas, _ = _grid_candidates(saliency.detach(), r_min_0, aspect, gamma_0, self.grid.step, count)
             grid_thetas = torch.where(flat[:, None, None], theta_start[:, None, :], grid_thetas)
             start = shift_into_image(grid_thetas.reshape(-1, 3), h, w, r_min_k, aspect, reflect=False)
