@@ -113,7 +113,8 @@ class DACrop(nn.Module):
             scale (~1e-3 here), not Theseus' default 1e-2, which gives ~0 gradients.
         antialias: anti-alias the crop when it shrinks.
         grid_step: ``search="global"``: spacing of the grid boxes' left and right
-            edges, saliency pixels (r in half steps).
+            edges, saliency pixels (r in half steps); a step whose grid would hold more
+            than 2^27 boxes on the map is refused when the map is known.
         grid_candidates: ``search="global"``: grid maxima polished per image.
         tie_tolerance: ``search="global"``: relative gap in f under which a
             separate maximum is a near tie.

@@ -133,7 +133,7 @@ def grid_cost(
         sharpness: gamma > 0 of the sigmoids.
         step: spacing of the boxes' left (and right) edges, saliency pixels; it is
             shrunk to divide the centre's range (r steps are half of it, y_c steps
-            ``aspect`` times it).
+            ``aspect`` times it); the lattice holds at most ``MAX_GRID_BOXES`` (2^27).
         chunk_elements: largest number of grid entries (over the batch) computed at
             once (None: a quarter of the maps' size, at least 2^16); bounds the temporary memory.
 
