@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..functional.cost import _cost_derivatives
-from ..functional.grid import _grid_candidates, _check_grid_size
+from ..functional.grid import _check_grid_size, _grid_candidates
 from ..functional.rectangle import box_edges
 from ..functional.stationarity import shift_into_image
 from .solver import AscentSchedule, DACSolverInfo, StagedAscent, _stalled, differentiated_from
