@@ -250,8 +250,11 @@ def _grid_levels(saliency: Tensor, grid: BoxGrid, gamma: float, levels: int, hal
         outside = (n - z_sum).clamp_min_(eps * n)
         denominator = (total - area_in).clamp_min_(0.0).add_(outside).mul_(z_sum)
         f = area_in.mul_(outside).div_(denominator)
+        del z_sum, outside, denominator  # not kept alive while the consumer works on f
         invalid = ((jw + kl[:, :, None]) >= n_x) | ((iw + kl)[:, :, None] >= n_y) | (kl[:, :, None] < 0) | (kl[:, :, None] >= n_r)
-        yield k0, k1, f.masked_fill_(invalid[None], float("-inf"))
+        f.masked_fill_(invalid[None], float("-inf"))
+        del invalid
+        yield k0, k1, f
 
 
 def grid_candidates(
