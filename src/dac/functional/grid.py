@@ -355,7 +355,10 @@ def _local_maxima(f: Tensor, count: int) -> tuple[Tensor, Tensor]:
         del ext
     inner = f[:, 1:-1]
     # (NaN, from an f that under- or overflowed, is no maximum: _top compares values.)
-    flat = inner.masked_fill(~(inner >= peak[:, 1:-1]) | (inner == float("-inf")), float("-inf")).flatten(1)
+    beaten = ~(inner >= peak[:, 1:-1]) | (inner == float("-inf"))
+    del peak
+    flat = inner.masked_fill(beaten, float("-inf")).flatten(1)
+    del beaten
     return _top(flat, count)
 
 
