@@ -374,9 +374,12 @@ def _top(values: Tensor, count: int) -> tuple[Tensor, Tensor]:
     kth = values.topk(k, dim=1).values[:, -1:]
     above = values > kth
     tied = values == kth
-    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    # int32 counts and keys (a map's lattice holds at most MAX_GRID_BOXES < 2^31): the
+    # int64 ones were the largest temporaries of one map's search.
+    take = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= k - above.sum(1, keepdim=True, dtype=torch.int32)))
+    del above, tied
     # The taken positions in order, without a host sync (nonzero would wait for a GPU).
-    position = torch.arange(values.shape[1], 0, -1, device=values.device)  # earlier -> larger key
+    position = torch.arange(values.shape[1], 0, -1, dtype=torch.int32, device=values.device)  # earlier -> larger key
     _, order = torch.where(take, position, 0).topk(k, dim=1)  # distinct keys: exact
     order, _ = order.sort(dim=1)
     return values.gather(1, order), order
