@@ -81,8 +81,7 @@ MAX_GRID_BOXES = 1 << 27
 def _check_grid_size(h: int, w: int, r_min: float, aspect: float, step: float, name: str = "step") -> None:
     """Refuse a ``step`` whose lattice over an h x w map would hold more than
     :data:`MAX_GRID_BOXES` boxes, naming the argument ``name`` and a step that fits."""
-    x_range = max(w - 2.0 * r_min, 0.0)
-    y_range = max(h - 2.0 * aspect * r_min, 0.0)
+    x_range, y_range = _centre_ranges(h, w, r_min, aspect)
     try:  # in floats: counts no int could hold
         n_x, n_y = x_range / step + 2, y_range / aspect / step + 2
         boxes = min(n_x, n_y) * n_y * n_x
@@ -97,10 +96,14 @@ def _check_grid_size(h: int, w: int, r_min: float, aspect: float, step: float, n
         )
 
 
+def _centre_ranges(h: int, w: int, r_min: float, aspect: float) -> tuple[float, float]:
+    """x_hi - x_lo and y_hi - y_lo of the box's centre at r = 0 (0 where it has no room)."""
+    return max(w - 2.0 * r_min, 0.0), max(h - 2.0 * aspect * r_min, 0.0)
+
+
 def box_grid(h: int, w: int, r_min: float, aspect: float, step: float) -> BoxGrid:
     """The lattice of boxes over the feasible set of an h x w map (see module doc)."""
-    x_range = max(w - 2.0 * r_min, 0.0)  # x_hi - x_lo at r = 0
-    y_range = max(h - 2.0 * aspect * r_min, 0.0)
+    x_range, y_range = _centre_ranges(h, w, r_min, aspect)
     if x_range < step:  # less than one step of room: one column of centres, r = 0 only
         n_x, step_x = 1, step
     else:
