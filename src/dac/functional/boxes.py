@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._checks import DACInputError, check_int, check_positive, check_theta
-from .rectangle import _as_batch, box_edges
+from .rectangle import _as_batch, _positive_batch, box_edges
 from .stationarity import r_upper, shift_into_image
 
 __all__ = ["box_inside", "fit_r_min", "initial_theta", "theta_to_boxes"]
@@ -30,9 +30,9 @@ def fit_r_min(h: int, w: int, r_min_fraction: float | Tensor, aspect: float, lik
         Tensor[B] on ``like``'s device and dtype (B = like.shape[0]).
     """
     h, w, aspect = check_int(h, "h", 1), check_int(w, "w", 1), check_positive(aspect, "aspect")
-    _check_positive_values(r_min_fraction, "r_min_fraction")
     if not isinstance(like, Tensor) or like.ndim == 0 or not like.dtype.is_floating_point:
         raise DACInputError(f"like: expected a floating Tensor[B, ...] (the batch's device and dtype), got {_describe(like)}")
+    _check_positive_values(r_min_fraction, "r_min_fraction", like)
     return _fit_r_min(h, w, r_min_fraction, aspect, like)
 
 
@@ -56,7 +56,7 @@ def initial_theta(h: int, w: int, r_min: Tensor, aspect: float, r_init_fraction:
     r_init_fraction = check_positive(r_init_fraction, "r_init_fraction")
     if not isinstance(r_min, Tensor) or r_min.ndim != 1 or not r_min.dtype.is_floating_point:
         raise DACInputError(f"r_min: expected a floating Tensor[B] (see fit_r_min), got {_describe(r_min)}")
-    _check_positive_values(r_min, "r_min")
+    _check_positive_values(r_min, "r_min", r_min)
     return _initial_theta(h, w, r_min, aspect, r_init_fraction)
 
 
@@ -85,7 +85,7 @@ def theta_to_boxes(theta: Tensor, r_min: Tensor | float, aspect: float, kernel_s
         tensor([[  0.,   0., 200., 100.]])
     """
     check_theta(theta)
-    _check_positive_values(r_min, "r_min")
+    _check_positive_values(r_min, "r_min", theta)
     return _theta_to_boxes(theta, r_min, check_positive(aspect, "aspect"), check_int(kernel_size, "kernel_size", 1))
 
 
@@ -127,16 +127,11 @@ def box_inside(centres: Tensor, widths: Tensor, aspect: float, image_sizes: Tens
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
 
-def _check_positive_values(value: float | Tensor, name: str) -> None:
-    """A number, or a floating Tensor whose values are all finite and > 0."""
-    if not isinstance(value, Tensor):
-        check_positive(value, name)
-        return
-    if not value.dtype.is_floating_point:
+def _check_positive_values(value: float | Tensor, name: str, like: Tensor) -> None:
+    """A number, or a floating Tensor[] or Tensor[B] (B of ``like``), of finite values > 0."""
+    if isinstance(value, Tensor) and not value.dtype.is_floating_point:
         raise DACInputError(f"{name}: expected a floating Tensor, got {value.dtype}")
-    detached = value.detach()
-    if not bool((torch.isfinite(detached) & (detached > 0)).all()):
-        raise DACInputError(f"{name}: expected finite values > 0")
+    _positive_batch(value.detach() if isinstance(value, Tensor) else value, name, like)
 
 
 def _describe(value: object) -> str:
