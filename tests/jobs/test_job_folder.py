@@ -96,6 +96,24 @@ class TestConcurrentRuns:
             assert run([three], out, shard="1/2").ok == 1  # the same settings, the other share: welcome
         assert run([three], out, bits=16).ok == 3  # once it ended, other settings crop again
 
+    def test_shards_creating_the_folder_at_once_both_go_on(self, tmp_path: Path, monkeypatch):
+        # Defect: two shards saw the folder missing and both made it; the one that came
+        # second got FileExistsError as "out_dir: cannot create ..." (exit 2 under torchrun).
+        out = tmp_path / "a" / "out"
+        real_mkdir = folder.os.mkdir
+
+        def other_shard_first(path, *args, **kwargs):
+            real_mkdir(path, *args, **kwargs)  # the other process wins the race
+            real_mkdir(path, *args, **kwargs)  # then this one: FileExistsError
+
+        monkeypatch.setattr(folder.os, "mkdir", other_shard_first)
+        folder.make_folders(out, "out_dir")
+        assert out.is_dir()
+        monkeypatch.undo()
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(DACInputError, match="cannot create"):  # a file in the way is still refused
+            folder.make_folders(tmp_path / "file" / "out", "out_dir")
+
     def test_out_holding_a_file_named_like_an_output_folder(self, three: Path, tmp_path: Path, capsys):
         # FileExistsError after boxes.csv was created (issue 26 item 11)
         out = tmp_path / "out"

@@ -77,7 +77,8 @@ def check_out_dir(out_dir: str | os.PathLike, name: str = "out_dir", folders: Se
 
 
 def make_folders(out: Path, name: str) -> None:
-    """Create ``out`` (removing what was created if that fails half way)."""
+    """Create ``out`` (removing what was created if that fails half way); a folder that
+    another process (a shard of the same run) creates meanwhile is taken as made."""
     missing, path = [], out.absolute()
     while not path.exists():
         missing.append(path)
@@ -85,8 +86,13 @@ def make_folders(out: Path, name: str) -> None:
     created: list[Path] = []
     try:
         for folder in reversed(missing):
-            os.mkdir(folder)
-            created.append(folder)
+            try:
+                os.mkdir(folder)
+                created.append(folder)
+            except FileExistsError:
+                # Another shard of the same run made it between the look and the mkdir.
+                if not folder.is_dir():
+                    raise
     except OSError as err:
         for folder in reversed(created):
             with contextlib.suppress(OSError):
