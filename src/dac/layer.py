@@ -32,6 +32,11 @@ MAX_SHARPNESS = 1e6
 SHARPNESS_RANGE = 4.0  #: a learned sharpness stays within [1/4, 4] times the set one
 
 
+#: Runs a method eagerly under ``torch.compile`` (see DACrop's docstring: compiling the
+#: search cost far more than it saved). Functions compiled explicitly inside still compile.
+_eager = torch.compiler.disable(reason="dac: the DAC search runs eagerly (data-dependent loop of small steps)")
+
+
 class DACrop(nn.Module):
     """Find each image's region of interest and crop it to a fixed size.
 
@@ -60,6 +65,16 @@ class DACrop(nn.Module):
     Each call builds its own Theseus objective, so calls from several threads,
     ``copy.deepcopy``, ``pickle`` and ``state_dict`` round trips are independent, and
     nothing of a call (input, graph) outlives it.
+
+    ``torch.compile``: ``forward``, ``locate``, ``search`` and ``candidates`` run eagerly
+    in a compiled model (``torch.compiler.disable``: a graph break before and after
+    them); the model's other code compiles. The search is a loop of many small steps
+    whose length depends on the data: traced by dynamo, a tiny model took 14-48 s to
+    compile, 19-21 s again for each new batch size, and then ran 2.3-16x slower than
+    eager (``benchmarks/compile_model.py``). A learned saliency stage runs eagerly with them unless compiled itself
+    (``DACrop(saliency=torch.compile(net))``). Dynamo runs a whole ``nn.Sequential``
+    eagerly when one of its modules breaks the graph: compile the modules after the
+    layer instead (``nn.Sequential(DACrop(...), torch.compile(classifier))``).
 
     Args:
         output_size: (H_out, W_out) of the crops (paper: 200 x 370). Sets the aspect
@@ -254,6 +269,7 @@ class DACrop(nn.Module):
         return (self.final_sharpness * self.sharpness_gain).to(like.dtype).reshape(1, 1)
 
     # ----------------------------------------------------------------- public
+    @_eager
     def forward(
         self, images: Images, return_boxes: bool = False
     ) -> Tensor | tuple[Tensor, Tensor, DACSolverInfo]:
@@ -269,6 +285,7 @@ class DACrop(nn.Module):
         crops, boxes, info = by_size(images, self._crop_batch)
         return (crops, boxes, info) if return_boxes else crops
 
+    @_eager
     def locate(self, images: Images, return_info: bool = False) -> Tensor | tuple[Tensor, DACSolverInfo]:
         """Boxes Tensor[B, 4], xyxy in input pixels, differentiable w.r.t. ``images``
         and the saliency stage's parameters.
@@ -343,6 +360,7 @@ class DACrop(nn.Module):
         _check_map(saliency)
         return saliency
 
+    @_eager
     def search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
         """Boxes found on given maps, as if the saliency stage had made them.
 
@@ -363,6 +381,7 @@ class DACrop(nn.Module):
         _check_map(saliency)
         return self._search(saliency)
 
+    @_eager
     def candidates(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Every maximum the global search polished, with its cost: what a front that
         learns which maximum to pick trains on.
