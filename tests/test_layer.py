@@ -456,6 +456,16 @@ class TestTorchCompile:
         out.sum().backward()  # gradients still reach the input through the box and the pixels
         assert x.grad.abs().sum() > 0
 
+    @pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated in torch; still used to deploy
+    @pytest.mark.parametrize("capture", ["trace", "export"])
+    def test_trace_and_export_are_refused_with_the_reason(self, capture):
+        # Before: a ValueError from inside Theseus ("Provided tensors must be broadcastable")
+        # or dynamo's GuardOnDataDependentSymNode, neither saying why.
+        net = torch.nn.Sequential(DACrop(**SMALL), torch.nn.Conv2d(1, 2, 3))
+        x = textured_scene(1, 100, 185).float()
+        with pytest.raises(RuntimeError, match="cannot capture the DAC search"):
+            torch.jit.trace(net, x) if capture == "trace" else torch.export.export(net, (x,))
+
     def test_a_compiled_saliency_stage_compiles_inside(self):
         from torch._dynamo.testing import CompileCounter
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import theseus as th
 import torch
@@ -32,9 +33,22 @@ MAX_SHARPNESS = 1e6
 SHARPNESS_RANGE = 4.0  #: a learned sharpness stays within [1/4, 4] times the set one
 
 
-#: Runs a method eagerly under ``torch.compile`` (see DACrop's docstring: compiling the
-#: search cost far more than it saved). Functions compiled explicitly inside still compile.
-_eager = torch.compiler.disable(reason="dac: the DAC search runs eagerly (data-dependent loop of small steps)")
+def _eager(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run eagerly under ``torch.compile`` (see DACrop's docstring: compiling the
+    search cost far more than it saved; functions compiled explicitly inside still
+    compile), and refused by ``torch.jit.trace`` and ``torch.export``, which failed
+    inside Theseus or dynamo with messages that did not say why."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(
+                f"DACrop.{method.__name__}: torch.jit.trace and torch.export cannot capture the DAC search (a loop "
+                "whose steps depend on the pixels); run DACrop eagerly and trace or export the network after it"
+            )
+        return method(*args, **kwargs)
+
+    return torch.compiler.disable(run, reason="dac: the DAC search runs eagerly (a data-dependent loop of small steps)")
 
 
 class DACrop(nn.Module):
@@ -71,10 +85,13 @@ class DACrop(nn.Module):
     them); the model's other code compiles. The search is a loop of many small steps
     whose length depends on the data: traced by dynamo, a tiny model took 14-48 s to
     compile, 19-21 s again for each new batch size, and then ran 2.3-16x slower than
-    eager (``benchmarks/compile_model.py``). A learned saliency stage runs eagerly with them unless compiled itself
-    (``DACrop(saliency=torch.compile(net))``). Dynamo runs a whole ``nn.Sequential``
-    eagerly when one of its modules breaks the graph: compile the modules after the
-    layer instead (``nn.Sequential(DACrop(...), torch.compile(classifier))``).
+    eager (``benchmarks/compile_model.py``). A learned saliency stage runs eagerly with
+    them unless compiled itself (``DACrop(saliency=torch.compile(net))``). Dynamo runs a
+    whole ``nn.Sequential`` eagerly when one of its modules breaks the graph: compile
+    the modules after the layer instead (``nn.Sequential(DACrop(...),
+    torch.compile(classifier))``).
+    ``torch.jit.trace`` and ``torch.export`` cannot capture the search: they raise a
+    RuntimeError that says so (trace or export the network after the layer).
 
     Args:
         output_size: (H_out, W_out) of the crops (paper: 200 x 370). Sets the aspect
