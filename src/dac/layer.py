@@ -427,9 +427,9 @@ class DACrop(nn.Module):
             raise DACInputError(f"search: candidates come from the global search; this DACrop has search={self.search_method!r}")
         saliency = self._saliency(images)
         with _autocast_off(saliency.device):
-            with torch.no_grad():
-                _, info = self._search(saliency.detach())  # as locate: the same maxima
             scaled = self._searched_map(saliency)
+            with torch.no_grad():
+                _, info = self._search(scaled.detach(), scaled=True)  # as locate: the same maxima
             batch, _, h, w = scaled.shape
             count = info.candidates.shape[1]
             thetas = info.candidates.reshape(-1, 3)
@@ -463,14 +463,16 @@ class DACrop(nn.Module):
             )
         return _lift_faint(scaled)
 
-    def _search(self, saliency: Tensor) -> tuple[Tensor, DACSolverInfo]:
+    def _search(self, saliency: Tensor, scaled: bool = False) -> tuple[Tensor, DACSolverInfo]:
         # Without autograd the search runs in inference mode (less overhead per operation:
         # at batch 1 it is bound by that, not by arithmetic); what it returns is cloned out
         # of it, so that callers get ordinary tensors. (One function, not a wrapper: the
         # caller's map is let go when ``saliency`` is rebound, as it is below.)
+        # ``scaled``: the map is already :meth:`_searched_map`'s.
         inference = not torch.is_grad_enabled()
         with _autocast_off(saliency.device), torch.inference_mode() if inference else contextlib.nullcontext():
-            saliency = self._searched_map(saliency)
+            if not scaled:
+                saliency = self._searched_map(saliency)
             batch, _, h, w = saliency.shape
             r_min = self._r_min(h, w, saliency)
             theta0 = _initial_theta(h, w, r_min.detach(), self.aspect, self.r_init_fraction)
