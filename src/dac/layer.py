@@ -37,7 +37,11 @@ def _eager(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` run eagerly under ``torch.compile`` (see DACrop's docstring: compiling the
     search cost far more than it saved; functions compiled explicitly inside still
     compile), and refused by ``torch.jit.trace`` and ``torch.export``, which failed
-    inside Theseus or dynamo with messages that did not say why."""
+    inside Theseus or dynamo with messages that did not say why.
+
+    Not ``torch.compiler.disable`` at import: that imports dynamo, +1.3 s and +150 MB to
+    every ``import dac``. Only a call that dynamo is tracing takes the disabled twin
+    (dynamo is loaded by then), which dynamo then runs eagerly."""
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -46,9 +50,21 @@ def _eager(method: Callable[..., Any]) -> Callable[..., Any]:
                 f"DACrop.{method.__name__}: torch.jit.trace and torch.export cannot capture the DAC search (a loop "
                 "whose steps depend on the pixels); run DACrop eagerly and trace or export the network after it"
             )
+        if torch.compiler.is_compiling():
+            return _disabled_twin(method)(*args, **kwargs)
         return method(*args, **kwargs)
 
-    return torch.compiler.disable(run, reason="dac: the DAC search runs eagerly (a data-dependent loop of small steps)")
+    return run
+
+
+_TWINS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _disabled_twin(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(method)``, made once."""
+    if method not in _TWINS:
+        _TWINS[method] = torch.compiler.disable(method, reason="dac: the DAC search runs eagerly (a data-dependent loop of small steps)")
+    return _TWINS[method]
 
 
 class DACrop(nn.Module):
@@ -81,11 +97,11 @@ class DACrop(nn.Module):
     nothing of a call (input, graph) outlives it.
 
     ``torch.compile``: ``forward``, ``locate``, ``search`` and ``candidates`` run eagerly
-    in a compiled model (``torch.compiler.disable``: a graph break before and after
-    them); the model's other code compiles. The search is a loop of many small steps
-    whose length depends on the data: traced by dynamo, a tiny model took 14-48 s to
-    compile, 19-21 s again for each new batch size, and then ran 2.3-16x slower than
-    eager (``benchmarks/compile_model.py``). A learned saliency stage runs eagerly with
+    in a compiled model (dynamo gets a ``torch.compiler.disable``-d twin: a graph break
+    before and after them); the model's other code compiles. The search is a loop of
+    many small steps whose length depends on the data: traced by dynamo, a tiny model
+    took 13-48 s to compile, 16-21 s again for each new batch size, and then ran
+    2.3-16x slower than eager (``benchmarks/compile_model.py``, two runs). A learned saliency stage runs eagerly with
     them unless compiled itself (``DACrop(saliency=torch.compile(net))``). Dynamo runs a
     whole ``nn.Sequential`` eagerly when one of its modules breaks the graph: compile
     the modules after the layer instead (``nn.Sequential(DACrop(...),
