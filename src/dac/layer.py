@@ -101,11 +101,11 @@ class DACrop(nn.Module):
     before and after them); the model's other code compiles. The search is a loop of
     many small steps whose length depends on the data: traced by dynamo, a tiny model
     took 13-48 s to compile, 16-21 s again for each new batch size, and then ran
-    2.3-16x slower than eager (``benchmarks/compile_model.py``, two runs). A learned saliency stage runs eagerly with
-    them unless compiled itself (``DACrop(saliency=torch.compile(net))``). Dynamo runs a
-    whole ``nn.Sequential`` eagerly when one of its modules breaks the graph: compile
-    the modules after the layer instead (``nn.Sequential(DACrop(...),
-    torch.compile(classifier))``).
+    2.3-16x slower than eager (``benchmarks/compile_model.py``, two runs). A learned
+    saliency stage runs eagerly with them unless compiled itself
+    (``DACrop(saliency=torch.compile(net))``). Dynamo runs a whole ``nn.Sequential``
+    eagerly when one of its modules breaks the graph: compile the modules after the
+    layer instead (``nn.Sequential(DACrop(...), torch.compile(classifier))``).
     ``torch.jit.trace`` and ``torch.export`` cannot capture the search: they raise a
     RuntimeError that says so (trace or export the network after the layer).
 
