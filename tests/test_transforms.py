@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -183,6 +184,22 @@ class TestAutoCropSample:
         tensor = F.pil_to_tensor(gray)
         assert torch.equal(F.pil_to_tensor(transform()(gray)), transform()(tensor))
 
+    def test_pil_16_bit_gray_in_pil_out(self, tmp_path):
+        """A 16-bit PNG opens in Pillow as mode I;16 (a radiograph's usual file): cropped as
+        its uint16 tensor, returned in its own mode, big-endian I;16B included."""
+        values = (scene() * 65535).round().to(torch.int32)[0].numpy().astype("uint16")
+        PIL.Image.fromarray(values).save(tmp_path / "scan.png")
+        png = PIL.Image.open(tmp_path / "scan.png")
+        assert png.mode == "I;16"
+        expected = transform()(torch.from_numpy(values)[None])
+        big = PIL.Image.frombytes("I;16B", (W, H), values.astype(">u2").tobytes())
+        for image in (png, big):
+            out = transform()({"image": image})
+            assert isinstance(out["image"], PIL.Image.Image) and out["image"].mode == image.mode
+            assert out["image"].size == (OUT[1], OUT[0])
+            assert torch.equal(torch.from_numpy(np.asarray(out["image"]).astype("uint16")).to(torch.int32),
+                               expected[0].to(torch.int32))
+
     def test_dtypes_kept(self):
         base = scene(dtype=torch.float64)
         assert transform()(base).dtype == torch.float64
@@ -278,6 +295,7 @@ class TestAutoCropBadInput:
         self.raises({"image": tv_tensors.Image(torch.rand(1, 6, 160))}, "['image']", "too small")
         self.raises({"video": tv_tensors.Video(torch.rand(2, 1, H, W))}, "['video']", "videos")
         self.raises({"image": PIL.Image.new("RGBA", (W, H))}, "['image']", "mode")
+        self.raises({"image": PIL.Image.new("F", (W, H))}, "['image']", "I;16")
 
     def test_key_already_present(self):
         self.raises({"image": scene(), "crop": 1}, "crop")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import PIL.Image
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,10 @@ from ..functional.crop import crop_resize
 from ..layer import DACrop
 
 __all__ = ["AutoCrop"]
+
+# Pillow's 16-bit gray modes (a 16-bit PNG opens as I;16) and their numpy dtypes (byte order).
+_UINT16_MODES = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
+_PIL_MODES = ("L", "RGB", *_UINT16_MODES)
 
 # Box formats whose boxes have a fixed orientation (torchvision's rotated formats are refused).
 _AXIS_ALIGNED = (tv_tensors.BoundingBoxFormat.XYXY, tv_tensors.BoundingBoxFormat.XYWH, tv_tensors.BoundingBoxFormat.CXCYWH)
@@ -40,7 +45,8 @@ class AutoCrop(Transform):
     * the image (``tv_tensors.Image``, PIL image, or plain tensor, torchvision's rule):
       cropped and resized by :func:`dac.functional.crop_resize` (anti-aliased triangle
       filter), dtype kept: ``uint8``/``uint16``/``int16`` in, the same out (rounded), PIL
-      in, PIL out, floats in [0, 1] in, the same float dtype out;
+      in, PIL out (modes L, RGB and 16-bit gray ``I;16``, as a 16-bit PNG opens, each
+      returned in its own mode), floats in [0, 1] in, the same float dtype out;
     * ``BoundingBoxes``: torchvision's ``resized_crop`` kernel on the same box, format
       (XYXY, XYWH, CXCYWH) kept, clipped to the crop as the boxes' ``clamping_mode`` says
       (default ``"soft"``: clipped), ``canvas_size`` set to ``output_size``; boxes wholly
@@ -157,7 +163,7 @@ class AutoCrop(Transform):
             torch.Size([1, 20, 37])
         """
         if isinstance(inpt, PIL.Image.Image):
-            return F.to_pil_image(self._crop_image(F.pil_to_tensor(inpt), params))
+            return _tensor_to_pil(self._crop_image(_pil_to_tensor(inpt), params), inpt.mode)
         if isinstance(inpt, (tv_tensors.BoundingBoxes, tv_tensors.Mask, tv_tensors.KeyPoints)):
             kwargs = {k: params[k] for k in ("top", "left", "height", "width")}
             return self._call_kernel(F.resized_crop, inpt, **kwargs, size=list(self.output_size))
@@ -192,9 +198,12 @@ class AutoCrop(Transform):
                 raise DACInputError(f"{name}: AutoCrop does not crop videos (one box per frame is not defined); "
                                     "crop the frames one by one")
             if isinstance(x, PIL.Image.Image):
-                if x.mode not in ("L", "RGB"):
-                    raise DACInputError(f"{name}: PIL images must be mode L or RGB, got mode {x.mode!r}")
-                images.append((name, F.pil_to_tensor(x)))
+                if x.mode not in _PIL_MODES:
+                    raise DACInputError(
+                        f"{name}: PIL images must be mode L, RGB or 16-bit gray (I;16), got mode {x.mode!r}; "
+                        "pass other images as tensors (integer, or floating in [0, 1])"
+                    )
+                images.append((name, _pil_to_tensor(x)))
             elif isinstance(x, tv_tensors.Image) or _is_plain_tensor(x):
                 images.append((name, x.as_subclass(Tensor)))
         if not images:
@@ -252,6 +261,22 @@ class AutoCrop(Transform):
             "image_size": torch.tensor(params["image_size"], dtype=torch.int64),
         }
         return sample
+
+
+def _pil_to_tensor(image: PIL.Image.Image) -> Tensor:
+    """Tensor[C, H, W] of a PIL image of ``_PIL_MODES``: uint8, or uint16 for the I;16 modes
+    (torchvision's ``pil_to_tensor`` refuses big-endian I;16B)."""
+    if image.mode in _UINT16_MODES:
+        return torch.from_numpy(np.asarray(image).astype(np.uint16))[None]
+    return F.pil_to_tensor(image)
+
+
+def _tensor_to_pil(image: Tensor, mode: str) -> PIL.Image.Image:
+    """The PIL image of mode ``mode`` holding Tensor[C, H, W] (uint8, or uint16 for I;16 modes)."""
+    if mode in _UINT16_MODES:
+        height, width = image.shape[-2:]
+        return PIL.Image.frombytes(mode, (width, height), image[0].numpy().astype(_UINT16_MODES[mode]).tobytes())
+    return F.to_pil_image(image)
 
 
 def _is_plain_tensor(x: Any) -> bool:
