@@ -229,6 +229,19 @@ class TestDACropdWithMonai:
         with pytest.raises(DACInputError, match=r"\['image'\].*MetaTensor"):
             crop(allow_missing_keys=True).inverse({"image": torch.zeros(1, 3, 3)})
 
+    def test_a_source_the_search_cannot_take_names_the_key(self, files):
+        d = loaded(files)
+        for image, scale, what in (
+            (torch.full((1, W, H), float("nan")), True, "NaN"),
+            (torch.rand(1, 6, 6), True, "too small"),
+            (torch.rand(1, W, H) * 2000 - 1000, False, r"\[0, 1\]"),
+            ((torch.rand(1, W, H) * 4000).long(), False, "dtype"),
+        ):
+            with pytest.raises(DACInputError, match=r"^\['image'\]: .*" + what):
+                crop(scale_source=scale)({"image": MetaTensor(image), "label": d["label"]})
+        scaled = crop()({"image": MetaTensor((torch.rand(1, W, H) * 4000).long()), "label": d["label"]})
+        assert scaled["image"].shape == (1, OUT[1], OUT[0])  # any integer dtype is scaled to [0, 1] first
+
     def test_batched_dataloader_then_decollate_and_invertd(self, tmp_path):
         # MONAI's inference pattern: workers, collate, a prediction per batch, decollate, Invertd.
         from monai.data import DataLoader, Dataset, decollate_batch

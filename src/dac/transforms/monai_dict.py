@@ -17,7 +17,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import DACInputError
+from .._checks import DACInputError, check_dtype, check_poolable, check_unit_range
 from ..layer import DACrop
 from .mapping import MODES, _resample, heatmap_to_original
 
@@ -184,11 +184,17 @@ if _MONAI_ERROR is None:
             return image.transpose(-1, -2) if self.spatial_axes == "xy" else image
 
         def _locate(self, source: Tensor, key: Hashable) -> Tensor:
+            name = f"[{key!r}]"  # the search's own checks below, naming the key rather than "images"
             if source.shape[0] not in (1, 3):
-                raise DACInputError(f"[{key!r}]: the source image needs 1 or 3 channels, got shape {tuple(source.shape)}")
+                raise DACInputError(f"{name}: the source image needs 1 or 3 channels, got shape {tuple(source.shape)}")
+            check_poolable(source, self.dac.pool_size, name)
             image = source
-            if self.scale_source:
+            if not self.scale_source:
+                check_dtype(source, name)
+                check_unit_range(source, name)
+            else:  # any real dtype: scaled as floats
                 image = source.to(torch.float64 if source.dtype == torch.float64 else torch.float32)
+                check_dtype(image, name)  # finite
                 low, high = image.min(), image.max()
                 image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
             with torch.no_grad():
