@@ -321,6 +321,33 @@ class TestMetaDevice:
             DACrop(**SMALL).search(torch.zeros(1, 1, 60, 111, device="meta"))
 
 
+class TestSparseImages:
+    """Defect: a sparse image raised torch's NotImplementedError (``aten::ne.Scalar`` on SparseCPU)."""
+
+    @pytest.mark.parametrize("call", ["forward", "locate", "saliency_map"])
+    def test_sparse_images_name_the_argument(self, call):
+        images = torch.zeros(1, 1, 60, 111).to_sparse()
+        with pytest.raises(DACInputError, match=r"images: .*sparse.*to_dense"):
+            getattr(DACrop(**SMALL), call)(images)
+        with pytest.raises(DACInputError, match=r"images\[0\]: .*sparse.*to_dense"):
+            getattr(DACrop(**SMALL), call)([images[0]])
+
+    def test_sparse_saliency_names_the_argument(self):
+        with pytest.raises(DACInputError, match=r"saliency: .*sparse"):
+            DACrop(**SMALL).search(torch.zeros(1, 1, 60, 111).to_sparse())
+
+    def test_the_functions_refuse_them_too(self):
+        from dac.functional import crop_resize, dac_cost, max_min_pool
+
+        images = torch.zeros(1, 1, 60, 111).to_sparse()
+        with pytest.raises(DACInputError, match=r"images: .*sparse"):
+            max_min_pool(images, 4)
+        with pytest.raises(DACInputError, match=r"images: .*sparse"):
+            crop_resize(images, torch.tensor([[0.0, 0.0, 50.0, 30.0]]), (10, 18))
+        with pytest.raises(DACInputError, match=r"saliency: .*sparse"):
+            dac_cost(torch.tensor([[20.0, 10.0, 0.0]]), images, r_min=5.0, aspect=0.5, sharpness=1.0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_global_search_on_cuda_matches_cpu():
     s = torch.cat([blocks_map(i, 60, 111) for i in range(3)]).float()

@@ -296,6 +296,7 @@ class TestAutoCropBadInput:
         self.raises({"video": tv_tensors.Video(torch.rand(2, 1, H, W))}, "['video']", "videos")
         self.raises({"image": PIL.Image.new("RGBA", (W, H))}, "['image']", "mode")
         self.raises({"image": PIL.Image.new("F", (W, H))}, "['image']", "I;16")
+        self.raises({"image": torch.rand(1, H, W).to_sparse()}, "['image']", "sparse")
 
     def test_key_already_present(self):
         self.raises({"image": scene(), "crop": 1}, "crop")

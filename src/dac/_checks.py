@@ -32,6 +32,7 @@ def check_image_batch(images: torch.Tensor, name: str = "images") -> None:
     """Check ``images`` is a Tensor[B, C, H, W] with C in (1, 3) and B >= 1."""
     if not isinstance(images, torch.Tensor):
         raise DACInputError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
+    check_dense(images, name)
     if images.ndim != 4:
         raise DACInputError(
             f"{name}: expected shape [B, C, H, W] (4 dims), got {tuple(images.shape)}"
@@ -60,10 +61,18 @@ def check_dtype(images: torch.Tensor, name: str) -> None:
         )
 
 
+def check_dense(tensor: torch.Tensor, name: str) -> None:
+    """Refuse sparse tensors: every pixel counts (the search, the pooling and the crop read a
+    dense grid; torch's sparse kernels lack most of their operations)."""
+    if tensor.layout != torch.strided:
+        raise DACInputError(f"{name}: a sparse tensor ({tensor.layout}); pass a dense one (.to_dense())")
+
+
 def check_saliency(saliency: torch.Tensor, name: str = "saliency") -> torch.Tensor:
     """Return ``saliency`` as Tensor[B, h, w]; accepts [B, 1, h, w] or [B, h, w]."""
     if not isinstance(saliency, torch.Tensor):
         raise DACInputError(f"{name}: expected a torch.Tensor, got {type(saliency).__name__}")
+    check_dense(saliency, name)
     if saliency.ndim == 4 and saliency.shape[1] == 1:
         saliency = saliency[:, 0]
     if saliency.ndim != 3:

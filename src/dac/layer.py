@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batching import Images, by_size
-from ._checks import DACInputError, check_bool, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
+from ._checks import DACInputError, check_bool, check_dense, check_image_batch, check_int, check_poolable, check_positive, check_size, check_unit_range
 from .functional.boxes import _fit_r_min, _initial_theta, _theta_to_boxes, theta_to_boxes
 from .functional.cost import _cost_derivatives
 from .functional.crop import crop_resize
@@ -314,7 +314,7 @@ class DACrop(nn.Module):
             return_boxes: also return the boxes (as :meth:`locate`) and the solver's
                 info, from the same search.
         """
-        _check_not_meta(images)
+        _check_has_values(images)
         crops, boxes, info = by_size(images, self._crop_batch)
         return (crops, boxes, info) if return_boxes else crops
 
@@ -326,14 +326,14 @@ class DACrop(nn.Module):
         With ``return_info`` also the :class:`~dac.optim.DACSolverInfo`, one row per
         image in input order.
         """
-        _check_not_meta(images)
+        _check_has_values(images)
         boxes, info = by_size(images, self._locate_batch)
         return (boxes, info) if return_info else boxes
 
     def saliency_map(self, images: Images) -> Tensor | list[Tensor]:
         """The map the search runs on (before ``saliency_scale``): Tensor[B, 1, H // k,
         W // k] for a batch, a list of Tensor[1, h, w] for a list of images."""
-        _check_not_meta(images)
+        _check_has_values(images)
         if isinstance(images, Tensor):
             return self._saliency(images)
         return [self._saliency(image[None])[0] for image in images]
@@ -410,7 +410,7 @@ class DACrop(nn.Module):
         if not isinstance(saliency, Tensor) or saliency.ndim != 4 or saliency.shape[1] != 1:
             got = tuple(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
             raise DACInputError(f"saliency: expected Tensor[B, 1, h, w], got {got}")
-        _check_not_meta(saliency, "saliency")
+        _check_has_values(saliency, "saliency")
         _check_map(saliency)
         return self._search(saliency)
 
@@ -571,8 +571,9 @@ def quiet_unconverged():
         yield
 
 
-def _check_not_meta(images: Images | Tensor, name: str = "images") -> None:
-    """Refuse tensors on the meta device: they hold no values to search (a box depends on them)."""
+def _check_has_values(images: Images | Tensor, name: str = "images") -> None:
+    """Refuse tensors with no pixels to read as a grid: on the meta device (shapes, no
+    values; a box depends on them) or sparse (:func:`check_dense`)."""
     if isinstance(images, Tensor):
         items = [(name, images)]
     else:
@@ -583,6 +584,8 @@ def _check_not_meta(images: Images | Tensor, name: str = "images") -> None:
                 f"{label}: on the meta device, which holds shapes but no values; DACrop's box depends on "
                 "the pixels (move the tensor to a real device, e.g. .to('cpu'))"
             )
+        if isinstance(tensor, Tensor):
+            check_dense(tensor, label)
 
 
 def _release(objective: th.Objective) -> None:

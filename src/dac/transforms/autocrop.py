@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2 import functional as F
 
-from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_dtype, check_poolable, check_unit_range
+from .._checks import INTEGER_IMAGE_SCALE, DACInputError, check_dense, check_dtype, check_poolable, check_unit_range
 from ..functional.crop import crop_resize
 from ..layer import DACrop
 
@@ -205,6 +205,7 @@ class AutoCrop(Transform):
                     )
                 images.append((name, _pil_to_tensor(x)))
             elif isinstance(x, tv_tensors.Image) or _is_plain_tensor(x):
+                check_dense(x, name)
                 images.append((name, x.as_subclass(Tensor)))
         if not images:
             raise DACInputError(
