@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the same folder, then ``os.replace``.
+"""Atomic file writes (a temporary file in the same folder, then ``os.replace``), and
+paths as messages show them.
 
 A reader (or a resumed run) sees either the old file or the new one, never half of one.
 The temporary file is created exclusively with mode 0666, so the process umask applies
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json", "write_text"]
+__all__ = ["atomic_write", "shown_path", "write_json", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -61,3 +62,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def shown_path(path: str) -> str:
+    """A path for a message: bytes that are not UTF-8 (a Latin-1 file name) as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

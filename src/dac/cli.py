@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ._checks import DACInputError
+from ._files import shown_path
 
 __all__ = ["main"]
 
@@ -271,11 +272,6 @@ def _console_log(quiet: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _shown(path: str) -> str:
-    """A path for the terminal: bytes that are not UTF-8 as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _archive_checks(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
     """Checks of the options crop and predict share; (shard, device)."""
     from ._checks import check_device, check_int, check_percentiles, check_shard
@@ -301,11 +297,11 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
     speed = f" in {summary.seconds:.1f} s ({1000 * summary.seconds / processed:.0f} ms per image)" if processed else ""
     print(
         f"dac {command}: {summary.total} inputs{share}, {summary.ok} {done}, {summary.skipped} already done, "
-        f"{summary.failed} failed{speed} -> {_shown(os.path.join(args.out, table))}",
+        f"{summary.failed} failed{speed} -> {shown_path(os.path.join(args.out, table))}",
         file=sys.stderr,
     )
     for path, reason in summary.failures[:10]:
-        print(f"  failed: {_shown(path)}: {reason}", file=sys.stderr)
+        print(f"  failed: {shown_path(path)}: {reason}", file=sys.stderr)
     if len(summary.failures) > 10:
         print(f"  ... and {len(summary.failures) - 10} more (see {table})", file=sys.stderr)
     if summary.warnings:
@@ -313,7 +309,7 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
         print(f"dac {command}: {count} input{'s' if count > 1 else ''} read with a warning (see the intensity "
               f"column of {table}):", file=sys.stderr)
         for path, intensity in summary.warnings[:3]:
-            print(f"  {_shown(path)}: {intensity.partition('warning: ')[2]}", file=sys.stderr)
+            print(f"  {shown_path(path)}: {intensity.partition('warning: ')[2]}", file=sys.stderr)
         if count > 3:
             print(f"  ... and {count - 3} more", file=sys.stderr)
 
@@ -321,7 +317,7 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
 def _job_stopped(command: str, exc: OSError) -> int:
     """A run stopped by the system (a full disk, say): one line, exit 1 (the journal keeps
     what was done; the same command resumes)."""
-    where = f": {_shown(os.fsdecode(exc.filename))}" if exc.filename else ""
+    where = f": {shown_path(os.fsdecode(exc.filename))}" if exc.filename else ""
     reason = exc.strerror or " ".join(str(exc).split())
     print(f"dac {command}: stopped: {reason}{where}; what was done is kept: free the cause and run the same "
           "command again to resume", file=sys.stderr)
@@ -399,7 +395,7 @@ def _fit_saliency(args: argparse.Namespace) -> int:
     )
     loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if summary["steps"] else f"{summary['mask_steps']} warm-start steps only"
     print(f"dac fit-saliency: {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['source']}, {loss} -> "
-          f"{_shown(os.path.join(args.out, 'saliency.pt'))}", file=sys.stderr)
+          f"{shown_path(os.path.join(args.out, 'saliency.pt'))}", file=sys.stderr)
     print(f"dac fit-saliency: on its {summary['images']} labelled images: mean IoU {summary['labelled_iou']:.3f}, "
           f"labelled region inside the box in {100 * summary['labelled_region_inside']:.0f} %", file=sys.stderr)
     if summary["steps"]:

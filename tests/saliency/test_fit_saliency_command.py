@@ -258,6 +258,7 @@ class TestLabelledRealImages:
         b"a.png,10,10,100\n",
         b"b.png,10,10,100,60\n",  # no such image
         b"a.png,10,10,1000,60\n",  # outside the image
+        b"a.png,10,10,100,60\n./a.png,10,10,100,61\n",  # one image, two different boxes
     ])
     def test_a_bad_csv_is_one_clear_line(self, tmp_path, capsys, content):
         dio.write_png(tmp_path / "a.png", make_phantom(1, 96, 177).image)
@@ -267,6 +268,15 @@ class TestLabelledRealImages:
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("dac fit-saliency: error: data:") and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "fit").exists()
+
+
+    def test_a_repeated_row_is_trained_on_as_often_as_it_appears(self, tmp_path):
+        from dac.tasks.fit_saliency import read_labelled_images
+
+        dio.write_png(tmp_path / "a.png", make_phantom(1, 96, 177).image)
+        (tmp_path / "boxes.csv").write_bytes(b"a.png,10,10,100,60\na.png,10,10,100,60\n")
+        _, regions, sizes = read_labelled_images(tmp_path / "boxes.csv", 4)
+        assert regions.tolist() == [[10.0, 10.0, 100.0, 60.0]] * 2 and sizes == [(96, 177)] * 2
 
 
 class TestWhatTheUserSees:

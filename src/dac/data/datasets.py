@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .._checks import DACInputError, check_int
+from .._files import shown_path
 from .distractors import DISTRACTOR_CLASSES, distractor_class, make_distractor_scene
 from .io import IMAGE_SUFFIXES, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
@@ -245,7 +246,7 @@ class ImageFolderDataset(Dataset):
             box = self.boxes[index]
             height, width = image.shape[-2:]
             if box[2] > width or box[3] > height:
-                raise DACInputError(f"regions: the box {box} of {_shown(path)!r} is not inside its {width}x{height} image")
+                raise DACInputError(f"regions: the box {box} of {shown_path(path)!r} is not inside its {width}x{height} image")
             item["roi"] = torch.tensor(box, dtype=torch.float32)
         return item
 
@@ -433,7 +434,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
             raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: expected 'path,label', got {fields!r}")
         file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
         if not file.is_file():
-            raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file '{_shown(str(file))}'")
+            raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file '{shown_path(str(file))}'")
         rows.append((line, str(file), fields[1]))
     if not rows:
         raise DACInputError(f"root_or_csv: {str(path)!r} lists no images")
@@ -455,18 +456,10 @@ def _boxes_of(samples: list[tuple[str, int]], regions: str | Path) -> list[list[
         raise DACInputError(f"regions: expected a path to a .csv file or None, got {type(regions).__name__}")
     if not Path(regions).is_file():
         raise DACInputError(f"regions: {str(regions)!r} is not a file (expected a CSV of path,x1,y1,x2,y2)")
-    table: dict[str, list[float]] = {}
-    for line, file, box in read_box_rows(regions, "regions"):
-        key = os.path.realpath(file)
-        if table.setdefault(key, box) != box:
-            raise DACInputError(f"regions: {str(regions)!r} line {line}: a second, different box for '{_shown(str(file))}'")
+    # (read_box_rows refuses a second, different box for a file.)
+    table = {os.path.realpath(file): box for _, file, box in read_box_rows(regions, "regions")}
     missing = [path for path, _ in samples if os.path.realpath(path) not in table]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DACInputError(f"regions: {str(regions)!r} has no box for '{_shown(missing[0])}'{more}")
+        raise DACInputError(f"regions: {str(regions)!r} has no box for '{shown_path(missing[0])}'{more}")
     return [table[os.path.realpath(path)] for path, _ in samples]
-
-
-def _shown(path: str) -> str:
-    """A path for a message: bytes that are not UTF-8 as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")

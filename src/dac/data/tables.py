@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from .._checks import DACInputError
+from .._files import shown_path
 
 __all__ = ["BOX_HEADER", "read_box_rows", "read_csv_rows"]
 
@@ -76,7 +77,9 @@ def read_box_rows(path: str | os.PathLike, name: str) -> list[tuple[int, Path, l
     Raises:
         DACInputError: naming ``name``, the table and the line: a row that is not a path and
             four finite numbers with ``0 <= x1 < x2`` and ``0 <= y1 < y2``, a header naming
-            other columns (an xywh or y-first table is not read as xyxy); or no rows.
+            other columns (an xywh or y-first table is not read as xyxy), a second,
+            different box for a file (matched by resolved path; a repeated row is kept,
+            as often as it appears); or no rows.
 
     Examples:
         >>> import tempfile
@@ -88,6 +91,7 @@ def read_box_rows(path: str | os.PathLike, name: str) -> list[tuple[int, Path, l
     """
     shown = repr(os.fspath(path))
     rows = []
+    seen: dict[str, tuple[int, list[float]]] = {}  # resolved file -> (first line, box)
     for line, cells in read_csv_rows(path, name):
         if line == 1 and cells[0].lower() in ("path", "file", "image"):
             if tuple(c.lower() for c in cells[1:]) != BOX_HEADER[1:]:
@@ -103,6 +107,10 @@ def read_box_rows(path: str | os.PathLike, name: str) -> list[tuple[int, Path, l
         if not all(map(math.isfinite, box)) or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
             raise DACInputError(f"{name}: {shown} line {line}: the box {box} is not xyxy with 0 <= x1 < x2 and 0 <= y1 < y2")
         file = Path(cells[0]) if Path(cells[0]).is_absolute() else Path(path).parent / cells[0]
+        first = seen.setdefault(os.path.realpath(file), (line, box))
+        if first[1] != box:
+            raise DACInputError(f"{name}: {shown} line {line}: a second, different box for "
+                                f"'{shown_path(str(file))}' (line {first[0]}: {first[1]})")
         rows.append((line, file, box))
     if not rows:
         raise DACInputError(f"{name}: {shown} lists no images")
