@@ -118,7 +118,7 @@ class TestCommandLine:
         assert main(["fit-saliency", "--out", str(out), *small, "--seed", "1", "--overwrite"]) == 0
         assert (out / "saliency.pt").read_bytes() != before["saliency.pt"]
 
-    @pytest.mark.parametrize("header", ["path,x,y,w,h", "image,y1,x1,y2,x2", "path,x1,y1,x2"])
+    @pytest.mark.parametrize("header", ["path,x,y,w,h", "image,y1,x1,y2,x2", "path,x1,y1,x2", "x1,y1,x2,y2,path"])
     def test_data_csv_with_other_columns_is_refused(self, tmp_path, capsys, header):
         from dac.data import io as dio
         from dac.cli import main
@@ -127,7 +127,8 @@ class TestCommandLine:
         (tmp_path / "boxes.csv").write_text(f"{header}\na.png,19,29,100,40\n")  # xywh read as xyxy would fit
         code = main(["fit-saliency", "--out", str(tmp_path / "fit"), "--data", str(tmp_path / "boxes.csv"), "--quiet",
                      "--pool-size", "4", "--size", "20x37", "--steps", "1", "--mask-steps", "1"])
-        assert code == 2 and "x1,y1,x2,y2" in capsys.readouterr().err and not (tmp_path / "fit").exists()
+        err = capsys.readouterr().err
+        assert code == 2 and "header" in err and "x1,y1,x2,y2" in err and not (tmp_path / "fit").exists()
 
     def test_interrupted_fit_says_nothing_was_saved(self, tmp_path, capsys, monkeypatch):
         import dac.tasks.fit_saliency

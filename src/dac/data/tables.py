@@ -93,7 +93,8 @@ def read_box_rows(path: str | os.PathLike, name: str) -> list[tuple[int, Path, l
     rows = []
     seen: dict[str, tuple[int, list[float]]] = {}  # resolved file -> (first line, box)
     for line, cells in read_csv_rows(path, name):
-        if line == 1 and cells[0].lower() in ("path", "file", "image"):
+        # A first row whose box cells hold no number is a header, whatever its first cell.
+        if line == 1 and (cells[0].lower() in ("path", "file", "image") or not any(map(_number, cells[1:]))):
             if tuple(c.lower() for c in cells[1:]) != BOX_HEADER[1:]:
                 raise DACInputError(f"{name}: {shown}: the header {cells!r} names other columns; expected "
                                     f"{','.join(BOX_HEADER)} (xyxy, input pixels)")
@@ -115,3 +116,12 @@ def read_box_rows(path: str | os.PathLike, name: str) -> list[tuple[int, Path, l
     if not rows:
         raise DACInputError(f"{name}: {shown} lists no images")
     return rows
+
+
+def _number(cell: str) -> bool:
+    """Whether a cell reads as a number (float's rules: '1e3', ' 7 ', 'nan' do)."""
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
