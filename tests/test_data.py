@@ -282,6 +282,13 @@ class TestImageFolderDataset:
         bad.write_text("path,label\n")
         with pytest.raises(DACInputError, match="lists no images"):
             ImageFolderDataset(bad)
+        # One image twice (with its label or another, by another path to it): a fold would
+        # train and test on it, or it would hold two labels.
+        (tmp_path / "sub").mkdir()
+        for rows in ("a.png,1\nsub/../a.png,1\n", "path,label\na.png,0\na.png,1\n"):
+            bad.write_text(rows)
+            with pytest.raises(DACInputError, match=r"bad\.csv.* lines [12] and [23]: .*a\.png.*twice"):
+                ImageFolderDataset(bad)
         with pytest.raises(DACInputError, match="does not exist"):
             ImageFolderDataset(tmp_path / "nowhere")
         with pytest.raises(DACInputError, match="directory or a .csv"):

@@ -161,7 +161,8 @@ class ImageFolderDataset(Dataset):
       (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
       :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
     * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
-      header. Relative paths are resolved against the CSV's folder. Labels are either
+      header. Relative paths are resolved against the CSV's folder; each image once (a
+      second row for the same file is an error: folds would share it). Labels are either
       all ints (class indices; ``classes`` is ``"0".."max"``) or class names (sorted
       names give the indices).
 
@@ -427,6 +428,7 @@ _HEADER = {"path", "file", "filename", "image", "image_path", "filepath"}
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
     rows = []
+    seen: dict[str, int] = {}  # resolved file -> its line
     for line, fields in read_csv_rows(path, "root_or_csv"):
         if line == 1 and fields[0].lower() in _HEADER:
             continue
@@ -435,6 +437,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, int]]]:
         file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
         if not file.is_file():
             raise DACInputError(f"root_or_csv: {str(path)!r} line {line}: no such file '{shown_path(str(file))}'")
+        first = seen.setdefault(os.path.realpath(file), line)
+        if first != line:  # in two folds it would be trained and tested on (or hold two labels)
+            raise DACInputError(f"root_or_csv: {str(path)!r} lines {first} and {line}: '{shown_path(str(file))}' "
+                                "listed twice (a cross-validation fold would train and test on it); list each image once")
         rows.append((line, str(file), fields[1]))
     if not rows:
         raise DACInputError(f"root_or_csv: {str(path)!r} lists no images")
