@@ -123,6 +123,8 @@ class TestBadInput:
         [
             (dict(backward_mode="magic"), "backward_mode"),
             (dict(pool_size=0), "pool_size"),
+            # the max-min map of one-pixel windows is zero everywhere: every box the start box
+            (dict(pool_size=1), r"pool_size: 1 .*max.min map .*zero"),
             (dict(output_size=(0, 5)), "output_size"),
             (dict(sharpness=0.0), "sharpness"),
             (dict(stages=0), "stages"),
@@ -141,6 +143,14 @@ class TestBadInput:
     def test_bad_arguments(self, kwargs, match):
         with pytest.raises(DACInputError, match=match):
             DACrop(**{**SMALL, **kwargs})
+
+    def test_one_pixel_windows_with_a_stage_of_ones_own(self):
+        # A stage makes its own map: one-pixel windows are a map at full resolution.
+        layer = DACrop(**{**SMALL, "pool_size": 1, "saliency": torch.nn.Identity()})
+        image = torch.zeros(1, 1, 24, 40)
+        image[..., 6:18, 10:30] = 1.0
+        box = layer.locate(image)[0]
+        assert box[0] < 12 and box[2] > 28  # around the bright block
 
     @pytest.mark.parametrize("search", SEARCHES)
     def test_a_map_too_large_for_float32_names_saliency_scale(self, search):

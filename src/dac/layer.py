@@ -113,7 +113,8 @@ class DACrop(nn.Module):
         output_size: (H_out, W_out) of the crops (paper: 200 x 370). Sets the aspect
             ``H_out / W_out`` of the search box.
         pool_size: the pooling window and stride k (paper: 10): the saliency map of an
-            H x W image is (H // k) x (W // k).
+            H x W image is (H // k) x (W // k). At least 2 for the paper's max–min map
+            (1 with a ``saliency`` stage of one's own).
         backward_mode: ``"implicit"`` (default; exact implicit-function gradient at
             the found box), ``"unroll"`` (backprop through every step of the search:
             the ascent and polish steps with ``search="paper"``; the polish steps from
@@ -220,6 +221,9 @@ class DACrop(nn.Module):
         self.backward_mode = backward_mode.lower()
         if saliency is not None and not isinstance(saliency, nn.Module):
             raise DACInputError(f"saliency: expected an nn.Module or None, got {type(saliency).__name__}")
+        if saliency is None and self.pool_size == 1:
+            raise DACInputError("pool_size: 1 makes the paper's max-min map zero everywhere (each window is one "
+                                "pixel, its max equal to its min), so every box would be the start box; use 2 or more")
         self.saliency = saliency if saliency is not None else MaxMinPool(self.pool_size)
         self.sharpness = check_positive(sharpness, "sharpness")
         self.schedule = AscentSchedule(
