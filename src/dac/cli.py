@@ -305,13 +305,24 @@ def _report(command: str, summary, table: str, args: argparse.Namespace, done: s
     if len(summary.failures) > 10:
         print(f"  ... and {len(summary.failures) - 10} more (see {table})", file=sys.stderr)
     if summary.warnings:
-        count = len(summary.warnings)
-        print(f"dac {command}: {count} input{'s' if count > 1 else ''} read with a warning (see the intensity "
-              f"column of {table}):", file=sys.stderr)
-        for path, intensity in summary.warnings[:3]:
-            print(f"  {shown_path(path)}: {intensity.partition('warning: ')[2]}", file=sys.stderr)
-        if count > 3:
-            print(f"  ... and {count - 3} more", file=sys.stderr)
+        _say_some(f"dac {command}: {_inputs(len(summary.warnings))} read with a warning (see the intensity column of {table}):",
+                  [f"{shown_path(path)}: {intensity.partition('warning: ')[2]}" for path, intensity in summary.warnings])
+    if summary.frozen:
+        _say_some(f"dac {command}: {_inputs(len(summary.frozen))} with no region to find (a flat map: blank or "
+                  f"uniform; the box is the start box, frozen=1 in {table}):", [shown_path(p) for p in summary.frozen])
+
+
+def _inputs(count: int) -> str:
+    return f"{count} input{'s' if count > 1 else ''}"
+
+
+def _say_some(header: str, lines: list[str], shown: int = 3) -> None:
+    """``header``, then the first ``shown`` of ``lines`` indented, then how many more (stderr)."""
+    print(header, file=sys.stderr)
+    for line in lines[:shown]:
+        print(f"  {line}", file=sys.stderr)
+    if len(lines) > shown:
+        print(f"  ... and {len(lines) - shown} more", file=sys.stderr)
 
 
 def _job_stopped(command: str, exc: OSError) -> int:

@@ -243,3 +243,18 @@ def test_12_bit_data_in_16_bit_files_is_said_on_the_console(tmp_path: Path, caps
     assert "1 input read with a warning" in err and "twelve.png" in err and "1/8 of the 16-bit range" in err
     rows = {Path(r["path"]).name: r for r in read_table(out)[1]}
     assert "warning" in rows["twelve.png"]["intensity"] and rows["eight.png"]["intensity"] == "8-bit"
+
+
+def test_images_with_no_region_to_find_are_said_on_the_console(tmp_path: Path, capsys):
+    # a blank or uniform image got the start box and frozen=1 in the table, and the console
+    # said only "2 cropped": an archive of blank scans looked fine
+    Image.fromarray(np.full((40, 64), 128, dtype=np.uint8)).save(tmp_path / "blank.png")
+    write_image(tmp_path / "eight.png", size=(40, 64))
+    out = tmp_path / "out"
+    assert main(["crop", str(tmp_path / "blank.png"), str(tmp_path / "eight.png"), "--out", str(out), "--size", "8x12",
+                 "--pool-size", "4", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 input with no region to find" in err and "blank.png" in err and "eight.png" not in err.split("region")[1]
+    assert main(["crop", str(tmp_path / "eight.png"), "--out", str(tmp_path / "out2"), "--size", "8x12",
+                 "--pool-size", "4", "--no-progress"]) == 0
+    assert "no region" not in capsys.readouterr().err

@@ -120,6 +120,7 @@ class ArchiveSummary:
     seconds: float = 0.0  #: wall time of the run
     keys: list[str] = field(default_factory=list, repr=False)  #: rows of this process's inputs (resolved paths)
     warnings: list[tuple[str, str]] = field(default_factory=list)  #: (path, intensity) of ok rows read with a warning
+    frozen: list[str] = field(default_factory=list)  #: paths of ok rows whose table says frozen=1 (a flat map)
 
 
 
@@ -491,6 +492,8 @@ def _process(todo, task, out, key, dev, journal, summary, batch_size, workers, p
                 summary.ok += 1
                 if "warning:" in row["intensity"]:
                     summary.warnings.append((row["path"], row["intensity"]))
+                if row.get("frozen") == "1":
+                    summary.frozen.append(row["path"])
             else:
                 summary.failed += 1
                 summary.failures.append((row["path"], row["error"]))
