@@ -289,6 +289,15 @@ class TestImageFolderDataset:
             bad.write_text(rows)
             with pytest.raises(DACInputError, match=r"bad\.csv.* lines [12] and [23]: .*a\.png.*twice"):
                 ImageFolderDataset(bad)
+        # The same file in two class folders (a link): in two classes, and in two folds.
+        linked = tmp_path / "linked"
+        write_png(linked / "cat" / "x.png", 1)
+        write_png(linked / "cat" / "y.png", 2)
+        (linked / "dog").mkdir()
+        (linked / "dog" / "x.png").symlink_to(linked / "cat" / "x.png")
+        write_png(linked / "dog" / "z.png", 3)
+        with pytest.raises(DACInputError, match=r"root_or_csv: .*cat/x\.png.* and .*dog/x\.png.* same file"):
+            ImageFolderDataset(linked)
         with pytest.raises(DACInputError, match="does not exist"):
             ImageFolderDataset(tmp_path / "nowhere")
         with pytest.raises(DACInputError, match="directory or a .csv"):

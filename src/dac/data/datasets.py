@@ -159,7 +159,8 @@ class ImageFolderDataset(Dataset):
 
     * A directory: one sub-folder per class; classes are the sorted folder names
       (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
-      :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order.
+      :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order;
+      one file reached twice (a link) is an error.
     * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
       header. Relative paths are resolved against the CSV's folder; each image once (a
       second row for the same file is an error: folds would share it). Labels are either
@@ -419,6 +420,12 @@ def _scan_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
                 f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         samples += [(str(p), classes.index(name)) for p in files]
+    seen: dict[str, str] = {}  # resolved file -> the path it was found by
+    for path, _ in samples:  # a link to one file from two folders: two classes, two folds
+        first = seen.setdefault(os.path.realpath(path), path)
+        if first != path:
+            raise DACInputError(f"root_or_csv: '{shown_path(first)}' and '{shown_path(path)}' are the same file "
+                                "(a link); keep one (a cross-validation fold would train and test on it)")
     samples.sort(key=lambda s: (s[1], s[0]))
     return classes, samples
 
