@@ -583,13 +583,14 @@ def _check_has_values(images: Images | Tensor, name: str = "images") -> None:
     else:
         items = [(f"{name}[{i}]", t) for i, t in enumerate(images)] if isinstance(images, (list, tuple)) else []
     for label, tensor in items:
-        if isinstance(tensor, Tensor) and tensor.device.type == "meta":
+        if not isinstance(tensor, Tensor):
+            continue  # the batch checks name it
+        if tensor.device.type == "meta":
             raise DACInputError(
                 f"{label}: on the meta device, which holds shapes but no values; DACrop's box depends on "
                 "the pixels (move the tensor to a real device, e.g. .to('cpu'))"
             )
-        if isinstance(tensor, Tensor):
-            check_dense(tensor, label)
+        check_dense(tensor, label)
 
 
 def _release(objective: th.Objective) -> None:
