@@ -96,7 +96,7 @@ def main() -> None:
             print(f"| {search} | {r['compile']} | {r['first_call_s']:.2f} | {r['median_s']:.3f} | "
                   f"{r['new_batch_size_s']:.2f} | {r['eager_median_s']:.3f} | {r['median_over_eager']:.2f} |", flush=True)
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"command": " ".join(sys.argv), "options": {k: v for k, v in vars(opts).items()},
+        Path(opts.json).write_text(json.dumps({"command": " ".join(sys.argv), "options": vars(opts),
                                                "machine": machine(torch.device("cpu")), "rows": rows}, indent=2))
 
 
