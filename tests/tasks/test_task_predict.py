@@ -346,3 +346,50 @@ def test_a_run_with_nothing_to_do_rewrites_nothing(trained: Path, tmp_path: Path
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
     assert predict_archive([tmp_path / "new"], out, predictor, workers=0, progress=False).skipped == 2
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
+
+
+def test_images_with_no_region_to_find_are_marked_frozen(trained: Path, tmp_path: Path, capsys):
+    # a blank scan got a class from the start box's crop, and neither the table nor the
+    # console said that the search found nothing there (dac crop's table says frozen=1)
+    from PIL import Image
+    import numpy as np
+
+    inputs = tmp_path / "new"
+    phantoms(inputs, 1)
+    Image.fromarray(np.full((96, 177), 128, dtype=np.uint8)).save(inputs / "blank.png")
+    out = tmp_path / "preds"
+    assert main(["predict", str(trained / "dac"), str(inputs), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    table = {Path(r["path"]).name: r for r in rows(out)}
+    assert table["blank.png"]["frozen"] == "1" and table["p0.png"]["frozen"] == "0"
+    said = err.split("1 input with no region to find")[1]
+    assert "blank.png" in said and "p0.png" not in said
+    predictor = Predictor.load(trained)
+    result = predictor.predict_files([inputs / "blank.png", next(inputs.rglob("p0.png"))])
+    assert result.frozen.tolist() == [True, False]
+
+    # a front with no search has nothing to mark: the cell is empty, the field None
+    torch.manual_seed(0)
+    resize = Predictor(build_pipeline(PipelineConfig(kind="resize", input_size=(24, 24)), width=4).eval(), CLASS_NAMES)
+    assert resize(torch.zeros(1, 1, 96, 177, dtype=torch.uint8)).frozen is None
+    predict_archive([inputs], tmp_path / "resized", resize, progress=False)
+    assert {r["frozen"] for r in rows(tmp_path / "resized")} == {""}
+
+
+def test_a_table_written_before_the_frozen_column_is_resumed_as_it_is(trained: Path, tmp_path: Path, capsys):
+    phantoms(tmp_path / "new", 2)
+    out = tmp_path / "preds"
+    assert main(["predict", str(trained / "dac"), str(tmp_path / "new"), "--out", str(out), "--no-progress"]) == 0
+    before = rows(out)
+    with open(out / "predictions.csv", newline="") as fh:
+        cells = list(csv.reader(fh))
+    drop = cells[0].index("frozen")
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([c[:drop] + c[drop + 1:] for c in cells])
+    capsys.readouterr()
+    assert main(["predict", str(trained / "dac"), str(tmp_path / "new"), "--out", str(out), "--no-progress"]) == 0
+    assert "2 already done" in capsys.readouterr().err
+    after = rows(out)
+    assert [r["frozen"] for r in after] == ["", ""]  # not known for rows predicted before it
+    assert [{k: v for k, v in r.items() if k != "frozen"} for r in after] == [
+        {k: v for k, v in r.items() if k != "frozen"} for r in before]

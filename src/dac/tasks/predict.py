@@ -19,7 +19,10 @@ redoes nothing, shards), writing ``OUT/predictions.csv``, ``OUT/crops/`` and, if
 ``OUT/overlays/``.
 
 The table, ``OUT/predictions.csv``
-    ``path, status, error, width, height, x1, y1, x2, y2, predicted`` (a class name),
+    ``path, status, error, width, height, x1, y1, x2, y2, frozen`` (1 where the DAC
+    search found no region: a blank or uniform image, whose box is the start box and
+    whose class comes from that box's crop; 0 otherwise; empty for fronts with no search
+    and in rows predicted before the column was added), ``predicted`` (a class name),
     one ``prob_<class name>`` per class (they sum to 1), ``label`` (the name of the
     folder holding the file, where it is one of the model's class names: class
     sub-folders give labelled images, and the accuracy on them is reported), ``crop``,
@@ -78,6 +81,9 @@ class Prediction:
     boxes: Tensor  #: Tensor[B, 4] float32, the region the classifier saw
     crops: Tensor  #: Tensor[B, 1, h, w] float32 in [0, 1], the classifier's input
     classes: tuple[str, ...]  #: class names, index = column of ``probabilities``
+    #: Tensor[B] bool: images where the DAC search found no region (a flat map: blank or
+    #: uniform; the box is the start box); None for fronts with no search (resize, STN)
+    frozen: Tensor | None = None
 
     @property
     def predicted(self) -> Tensor:
@@ -230,12 +236,12 @@ class Predictor:
         if not images or not all(isinstance(image, Tensor) and image.ndim == 3 for image in images):
             raise DACInputError("images: expected Tensor[B, 1, H, W] or a non-empty list of Tensor[1, H, W]")
 
-        def part(batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def part(batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
             result = self._batch(batch)
-            return result.probabilities, result.boxes, result.crops
+            return result.probabilities, result.boxes, result.crops, result.frozen
 
-        probabilities, boxes, crops = by_size(images, part)
-        return Prediction(probabilities, boxes, crops, self.classes)
+        probabilities, boxes, crops, frozen = by_size(images, part)
+        return Prediction(probabilities, boxes, crops, self.classes, frozen)
 
     def read(self, path: str | os.PathLike, *, any_size: bool = False, dicom: str = "window",
              percentiles: Sequence[float] = (1.0, 99.0)) -> Tensor:
@@ -263,7 +269,8 @@ class Predictor:
         front = self.model.front(images.to(self.device))  # one search gives the box and the crop
         logits = self.model.classify(front.crops)
         probabilities = torch.softmax(logits.double(), dim=1)
-        return Prediction(probabilities.cpu(), front.boxes.float().cpu(), front.crops.float().cpu(), self.classes)
+        frozen = None if front.frozen is None else front.frozen.cpu()
+        return Prediction(probabilities.cpu(), front.boxes.float().cpu(), front.crops.float().cpu(), self.classes, frozen)
 
 
 def _damaged(checkpoint: str, err: BaseException) -> str:
@@ -407,7 +414,7 @@ def predict_archive(
         raise DACInputError(f"predictor: expected a dac.tasks.predict.Predictor, got {type(predictor).__name__}")
     classes = predictor.classes
     probability_fields = tuple(f"prob_{c}" for c in classes)
-    fields = (jobs.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "predicted") + probability_fields
+    fields = (jobs.ARCHIVE_FIELDS[0] + ("x1", "y1", "x2", "y2", "frozen", "predicted") + probability_fields
               + ("label", "crop") + jobs.ARCHIVE_FIELDS[1])
     settings = {
         "format": PREDICT_FORMAT,
@@ -437,13 +444,14 @@ def predict_archive(
     return summary
 
 
-def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+def _compute(predictor: Predictor, images: Tensor) -> list[tuple[Tensor, Tensor, Tensor, bool | None]]:
     result = predictor(images)
-    return [(result.probabilities[k], result.boxes[k], result.crops[k]) for k in range(len(images))]
+    frozen = [None] * len(images) if result.frozen is None else result.frozen.tolist()
+    return [(result.probabilities[k], result.boxes[k], result.crops[k], frozen[k]) for k in range(len(images))]
 
 
 def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, classes: tuple[str, ...], overlays: bool) -> dict[str, str]:
-    probabilities, box, crop = result
+    probabilities, box, crop, frozen = result
     best = int(probabilities.argmax())
     name = f"crops/{jobs.output_name(key)}"
     dio.write_png(out / name, crop, bits=8)
@@ -454,7 +462,8 @@ def _write(out: Path, key: str, image: Tensor, result: tuple, found: str, *, cla
         jobs.discard_outputs(out, key, ("overlays",))  # one from an earlier run shows another answer
     folder = os.path.basename(os.path.dirname(found))  # the class folder as the user laid it out (links not followed)
     x1, y1, x2, y2 = (jobs.number_cell(v) for v in box.tolist())
-    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "predicted": classes[best], "crop": name,
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "frozen": "" if frozen is None else str(int(frozen)),
+            "predicted": classes[best], "crop": name,
             "label": folder if folder in classes else "",
             **{f"prob_{c}": f"{float(p):.6f}" for c, p in zip(classes, probabilities)}}
 

@@ -89,6 +89,10 @@ class FrontOutput(NamedTuple):
     #: Tensor[B, num_classes] the classifier's logits of ``baseline_crops`` (no gradient),
     #: set by :meth:`Pipeline.forward`.
     baseline_logits: Tensor | None = None
+    #: Tensor[B] bool: DAC searches that found no strict maximum (a flat map: a blank or
+    #: uniform image; the box is the start box, :attr:`dac.DACSolverInfo.frozen`); None
+    #: for fronts with no search, and for training with ``candidates``.
+    frozen: Tensor | None = None
 
 
 class ResizeFront(nn.Module):
@@ -250,7 +254,7 @@ class DACFront(nn.Module):
 
     def forward(self, images: Images, noise: Tensor | None = None) -> FrontOutput:
         """Tensor[B, C, H, W] or list of Tensor[C, H, W] -> :class:`FrontOutput` (crops
-        Tensor[B, C, H_out, W_out] float, the boxes, the unconverged searches; training
+        Tensor[B, C, H_out, W_out] float, the boxes, the unconverged and the frozen searches; training
         with ``candidates``: crops Tensor[B, K, C, H_out, W_out] and their log-weights, or with
         ``candidate_sampling`` one drawn crop per image and its log-weight).
 
@@ -266,15 +270,16 @@ class DACFront(nn.Module):
         """Boxes Tensor[B, 4], xyxy in input pixels (differentiable in the saliency's parameters)."""
         return by_size(images, lambda x: self._search(x)[0])
 
-    def _search(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _search(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(boxes, unconverged, frozen) of a same-size batch."""
         with quiet_unconverged():  # counted by the caller instead
             boxes, info = self.crop.locate(images, return_info=True)
-        return boxes, ~(info.converged | info.frozen)
+        return boxes, ~(info.converged | info.frozen), info.frozen
 
     def _crop_batch(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
         if self.training and self.candidates > 1:
             return self._candidate_crops(images, noise)
-        boxes, unconverged = self._search(images)
+        boxes, unconverged, frozen = self._search(images)
         if self.training and self.roi_rotate_degrees > 0:
             limit = max_inside_rotation(boxes.detach().float(), images.shape[-2:], self.roi_rotate_degrees)
             draw = noise[:, 0].to(device=limit.device, dtype=limit.dtype) * 2 - 1
@@ -284,7 +289,7 @@ class DACFront(nn.Module):
             crops = soft_crop(images, boxes, self.output_size, margin=self.edge_margin, sharpness=sharpness)
         else:
             crops = crop_resize(images, boxes, self.output_size, antialias=True)
-        return FrontOutput(crops.float(), boxes, unconverged)
+        return FrontOutput(crops.float(), boxes, unconverged, frozen=frozen)
 
     def _candidate_crops(self, images: Tensor, noise: Tensor | None = None) -> FrontOutput:
         """Training with ``candidates``: every candidate cropped, Tensor[B, K, C, h, w], and
