@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -226,8 +227,8 @@ class TestImageFolderDataset:
         assert item["image"].max() == 30
 
     def test_paper_class_names_keep_the_paper_order(self, tmp_path):
-        for name in ("12-32", "0", "4-6"):
-            write_png(tmp_path / name / "x.png", 1)
+        for value, name in enumerate(("12-32", "0", "4-6")):
+            write_png(tmp_path / name / "x.png", value)
         ds = ImageFolderDataset(tmp_path, reader=pil_reader)
         assert ds.classes == list(CLASS_NAMES)  # not string order, where "12-32" < "4-6"
         assert sorted(ds.labels) == [0, 2, 4]
@@ -298,6 +299,19 @@ class TestImageFolderDataset:
         write_png(linked / "dog" / "z.png", 3)
         with pytest.raises(DACInputError, match=r"root_or_csv: .*cat/x\.png.* and .*dog/x\.png.* same file"):
             ImageFolderDataset(linked)
+        # One image saved twice under two names (no link): the same leak, by folder or by CSV.
+        copied = tmp_path / "copied"
+        write_png(copied / "cat" / "x.png", 1)
+        write_png(copied / "cat" / "y.png", 2)
+        write_png(copied / "dog" / "z.png", 3)
+        assert len(ImageFolderDataset(copied)) == 3  # same size, other bytes: fine
+        shutil.copy(copied / "cat" / "x.png", copied / "dog" / "x copy.png")
+        with pytest.raises(DACInputError, match=r"root_or_csv: .*cat/x\.png.* and .*dog/x copy\.png.* same bytes"):
+            ImageFolderDataset(copied)
+        listing = copied / "list.csv"
+        listing.write_text("path,label\ncat/x.png,cat\ndog/x copy.png,cat\ndog/z.png,dog\n")
+        with pytest.raises(DACInputError, match=r"same bytes"):
+            ImageFolderDataset(listing)
         with pytest.raises(DACInputError, match="does not exist"):
             ImageFolderDataset(tmp_path / "nowhere")
         with pytest.raises(DACInputError, match="directory or a .csv"):

@@ -822,7 +822,8 @@ class TestCLI:
         relabelled, added, aside = data / "many" / first.name, data / "many" / "added.png", data.parent / victim.name
         changes = {  # (make the change, undo it)
             "relabelled": (lambda: first.rename(relabelled), lambda: relabelled.rename(first)),
-            "added": (lambda: shutil.copy(second, added), added.unlink),  # a 13th image, in an existing class
+            # a 13th image, in an existing class (another image: a copy of one is refused as such)
+            "added": (lambda: Image.eval(Image.open(second), lambda v: 255 - v).save(added), added.unlink),
             "removed": (lambda: victim.rename(aside), lambda: aside.rename(victim)),  # out of --data: 11 images
         }
         errors = {}

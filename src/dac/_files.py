@@ -7,6 +7,7 @@ as for a plain ``open()`` (no umask juggling, which would race with other thread
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "shown_path", "write_json", "write_text"]
+__all__ = ["atomic_write", "first_copy", "shown_path", "write_json", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -67,3 +68,41 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def shown_path(path: str) -> str:
     """A path for a message: bytes that are not UTF-8 (a Latin-1 file name) as \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def first_copy(paths: list[str], chunk: int = 1 << 16) -> tuple[str, str] | None:
+    """The first two of ``paths`` (distinct files) whose bytes are the same, or None.
+
+    Only files of equal size are compared: first a hash of their first ``chunk`` bytes,
+    then of the whole file, so a folder of compressed images, whose sizes rarely agree,
+    costs one ``stat`` per file. Empty files are skipped (they are no image; reading
+    them fails with its own reason).
+    """
+    by_size: dict[int, list[str]] = {}
+    for path in paths:
+        size = os.path.getsize(path)
+        if size:
+            by_size.setdefault(size, []).append(path)
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        by_start: dict[bytes, list[str]] = {}
+        for path in group:
+            with open(path, "rb") as fh:
+                by_start.setdefault(hashlib.sha256(fh.read(chunk)).digest(), []).append(path)
+        for same_start in by_start.values():
+            whole: dict[bytes, str] = {}
+            for path in same_start:
+                digest = _file_digest(path) if len(same_start) > 1 else b""
+                first = whole.setdefault(digest, path)
+                if first != path:
+                    return first, path
+    return None
+
+
+def _file_digest(path: str) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()

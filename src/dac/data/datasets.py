@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .._checks import DACInputError, check_int
-from .._files import shown_path
+from .._files import first_copy, shown_path
 from .distractors import DISTRACTOR_CLASSES, distractor_class, make_distractor_scene
 from .io import IMAGE_SUFFIXES, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
@@ -161,6 +161,9 @@ class ImageFolderDataset(Dataset):
       (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
       :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order;
       one file reached twice (a link) is an error.
+    * From either: two files with the same bytes (one image saved twice, under two names)
+      are an error too — a fold would train and test on it. Only files of equal size
+      are read to compare them.
     * A ``.csv`` file: rows ``path,label``; an optional first row ``path,label`` is a
       header. Relative paths are resolved against the CSV's folder; each image once (a
       second row for the same file is an error: folds would share it). Labels are either
@@ -221,6 +224,10 @@ class ImageFolderDataset(Dataset):
             raise DACInputError(f"root_or_csv: expected a directory or a .csv file, got {str(source)!r}")
         else:
             raise DACInputError(f"root_or_csv: {str(source)!r} does not exist")
+        copy = first_copy(sorted(path for path, _ in self.samples))
+        if copy is not None:  # one image exported twice: in two folds (or two classes)
+            raise DACInputError(f"root_or_csv: '{shown_path(copy[0])}' and '{shown_path(copy[1])}' hold the same bytes "
+                                "(one image saved twice); keep one (a cross-validation fold would train and test on it)")
         for name, fn in (("transform", transform), ("reader", reader)):
             if fn is not None and not callable(fn):
                 raise DACInputError(f"{name}: expected a callable or None, got {type(fn).__name__}")
