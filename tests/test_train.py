@@ -813,6 +813,28 @@ class TestCLI:
         (data / "many" / moved.name).rename(moved)  # restored: the finished run is recognised again
         assert main(args) == 0
 
+    @pytest.mark.parametrize("command", ["train", "cv"])
+    def test_a_run_stopped_before_training_takes_the_mended_data_and_config(self, tmp_path, capsys, command):
+        # An unreadable image stops the run before any training, but run.json already held
+        # the data's digest: with the file mended (here removed) the same command was
+        # refused, "holds results on other data", and so was an edited config.
+        data = tmp_path / "images"
+        write_class_folders(data, count=15)
+        (data / "few" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        config = tmp_path / "tiny.yaml"
+        config.write_text(json.dumps({**TINY, "pipelines": {"resize": TINY["pipelines"]["resize"]}}))
+        out = tmp_path / "out"
+        args = [command, "--config", str(config), "--data", str(data), "--out", str(out), "--quiet"]
+        assert main(args) == 2 and "broken.png" in capsys.readouterr().err
+        (data / "few" / "broken.png").unlink()
+        config.write_text(json.dumps({**TINY, "seed": 1, "pipelines": {"resize": TINY["pipelines"]["resize"]}}))
+        assert main(args) == 0, capsys.readouterr().err
+        record = json.loads((out / "run.json").read_text())
+        assert record["images"] == 15 and load_config(out / "config.yaml").seed == 1
+        # once something is trained there, other data is refused as before
+        (data / "few" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        assert main(args) == 2 and "other data" in capsys.readouterr().err
+
     def test_added_or_removed_images_are_refused_like_a_relabelled_one(self, finished_run, capsys):
         data, args = finished_run
         checkpoint = Path(args[args.index("--out") + 1]) / "resize" / "checkpoint.pt"

@@ -86,7 +86,8 @@ def run_cv(
         DACInputError: a bad pipeline name, data that cannot be split into k folds or
             holds an unreadable image, matplotlib missing when ``figures`` (checked
             before any work), or an ``out_dir`` holding a run of a different config or
-            other data.
+            other data (one that trained something: a folder left by a run stopped
+            before training starts afresh).
     """
     names = _pipeline_names(config, pipelines)
     if figures:
@@ -374,13 +375,19 @@ def _write_predictions(path: Path, index: np.ndarray, labels: np.ndarray, probs:
     write_text(path, buffer.getvalue())
 
 
+#: What a results folder holds before any training: written by :func:`_prepare_out` and :func:`run_cv`.
+_BEFORE_TRAINING = frozenset({"run.json", "config.yaml", "folds.json"})
+
+
 def _prepare_out(run: _Experiment, command: str, digest: str, stages: dict[str, str]) -> None:
     """Create the results folder with run.json and config.yaml, or check that it holds this very run on this very
     data, from the same warm-start ``stages`` (sha256 by pipeline; those first trained now are added to run.json)."""
     out, config, rt, n = run.out, run.config, run.rt, len(run.labels)
     fingerprint = config.fingerprint()
     run_file = out / "run.json"
-    if run_file.is_file():
+    # A run stopped before training anything (an unreadable image, say) left only these:
+    # the mended data or config starts it afresh rather than being refused as another run.
+    if run_file.is_file() and any(p.name not in _BEFORE_TRAINING for p in out.iterdir()):
         try:
             previous = json.loads(run_file.read_text())
         except (OSError, ValueError):
@@ -409,7 +416,7 @@ def _prepare_out(run: _Experiment, command: str, digest: str, stages: dict[str, 
                 write_json(run_file, {**previous, "stages": {**recorded, **stages}})
             barrier(rt)
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not run_file.is_file())):
         raise DACInputError(f"--out: {str(out)!r} exists and is not a dac results folder; choose a new or empty folder")
     barrier(rt)
     if rt.is_main:
