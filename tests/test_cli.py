@@ -289,12 +289,15 @@ def test_dicom_intensity_is_in_boxes_csv(tmp_path: Path):
     ds.save_as(tmp_path / "in" / "plain.dcm")
     ds.WindowCenter, ds.WindowWidth = 40, 400
     ds.save_as(tmp_path / "in" / "window.dcm")
+    ds.WindowCenter = 50
+    ds.save_as(tmp_path / "in" / "IM0001")  # as PACS exports name them: found by its DICM marker
     args = ["--size", "20x37", "--pool-size", "4", "--no-progress"]
     out = tmp_path / "out"
     assert main(["crop", str(tmp_path / "in"), "--out", str(out), *args]) == 0
     how = {Path(r["path"]).name: r["intensity"] for r in read_rows(out)}
     assert how == {"plain.dcm": "DICOM stored range -33792..31743 (no window in file)",
-                   "window.dcm": "DICOM window 40/400 (center/width, LINEAR)"}
+                   "window.dcm": "DICOM window 40/400 (center/width, LINEAR)",
+                   "IM0001": "DICOM window 50/400 (center/width, LINEAR)"}
     assert main(["crop", str(tmp_path / "in"), "--out", str(out), "--dicom", "percentiles", "--percentiles", "5,95",
                  *args]) == 0  # another setting: both cropped again
     rows = read_rows(out)

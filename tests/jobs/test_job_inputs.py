@@ -86,3 +86,29 @@ class TestInputs:
         CROPPED.clear()
         assert run([three], out).skipped == 4 and CROPPED == []
         assert len(read_table(out)[1]) == 4
+
+
+def test_dicom_files_without_an_image_suffix_are_found_in_folders(tmp_path: Path):
+    # PACS exports name files IM0001 or by their UID (1.2.840....): a folder of them gave
+    # "0 inputs", and dac cv --data "holds no images"
+    from dac.data.datasets import ImageFolderDataset
+
+    def dicom(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 128 + b"DICM" + path.name.encode())
+
+    dicom(tmp_path / "a" / "IM0001")
+    dicom(tmp_path / "a" / "1.2.840.10008.5")
+    dicom(tmp_path / "b" / "I0000007")
+    (tmp_path / "a" / "README").write_text("x" * 200)  # no marker: not an input
+    (tmp_path / "a" / "notes.txt").write_bytes(b"\0" * 128 + b"DICM")  # a named other type: not sniffed
+    (tmp_path / "b" / "short").write_bytes(b"DICM")
+    assert inputs.find_inputs([tmp_path], {".png"}) == []
+    found = inputs.find_inputs([tmp_path], {".png"}, also=lambda path: path.endswith("7"))
+    assert [os.path.basename(f.key) for f in found] == ["I0000007"]
+    from dac.data.io import looks_like_dicom
+
+    found = inputs.find_inputs([tmp_path], {".png"}, also=looks_like_dicom)
+    assert sorted(os.path.basename(f.key) for f in found) == ["1.2.840.10008.5", "I0000007", "IM0001"]
+    dataset = ImageFolderDataset(tmp_path, reader=lambda path: None)
+    assert sorted(os.path.basename(p) for p, _ in dataset.samples) == ["1.2.840.10008.5", "I0000007", "IM0001"]

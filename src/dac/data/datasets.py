@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .._checks import DACInputError, check_int
 from .._files import first_copy, shown_path
 from .distractors import DISTRACTOR_CLASSES, distractor_class, make_distractor_scene
-from .io import IMAGE_SUFFIXES, read_image
+from .io import IMAGE_SUFFIXES, looks_like_dicom, read_image
 from .phantoms import CLASS_NAMES, MIN_SIZE, make_phantom, phantom_class
 from .tables import read_box_rows, read_csv_rows
 
@@ -159,7 +159,8 @@ class ImageFolderDataset(Dataset):
 
     * A directory: one sub-folder per class; classes are the sorted folder names
       (torchvision's ``ImageFolder`` rule), and each folder's images (suffixes in
-      :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively) are taken in sorted order;
+      :data:`dac.data.io.IMAGE_SUFFIXES`, any case, searched recursively, and DICOM files
+      named without one: :func:`dac.data.io.looks_like_dicom`) are taken in sorted order;
       one file reached twice (a link) is an error.
     * From either: two files with the same bytes (one image saved twice, under two names)
       are an error too — a fold would train and test on it. Only files of equal size
@@ -410,7 +411,7 @@ def _class_order(names: list[str]) -> list[str]:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or looks_like_dicom(path))
 
 
 def _scan_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:

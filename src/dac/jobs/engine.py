@@ -352,7 +352,7 @@ def run_archive(
     workers = default_workers(dev) if workers == "auto" else check_int(workers, "workers", 0)
     index, count = check_shard(shard if shard is not None else (0, 1))
     out = Path(out_dir)
-    found = find_inputs(inputs, dio.IMAGE_SUFFIXES, exclude=out)
+    found = find_inputs(inputs, dio.IMAGE_SUFFIXES, exclude=out, also=dio.looks_like_dicom)
     check_out_dir(out, "out_dir", task.folders)
     make_folders(out, "out_dir")
 

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .._checks import DACInputError
 
@@ -53,7 +53,11 @@ def reason(err: OSError) -> str:
 
 
 def find_inputs(
-    inputs: Sequence[str | os.PathLike], suffixes: Iterable[str], *, exclude: str | os.PathLike | None = None
+    inputs: Sequence[str | os.PathLike],
+    suffixes: Iterable[str],
+    *,
+    exclude: str | os.PathLike | None = None,
+    also: Callable[[str], bool] | None = None,
 ) -> list[Found]:
     """Inputs named by ``inputs``, one per file (however it is spelled), sorted by path.
 
@@ -62,7 +66,9 @@ def find_inputs(
     are inputs whatever their suffix and folders among them are searched. A folder whose
     name ends in one of ``suffixes``, found by a search or a pattern, is also an input
     (it fails as "is a directory"); a folder that cannot be listed is an input with that
-    problem. Nothing inside ``exclude`` is an input.
+    problem. Nothing inside ``exclude`` is an input. ``also``: ``path -> bool`` for the
+    files of a folder search whose suffix is not among ``suffixes`` (e.g.
+    :func:`dac.data.io.looks_like_dicom`: DICOM files named without one).
 
     Raises:
         DACInputError: an input that does not exist and is not a pattern that matches,
@@ -105,7 +111,7 @@ def find_inputs(
                 if looks_like_image(entry.name):
                     add(entry.path)
                 search(entry.path)
-            elif looks_like_image(entry.name):
+            elif looks_like_image(entry.name) or (also is not None and also(entry.path)):
                 add(entry.path)
 
     for item in inputs:
