@@ -75,12 +75,15 @@ def first_copy(paths: list[str], chunk: int = 1 << 16) -> tuple[str, str] | None
 
     Only files of equal size are compared: first a hash of their first ``chunk`` bytes,
     then of the whole file, so a folder of compressed images, whose sizes rarely agree,
-    costs one ``stat`` per file. Empty files are skipped (they are no image; reading
-    them fails with its own reason).
+    costs one ``stat`` per file. Empty files and files that cannot be read are skipped
+    (they are no image; reading them fails with its own reason).
     """
     by_size: dict[int, list[str]] = {}
     for path in paths:
-        size = os.path.getsize(path)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            continue
         if size:
             by_size.setdefault(size, []).append(path)
     for group in by_size.values():
@@ -88,21 +91,30 @@ def first_copy(paths: list[str], chunk: int = 1 << 16) -> tuple[str, str] | None
             continue
         by_start: dict[bytes, list[str]] = {}
         for path in group:
-            with open(path, "rb") as fh:
-                by_start.setdefault(hashlib.sha256(fh.read(chunk)).digest(), []).append(path)
+            digest = _digest(path, chunk)
+            if digest is not None:
+                by_start.setdefault(digest, []).append(path)
         for same_start in by_start.values():
+            if len(same_start) < 2:
+                continue
             whole: dict[bytes, str] = {}
             for path in same_start:
-                digest = _file_digest(path) if len(same_start) > 1 else b""
-                first = whole.setdefault(digest, path)
-                if first != path:
-                    return first, path
+                digest = _digest(path)
+                if digest is not None and whole.setdefault(digest, path) != path:
+                    return whole[digest], path
     return None
 
 
-def _file_digest(path: str) -> bytes:
+def _digest(path: str, limit: int | None = None) -> bytes | None:
+    """sha256 of the file's first ``limit`` bytes (all when None); None if it cannot be read."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as fh:
+            if limit is not None:
+                digest.update(fh.read(limit))
+            else:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        return None
     return digest.digest()

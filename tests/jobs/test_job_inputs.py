@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,18 @@ def test_dicom_files_without_an_image_suffix_are_found_in_folders(tmp_path: Path
     (tmp_path / "a" / "README").write_text("x" * 200)  # no marker: not an input
     (tmp_path / "a" / "notes.txt").write_bytes(b"\0" * 128 + b"DICM")  # a named other type: not sniffed
     (tmp_path / "b" / "short").write_bytes(b"DICM")
+    os.mkfifo(tmp_path / "b" / "pipe")  # opened to look for the marker, it would block
     assert inputs.find_inputs([tmp_path], {".png"}) == []
     found = inputs.find_inputs([tmp_path], {".png"}, also=lambda path: path.endswith("7"))
     assert [os.path.basename(f.key) for f in found] == ["I0000007"]
     from dac.data.io import looks_like_dicom
 
-    found = inputs.find_inputs([tmp_path], {".png"}, also=looks_like_dicom)
-    assert sorted(os.path.basename(f.key) for f in found) == ["1.2.840.10008.5", "I0000007", "IM0001"]
+    done: list = []
+    search = threading.Thread(target=lambda: done.append(inputs.find_inputs([tmp_path], {".png"}, also=looks_like_dicom)),
+                              daemon=True)
+    search.start()
+    search.join(timeout=20)
+    assert done, "the search blocked"
+    assert sorted(os.path.basename(f.key) for f in done[0]) == ["1.2.840.10008.5", "I0000007", "IM0001"]
     dataset = ImageFolderDataset(tmp_path, reader=lambda path: None)
     assert sorted(os.path.basename(p) for p, _ in dataset.samples) == ["1.2.840.10008.5", "I0000007", "IM0001"]

@@ -40,6 +40,7 @@ __all__ = [
     "INTEGER_BIT_DEPTHS",
     "ImageReadError",
     "READ_FORMAT",
+    "looks_like_dicom",
     "read_file",
     "read_image",
     "read_input",
@@ -55,21 +56,6 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 
-
-def looks_like_dicom(path: str | os.PathLike) -> bool:
-    """Whether a file that a folder search would pass over is DICOM: its name has no
-    suffix or a numeric one (PACS exports: ``IM0001``, ``1.2.840.10008.5``) and it holds
-    DICOM's ``b"DICM"`` marker at byte 128. Files named as another type (``.txt``,
-    ``.json``) are not opened; a file that cannot be read is not DICOM here (reading it
-    names the reason)."""
-    suffix = os.path.splitext(os.fspath(path))[1]
-    if suffix and not suffix[1:].isdigit():
-        return False
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
 #: ITU-R BT.601 luma weights (R, G, B): Pillow's "L" conversion.
 _LUMA = (0.299, 0.587, 0.114)
 _GRAY_MODES = frozenset({"1", "L", "LA", "La"})
@@ -86,6 +72,22 @@ READ_FORMAT = 1
 #: the file's VOI LUT or window (a viewer's default), the range its stored bits allow,
 #: or a stretch between two percentiles of the image.
 DICOM_INTENSITY = ("window", "range", "percentiles")
+
+
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """Whether a file that a folder search would pass over is DICOM: its name has no
+    suffix or a numeric one (PACS exports: ``IM0001``, ``1.2.840.10008.5``) and it holds
+    DICOM's ``b"DICM"`` marker at byte 128. Files named as another type (``.txt``,
+    ``.json``) are not opened, nor anything but a regular file (a FIFO would block); a
+    file that cannot be read is not DICOM here (reading it names the reason)."""
+    suffix = os.path.splitext(os.fspath(path))[1]
+    if (suffix and not suffix[1:].isdigit()) or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 class ImageReadError(OSError):
