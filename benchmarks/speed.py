@@ -19,7 +19,9 @@ For each search of ``--searches`` (``paper``: the staged ascent + Newton polish;
   (``layer.locate``: pooling + search), ``search`` (= locate - pool, derived from the
   medians) and ``crop`` (``crop_resize`` of that search's boxes to 200 x 370);
 * ``batch 1``: ``locate`` of the batch's first image alone against the max–min pooling
-  of that image alone (``DACrop.saliency_map``), ``--repeats1`` runs;
+  of that image alone (``DACrop.saliency_map``), ``--repeats1`` runs; for the global
+  search also its grid phase alone (every box of the lattice scored, the best local
+  maxima kept: what any polish adds to);
 * ``peak memory`` (``--memory``): the largest extra memory of one ``locate`` and one
   ``layer`` call at batch 1 and at ``--batch``, each in a fresh process after a
   warm-up call on the batch's first image: on CPU the peak resident set (VmHWM after
@@ -67,11 +69,13 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 
 from _common import machine, pyplot, sync, time_it
 from dac import DACrop
+from dac.functional.grid import _grid_candidates
 from dac.layer import SEARCHES
 from dac.functional import (
     crop_resize,
@@ -155,6 +159,18 @@ def dense_search(saliency: torch.Tensor, layer: DACrop) -> tuple[torch.Tensor, t
 
 
 # ------------------------------------------------------------------------ timing
+def grid_phase(layer: DACrop, one: torch.Tensor) -> Callable[[], object]:
+    """The global search's grid phase alone on ``one`` image's map, as ``locate`` runs it
+    (:func:`dac.functional.grid._grid_candidates`: every box of the step-4 lattice scored,
+    the best local maxima kept)."""
+    with torch.no_grad():
+        scaled = layer._searched_map(layer.saliency_map(one))[:, 0]
+    h, w = scaled.shape[-2:]
+    r_min = float(layer._r_min(h, w, scaled)[0])
+    grid = layer.grid
+    return lambda: _grid_candidates(scaled, r_min, layer.aspect, layer.final_sharpness, grid.step, grid.candidates)
+
+
 def make_phantoms(batch: int, height: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
     """Tensor[B, 1, H, W] uint8 phantoms (``dac.data.phantoms.make_phantom``, seeds 8000 + seed ..)."""
     from dac.data.phantoms import make_phantom
@@ -183,6 +199,8 @@ def measure(batch: int, height: int, width: int, repeats: int, device: torch.dev
             t["crop"], _ = time_it(lambda: crop_resize(images, boxes, OUTPUT_SIZE), repeats, device)
             t["pool_1"], _ = time_it(lambda: layer.saliency_map(one), opts.repeats1, device)
             t["locate_1"], _ = time_it(lambda: layer.locate(one), opts.repeats1, device)
+            if name == "global":  # its first phase alone: the floor of any polish
+                t["grid_1"], _ = time_it(grid_phase(layer, one), opts.repeats1, device)
             med = {k: statistics.median(v) * (1000.0 if k.endswith("_1") else per_image) for k, v in t.items()}
             low = {k: min(v) * (1000.0 if k.endswith("_1") else per_image) for k, v in t.items()}
             searches[name] = {
@@ -193,6 +211,8 @@ def measure(batch: int, height: int, width: int, repeats: int, device: torch.dev
                 "batch1_pool_ms": med["pool_1"],
                 "batch1_locate_ms": med["locate_1"],
                 "batch1_locate_over_pool": med["locate_1"] / med["pool_1"],
+                **({"batch1_grid_ms": med["grid_1"], "batch1_grid_over_pool": med["grid_1"] / med["pool_1"]}
+                   if "grid_1" in med else {}),
                 "min_ms": low,
                 "converged": int(info.converged.sum()),
                 "near_ties": int(info.near_tie.sum()),
@@ -296,8 +316,6 @@ def _status_kb(field: str) -> int:
 
 def compile_timing(pooled: torch.Tensor, repeats: int, device: torch.device) -> dict:
     """The grid scoring eager and under ``torch.compile``: first call and steady state (ms)."""
-    from dac.functional.grid import _grid_candidates
-
     layer = DACrop(output_size=OUTPUT_SIZE, pool_size=POOL_SIZE, search="global")
     h, w = pooled.shape[-2:]
     r_min = float(fit_r_min(h, w, layer.r_min_fraction, layer.aspect, pooled)[0])
@@ -370,6 +388,10 @@ def markdown(record: dict) -> str:
             f"{r['crop_ms_per_image']:.2f} | {r['layer_over_floor']:.2f}x | {r['batch1_locate_ms']:.2f} | "
             f"{r['batch1_pool_ms']:.2f} | {r['batch1_locate_over_pool']:.2f}x |"
         )
+    for name, r in record["searches"].items():
+        if "batch1_grid_ms" in r:
+            lines += ["", f"batch 1, {name} search: its grid phase alone {r['batch1_grid_ms']:.2f} ms, "
+                          f"{r['batch1_grid_over_pool']:.2f}x the pooling"]
     lines += ["", f"pool {record['pool_ms_per_image']:.2f} ms/image, floor (images.float()) {floor:.2f} ms/image"
               + (f", dense reference search {record['dense_ms_per_image']:.1f} ms/image" if "dense_ms_per_image" in record else "")]
     if "peak_memory_mb" in record:
