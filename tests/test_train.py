@@ -835,6 +835,24 @@ class TestCLI:
         (data / "few" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
         assert main(args) == 2 and "other data" in capsys.readouterr().err
 
+    @pytest.mark.parametrize("cached", [True, False])
+    def test_an_image_too_small_for_the_pooling_is_named(self, tmp_path, capsys, cached):
+        # it stopped the run with "images: an image of 5x9 pixels is too small ...": which
+        # of thousands of files was it? (read lazily: only when its batch came)
+        data = tmp_path / "images"
+        write_class_folders(data, count=9)
+        Image.fromarray(np.full((5, 9), 77, dtype=np.uint8)).save(data / "few" / "thumb.png")
+        raw = {**TINY, "data": {**TINY["data"], "cache_images": cached, "workers": 0},
+               "pipelines": {"dac": TINY["pipelines"]["dac"], "resize": TINY["pipelines"]["resize"]}}
+        config = tmp_path / "tiny.yaml"
+        config.write_text(json.dumps(raw))
+        args = ["cv", "--config", str(config), "--data", str(data), "--quiet"]
+        assert main([*args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "thumb.png" in err and "5x9" in err and "6x6" in err and len(err.strip().splitlines()) == 1, err
+        # a run of the resize pipeline alone takes it
+        assert main([*args, "--out", str(tmp_path / "resized"), "--pipelines", "resize"]) == 0
+
     def test_added_or_removed_images_are_refused_like_a_relabelled_one(self, finished_run, capsys):
         data, args = finished_run
         checkpoint = Path(args[args.index("--out") + 1]) / "resize" / "checkpoint.pt"

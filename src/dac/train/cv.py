@@ -95,7 +95,7 @@ def run_cv(
 
         require_matplotlib()
     began = time.perf_counter()
-    run = _Experiment(config, out_dir)
+    run = _Experiment(config, out_dir, names)
     k = config.train.folds
     folds = stratified_folds(run.labels, k, config.seed)
     run.prepare("cv", names)
@@ -162,7 +162,7 @@ def train_pipeline(
     if pipeline is None:
         pipeline = "dac" if "dac" in config.pipelines else next(iter(config.pipelines))
     (name,) = _pipeline_names(config, [pipeline])
-    run = _Experiment(config, out_dir)
+    run = _Experiment(config, out_dir, [name])
     train, test = holdout_split(run.labels, config.train.holdout, config.seed)
     run.prepare("train", [name])
     metrics = run.train_and_evaluate(
@@ -228,11 +228,13 @@ class _Experiment:
     function takes only what differs between folds.
     """
 
-    def __init__(self, config: ExperimentConfig, out_dir: str | Path) -> None:
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, names: list[str]) -> None:
         self.config = config
         self.rt = init_runtime(config.train.device, config.train.threads, name="train.device")
         self.out = Path(out_dir)
-        self.dataset = build_dataset(config.data, config.seed)
+        # An image too small for a DAC pipeline's pooling is refused when read, by name.
+        pooled = [config.pipelines[n].pool_size for n in names if config.pipelines[n].kind in ("dac", "dac_e2e")]
+        self.dataset = build_dataset(config.data, config.seed, min_side=2 * max(pooled, default=0) or 1)
         self.labels, self.classes = np.asarray(self.dataset.labels), list(self.dataset.classes)
         self.engine = Engine(self.rt, batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size,
                              workers=config.data.workers)

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
+def build_dataset(config: DataConfig, seed: int = 0, *, min_side: int = 1) -> ImageLabelDataset:
     """The dataset a config names: generated phantoms, or a folder / CSV of real images.
 
     Args:
@@ -48,6 +48,9 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
             :class:`~dac.data.datasets.DistractorDataset` scenes) or a path (folder of class folders, or CSV of
             ``path,label``; see :class:`dac.data.datasets.ImageFolderDataset`).
         seed: the phantom dataset's seed.
+        min_side: the least height and width an image may have (what the run's pipelines
+            need: two pooling windows per side for DAC); a smaller one is an item that
+            cannot be read, naming the file (:class:`ReadableImages`).
 
     Returns:
         An :class:`ImageLabelDataset` with ``labels`` and ``classes``.
@@ -76,7 +79,7 @@ def build_dataset(config: DataConfig, seed: int = 0) -> ImageLabelDataset:
         base = ImageFolderDataset(config.source, reader=reader, transform=to_gray8 if config.gray8 else None,
                                   regions=config.regions)
         classes = base.classes
-    dataset = ReadableImages(base, classes)
+    dataset = ReadableImages(base, classes, min_side=min_side)
     if len(set(dataset.labels)) < 2:
         raise DACInputError(f"data: {config.source!r} has fewer than two classes")
     return dataset
@@ -88,19 +91,33 @@ class ReadableImages(ImageLabelDataset):
     An item that fails to load is ``{"image": None, "label": ..., "error": "'<path>':
     <reason>"}`` instead of an exception, so the reason travels back from DataLoader
     worker processes as one line; the training loops turn it into a
-    :class:`dac.DACInputError`.
+    :class:`dac.DACInputError`. So is an image smaller than ``min_side`` in height or
+    width (the pipelines' need: a front would refuse it without naming the file).
     """
+
+    def __init__(self, base: Dataset, classes: Sequence[str], *, min_side: int = 1) -> None:
+        super().__init__(base, classes)
+        self.min_side = min_side
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            return super().__getitem__(index)
+            item = super().__getitem__(index)
         except (KeyboardInterrupt, IndexError, TypeError):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to decode names the file
-            samples = getattr(self.base, "samples", None)
-            where = repr(samples[index][0]) if samples is not None else f"item {index}"
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-            return {"image": None, "label": int(self.labels[index]), "error": f"{where}: {reason}"}
+            return self._failed(index, reason)
+        height, width = item["image"].shape[-2:]
+        if min(height, width) < self.min_side:
+            side = self.min_side
+            return self._failed(index, f"{height}x{width} pixels, smaller than the {side}x{side} the run's pipelines "
+                                       "need (two pooling windows per side)")
+        return item
+
+    def _failed(self, index: int, reason: str) -> dict[str, Any]:
+        samples = getattr(self.base, "samples", None)
+        where = repr(samples[index][0]) if samples is not None else f"item {index}"
+        return {"image": None, "label": int(self.labels[index]), "error": f"{where}: {reason}"}
 
 
 def data_digest(dataset: ImageLabelDataset) -> str:
