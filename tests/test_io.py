@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from dac import DACInputError
 from dac.functional import to_unit_range
-from dac.data.io import IMAGE_SUFFIXES, ImageReadError, read_image, to_gray8, to_unit_float, write_png
+from dac.data.io import IMAGE_SUFFIXES, ImageReadError, probe_image, read_image, to_gray8, to_unit_float, write_png
 
 RNG = np.random.default_rng(7)
 
@@ -696,3 +696,45 @@ class TestWriteOverlay:
 
         write_overlay(tmp_path / "o.png", torch.zeros(1, 1536, 2836, dtype=torch.uint8), torch.tensor([0.0, 0, 100, 100]), text="x")
         assert Image.open(tmp_path / "o.png").width == 1024
+
+
+class TestProbeImage:
+    """probe_image: the size read_image gives, from the header alone; the same reasons where it cannot."""
+
+    def test_sizes_are_read_images(self, tmp_path):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        paths = [
+            save(tmp_path, "a.png", Image.fromarray(rgb8(24, 32))),
+            save(tmp_path, "b.png", Image.fromarray(RNG.integers(0, 65535, (30, 20), dtype=np.uint16))),
+            save(tmp_path, "c.jpg", Image.fromarray(rgb8(40, 70)), exif=exif),  # turned a quarter
+            save(tmp_path, "d.tif", Image.fromarray(RNG.random((9, 13), dtype=np.float32))),
+            save(tmp_path, "e.bmp", Image.fromarray(rgb8(5, 7))),
+        ]
+        if pydicom is not None and os.path.exists(os.path.join(DICOM_FILES, "MR_small.dcm")):
+            paths.append(os.path.join(DICOM_FILES, "CT_small.dcm"))
+            shutil.copy(os.path.join(DICOM_FILES, "MR_small.dcm"), tmp_path / "IM0001")
+            paths.append(str(tmp_path / "IM0001"))
+        for path in paths:
+            assert probe_image(path) == tuple(read_image(path).shape[-2:]), path
+        assert probe_image(paths[2]) == (70, 40)
+
+    def test_the_same_reasons_as_read_image(self, tmp_path):
+        os.mkfifo(tmp_path / "pipe.png")
+        (tmp_path / "zero.png").write_bytes(b"")
+        (tmp_path / "noise.png").write_bytes(RNG.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+        (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+        (tmp_path / "fake.dcm").write_bytes(b"not dicom at all" * 20)
+        for name in ("pipe.png", "zero.png", "noise.png", "gone.png", "fake.dcm", "missing.png"):
+            with pytest.raises(ImageReadError) as info:
+                probe_image(tmp_path / name)
+            assert info.value.reason == reason_of(tmp_path / name), name
+        assert reason_of(tmp_path).startswith("is a directory")
+        with pytest.raises(ImageReadError, match="is a directory"):
+            probe_image(tmp_path)
+
+    def test_a_sound_header_over_broken_pixels_passes(self, tmp_path):
+        data = open(save(tmp_path, "whole.png", Image.fromarray(rgb8(64, 80))), "rb").read()
+        (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+        assert probe_image(tmp_path / "cut.png") == (64, 80)  # read_image names it when it reads it
+        assert reason_of(tmp_path / "cut.png") == "truncated or corrupt image data"

@@ -853,6 +853,27 @@ class TestCLI:
         # a run of the resize pipeline alone takes it
         assert main([*args, "--out", str(tmp_path / "resized"), "--pipelines", "resize"]) == 0
 
+    def test_files_read_lazily_are_checked_before_training(self, tmp_path, capsys):
+        # read batch by batch, a broken file stopped the run only when its batch came (in
+        # the first fold's training or, for its test images, after every epoch of it)
+        data = tmp_path / "images"
+        write_class_folders(data, count=9)
+        for name in ("broken.png", "zzz.png"):
+            (data / "many" / name).write_bytes(b"\x89PNG\r\n\x1a\n broken " + name.encode())
+        raw = {**TINY, "data": {**TINY["data"], "cache_images": False, "workers": 0},
+               "pipelines": {"dac_e2e": TINY["pipelines"]["dac_e2e"]}}  # a front that learns: nothing cached
+        config = tmp_path / "tiny.yaml"
+        config.write_text(json.dumps(raw))
+        out = tmp_path / "out"
+        args = ["cv", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "broken.png': not an image" in err and "and 1 more" in err and len(err.strip().splitlines()) == 1, err
+        assert not (out / "dac_e2e").exists()  # nothing trained
+        for name in ("broken.png", "zzz.png"):
+            (data / "many" / name).unlink()
+        assert main(args) == 0
+
     def test_added_or_removed_images_are_refused_like_a_relabelled_one(self, finished_run, capsys):
         data, args = finished_run
         checkpoint = Path(args[args.index("--out") + 1]) / "resize" / "checkpoint.pt"

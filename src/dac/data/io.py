@@ -41,6 +41,7 @@ __all__ = [
     "ImageReadError",
     "READ_FORMAT",
     "looks_like_dicom",
+    "probe_image",
     "read_file",
     "read_image",
     "read_input",
@@ -301,6 +302,17 @@ def read_file(path: str | os.PathLike) -> bytes:
         b'PNG'
     """
     path = os.fspath(path)
+    with _opened(path) as file:
+        data = file.read()
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    return data
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator:
+    """A regular file opened for binary reading; every way that fails is an ImageReadError
+    (see :func:`read_file`), OSErrors raised inside the block included."""
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -310,7 +322,7 @@ def read_file(path: str | os.PathLike) -> bytes:
                 raise ImageReadError(path, "is a directory, not a file")
             if not stat.S_ISREG(info.st_mode):
                 raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
-            data = file.read()
+            yield file
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -325,9 +337,47 @@ def read_file(path: str | os.PathLike) -> bytes:
         if err.errno == errno.ELOOP:
             raise ImageReadError(path, "symbolic link loop") from None
         raise ImageReadError(path, f"cannot read file: {err.strerror or err}") from err
-    if not data:
-        raise ImageReadError(path, "empty file (0 bytes)")
-    return data
+
+
+def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file as :func:`read_image` returns it (EXIF
+    orientation applied), from its header alone: no pixel is decoded, so an archive of
+    thousands of files is checked in seconds before hours of work.
+
+    Raises:
+        ImageReadError: the file cannot be opened as :func:`read_file` says, is empty,
+            is not an image Pillow or pydicom can open, or (DICOM) names no size. A
+            file whose header is sound but whose pixel data are broken passes here and
+            fails when read.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_png(os.path.join(folder, "a.png"), torch.zeros(1, 4, 6, dtype=torch.uint8))
+        ...     probe_image(os.path.join(folder, "a.png"))
+        (4, 6)
+    """
+    path = os.fspath(path)
+    with _opened(path) as file:
+        head = file.read(132)
+        if not head:
+            raise ImageReadError(path, "empty file (0 bytes)")
+        file.seek(0)
+        if os.path.splitext(path)[1].lower() in _DICOM_SUFFIXES or head[128:132] == b"DICM":
+            return _probe_dicom(path, file)
+        with _pillow_errors(path), Image.open(file) as image:
+            width, height = image.size
+            orientation = _orientation(image)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # 5-8 turn the image a quarter
+
+
+def _probe_dicom(path: str, file) -> tuple[int, int]:
+    """(Rows, Columns) of a DICOM file's header (its pixel data not read)."""
+    ds = _dcmread(path, file, stop_before_pixels=True)
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if not rows or not columns:
+        raise ImageReadError(path, "DICOM file names no image size (Rows, Columns)")
+    return int(rows), int(columns)
 
 
 def _read_any(path: str, data: bytes | None, gray: bool, dicom: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
@@ -360,11 +410,12 @@ def _strict_pillow() -> Iterator[None]:
                 ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
+@contextlib.contextmanager
+def _pillow_errors(path: str) -> Iterator[None]:
+    """Pillow strict (:func:`_strict_pillow`) for the block, and its failures as ImageReadErrors."""
     try:
         with _strict_pillow():
-            image = Image.open(file)
-            image.load()  # decode everything now: a truncated file fails here
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(path, f"image too large (possible decompression bomb): {err}") from err
     except UnidentifiedImageError:
@@ -373,6 +424,12 @@ def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
         raise
     except Exception as err:  # Pillow reports broken data as OSError, SyntaxError, ValueError...
         raise ImageReadError(path, "truncated or corrupt image data") from err
+
+
+def _read_pillow(path: str, file, gray: bool) -> tuple[Tensor, str]:
+    with _pillow_errors(path):
+        image = Image.open(file)
+        image.load()  # decode everything now: a truncated file fails here
     unsigned = _is_unsigned_tiff(image)  # read from the TIFF's tags, which a transposed copy has not
     orientation = _orientation(image)
     try:
@@ -449,6 +506,22 @@ def _is_unsigned_tiff(image: Image.Image) -> bool:
     return sample_format == 1
 
 
+def _dcmread(path: str, file, stop_before_pixels: bool = False):
+    """``pydicom.dcmread`` of an open file, its failures (pydicom missing included) as ImageReadErrors."""
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageReadError(path, "pydicom is not installed (pip install pydicom)") from None
+    try:
+        return pydicom.dcmread(file, stop_before_pixels=stop_before_pixels)
+    except pydicom.errors.InvalidDicomError:
+        raise ImageReadError(path, "not a DICOM file (no 'DICM' file meta header)") from None
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise ImageReadError(path, f"unreadable DICOM file: {_one_line(err)}") from err
+
+
 def _read_dicom(path: str, data: bytes, gray: bool, mode: str, percentiles: tuple[float, float]) -> tuple[Tensor, str]:
     try:
         import pydicom
@@ -461,14 +534,7 @@ def _read_dicom(path: str, data: bytes, gray: bool, mode: str, percentiles: tupl
             path, f"pydicom >= 3.0 is needed to read DICOM (found {pydicom.__version__})"
         ) from None
 
-    try:
-        ds = pydicom.dcmread(_io.BytesIO(data))
-    except pydicom.errors.InvalidDicomError:
-        raise ImageReadError(path, "not a DICOM file (no 'DICM' file meta header)") from None
-    except MemoryError:
-        raise
-    except Exception as err:
-        raise ImageReadError(path, f"unreadable DICOM file: {_one_line(err)}") from err
+    ds = _dcmread(path, _io.BytesIO(data))
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(path, "DICOM file has no pixel data")
 

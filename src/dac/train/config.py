@@ -83,7 +83,8 @@ class DataConfig:
         sizes: generated (H, W) sizes, cycled over items (paper: 1536 x 2836 / 2860).
         gray8: convert real images to 8-bit gray first (the paper's preprocessing).
         cache_images: keep every decoded raw image in memory for the run (needed to
-            make generated phantoms fast; off for large real archives).
+            make generated phantoms fast; off for large real archives, whose files are
+            then read batch by batch, each file's header checked before training).
         workers: DataLoader processes decoding / generating images.
     """
 

@@ -235,6 +235,8 @@ class _Experiment:
         # An image too small for a DAC pipeline's pooling is refused when read, by name.
         pooled = [config.pipelines[n].pool_size for n in names if config.pipelines[n].kind in ("dac", "dac_e2e")]
         self.dataset = build_dataset(config.data, config.seed, min_side=2 * max(pooled, default=0) or 1)
+        if not config.data.cache_images:  # read batch by batch: every file's header first, in seconds
+            self.dataset.check_headers()
         self.labels, self.classes = np.asarray(self.dataset.labels), list(self.dataset.classes)
         self.engine = Engine(self.rt, batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size,
                              workers=config.data.workers)

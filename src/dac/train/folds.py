@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-def build_dataset(config: DataConfig, seed: int = 0, *, min_side: int = 1) -> ImageLabelDataset:
+def build_dataset(config: DataConfig, seed: int = 0, *, min_side: int = 1) -> ReadableImages:
     """The dataset a config names: generated phantoms, or a folder / CSV of real images.
 
     Args:
@@ -109,10 +109,42 @@ class ReadableImages(ImageLabelDataset):
             return self._failed(index, reason)
         height, width = item["image"].shape[-2:]
         if min(height, width) < self.min_side:
-            side = self.min_side
-            return self._failed(index, f"{height}x{width} pixels, smaller than the {side}x{side} the run's pipelines "
-                                       "need (two pooling windows per side)")
+            return self._failed(index, self._too_small(height, width))
         return item
+
+    def check_headers(self) -> None:
+        """Check every file of a folder or CSV from its header alone (:func:`dac.data.io.probe_image`):
+        that it opens as an image, is at least ``min_side`` on each side and holds its true
+        region (where given). A run whose images are read lazily, batch by batch, meets a
+        bad file here, in seconds, rather than when its batch comes, hours into training.
+        (Pixel data are not decoded: a file broken past its header still fails when read.)
+
+        Raises:
+            DACInputError: naming the first bad file and how many more there are.
+        """
+        base = self.base
+        if not isinstance(base, ImageFolderDataset):
+            return
+        from ..data.io import ImageReadError, probe_image
+
+        bad = []
+        for index, (path, _) in enumerate(base.samples):
+            try:
+                height, width = probe_image(path)
+            except ImageReadError as err:
+                bad.append(f"{path!r}: {err.reason}")
+                continue
+            if min(height, width) < self.min_side:
+                bad.append(f"{path!r}: {self._too_small(height, width)}")
+            elif base.boxes is not None and (base.boxes[index][2] > width or base.boxes[index][3] > height):
+                bad.append(f"{path!r}: its region {base.boxes[index]} is not inside its {width}x{height} image")
+        if bad:
+            more = f" (and {len(bad) - 1} more; every file's header is checked before training)" if len(bad) > 1 else ""
+            raise DACInputError(f"data: cannot read {bad[0]}{more}")
+
+    def _too_small(self, height: int, width: int) -> str:
+        side = self.min_side
+        return f"{height}x{width} pixels, smaller than the {side}x{side} the run's pipelines need (two pooling windows per side)"
 
     def _failed(self, index: int, reason: str) -> dict[str, Any]:
         samples = getattr(self.base, "samples", None)
