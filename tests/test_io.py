@@ -738,3 +738,18 @@ class TestProbeImage:
         (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
         assert probe_image(tmp_path / "cut.png") == (64, 80)  # read_image names it when it reads it
         assert reason_of(tmp_path / "cut.png") == "truncated or corrupt image data"
+
+    def test_no_pixel_is_decoded(self, tmp_path, monkeypatch):
+        # Pillow's getexif() decoded a whole PNG without EXIF to look for a late eXIf
+        # chunk: the probe of a paper-size PNG took as long as reading it
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        plain = save(tmp_path, "plain.png", Image.fromarray(rgb8(24, 32)))
+        turned = save(tmp_path, "turned.png", Image.fromarray(rgb8(24, 32)), exif=exif)
+        photo = save(tmp_path, "photo.jpg", Image.fromarray(rgb8(24, 32)), exif=exif)
+
+        decoded = []
+        real = ImageFile.ImageFile.load
+        monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.format) or real(self))
+        assert [probe_image(p) for p in (plain, turned, photo)] == [(24, 32), (32, 24), (32, 24)]
+        assert decoded == []

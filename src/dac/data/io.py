@@ -342,7 +342,8 @@ def _opened(path: str) -> Iterator:
 def probe_image(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` of an image file as :func:`read_image` returns it (EXIF
     orientation applied), from its header alone: no pixel is decoded, so an archive of
-    thousands of files is checked in seconds before hours of work.
+    thousands of files is checked in seconds before hours of work. (A PNG whose EXIF
+    comes after its pixel data, which writers do not do, is given as stored.)
 
     Raises:
         ImageReadError: the file cannot be opened as :func:`read_file` says, is empty,
@@ -367,7 +368,10 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
             return _probe_dicom(path, file)
         with _pillow_errors(path), Image.open(file) as image:
             width, height = image.size
-            orientation = _orientation(image)
+            # Pillow decodes a PNG to look for an eXIf chunk after its pixels; one before
+            # them (where writers put it) is read with the header.
+            late = image.format == "PNG" and "exif" not in image.info
+            orientation = 1 if late else _orientation(image)
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # 5-8 turn the image a quarter
 
 
