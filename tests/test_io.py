@@ -733,6 +733,24 @@ class TestProbeImage:
         with pytest.raises(ImageReadError, match="is a directory"):
             probe_image(tmp_path)
 
+    def test_dicom_without_pixels_or_a_decoder(self, monkeypatch):
+        if pydicom is None:
+            pytest.skip("pydicom is not installed")
+        assert TestProbeImage._reason(bundled("rtplan.dcm")) == reason_of(bundled("rtplan.dcm"))
+
+        class Missing:
+            is_available, missing_dependencies = False, ["pylibjpeg - requires pylibjpeg>=2.0"]
+
+        monkeypatch.setattr("pydicom.pixels.get_decoder", lambda uid: Missing())
+        reason = TestProbeImage._reason(bundled("CT_small.dcm"))
+        assert reason.startswith("DICOM pixel data cannot be decoded: no decoder for ") and "pylibjpeg" in reason
+
+    @staticmethod
+    def _reason(path) -> str:
+        with pytest.raises(ImageReadError) as info:
+            probe_image(path)
+        return info.value.reason
+
     def test_a_sound_header_over_broken_pixels_passes(self, tmp_path):
         data = open(save(tmp_path, "whole.png", Image.fromarray(rgb8(64, 80))), "rb").read()
         (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])

@@ -22,7 +22,7 @@ import io as _io
 import os
 import stat
 import warnings
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ __all__ = [
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")  #: where a DICOM file keeps its image
 
 #: ITU-R BT.601 luma weights (R, G, B): Pillow's "L" conversion.
 _LUMA = (0.299, 0.587, 0.114)
@@ -377,7 +378,21 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
 
 def _probe_dicom(path: str, file) -> tuple[int, int]:
     """(Rows, Columns) of a DICOM file's header (its pixel data not read)."""
-    ds = _dcmread(path, file, stop_before_pixels=True)
+    ds = _dcmread(path, file, defer_size=1024)  # large values (the pixels) skipped, not read
+    if not any(k in ds for k in _PIXEL_TAGS):
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is not None and "PixelData" in ds:  # compressed pixels need a decoder plugin
+        from pydicom.pixels import get_decoder
+
+        try:
+            decoder = get_decoder(syntax)
+            available, missing = decoder.is_available, decoder.missing_dependencies
+        except Exception as err:  # noqa: BLE001 - a transfer syntax pydicom has no decoder for
+            available, missing = False, [_one_line(err)]
+        if not available:
+            raise ImageReadError(path, f"DICOM pixel data cannot be decoded: no decoder for {syntax.name} here "
+                                       f"({'; '.join(missing)})")
     rows, columns = ds.get("Rows"), ds.get("Columns")
     if not rows or not columns:
         raise ImageReadError(path, "DICOM file names no image size (Rows, Columns)")
@@ -510,14 +525,14 @@ def _is_unsigned_tiff(image: Image.Image) -> bool:
     return sample_format == 1
 
 
-def _dcmread(path: str, file, stop_before_pixels: bool = False):
+def _dcmread(path: str, file, **options: Any):
     """``pydicom.dcmread`` of an open file, its failures (pydicom missing included) as ImageReadErrors."""
     try:
         import pydicom
     except ImportError:
         raise ImageReadError(path, "pydicom is not installed (pip install pydicom)") from None
     try:
-        return pydicom.dcmread(file, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(file, **options)
     except pydicom.errors.InvalidDicomError:
         raise ImageReadError(path, "not a DICOM file (no 'DICM' file meta header)") from None
     except MemoryError:
@@ -539,7 +554,7 @@ def _read_dicom(path: str, data: bytes, gray: bool, mode: str, percentiles: tupl
         ) from None
 
     ds = _dcmread(path, _io.BytesIO(data))
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    if not any(k in ds for k in _PIXEL_TAGS):
         raise ImageReadError(path, "DICOM file has no pixel data")
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
