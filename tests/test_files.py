@@ -49,7 +49,8 @@ def test_first_copy_compares_whole_files_of_equal_size(tmp_path):
     b = write("b", start + b"tail-2")  # same size and start (past the chunk), other end
     c = write("c", start + b"tail-1x")  # another size
     e1, e2 = write("e1", b""), write("e2", b"")  # empty: no image, left to the reader
-    assert first_copy([a, b, c, e1, e2], chunk=64) is None
+    f = write("f", start[:300] + b"X" + start[301:] + b"tail-1")  # a's samples (start, middle, end), not a's bytes
+    assert first_copy([a, b, c, e1, e2, f], chunk=64) is None
     d = write("d", start + b"tail-2")
-    assert first_copy([a, b, c, d], chunk=64) == (b, d)
-    assert first_copy([a, b, c, d]) == (b, d)  # the whole file within one chunk
+    assert first_copy([a, b, c, d, f], chunk=64) == (b, d)
+    assert first_copy([a, b, c, d]) == (b, d)  # the whole file within the samples

@@ -70,12 +70,14 @@ def shown_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def first_copy(paths: list[str], chunk: int = 1 << 16) -> tuple[str, str] | None:
+def first_copy(paths: list[str], chunk: int = 1 << 12) -> tuple[str, str] | None:
     """The first two of ``paths`` (distinct files) whose bytes are the same, or None.
 
-    Only files of equal size are compared: first a hash of their first ``chunk`` bytes,
-    then of the whole file, so a folder of compressed images, whose sizes rarely agree,
-    costs one ``stat`` per file. Empty files and files that cannot be read are skipped
+    Only files of equal size are compared: first a hash of three ``chunk``-byte samples
+    (start, middle, end: uncompressed scans of one size share their headers and often
+    their dark first rows), then of the whole file, so a folder of compressed images,
+    whose sizes rarely agree, costs one ``stat`` per file, and one of same-size scans
+    three small reads per file. Empty files and files that cannot be read are skipped
     (they are no image; reading them fails with its own reason).
     """
     by_size: dict[int, list[str]] = {}
@@ -86,32 +88,35 @@ def first_copy(paths: list[str], chunk: int = 1 << 16) -> tuple[str, str] | None
             continue
         if size:
             by_size.setdefault(size, []).append(path)
-    for group in by_size.values():
+    for size, group in by_size.items():
         if len(group) < 2:
             continue
-        by_start: dict[bytes, list[str]] = {}
+        by_sample: dict[bytes, list[str]] = {}
         for path in group:
-            digest = _digest(path, chunk)
+            digest = _digest(path, chunk, size)
             if digest is not None:
-                by_start.setdefault(digest, []).append(path)
-        for same_start in by_start.values():
-            if len(same_start) < 2:
+                by_sample.setdefault(digest, []).append(path)
+        for alike in by_sample.values():
+            if len(alike) < 2:
                 continue
             whole: dict[bytes, str] = {}
-            for path in same_start:
+            for path in alike:
                 digest = _digest(path)
                 if digest is not None and whole.setdefault(digest, path) != path:
                     return whole[digest], path
     return None
 
 
-def _digest(path: str, limit: int | None = None) -> bytes | None:
-    """sha256 of the file's first ``limit`` bytes (all when None); None if it cannot be read."""
+def _digest(path: str, chunk: int | None = None, size: int = 0) -> bytes | None:
+    """sha256 of the file (of ``chunk`` bytes at its start, middle and end, when given, of a
+    file of ``size`` bytes); None if it cannot be read."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
-            if limit is not None:
-                digest.update(fh.read(limit))
+            if chunk is not None:
+                for start in (0, max(size // 2 - chunk // 2, 0), max(size - chunk, 0)):
+                    fh.seek(start)
+                    digest.update(fh.read(chunk))
             else:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(block)
