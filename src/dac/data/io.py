@@ -80,15 +80,17 @@ def looks_like_dicom(path: str | os.PathLike) -> bool:
     """Whether a file that a folder search would pass over is DICOM: its name has no
     suffix or a numeric one (PACS exports: ``IM0001``, ``1.2.840.10008.5``) and it holds
     DICOM's ``b"DICM"`` marker at byte 128. Files named as another type (``.txt``,
-    ``.json``) are not opened, nor anything but a regular file (a FIFO would block); a
-    file that cannot be read is not DICOM here (reading it names the reason)."""
-    suffix = os.path.splitext(os.fspath(path))[1]
-    if (suffix and not suffix[1:].isdigit()) or not os.path.isfile(path):
+    ``.json``) are not opened; others are opened as :func:`read_file` opens them (never
+    waiting on a FIFO; only regular files read). A file that cannot be read is not taken
+    for DICOM."""
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1]
+    if suffix and not suffix[1:].isdigit():
         return False
     try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
+        with _opened(path) as file:
+            return file.read(132)[128:132] == b"DICM"
+    except ImageReadError:
         return False
 
 
